@@ -1,0 +1,71 @@
+"""`clock-deploy` command line.
+
+Sub-commands live next to the code they drive and are imported only when
+called, so `clock-deploy --help` is instant and the runtime path never needs torch.
+"""
+import importlib
+import sys
+
+import click
+
+from clock_deploy import __version__
+from clock_deploy.errors import UserError
+
+COMMANDS = {
+    "data": ("clock_deploy.data.commands", "data", "Synthesize, convert and inspect KITTI / COCO data."),
+    "eval": ("clock_deploy.eval.commands", "eval_cmd", "KITTI AP (R40/R11) and COCO mAP of detection files."),
+    "train": ("clock_deploy.engine.commands", "train", "Train a teacher or a baseline student."),
+    "distill": ("clock_deploy.engine.commands", "distill", "Distill a student from a teacher (CLoCK, KD-DETR, FGD)."),
+    "export": ("clock_deploy.export.commands", "export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT."),
+    "calibrate": ("clock_deploy.export.commands", "calibrate", "Choose an INT8 calibration set and write its manifest."),
+    "bench": ("clock_deploy.bench.commands", "bench", "Latency and accuracy of models x backends, side by side."),
+    "pipeline": ("clock_deploy.pipeline", "pipeline", "Synthesize -> train -> distill -> export -> bench, resumable."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clock-deploy")
+def cli():
+    """Distill compact DETR detectors, export them and benchmark them for embedded GPUs."""
+
+
+def main(argv=None):
+    run(cli, argv)
+
+
+def run(command, argv=None):
+    """Run a click command; user errors become one red line and exit code 2, not a traceback."""
+    try:
+        command.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

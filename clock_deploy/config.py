@@ -1,0 +1,401 @@
+"""YAML configs -> validated, typed config objects.
+
+A config file may name one or more `_base_` files (paths relative to itself)
+that are merged first; its own keys override theirs. Command-line overrides
+`key.sub=value` are applied last (value parsed as YAML). Every key is checked
+against the dataclass schema below: an unknown key or a wrong type is a
+ConfigError naming the key, the file and the line it came from.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from clock_deploy.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid; the message names key, file and line."""
+
+
+# ---------------------------------------------------------------- schema
+
+def choice(default, *choices):
+    """A string field restricted to `choices`."""
+    return field(default=default, metadata={"choices": (default,) + choices})
+
+
+@dataclass
+class SynthConfig:
+    num_images: int = 400         # training + validation images generated
+    val_fraction: float = 0.25
+    height: int = 188             # KITTI aspect ratio (375 x 1242) at half size
+    width: int = 620
+    seed: int = 0
+    max_objects: int = 8
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth_kitti"
+    format: str = choice("kitti", "coco")
+    classes: str = choice("kitti3", "kitti8")   # Car/Pedestrian/Cyclist, or all 8 KITTI classes
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: list = field(default_factory=lambda: [192, 640])  # network input H, W
+    hflip: float = 0.5
+    num_workers: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)  # used when `root` does not exist yet
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = choice(50, 18, 34)
+    width: int = 64               # channels of the first stage; 64 is the torchvision ResNet
+    weights: Optional[str] = None  # torchvision-format ResNet state dict (.pth)
+    frozen_bn: bool = True
+    freeze_stem: bool = True      # keep conv1 + layer1 frozen (DETR practice) when weights are loaded
+    return_levels: list = field(default_factory=lambda: [1, 2, 3])  # 0..3 -> strides 4, 8, 16, 32 (layer1..layer4)
+
+
+@dataclass
+class DenoisingConfig:
+    num_queries: int = 100        # total denoising queries (DINO dn_number)
+    label_noise: float = 0.5
+    box_noise: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = choice("dino", "dab_detr", "deformable_detr")
+    num_classes: int = 3
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    hidden_dim: int = 256
+    num_queries: int = 300
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 1024
+    dropout: float = 0.0
+    num_feature_levels: int = 4   # multi-scale models; DAB-DETR uses the last level only
+    n_points: int = 4             # deformable attention sampling points
+    sampling: str = choice("grid_sample", "gather")  # deformable attention sampling implementation
+    box_refine: bool = True       # Deformable DETR iterative box refinement
+    two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
+    dn: DenoisingConfig = field(default_factory=DenoisingConfig)
+
+
+@dataclass
+class LossConfig:
+    cls: float = 2.0
+    l1: float = 5.0
+    giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    aux: bool = True              # losses on every decoder stage
+    match_cls: float = 2.0
+    match_l1: float = 5.0
+    match_giou: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 4
+    lr: float = 1e-4
+    lr_backbone_mult: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_iters: int = 0
+    lr_drop_epochs: list = field(default_factory=lambda: [11])
+    lr_drop_factor: float = 0.1
+    clip_max_norm: float = 0.1
+    amp: bool = True              # only used on CUDA
+    ema: bool = False
+    ema_decay: float = 0.9997
+    eval_every: int = 1           # epochs; 0 disables periodic evaluation
+    ckpt_every: int = 1           # epochs
+    log_every: int = 10           # iterations
+    max_iters: int = 0            # stop after this many iterations (0 = no limit); for smoke tests
+    score_threshold: float = 0.0  # detections kept for evaluation
+
+
+@dataclass
+class LcmdConfig:
+    alpha: float = 5e-5           # weight of foreground (inside GT) pixels
+    beta: float = 1e-7            # weight of background pixels
+    normalize: bool = False       # divide squared errors by channels (then raise alpha/beta)
+    pos_embed: bool = True        # enrich both memories with the same sine position embedding
+
+
+@dataclass
+class TcldConfig:
+    tau: float = 10.0
+    cls_loss: str = choice("kl", "bce")
+    w_l1: float = 5.0
+    w_giou: float = 2.0
+    repeats: int = 3              # copies of the GT query set
+    box_noise: float = 0.0        # relative jitter of the GT anchors
+    random_queries: int = 100     # extra uniformly sampled anchors ("general sampling")
+
+
+@dataclass
+class KdDetrConfig:
+    random_queries: int = 100     # shared random queries sent through teacher and student
+    tau: float = 1.0
+    w_cls: float = 1.0
+    w_l1: float = 5.0
+    w_giou: float = 2.0
+
+
+@dataclass
+class FgdConfig:
+    alpha_fg: float = 1e-3
+    beta_bg: float = 5e-4
+    gamma_attn: float = 1e-3
+    lambda_rela: float = 5e-6
+    temperature: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    method: str = choice("none", "clock", "kd_detr", "fgd")
+    teacher: Optional[str] = None  # teacher checkpoint (.pt written by `clock-deploy train`)
+    lambda_mem: float = 1.0
+    lambda_logit: float = 1.0
+    use_mem: bool = True          # CLoCK ablations: LCMD on/off
+    use_logit: bool = True        # CLoCK ablations: TCLD on/off
+    mem: LcmdConfig = field(default_factory=LcmdConfig)
+    logit: TcldConfig = field(default_factory=TcldConfig)
+    kd_detr: KdDetrConfig = field(default_factory=KdDetrConfig)
+    fgd: FgdConfig = field(default_factory=FgdConfig)
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    topk: int = 100               # detections per image in the graph output
+    dynamic_batch: bool = True
+    simplify: bool = True         # onnxslim
+    precision: str = choice("fp32", "fp16", "int8")
+    calib: Optional[str] = None   # calibration manifest for int8
+    calib_images: int = 0         # 0 = all images in the manifest
+    parity_tol: float = 1e-4
+    exclude_nodes: list = field(default_factory=list)  # nodes kept in float for int8
+    workspace_gb: float = 2.0     # TensorRT
+    dla_core: int = -1            # -1 = GPU only
+
+
+@dataclass
+class Config:
+    """A training / distillation / export run."""
+    seed: int = 0
+    output_dir: str = "runs/exp"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    mapping = yaml.SafeLoader.construct_mapping(loader, node, deep=True)
+    lines = {}
+    for key_node, _ in node.value:
+        lines[key_node.value] = key_node.start_mark.line + 1
+    return _Located(mapping, lines)
+
+
+class _Located(dict):
+    """A dict that also knows the source line of each of its keys."""
+
+    def __init__(self, data, lines):
+        super().__init__(data)
+        self.lines = lines
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_LineLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _flatten(data, path, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': (1, 'file:line')} keeping where every leaf came from."""
+    flat = {}
+    lines = getattr(data, "lines", {})
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        where = f"{path}:{lines[key]}" if key in lines else path
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path, name + "."))
+        else:
+            flat[name] = (value, where)
+    return flat
+
+
+def load_flat(path, _seen=()):
+    """Read a config file and its `_base_` chain into {dotted.key: (value, where)}."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(_seen + (path,))}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    flat = {}
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(path), base)
+        flat.update(load_flat(base_path, _seen + (path,)))
+    own = _flatten(data, path)
+    # a child that sets a whole section to a scalar / list replaces the base's sub-keys
+    for key in own:
+        for old in [k for k in flat if k.startswith(key + ".")]:
+            del flat[old]
+    flat.update(own)
+    return flat
+
+
+def parse_overrides(overrides):
+    """['train.lr=1e-3', 'model.arch=dino'] -> {dotted.key: (value, where)}."""
+    flat = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        flat[key.strip()] = (value, f"command line '{item}'")
+    return flat
+
+
+def _field_types(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_value(value, ftype, f, key, where):
+    """Coerce / validate one leaf against its declared type."""
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        ftype = next(a for a in args if a is not type(None))
+    if value is None and ftype in (int, float, str, bool):
+        raise ConfigError(f"{where}: '{key}' must be {ftype.__name__}, got null")
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    elif ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    elif ftype is float:
+        if isinstance(value, str):  # yaml reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif ftype is str:
+        if not isinstance(value, str):
+            value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    elif ftype is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        value = list(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{where}: '{key}' must be one of {list(choices)}, got {value!r}{extra}")
+    return value
+
+
+def _unknown_key(key, known, where):
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    extra = f"; did you mean '{hint[0]}'?" if hint else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{extra}")
+
+
+def _all_keys(cls, prefix=""):
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)):
+            keys += _all_keys(f.type, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def build(cls, flat):
+    """Build dataclass `cls` from {dotted.key: (value, where)}; every key must exist in the schema."""
+    known = _all_keys(cls)
+    obj = cls()
+    for key, (value, where) in flat.items():
+        target, parts = obj, key.split(".")
+        for i, part in enumerate(parts):
+            fields = _field_types(type(target))
+            if part not in fields:
+                raise _unknown_key(key, known, where)
+            ftype = typing.get_type_hints(type(target))[part]
+            if i < len(parts) - 1:
+                if not dataclasses.is_dataclass(ftype):
+                    raise _unknown_key(key, known, where)
+                target = getattr(target, part)
+                continue
+            if dataclasses.is_dataclass(ftype):
+                if value == {} or value is None:
+                    break
+                raise ConfigError(f"{where}: '{key}' is a section; set its keys, e.g. {key}.<name>: value")
+            setattr(target, part, _check_value(value, ftype, fields[part], key, where))
+    return obj
+
+
+def load_config(path=None, overrides=(), cls=Config):
+    """Load `path` (with its _base_ chain) and `overrides` into a validated `cls`."""
+    flat = load_flat(path) if path else {}
+    flat.update(parse_overrides(overrides))
+    return build(cls, flat)
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data, cls=Config, where="checkpoint"):
+    """Rebuild a config saved with `to_dict` (e.g. inside a checkpoint)."""
+    return build(cls, _flatten(data, where))
+
+
+def dump(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
