@@ -1,0 +1,91 @@
+"""Latency of a callable: warm-up, then timed runs summarized as percentiles.
+
+Host timing wraps a *synchronized* call (the `sync` hook waits for the device),
+so asynchronous GPU work is not reported as free. For torch on a GPU, CUDA
+events time the work on the device's own clock instead.
+"""
+import math
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class LatencyStats:
+    """Per-call latency in milliseconds; throughput in images per second."""
+    runs: int
+    batch: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    min: float
+    max: float
+    throughput: float
+
+
+def percentile(sorted_values, q):
+    """q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        raise ValueError("percentile of an empty list")
+    rank = (len(sorted_values) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def summarize(times_ms, batch=1):
+    """LatencyStats of a list of per-call times (ms); each call processed `batch` images."""
+    if not times_ms:
+        raise ValueError("no timed runs to summarize")
+    ordered = sorted(times_ms)
+    mean = sum(ordered) / len(ordered)
+    return LatencyStats(
+        runs=len(ordered),
+        batch=batch,
+        mean=mean,
+        p50=percentile(ordered, 50),
+        p90=percentile(ordered, 90),
+        p99=percentile(ordered, 99),
+        min=ordered[0],
+        max=ordered[-1],
+        throughput=batch * 1000.0 / mean if mean > 0 else math.inf,
+    )
+
+
+def _cuda_event_times(fn, runs):
+    import torch
+
+    times = []
+    for _ in range(runs):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def measure(fn, warmup=10, runs=100, sync=None, cuda_events=False, batch=1, clock=time.perf_counter):
+    """Call `fn` `warmup` times untimed, then time `runs` calls.
+
+    sync: called after every timed call (e.g. torch.cuda.synchronize) so the
+    host clock sees the finished work. clock: seconds, injectable for tests.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    if cuda_events:
+        return summarize(_cuda_event_times(fn, runs), batch)
+    times = []
+    for _ in range(runs):
+        start = clock()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((clock() - start) * 1000.0)
+    return summarize(times, batch)

@@ -1,0 +1,64 @@
+import pytest
+
+from clock_deploy.bench.latency import measure, percentile, summarize
+
+
+class FakeClock:
+    """A clock that only moves when the measured function says how long it took."""
+
+    def __init__(self, durations_s):
+        self.now = 0.0
+        self.durations = list(durations_s)
+        self.calls = 0
+
+    def __call__(self):
+        return self.now
+
+    def work(self):
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_percentiles_interpolate_between_ranks():
+    values = [10.0, 20.0, 30.0, 40.0]
+    # rank = (n-1) q / 100: p50 -> 1.5 -> 25, p90 -> 2.7 -> 37, p99 -> 2.97 -> 39.7
+    assert percentile(values, 50) == pytest.approx(25.0)
+    assert percentile(values, 90) == pytest.approx(37.0)
+    assert percentile(values, 99) == pytest.approx(39.7)
+    assert percentile(values, 0) == 10.0 and percentile(values, 100) == 40.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_measure_skips_warmup_and_reports_exact_stats():
+    # 3 warm-up calls of 1 s must not be counted; timed calls take 1..100 ms in shuffled order
+    timed_ms = [((i * 37) % 100) + 1 for i in range(100)]
+    clock = FakeClock([1.0] * 3 + [t / 1000 for t in timed_ms])
+    stats = measure(clock.work, warmup=3, runs=100, batch=4, clock=clock)
+    assert clock.calls == 103
+    assert stats.runs == 100 and stats.batch == 4
+    assert stats.min == pytest.approx(1.0) and stats.max == pytest.approx(100.0)
+    assert stats.mean == pytest.approx(50.5)
+    assert stats.p50 == pytest.approx(50.5)    # rank 49.5 of 1..100
+    assert stats.p90 == pytest.approx(90.1)    # rank 89.1
+    assert stats.p99 == pytest.approx(99.01)   # rank 98.01
+    assert stats.throughput == pytest.approx(4 * 1000 / 50.5)
+
+
+def test_sync_runs_inside_the_timed_region():
+    clock = FakeClock([0.002] * 5)
+    synced = []
+
+    def sync():  # the device finishes its queued work only when the host waits for it
+        clock.now += 0.003
+        synced.append(clock.now)
+
+    stats = measure(clock.work, warmup=1, runs=4, sync=sync, clock=clock)
+    assert len(synced) == 5  # once after warm-up, once per timed run
+    assert stats.mean == pytest.approx(5.0)
+
+
+def test_summarize_and_measure_reject_empty_input():
+    with pytest.raises(ValueError):
+        summarize([])
+    with pytest.raises(ValueError):
+        measure(lambda: None, warmup=0, runs=0)
