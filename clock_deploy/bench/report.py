@@ -1,0 +1,251 @@
+"""Benchmark results -> terminal table, bench.md, bench.csv, bench.json and a Pareto plot.
+
+One row per model x backend that ran; backends that could not run are listed
+with the reason, so a missing number is never mistaken for a silent skip.
+COCO AP is stored as the evaluator returns it (0..1) and shown in percent,
+like KITTI AP (R40), so both read on one scale.
+"""
+import csv
+import dataclasses
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from clock_deploy.io import atomic_path, write_text
+
+
+@dataclass
+class BenchRow:
+    """Measurements of one model on one backend (latency in ms, memory in MiB)."""
+    model: str
+    backend: str
+    artifact: str
+    size_mb: float
+    images: int                   # images evaluated
+    runs: int
+    batch: int
+    latency_mean: float
+    latency_p50: float
+    latency_p90: float
+    latency_p99: float
+    latency_min: float
+    latency_max: float
+    throughput: float             # images / s
+    peak_rss_mb: float            # peak resident memory of the measuring process
+    gpu_mem_mb: Optional[float]   # torch: max allocated; TensorRT / onnxruntime: cudaMemGetInfo delta
+    mAP: float
+    AP50: float
+    AP75: float
+    kitti_easy: Optional[float]   # mean over the KITTI classes present (R40, percent)
+    kitti_moderate: Optional[float]
+    kitti_hard: Optional[float]
+    metrics: dict = field(default_factory=dict)  # everything the evaluator returned
+
+
+@dataclass
+class NotRun:
+    """A model x backend combination that did not run; model None = every model."""
+    backend: str
+    reason: str
+    model: Optional[str] = None
+
+
+def _text(v):
+    return str(v)
+
+
+def _fixed(digits):
+    return lambda v: f"{v:.{digits}f}"
+
+
+def _percent(v):
+    return f"{100 * v:.1f}"
+
+
+# (row key, title, display format); CSV and JSON keep the raw values
+COLUMNS = [
+    ("model", "model", _text),
+    ("backend", "backend", _text),
+    ("size_mb", "size MB", _fixed(1)),
+    ("latency_mean", "mean ms", _fixed(2)),
+    ("latency_p50", "p50 ms", _fixed(2)),
+    ("latency_p90", "p90 ms", _fixed(2)),
+    ("latency_p99", "p99 ms", _fixed(2)),
+    ("throughput", "img/s", _fixed(1)),
+    ("peak_rss_mb", "peak RSS MB", _fixed(0)),
+    ("gpu_mem_mb", "GPU MB", _fixed(0)),
+    ("mAP", "mAP", _percent),
+    ("AP50", "AP50", _percent),
+    ("AP75", "AP75", _percent),
+    ("kitti_easy", "KITTI easy", _fixed(1)),
+    ("kitti_moderate", "KITTI mod", _fixed(1)),
+    ("kitti_hard", "KITTI hard", _fixed(1)),
+]
+CSV_FIELDS = [key for key, _, _ in COLUMNS] + ["latency_min", "latency_max", "runs", "batch", "images", "artifact"]
+UNITS_NOTE = ("Latency per call of `--batch` images (ms); mAP / AP50 / AP75: COCO AP in %; "
+              "KITTI: AP R40 in %, mean over the KITTI classes present.")
+
+
+def as_dict(row):
+    return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else dict(row)
+
+
+def cells(row):
+    """Display strings of one row, '-' where a value is missing (e.g. GPU memory on a CPU)."""
+    row = as_dict(row)
+    return [("-" if row.get(key) is None else fmt(row[key])) for key, _, fmt in COLUMNS]
+
+
+def describe_not_run(item):
+    item = as_dict(item)
+    who = "all models" if item.get("model") is None else item["model"]
+    return f"{item['backend']} ({who}): {item['reason']}"
+
+
+# ---------------------------------------------------------------- markdown / csv / json
+
+def _md_table(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def markdown(rows, not_run, profile, settings, plot_name=None):
+    parts = ["# clock-deploy bench", "", "## Device", "",
+             _md_table(["", ""], profile.header()), ""]
+    parts += [f"> **warning:** {w}" for w in profile.warnings]
+    if profile.warnings:
+        parts.append("")
+    parts += ["## Settings", "", _md_table(["", ""], [(k, v) for k, v in settings.items()]), "",
+              "## Results", ""]
+    if rows:
+        parts += [_md_table([title for _, title, _ in COLUMNS], [cells(r) for r in rows]), "", UNITS_NOTE, ""]
+    else:
+        parts += ["No model x backend combination ran.", ""]
+    parts += ["## Not run", ""]
+    parts += [f"- {describe_not_run(item)}" for item in not_run] or ["Every requested combination ran."]
+    parts.append("")
+    if plot_name and rows:
+        parts += ["## Latency vs accuracy", "", f"![Pareto plot: p50 latency vs mAP]({plot_name})", ""]
+    return "\n".join(parts)
+
+
+def csv_text(rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in as_dict(row).items()})
+    return buffer.getvalue()
+
+
+def json_data(rows, not_run, profile, settings):
+    return {
+        "device": dataclasses.asdict(profile),
+        "settings": dict(settings),
+        "results": [as_dict(r) for r in rows],
+        "not_run": [as_dict(item) for item in not_run],
+    }
+
+
+# ---------------------------------------------------------------- Pareto plot
+
+def pareto_front(points):
+    """Indices of the (latency, accuracy) points no other point beats on both, by rising latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+PLOT_SIZE_IN = (8, 5)
+PLOT_DPI = 100
+MARKERS = "osD^vPX*<>"
+
+
+def write_pareto_png(path, rows, title="latency vs accuracy"):
+    """Scatter of p50 latency vs COCO mAP (colour = model, marker = backend) with the Pareto front."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = [as_dict(r) for r in rows]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    points = [(r["latency_p50"], 100 * r["mAP"]) for r in rows]
+
+    fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
+    for r, (x, y) in zip(rows, points):
+        ax.scatter(x, y, s=60, color=colours(models.index(r["model"]) % 10),
+                   marker=MARKERS[backends.index(r["backend"]) % len(MARKERS)], zorder=3)
+        ax.annotate(f"{r['model']}/{r['backend']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = [points[i] for i in pareto_front(points)]
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
+                linewidth=1, zorder=2)
+    handles = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=m) for i, m in enumerate(models)]
+    handles += [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="", label=b)
+                for i, b in enumerate(backends)]
+    handles.append(Line2D([], [], color="grey", linestyle="--", label="Pareto front"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_xlabel("latency p50 (ms)")
+    ax.set_ylabel("COCO mAP (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.12, y=0.08)  # room for the point labels
+    fig.tight_layout()
+    with atomic_path(path) as tmp:  # a fixed canvas size: no bbox_inches="tight"
+        fig.savefig(tmp, format="png", dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- terminal + all files
+
+def rich_table(rows, title=None):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title) if title else None)
+    for key, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if key in ("model", "backend") else "right")
+    for row in rows:
+        table.add_row(*(Text(c) for c in cells(row)))  # Text: names like "a[b]" are not rich markup
+    return table
+
+
+def print_report(rows, not_run, profile, console=None):
+    """The results table, device warnings and the not-run list in the terminal."""
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(rich_table(rows, title=f"bench on {profile.kind}: {profile.name} ({profile.threads} threads)"))
+    console.print(UNITS_NOTE, style="dim", markup=False)
+    for warning in profile.warnings:
+        console.print(f"warning: {warning}", style="bold yellow", markup=False)
+    for item in not_run:  # reasons hold "[trt]" etc.: print them as plain text, not markup
+        console.print(f"not run: {describe_not_run(item)}", style="yellow", markup=False)
+
+
+REPORT_FILES = {"md": "bench.md", "csv": "bench.csv", "json": "bench.json", "png": "pareto.png"}
+
+
+def write_reports(out_dir, rows, not_run, profile, settings):
+    """Write every report file into out_dir (each atomically); returns {kind: path}."""
+    paths = {kind: os.path.join(out_dir, name) for kind, name in REPORT_FILES.items()}
+    if rows:
+        write_pareto_png(paths["png"], rows, title=f"{profile.kind}: {profile.name}")
+    else:  # nothing to plot; a plot left by an earlier run would describe other results
+        if os.path.exists(paths["png"]):
+            os.remove(paths["png"])
+        del paths["png"]
+    write_text(paths["md"], markdown(rows, not_run, profile, settings, REPORT_FILES["png"]))
+    write_text(paths["csv"], csv_text(rows))
+    write_text(paths["json"], json.dumps(json_data(rows, not_run, profile, settings), indent=2) + "\n")
+    return paths
