@@ -1,0 +1,91 @@
+"""KITTI annotations <-> COCO json (ground truth and detection results).
+
+COCO has no notion of KITTI's "ignored" objects, so `kitti_to_coco` expresses them with the one
+ignore mechanism COCO evaluation has, crowd regions (iscrowd=1): a detection that overlaps a crowd
+region of its category (intersection / detection area >= the IoU threshold) is neither a true nor
+a false positive.
+- DontCare regions become one crowd annotation per category, so detections of any class inside
+  them are not false positives (KITTI does the same for every evaluated class).
+- Neighbour classes become crowd annotations of the class they neighbour when that class is
+  evaluated but they are not: Van for Car, Person_sitting for Pedestrian (KITTI neither rewards
+  nor penalizes a Car detection on a Van). With the 8-class map they are ordinary annotations.
+Objects of other classes (e.g. Truck with the 3-class map) are dropped: a detection on them is a
+false positive, as in KITTI.
+"""
+import json
+import os
+
+import numpy as np
+
+from clock_deploy.errors import UserError
+
+NEIGHBOUR_OF = {"Van": "Car", "Person_sitting": "Pedestrian"}
+DONTCARE = "DontCare"
+
+
+def _xywh(box):
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def kitti_to_coco(frames, classes):
+    """COCO ground-truth dict from [(frame_id, height, width, annos)]; image ids are 1..N in order.
+
+    Category ids are 1..K in the order of `classes`.
+    """
+    category_id = {name: i + 1 for i, name in enumerate(classes)}
+    images, annotations = [], []
+
+    def add(image_id, cat, box, iscrowd):
+        bbox = _xywh(box)
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                            "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": iscrowd})
+
+    for image_id, (frame_id, height, width, annos) in enumerate(frames, start=1):
+        images.append({"id": image_id, "file_name": f"{frame_id}.png", "frame_id": str(frame_id),
+                       "height": int(height), "width": int(width)})
+        for name, box in zip(annos["name"], annos["bbox"]):
+            if name in category_id:
+                add(image_id, category_id[name], box, 0)
+            elif name == DONTCARE:
+                for cat in category_id.values():
+                    add(image_id, cat, box, 1)
+            elif NEIGHBOUR_OF.get(name) in category_id:
+                add(image_id, category_id[NEIGHBOUR_OF[name]], box, 1)
+    categories = [{"id": i, "name": name} for name, i in category_id.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def detections_to_coco(image_ids, detections, classes):
+    """COCO results list from per-image detection annos (name, bbox x1y1x2y2, score).
+
+    Detections whose name is not in `classes` are dropped.
+    """
+    category_id = {name: i + 1 for i, name in enumerate(classes)}
+    results = []
+    for image_id, annos in zip(image_ids, detections):
+        boxes = np.asarray(annos["bbox"], np.float64).reshape(-1, 4)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+        for name, bbox, score in zip(annos["name"], xywh, np.asarray(annos["score"], np.float64).tolist()):
+            if name in category_id:
+                results.append({"image_id": int(image_id), "category_id": category_id[name],
+                                "bbox": bbox, "score": score})
+    return results
+
+
+def load_coco(path):
+    """Read a COCO ground-truth json (images, annotations, categories)."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"COCO json not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed json ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a COCO json must be an object, got {type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise UserError(f"{path}: COCO json lacks {missing}")
+    return data
