@@ -1,0 +1,229 @@
+"""KITTI 2D object format: label files, split files and the directory layout.
+
+Layout used by this project (the usual one for the 3712 / 3769 train / val split
+of real KITTI):
+
+    root/training/image_2/<frame>.png
+    root/training/label_2/<frame>.txt
+    root/ImageSets/{train,val,trainval}.txt     one 6-digit frame id per line
+
+A label line has 15 columns (ground truth) or 16 (detections, the last one is
+the score):
+
+    type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y [score]
+
+Class maps: "kitti8" trains on all eight KITTI classes; "kitti3" trains on
+Car / Pedestrian / Cyclist only, so Van, Truck, Person_sitting, ... objects are
+dropped from the training targets. Evaluation does not use the class map: it
+reads the raw annotations (`read_label`) because the official KITTI metric
+treats Van as a neighbour of Car and Person_sitting as a neighbour of
+Pedestrian (detections on them are neither true nor false positives), and
+ignores DontCare regions.
+"""
+import os
+
+import numpy as np
+
+from clock_deploy.errors import UserError
+from clock_deploy.io import write_text
+
+KITTI_CLASSES = ["Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc"]
+CLASS_MAPS = {
+    "kitti8": KITTI_CLASSES,
+    "kitti3": ["Car", "Pedestrian", "Cyclist"],
+}
+# names allowed in a label file: the 8 classes plus the regions annotators left out
+LABEL_NAMES = set(KITTI_CLASSES) | {"DontCare"}
+
+# official KITTI object benchmark difficulties: (min box height px, max occlusion level, max truncation)
+DIFFICULTIES = {
+    "Easy": (40, 0, 0.15),
+    "Moderate": (25, 1, 0.30),
+    "Hard": (25, 2, 0.50),
+}
+
+GT_COLUMNS = 15
+DET_COLUMNS = 16
+
+
+def class_names(map_name):
+    """Class list of a class map ("kitti3" or "kitti8"); the index of a name is its label id."""
+    if map_name not in CLASS_MAPS:
+        raise UserError(f"unknown class map '{map_name}'; choose one of {sorted(CLASS_MAPS)}")
+    return list(CLASS_MAPS[map_name])
+
+
+def empty_annos(with_score=False):
+    """Annotations of a frame without objects (the shapes `read_label` returns for an empty file)."""
+    annos = {
+        "name": np.zeros([0], dtype="<U14"),
+        "truncated": np.zeros([0], dtype=np.float64),
+        "occluded": np.zeros([0], dtype=np.int64),
+        "alpha": np.zeros([0], dtype=np.float64),
+        "bbox": np.zeros([0, 4], dtype=np.float64),
+        "dimensions": np.zeros([0, 3], dtype=np.float64),
+        "location": np.zeros([0, 3], dtype=np.float64),
+        "rotation_y": np.zeros([0], dtype=np.float64),
+    }
+    if with_score:
+        annos["score"] = np.zeros([0], dtype=np.float64)
+    return annos
+
+
+def _parse_line(fields, where):
+    name = fields[0]
+    if name not in LABEL_NAMES:
+        raise UserError(f"{where}: unknown object type '{name}' (expected one of {KITTI_CLASSES + ['DontCare']})")
+    try:
+        values = [float(v) for v in fields[1:]]
+    except ValueError:
+        bad = next(v for v in fields[1:] if not _is_number(v))
+        raise UserError(f"{where}: non-numeric field '{bad}'") from None
+    if not all(np.isfinite(values)):
+        raise UserError(f"{where}: field is not a finite number")
+    occluded = values[1]
+    if occluded != int(occluded):
+        raise UserError(f"{where}: occluded must be an integer level, got {fields[2]}")
+    x1, y1, x2, y2 = values[3:7]
+    if x2 < x1 or y2 < y1:
+        raise UserError(f"{where}: negative box size (x1={x1}, y1={y1}, x2={x2}, y2={y2})")
+    return name, values
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_label(path):
+    """Read a KITTI label / detection file into a dict of numpy arrays (one entry per object).
+
+    Keys: name, truncated, occluded, alpha, bbox [n,4] (x1,y1,x2,y2), dimensions [n,3] (h,w,l),
+    location [n,3], rotation_y, and score only when the file has 16 columns (detections).
+    Blank lines are skipped; any malformed line is a UserError naming file:line.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"label file not found: {path}") from None
+    names, rows, ncols = [], [], None
+    for lineno, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{lineno}"
+        if len(fields) not in (GT_COLUMNS, DET_COLUMNS):
+            raise UserError(f"{where}: expected {GT_COLUMNS} (ground truth) or {DET_COLUMNS} (detection) "
+                            f"columns, got {len(fields)}")
+        if ncols is not None and len(fields) != ncols:
+            raise UserError(f"{where}: {len(fields)} columns but earlier lines have {ncols}; "
+                            "ground truth and detections cannot be mixed in one file")
+        ncols = len(fields)
+        name, values = _parse_line(fields, where)
+        names.append(name)
+        rows.append(values)
+    if not rows:
+        return empty_annos()
+    table = np.array(rows, dtype=np.float64)
+    annos = {
+        "name": np.array(names),
+        "truncated": table[:, 0],
+        "occluded": table[:, 1].astype(np.int64),
+        "alpha": table[:, 2],
+        "bbox": table[:, 3:7],
+        "dimensions": table[:, 7:10],
+        "location": table[:, 10:13],
+        "rotation_y": table[:, 13],
+    }
+    if ncols == DET_COLUMNS:
+        annos["score"] = table[:, 14]
+    return annos
+
+
+def format_label(annos):
+    """KITTI text of `annos` with the precision of the official files (scores get 4 decimals)."""
+    lines = []
+    with_score = "score" in annos
+    for i in range(len(annos["name"])):
+        values = [annos["truncated"][i], int(annos["occluded"][i]), annos["alpha"][i], *annos["bbox"][i],
+                  *annos["dimensions"][i], *annos["location"][i], annos["rotation_y"][i]]
+        text = "{} {:.2f} {:d} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f}"
+        line = text.format(annos["name"][i], *values)
+        if with_score:
+            line += f" {annos['score'][i]:.4f}"
+        lines.append(line)
+    return "".join(line + "\n" for line in lines)
+
+
+def write_label(path, annos):
+    """Write `annos` (the dict `read_label` returns) atomically; 16 columns when it has a score."""
+    write_text(path, format_label(annos))
+
+
+def read_split(root, split):
+    """Frame ids listed in root/ImageSets/<split>.txt, in file order."""
+    path = os.path.join(os.fspath(root), "ImageSets", f"{split}.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"split file not found: {path} (expected one frame id per line)")
+    frame_ids = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 1:
+                raise UserError(f"{path}:{lineno}: expected one frame id, got '{line.strip()}'")
+            frame_ids.append(fields[0])
+    return frame_ids
+
+
+def write_split(root, split, frame_ids):
+    write_text(os.path.join(os.fspath(root), "ImageSets", f"{split}.txt"), "".join(f + "\n" for f in frame_ids))
+
+
+def image_path(root, frame_id):
+    return os.path.join(os.fspath(root), "training", "image_2", f"{frame_id}.png")
+
+
+def label_path(root, frame_id):
+    return os.path.join(os.fspath(root), "training", "label_2", f"{frame_id}.txt")
+
+
+def box_heights(annos):
+    bbox = annos["bbox"]
+    return bbox[:, 3] - bbox[:, 1]
+
+
+def difficulty_mask(annos, difficulty):
+    """Objects that count for a KITTI difficulty (cumulative, as the benchmark: Hard includes Moderate)."""
+    min_height, max_occlusion, max_truncation = DIFFICULTIES[difficulty]
+    return ((box_heights(annos) >= min_height)
+            & (annos["occluded"] <= max_occlusion)
+            & (annos["truncated"] <= max_truncation))
+
+
+def label_stats(all_annos):
+    """Counts per class and difficulty plus box heights, over a list of annotation dicts."""
+    per_class = {}
+    heights = []
+    for annos in all_annos:
+        for name in np.unique(annos["name"]):
+            keep = annos["name"] == name
+            row = per_class.setdefault(str(name), {"objects": 0, **{d: 0 for d in DIFFICULTIES},
+                                                   "truncated": 0, "occluded": 0})
+            row["objects"] += int(keep.sum())
+            if name == "DontCare":
+                continue
+            for d in DIFFICULTIES:
+                row[d] += int((keep & difficulty_mask(annos, d)).sum())
+            row["truncated"] += int((keep & (annos["truncated"] > 0)).sum())
+            row["occluded"] += int((keep & (annos["occluded"] > 0)).sum())
+        heights.append(box_heights(annos)[annos["name"] != "DontCare"])
+    heights = np.concatenate(heights) if heights else np.zeros([0])
+    order = [n for n in KITTI_CLASSES + ["DontCare"] if n in per_class]
+    return {"images": len(all_annos), "classes": {n: per_class[n] for n in order}, "heights": heights}
