@@ -52,7 +52,8 @@ class DetectionEvaluator:
 
     def summarize(self):
         """{"mAP", "AP50", "AP75", "APs", "APm", "APl"} (COCO, 0..1) and, for Car / Pedestrian /
-        Cyclist among the classes, "kitti_<Class>_<difficulty>" and "kitti_moderate" (R40, percent)."""
+        Cyclist among the classes, "kitti_<Class>_<difficulty>" and "kitti_moderate" (R40, percent;
+        kitti_moderate averages the classes with ground truth, nan if none has)."""
         frames = [(f, h, w, a) for f, (h, w), a in zip(self.frame_ids, self.image_sizes, self.gt_annos)]
         coco_gt = kitti_to_coco(frames, self.classes)
         image_ids = [image["id"] for image in coco_gt["images"]]

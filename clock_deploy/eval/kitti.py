@@ -166,11 +166,12 @@ def _get_thresholds(scores, num_gt):
 @njit(cache=False)
 def _pr_counts(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores, dt_ignored, dt_offsets,
                dc_boxes, dc_offsets, thresholds, min_overlap):
-    """computeStatistics with FPs at every threshold, summed over images: tp, fp, fn [T]."""
+    """computeStatistics with FPs at every threshold, summed over images: tp, fp [T].
+
+    (The devkit also counts false negatives there; AP does not use them.)"""
     num_t = thresholds.shape[0]
     tp = np.zeros(num_t, np.int64)
     fp = np.zeros(num_t, np.int64)
-    fn = np.zeros(num_t, np.int64)
     for img in range(gt_offsets.shape[0] - 1):
         g0, g1 = gt_offsets[img], gt_offsets[img + 1]
         d0, d1 = dt_offsets[img], dt_offsets[img + 1]
@@ -205,8 +206,6 @@ def _pr_counts(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores, dt_ignored
                         found = True
                         took_ignored = True
                 if not found:
-                    if gt_ignored[g0 + g] == 0:
-                        fn[t] += 1
                     continue
                 assigned[det_idx] = True
                 if gt_ignored[g0 + g] == 0 and ign_det[det_idx] == 0:
@@ -222,13 +221,13 @@ def _pr_counts(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores, dt_ignored
                         break
                 if not in_dontcare:
                     fp[t] += 1
-    return tp, fp, fn
+    return tp, fp
 
 
 # ------------------------------------------------------------------ public API
 
 
-def class_precision(gt, dt, cls, difficulty):
+def _class_precision(gt, dt, cls, difficulty):
     """Interpolated precision at the 41 recall samples, and the number of valid GT boxes."""
     setup = _class_setup(gt, dt, cls, difficulty)
     min_overlap = CLASS_MIN_OVERLAP[cls]
@@ -238,7 +237,7 @@ def class_precision(gt, dt, cls, difficulty):
     precision = np.zeros(N_SAMPLE_PTS)
     # no valid GT means no TP scores, no thresholds and AP 0
     thresholds = _get_thresholds(np.sort(scores)[::-1].copy(), float(setup["num_gt"]))
-    tp, fp, _ = _pr_counts(*boxes, setup["dc_boxes"], setup["dc_offsets"], thresholds, min_overlap)
+    tp, fp = _pr_counts(*boxes, setup["dc_boxes"], setup["dc_offsets"], thresholds, min_overlap)
     denom = tp + fp
     precision[:len(thresholds)] = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
     # precision[i] = max(precision[i:])
@@ -272,7 +271,7 @@ def kitti_eval(gt_annos, dt_annos, classes=("Car", "Pedestrian", "Cyclist")):
     for cls in classes:
         entry = {"R40": {}, "R11": {}, "num_gt": {}}
         for d, difficulty in enumerate(DIFFICULTIES):
-            precision, num_gt = class_precision(gt, dt, cls.lower(), d)
+            precision, num_gt = _class_precision(gt, dt, cls.lower(), d)
             entry["R40"][difficulty] = ap_r40(precision)
             entry["R11"][difficulty] = ap_r11(precision)
             entry["num_gt"][difficulty] = num_gt
