@@ -112,7 +112,8 @@ def main():
         f"Synthetic KITTI-val-sized set: {args.frames} frames, {num_gt} GT boxes, {args.dets} detections per "
         f"frame ({args.frames * args.dets} in all), seed {args.seed}. Command: `python benchmarks/bench_eval.py`.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}; 1-minute load average at the end: {os.getloadavg()[0]:.1f} "
+        "(the machine is shared with other jobs, so timings vary from run to run).",
         "",
         "| step | seconds |",
         "|---|---:|",
