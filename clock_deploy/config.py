@@ -145,6 +145,7 @@ class TcldConfig:
 @dataclass
 class KdDetrConfig:
     random_queries: int = 100     # shared random queries sent through teacher and student
+    teacher_queries: int = 100    # the teacher's most confident predictions, also sent through both
     tau: float = 1.0
     w_cls: float = 1.0
     w_l1: float = 5.0

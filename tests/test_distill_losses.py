@@ -1,0 +1,226 @@
+"""CLoCK / baseline loss terms on hand-made DetrOutputs, checked against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from clock_deploy.distill.adapters import LevelAdapters, level_stride, pair_levels
+from clock_deploy.distill.baselines import FgdLoss, attention_maps
+from clock_deploy.distill.clock import (LcmdLoss, QueryDistillLoss, classification_kd, location_weights,
+                                        stage_pairs)
+from clock_deploy.distill.queries import (QueryEncoder, TargetQuerySampler, ground_truth_queries,
+                                          jitter_boxes, prediction_queries)
+from clock_deploy.config import FgdConfig
+from clock_deploy.models.contract import DetrOutput, StageOutput
+
+
+def target(boxes, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def output(memory=None, stages=None, groups=None, features=None):
+    memory = memory or [torch.zeros(1, 4, 2, 2)]
+    stages = stages or [StageOutput(torch.zeros(1, 1, 3), torch.full((1, 1, 4), 0.5))]
+    return DetrOutput(memory=memory, memory_pos=[torch.zeros_like(m) for m in memory], stages=stages,
+                      groups=groups or [], features=features or [])
+
+
+# ---------------------------------------------------------------- GT location weights
+
+def test_location_weights_by_hand():
+    # 4 x 6 grid. Box A covers x in [0, 3], y in [1, 3] -> cols 0..2, rows 1..2 (6 pixels);
+    # box B (inside A) covers x in [1.2, 1.8], y in [1.5, 1.9] -> only pixel (1, 1): smallest box wins there.
+    big = [0.25, 0.5, 0.5, 0.5]
+    small = [1.5 / 6, 1.7 / 4, 0.6 / 6, 0.4 / 4]
+    fg, scale = location_weights([target([big, small], [0, 1]), target([], [])], 4, 6)
+    expected_fg = torch.zeros(4, 6, dtype=torch.bool)
+    expected_fg[1:3, 0:3] = True
+    assert torch.equal(fg[0], expected_fg)
+    assert scale[0, 1, 1] == pytest.approx(1.0)          # 1 / (1 x 1) of the small box
+    assert scale[0, 2, 2] == pytest.approx(1 / 6)        # 1 / (2 x 3) of the big box
+    assert scale[0, 0, 0] == pytest.approx(1 / 18)       # 24 - 6 background pixels
+    assert not fg[1].any() and torch.allclose(scale[1], torch.full((4, 6), 1 / 24))
+
+
+def test_location_weights_tiny_box_still_covers_a_pixel():
+    fg, scale = location_weights([target([[0.51, 0.51, 0.01, 0.01]], [0])], 2, 3)
+    assert fg[0].sum() == 1 and scale[0][fg[0]].item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- LCMD
+
+def lcmd_outputs(student_value, teacher_value, channels=2):
+    teacher = output(memory=[torch.full((1, channels, 4, 6), teacher_value)])
+    student = output(memory=[torch.full((1, channels, 4, 6), student_value)])
+    return student, teacher
+
+
+def test_lcmd_by_hand():
+    # error per pixel = C * 1^2 = 2; fg scale sums to 1 (6 px x 1/6), bg scale sums to 1 (18 px x 1/18)
+    student, teacher = lcmd_outputs(1.0, 0.0)
+    loss = LcmdLoss(LevelAdapters([16], 2, 2), 2, 2, alpha=3.0, beta=0.5, pos_embed=False, weight=2.0)
+    targets = [target([[0.25, 0.5, 0.5, 0.5]], [0])]
+    value = loss(student, teacher, targets, (64, 96))["loss_mem"]
+    assert value.item() == pytest.approx(2.0 * (3.0 * 2 + 0.5 * 2))
+    normalized = LcmdLoss(LevelAdapters([16], 2, 2), 2, 2, 3.0, 0.5, normalize=True, pos_embed=False)
+    assert normalized(student, teacher, targets, (64, 96))["loss_mem"].item() == pytest.approx(3.0 + 0.5)
+
+
+def test_lcmd_zero_for_equal_memory_and_position_embedding_acts_through_the_adapter():
+    targets = [target([[0.25, 0.5, 0.5, 0.5]], [0])]
+    student, teacher = lcmd_outputs(0.3, 0.3, channels=4)
+    assert LcmdLoss(LevelAdapters([16], 4, 4), 4, 4)(student, teacher, targets, (64, 96))["loss_mem"] == 0
+    # different widths: a zero adapter maps the student to 0, so only the teacher's embedding remains
+    student, teacher = lcmd_outputs(0.0, 0.0, channels=4)
+    student.memory = [torch.zeros(1, 8, 4, 6)]
+    adapters = LevelAdapters([16], 8, 4)
+    torch.nn.init.zeros_(adapters.convs["16"].weight)
+    torch.nn.init.zeros_(adapters.convs["16"].bias)
+    with_pos = LcmdLoss(adapters, 8, 4, alpha=1.0, beta=1.0)(student, teacher, targets, (64, 96))["loss_mem"]
+    without = LcmdLoss(adapters, 8, 4, alpha=1.0, beta=1.0, pos_embed=False)(student, teacher, targets,
+                                                                               (64, 96))["loss_mem"]
+    assert without == 0 and with_pos > 0.1
+
+
+def test_level_pairing_by_stride_and_resize():
+    image_hw = (64, 96)
+    teacher = [torch.zeros(1, 4, 8, 12), torch.zeros(1, 4, 4, 6), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 1, 2)]
+    student = [torch.zeros(1, 2, 2, 3)]
+    assert [level_stride(image_hw, m.shape[-2:]) for m in teacher] == [8, 16, 32, 64]
+    assert pair_levels(teacher, student, image_hw) == [(32, 2, 0)]
+    adapters = LevelAdapters([32], 2, 4)
+    assert adapters(torch.ones(1, 2, 3, 4), 32, (2, 3)).shape == (1, 4, 2, 3)
+    assert isinstance(LevelAdapters([32], 4, 4).convs["32"], torch.nn.Identity)
+
+
+# ---------------------------------------------------------------- TCLD
+
+def test_stage_pairs():
+    assert stage_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert stage_pairs(2, 6) == [(0, 2), (1, 5)]
+    assert stage_pairs(6, 2) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    assert stage_pairs(2, 6, "last") == [(0, 5), (1, 5)]
+
+
+def test_kl_and_bce_by_hand():
+    zs, zt = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    tau = 2.0
+    pt = [math.exp(0.0) / (1 + math.exp(1.0)), math.exp(1.0) / (1 + math.exp(1.0))]
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    kl = tau ** 2 * sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    assert classification_kd(zs, zt, tau, "kl").item() == pytest.approx(kl, rel=1e-5)
+
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    binary_kl = sum(sig(t) * math.log(sig(t) / sig(s)) + (1 - sig(t)) * math.log((1 - sig(t)) / (1 - sig(s)))
+                    for s, t in [(1.0, 0.0), (0.0, 2.0)])
+    assert classification_kd(zs, zt, tau, "bce").item() == pytest.approx(binary_kl, rel=1e-5)
+    assert classification_kd(zt, zt, tau, "bce").item() == 0
+    # same gradient as the BCE with soft targets
+    zs_grad = zs.clone().requires_grad_(True)
+    classification_kd(zs_grad, zt, tau, "bce").sum().backward()
+    assert torch.allclose(zs_grad.grad, zs.sigmoid() - zt.sigmoid())
+
+
+def test_query_distill_by_hand_with_padding():
+    # two slots; the second is padding and holds garbage that must not count
+    teacher_stage = StageOutput(logits=torch.tensor([[[0.0, 0.0, 0.0], [9.0, -9.0, 3.0]]]),
+                                boxes=torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]]))
+    student_stage = StageOutput(logits=torch.tensor([[[1.0, 0.0, 0.0], [-9.0, 9.0, 0.0]]]),
+                                boxes=torch.tensor([[[0.6, 0.5, 0.2, 0.2], [0.9, 0.9, 0.3, 0.3]]]))
+    pad = torch.tensor([[False, True]])
+    loss = QueryDistillLoss(tau=1.0, w_l1=5.0, w_giou=2.0, weight=1.0)
+    student, teacher = output(groups=[[student_stage]]), output(groups=[[teacher_stage]])
+    terms = loss(student, teacher, pad)
+    # slot 0: teacher uniform over 3 classes; KL(u || softmax([1, 0, 0]))
+    q = [math.e / (math.e + 2), 1 / (math.e + 2), 1 / (math.e + 2)]
+    kl = sum(1 / 3 * math.log((1 / 3) / qi) for qi in q)
+    # boxes [0.4, 0.6] x [0.4, 0.6] and [0.5, 0.7] x [0.4, 0.6]: IoU = 0.02 / 0.06, enclosing = union
+    giou = 0.02 / 0.06
+    assert terms["loss_logit_cls"].item() == pytest.approx(kl, rel=1e-5)  # weights cancel with one slot
+    assert terms["loss_logit_box"].item() == pytest.approx(5 * 0.1 + 2 * (1 - giou), rel=1e-5)
+    # weighted by teacher confidence across slots
+    both = loss(student, teacher, torch.tensor([[False, False]]))
+    w0, w1 = 0.5, 1 / (1 + math.exp(-9.0))
+    assert both["loss_logit_box"].item() > terms["loss_logit_box"].item()
+    l1_1, iou1 = 5 * (0.8 + 0.8 + 0.2 + 0.2), 0.0
+    outer = 1.0 * 1.0  # enclosing box [0.05, 1.05] x [0.05, 1.05]
+    giou1 = iou1 - (outer - (0.01 + 0.09)) / outer
+    expected = (w0 * (5 * 0.1 + 2 * (1 - giou)) + w1 * (l1_1 + 2 * (1 - giou1))) / (w0 + w1)
+    assert both["loss_logit_box"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_query_distill_without_group_is_zero():
+    terms = QueryDistillLoss()(output(), output(), None)
+    assert terms["loss_logit_cls"] == 0 and terms["loss_logit_box"] == 0
+
+
+# ---------------------------------------------------------------- queries
+
+def test_ground_truth_queries_layout():
+    targets = [target([[0.2, 0.3, 0.1, 0.2], [0.6, 0.6, 0.3, 0.3]], [1, 2]), target([], [])]
+    spec = ground_truth_queries(targets, num_classes=3, repeats=3, box_noise=0.0)
+    assert spec.boxes.shape == (2, 6, 4)
+    assert spec.labels[0].tolist() == [1, 2, 1, 2, 1, 2] and spec.labels[1].tolist() == [3] * 6
+    assert torch.equal(spec.boxes[0, 2:4], targets[0]["boxes"])
+    assert not spec.pad_mask[0].any() and spec.pad_mask[1].all()
+
+    torch.manual_seed(0)
+    sampler = TargetQuerySampler(num_classes=3, repeats=3, box_noise=0.4, random_count=5)
+    spec = sampler(torch.zeros(2, 3, 8, 8), targets)
+    assert spec.boxes.shape == (2, 11, 4) and spec.labels[:, 6:].eq(3).all() and not spec.pad_mask[:, 6:].any()
+    gt = targets[0]["boxes"].repeat(3, 1)
+    shift = (spec.boxes[0, :6, :2] - gt[:, :2]).abs()
+    assert (shift <= 0.2 * gt[:, 2:] + 1e-6).all() and (shift > 0).all()
+    # images without GT and no random queries: nothing to ask
+    assert TargetQuerySampler(3, 3, 0.0, 0)(torch.zeros(1, 3, 8, 8), [target([], [])]) is None
+
+
+def test_jitter_keeps_boxes_valid():
+    torch.manual_seed(0)
+    boxes = jitter_boxes(torch.tensor([[0.001, 0.999, 0.5, 0.002]]).repeat(100, 1), 1.0)
+    assert boxes.min() >= 1e-3 and boxes.max() <= 1
+
+
+def test_prediction_queries_pick_the_most_confident():
+    stage = StageOutput(logits=torch.tensor([[[-5.0, -5.0], [3.0, -1.0], [-2.0, 4.0]]]),
+                        boxes=torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3]]]))
+    spec = prediction_queries(stage, 2)
+    assert spec.labels.tolist() == [[1, 0]] and torch.allclose(spec.boxes[0, :, 0], torch.tensor([0.3, 0.2]))
+
+
+def test_query_encoder_is_frozen_deterministic_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = QueryEncoder(3, 32), QueryEncoder(3, 32)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(p.requires_grad for p in a.parameters())
+    spec = ground_truth_queries([target([[0.5, 0.5, 0.2, 0.2]], [2])], 3, 1, 0.0)
+    group = a(spec)
+    assert group.content.shape == (1, 1, 32) and group.pos.shape == (1, 1, 32)
+    assert group.content[0, 0, -1] == 1 and torch.equal(group.content[0, 0, :-1], a.label_embed.weight[2])
+
+
+# ---------------------------------------------------------------- FGD
+
+def test_fgd_attention_maps_and_terms():
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0, 0, 0] = 4.0
+    spatial, channel = attention_maps(features, temperature=1.0)
+    # mean_c |F| = 2 at (0, 0), else 0 -> H W softmax
+    e = math.exp(2.0)
+    assert spatial[0, 0, 0].item() == pytest.approx(4 * e / (e + 3))
+    assert channel[0].tolist() == pytest.approx([2 * math.exp(1.0) / (math.exp(1.0) + 1), 2 / (math.exp(1.0) + 1)])
+
+    cfg = FgdConfig()
+    loss = FgdLoss(LevelAdapters([16], 2, 2), 2, cfg)
+    teacher = output(features=[torch.randn(2, 2, 4, 6)])
+    targets = [target([[0.25, 0.5, 0.5, 0.5]], [0]), target([], [])]
+    zero = loss(teacher, teacher, targets, (64, 96))
+    assert all(v == 0 for v in zero.values())
+    student = output(features=[teacher.features[0] + 0.5 * torch.randn(2, 2, 4, 6)])
+    terms = loss(student, teacher, targets, (64, 96))
+    assert all(v > 0 for v in terms.values())
+    # the relation block starts as the identity: global term = lambda_rela * ||F_T - F_S||^2 / B
+    expected = cfg.lambda_rela * (teacher.features[0] - student.features[0]).pow(2).sum() / 2
+    assert terms["loss_fgd_global"].item() == pytest.approx(expected.item(), rel=1e-5)

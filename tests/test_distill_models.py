@@ -1,0 +1,264 @@
+"""Distillation with the real (tiny) detectors: zero-for-copies, gradients, isolation, export, resume."""
+import copy
+import io
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from clock_deploy.config import Config
+from clock_deploy.distill import build_distiller
+from clock_deploy.distill.queries import QueryEncoder, TargetQuerySampler
+from clock_deploy.engine.checkpoint import save_checkpoint
+from clock_deploy.engine.commands import load_teacher
+from clock_deploy.engine.trainer import TrainStep
+from clock_deploy.errors import UserError
+from clock_deploy.models.build import build_criterion, build_model
+
+ARCHS = ["dab_detr", "deformable_detr", "dino"]
+OTHER_FAMILY = {"dab_detr": "dino", "deformable_detr": "dab_detr", "dino": "deformable_detr"}
+
+
+def tiny_config(arch, hidden=32, dec_layers=2, method="none"):
+    cfg = Config()
+    cfg.data.img_size = [64, 96]
+    m = cfg.model
+    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, hidden, 2, 2 * hidden
+    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 2, dec_layers, 10, 6
+    m.backbone.depth, m.backbone.width = 18, 8
+    cfg.distill.method = method
+    cfg.distill.logit.random_queries = 5
+    cfg.distill.kd_detr.random_queries, cfg.distill.kd_detr.teacher_queries = 5, 5
+    return cfg
+
+
+def tiny_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+def batch():
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 96)
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    return images, targets
+
+
+def perturb(model, scale=0.05):
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def distill_losses(distiller, student):
+    images, targets = batch()
+    torch.manual_seed(3)  # same random queries / denoising noise every call
+    return distiller(student, images, targets)
+
+
+@pytest.mark.parametrize("method,arch", [("clock", "dab_detr"), ("clock", "deformable_detr"), ("clock", "dino"),
+                                         ("kd_detr", "dino"), ("fgd", "deformable_detr")])
+def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch):
+    # KD-DETR supervises every student stage with the teacher's last one, so only a one-layer
+    # copy matches it exactly
+    cfg = tiny_config(arch, method=method, dec_layers=1 if method == "kd_detr" else 2)
+    teacher = tiny_model(cfg)
+    student = copy.deepcopy(teacher).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    _, losses = distill_losses(distiller, student)
+    expected = {"clock": {"loss_mem", "loss_logit_cls", "loss_logit_box"}, "kd_detr": {"loss_kd_cls", "loss_kd_box"},
+                "fgd": {"loss_fgd_focal", "loss_fgd_attn", "loss_fgd_global"}}[method]
+    assert set(losses) == expected
+    for name, value in losses.items():
+        assert abs(value.item()) < 1e-6, name
+    perturb(student)
+    _, losses = distill_losses(distiller, student)
+    for name, value in losses.items():
+        assert value.item() > 1e-5, name
+
+
+def cross_family(student_arch, method):
+    """Student (hidden 32, 2 layers) and a teacher of another family (hidden 48, 3 layers)."""
+    cfg = tiny_config(student_arch, method=method)
+    teacher = tiny_model(tiny_config(OTHER_FAMILY[student_arch], hidden=48, dec_layers=3), seed=5)
+    student = tiny_model(cfg).train()
+    return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+
+
+@pytest.mark.parametrize("method", ["clock", "kd_detr", "fgd"])
+def test_gradients_reach_student_and_adapters_only(method):
+    cfg, teacher, student, distiller = cross_family("dino", method)
+    _, losses = distill_losses(distiller, student)
+    sum(losses.values()).backward()
+
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for encoder in (distiller.teacher_queries, distiller.student_queries):
+        if encoder is not None:
+            assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    trainable = {n for n, p in distiller.named_parameters() if p.requires_grad}
+    assert trainable == {"map_terms." + n for n, _ in distiller.map_terms.named_parameters()}
+    assert set(distiller.trainable_state()) == set(distiller.map_terms.state_dict())
+    if method == "kd_detr":
+        assert not trainable  # no adapters: query terms compare outputs in the same class / box space
+    else:
+        adapter_grads = [p.grad for n, p in distiller.named_parameters() if "adapters" in n]
+        assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
+    grads = {n: p.grad for n, p in student.named_parameters()}
+    reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    if method != "kd_detr":
+        assert any(n.startswith("backbone.") for n in reached)  # feature / memory terms reach the backbone
+    if method != "fgd":
+        assert any("class_embed" in n for n in reached)  # query terms reach the heads
+
+
+def group_for(model, spec):
+    return QueryEncoder(model.num_classes, model.hidden_dim)(spec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("training", [False, True])
+def test_target_aware_group_does_not_change_normal_predictions(arch, training):
+    cfg = tiny_config(arch)
+    model = tiny_model(cfg).train(training)
+    images, targets = batch()
+    torch.manual_seed(4)
+    spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
+    torch.manual_seed(7)
+    plain = model(images, targets)
+    torch.manual_seed(7)  # DINO's denoising queries draw the same noise
+    with_group = model(images, targets, groups=[group_for(model, spec)])
+    assert len(with_group.groups) == 1 and with_group.groups[0][-1].boxes.shape[1] == spec.num_queries
+    for a, b in zip(plain.stages, with_group.stages):
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
+    # the group itself is isolated from the padded slots of the second (GT-less) image
+    other = spec.boxes.clone()
+    other[spec.pad_mask] = 0.9
+    spec.boxes = other
+    torch.manual_seed(7)
+    moved = model(images, targets, groups=[group_for(model, spec)])
+    keep = ~spec.pad_mask
+    torch.testing.assert_close(moved.groups[0][-1].logits[keep], with_group.groups[0][-1].logits[keep],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_distills_from_another_family(arch):
+    cfg, teacher, student, distiller = cross_family(arch, "clock")
+    step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
+    assert not teacher.training and student.training
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student_before = copy.deepcopy(student.state_dict())
+    params = [p for p in step.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    images, targets = batch()
+    losses = step(images, targets)
+    assert {"loss_mem", "loss_logit_cls", "loss_logit_box"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    optimizer.step()
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
+
+    # exact resume: a rebuilt distiller + the saved adapters give the same losses
+    state = copy.deepcopy(distiller.trainable_state())
+    rebuilt = build_distiller(cfg, teacher, student).train()
+    rebuilt.load_trainable_state(state)
+    a, b = distill_losses(distiller, student)[1], distill_losses(rebuilt, student)[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wrong_trainable_state_is_a_user_error():
+    cfg, teacher, student, distiller = cross_family("dino", "clock")
+    fgd_cfg = tiny_config("dino", method="fgd")
+    other = build_distiller(fgd_cfg, teacher, student)
+    with pytest.raises(UserError, match="distill.method"):
+        distiller.load_trainable_state(other.trainable_state())
+
+
+def test_batch_without_ground_truth():
+    cfg = tiny_config("deformable_detr", method="clock")
+    cfg.distill.logit.random_queries = 0
+    teacher, student = tiny_model(cfg), tiny_model(cfg, seed=1)
+    distiller = build_distiller(cfg, teacher, student).train()
+    images, _ = batch()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    out, losses = distiller(student, images, empty)
+    assert out.groups == [] and losses["loss_logit_cls"] == 0 and losses["loss_logit_box"] == 0
+    assert losses["loss_mem"] > 0  # background pixels still distil (beta term)
+
+
+class Predictions(nn.Module):
+    """The model alone in eval mode, as the exporter sees it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        out = self.model(images)
+        return out.pred_logits, out.pred_boxes
+
+
+def onnx_summary(model):
+    buffer = io.BytesIO()
+    torch.onnx.export(Predictions(model).eval(), torch.randn(1, 3, 64, 96), buffer, dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["logits", "boxes"])
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    return {"bytes": len(buffer.getvalue()), "ops": [n.op_type for n in graph.node],
+            "initializers": sorted(tuple(t.dims) for t in graph.initializer)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_distilled_student_exports_like_an_undistilled_one(arch):
+    cfg, teacher, student, distiller = cross_family(arch, "clock")
+    never_distilled = tiny_model(cfg, seed=9)
+    step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
+    optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-3)
+    images, targets = batch()
+    sum(step(images, targets).values()).backward()
+    optimizer.step()
+
+    # same modules, parameter names and shapes as a model that never saw a teacher
+    assert [(n, p.shape) for n, p in student.state_dict().items()] == \
+        [(n, p.shape) for n, p in never_distilled.state_dict().items()]
+    assert [n for n, _ in student.named_modules()] == [n for n, _ in never_distilled.named_modules()]
+    assert not student._forward_hooks and not student._forward_pre_hooks
+    # and its ONNX graph is exactly the one of a plain model holding the same weights
+    plain = build_model(cfg.model)
+    plain.load_state_dict(student.state_dict())
+    distilled, undistilled = onnx_summary(student.eval()), onnx_summary(plain.eval())
+    assert distilled == undistilled
+    assert len(distilled["initializers"]) > 20
+
+
+def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
+    cfg = tiny_config("dab_detr", method="clock")
+    with pytest.raises(UserError, match="distill.teacher"):
+        load_teacher(cfg, "cpu")
+    cfg.distill.teacher = str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_teacher(cfg, "cpu")
+
+    teacher_cfg = tiny_config("dino", hidden=48)
+    teacher_cfg.model.num_classes, teacher_cfg.data.classes = 8, "kitti8"
+    from clock_deploy.data.kitti import class_names
+    save_checkpoint(tmp_path / "t8.pt", build_model(teacher_cfg.model), teacher_cfg, class_names("kitti8"), 1, 10)
+    cfg.distill.teacher = str(tmp_path / "t8.pt")
+    with pytest.raises(UserError, match="classes"):
+        load_teacher(cfg, "cpu")
+
+    teacher_cfg.model.num_classes, teacher_cfg.data.classes = 3, "kitti3"
+    save_checkpoint(tmp_path / "t3.pt", build_model(teacher_cfg.model), teacher_cfg, class_names("kitti3"), 1, 10)
+    cfg.distill.teacher = str(tmp_path / "t3.pt")
+    teacher = load_teacher(cfg, "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert build_distiller(cfg, teacher, build_model(cfg.model)) is not None
+
+    wrong = tiny_config("dab_detr", method="clock")
+    wrong.model.num_classes = 8
+    with pytest.raises(UserError, match="classes"):
+        build_distiller(wrong, teacher, build_model(wrong.model))
