@@ -1,0 +1,143 @@
+"""Multi-scale deformable attention (Zhu et al., Deformable DETR) in pure PyTorch.
+
+Two interchangeable ways to sample the value maps at fractional locations:
+- "grid_sample": F.grid_sample (bilinear, zeros padding, align_corners=False) -> ONNX GridSample;
+- "gather": the same bilinear interpolation written with an explicit index gather -> ONNX Gather,
+  for runtimes that mishandle GridSample (TensorRT has been reported to miscompile it).
+Both give the same numbers (tests/test_deform_attn.py).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clock_deploy.models.transformer_utils import unflatten_dim
+
+SAMPLING_MODES = ("grid_sample", "gather")
+
+
+def _sample_grid_sample(value, locations):
+    """value [N, C, H, W], locations [N, Lq, P, 2] in [0, 1] (x, y) -> [N, C, Lq, P]."""
+    return F.grid_sample(value, 2 * locations - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _sample_gather(value, locations):
+    """Bilinear sampling like `_sample_grid_sample`, built from one Gather of the four neighbours.
+
+    Pixel centres sit at (i + 0.5) / size (align_corners=False); neighbours outside the map
+    contribute zero (padding_mode="zeros"). The flat index is formed in integers, so it stays
+    exact in a float16 graph.
+    """
+    channels, height, width = value.shape[1:]
+    num_queries, num_points = locations.shape[1], locations.shape[2]
+    x = locations[..., 0] * width - 0.5
+    y = locations[..., 1] * height - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    # the four neighbours: (dx, dy, bilinear weight)
+    corners = [(0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)]
+    indices, weights = [], []
+    for dx, dy, weight in corners:
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
+        # clamp while still float (integer Clip is poorly supported), then index in integers
+        flat = yi.clamp(0, height - 1).long() * width + xi.clamp(0, width - 1).long()
+        indices.append(flat)
+        weights.append(weight * inside.to(weight.dtype))
+    # offset every map by its position in the batch so one Gather over [N * H * W, C] does it all
+    offset = (torch.arange(value.shape[0], device=value.device) * (height * width))[:, None, None, None]
+    index = (torch.stack(indices, dim=1) + offset).flatten()                      # [N * 4 * Lq * P]
+    table = value.flatten(2).transpose(1, 2).reshape(-1, channels)                  # [N * H * W, C]
+    picked = table.index_select(0, index).view(-1, 4, num_queries, num_points, channels)
+    sampled = (picked * torch.stack(weights, dim=1)[..., None]).sum(1)             # [N, Lq, P, C]
+    return sampled.permute(0, 3, 1, 2)
+
+
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, sampling="grid_sample"):
+    """Core of deformable attention: weighted sum of bilinear samples over levels and points.
+
+    value: [B, S, nH, Dh] flattened multi-level values, S = sum(H * W)
+    spatial_shapes: list of (H, W) Python ints per level (static for a given input size)
+    sampling_locations: [B, Lq, nH, nL, nP, 2] normalized (x, y); points outside the map read zeros
+    attention_weights: [B, Lq, nH, nL, nP] (softmax over nL * nP)
+    returns [B, Lq, nH * Dh]
+    """
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"unknown deformable attention sampling '{sampling}', expected one of {SAMPLING_MODES}")
+    sample = _sample_grid_sample if sampling == "grid_sample" else _sample_gather
+    num_heads, head_dim = value.shape[2], value.shape[3]
+    num_queries, num_levels, num_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    samples = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        # heads fold into the batch: [B, HW, nH, Dh] -> [B * nH, Dh, H, W]
+        level_value = per_level[level].permute(0, 2, 3, 1).reshape(-1, head_dim, height, width)
+        level_locations = sampling_locations[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*nH, Lq, nP, 2]
+        samples.append(sample(level_value, level_locations))                               # [B*nH, Dh, Lq, nP]
+    weights = attention_weights.transpose(1, 2).reshape(-1, 1, num_queries, num_levels * num_points)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)                     # [B*nH, Dh, Lq]
+    # (no batch size in the reshapes: it stays dynamic in exported graphs)
+    return out.reshape(-1, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module: each query attends to n_points learned offsets
+    around its reference point on each of n_levels maps, per head."""
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, sampling="grid_sample"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"unknown deformable attention sampling '{sampling}', expected one of {SAMPLING_MODES}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling = sampling
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # offsets start on a ring of directions, one per head, growing with the point index
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        grid = directions.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes):
+        """
+        query: [B, Lq, D]
+        reference_points: [B, Lq, nL, 2] normalized points, or [B, Lq, nL, 4] cxcywh boxes
+            (offsets are then relative to the box size)
+        value_input: [B, S, D] flattened multi-level maps
+        spatial_shapes: list of (H, W) per level
+        returns [B, Lq, D]
+        """
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        value = unflatten_dim(self.value_proj(value_input), -1, (heads, -1))
+        offsets = unflatten_dim(self.sampling_offsets(query), -1, (heads, levels, points, 2))
+        weights = unflatten_dim(self.attention_weights(query), -1, (heads, levels * points))
+        weights = unflatten_dim(weights.softmax(-1), -1, (levels, points))
+        ref = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level
+            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 values, got {reference_points.shape[-1]}")
+        out = ms_deform_attn(value, spatial_shapes, locations, weights, self.sampling)
+        return self.output_proj(out)

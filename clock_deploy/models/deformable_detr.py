@@ -1,0 +1,151 @@
+"""Deformable DETR (Zhu et al. 2021): multi-scale deformable encoder + decoder.
+
+Options (ModelConfig): `box_refine` (iterative box refinement: one head per decoder layer,
+each layer's box becomes the next layer's reference) and `two_stage` (queries initialised
+from the top-scoring encoder proposals instead of learned embeddings).
+"""
+import torch
+from torch import nn
+
+from clock_deploy.models.backbone import build_backbone
+from clock_deploy.models.contract import DetrOutput, StageOutput
+from clock_deploy.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, MultiScaleNeck,
+                                                        encoder_proposals, flatten_levels, unflatten_levels)
+from clock_deploy.models.position import gen_sineembed_for_position
+from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
+                                                   self_attn_mask, split_stages)
+
+
+class DeformableDETR(nn.Module):
+    arch = "deformable_detr"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.hidden_dim, self.num_classes = cfg.hidden_dim, cfg.num_classes
+        self.num_queries, self.dec_layers = cfg.num_queries, cfg.dec_layers
+        self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
+        d = cfg.hidden_dim
+        self.backbone = build_backbone(cfg.backbone)
+        self.neck = MultiScaleNeck(self.backbone.num_channels, self.backbone.strides, d, cfg.num_feature_levels)
+        self.strides = self.neck.strides
+        layer_kwargs = dict(d_model=d, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, n_levels=cfg.num_feature_levels,
+                            n_heads=cfg.nheads, n_points=cfg.n_points, sampling=cfg.sampling)
+        self.encoder = DeformableEncoder(cfg.enc_layers, **layer_kwargs)
+        self.decoder = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(cfg.dec_layers))
+
+        # prediction heads: one per decoder layer with box refinement, else one shared
+        num_heads = cfg.dec_layers if cfg.box_refine else 1
+        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(num_heads))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_heads))
+        for cls_head, box_head in zip(self.class_embed, self.bbox_embed):
+            init_class_head(cls_head)
+            init_box_head(box_head)
+            nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)  # start from small boxes
+
+        if cfg.two_stage:
+            self.enc_output = nn.Linear(d, d)
+            self.enc_output_norm = nn.LayerNorm(d)
+            self.enc_class_embed = nn.Linear(d, cfg.num_classes)
+            self.enc_bbox_embed = MLP(d, d, 4, 3)
+            init_class_head(self.enc_class_embed)
+            init_box_head(self.enc_bbox_embed)
+            # sine embedding of a proposal -> (query_pos, content)
+            self.pos_trans = nn.Linear(2 * d, 2 * d)
+            self.pos_trans_norm = nn.LayerNorm(2 * d)
+        else:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)  # (query_pos, content)
+            self.reference_points = nn.Linear(d, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+
+    def _head(self, layer):
+        return min(layer, len(self.class_embed) - 1)
+
+    def _proposal_queries(self, boxes):
+        """Two-stage: sigmoid boxes [B, N, 4] -> (query_pos, content) through pos_trans."""
+        embed = self.pos_trans_norm(self.pos_trans(gen_sineembed_for_position(boxes, self.hidden_dim // 2)))
+        return embed.split(self.hidden_dim, dim=-1)
+
+    def _select_proposals(self, memory, spatial_shapes):
+        """Two-stage: score every encoder token, keep the top `num_queries` as 4-D references."""
+        output_memory, proposals = encoder_proposals(memory, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        enc_logits = self.enc_class_embed(output_memory)
+        enc_coords = self.enc_bbox_embed(output_memory) + proposals
+        if self.num_queries > enc_logits.shape[1]:
+            raise ValueError(f"num_queries ({self.num_queries}) exceeds the {enc_logits.shape[1]} encoder tokens "
+                             "of this input size")
+        topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
+        coords = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))
+        logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, self.num_classes))
+        return StageOutput(logits=logits, boxes=coords.sigmoid()), coords.detach().sigmoid()
+
+    def _group_queries(self, group):
+        """A QueryGroup in this model's terms: (content, query_pos, reference).
+
+        The reference has the format of the matching queries' first reference: the box centre in
+        the one-stage model (2-D reference points), the full box with two_stage. If group.pos is
+        None the positional query comes from the box: through pos_trans with two_stage, else the
+        parameter-free sine embedding of the box (hidden_dim // 4 channels per coordinate).
+        """
+        pos = group.pos
+        if pos is None:
+            if self.two_stage:
+                pos = self._proposal_queries(group.boxes)[0]
+            else:
+                pos = gen_sineembed_for_position(group.boxes, self.hidden_dim // 4)
+        reference = group.boxes if self.two_stage else group.boxes[..., :2]
+        return group.content, pos, reference
+
+    def forward(self, images, targets=None, groups=None):
+        """images [B, 3, H, W] -> DetrOutput (targets unused: no denoising in Deformable DETR)."""
+        groups = groups or []
+        maps, pos_maps = self.neck(self.backbone(images))
+        src, spatial_shapes = flatten_levels(maps)
+        pos, _ = flatten_levels(pos_maps)
+        memory = self.encoder(src, pos, spatial_shapes)
+        batch = src.shape[0]
+
+        encoder_out = None
+        if self.two_stage:
+            encoder_out, reference = self._select_proposals(memory, spatial_shapes)
+            query_pos, content = self._proposal_queries(reference)
+        else:
+            query_pos, content = self.query_embed.weight[None].expand(batch, -1, -1).split(self.hidden_dim, -1)
+            reference = self.reference_points(query_pos).sigmoid()
+
+        contents, positions, references = [content], [query_pos], [reference]
+        for g in groups:
+            for blocks, value in zip((contents, positions, references), self._group_queries(g)):
+                blocks.append(value)
+        sizes = [c.shape[1] for c in contents]
+        mask = self_attn_mask(batch, self.num_queries, None, sizes[1:], [g.pad_mask for g in groups], src.device)
+        logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(positions, 1), torch.cat(references, 1),
+                                     memory, spatial_shapes, mask)
+        blocks = split_stages(logits, boxes, sizes)
+        return DetrOutput(
+            memory=unflatten_levels(memory, spatial_shapes),
+            memory_pos=pos_maps,
+            stages=blocks[0],
+            groups=blocks[1:],
+            features=maps,
+            encoder=encoder_out,
+        )
+
+    def _decode(self, tgt, query_pos, reference, memory, spatial_shapes, mask):
+        """Run the decoder layers; returns per-layer logits and sigmoid cxcywh boxes."""
+        logits, boxes = [], []
+        out = tgt
+        for i, layer in enumerate(self.decoder):
+            out = layer(out, query_pos, reference, memory, spatial_shapes, mask)
+            delta = self.bbox_embed[self._head(i)](out)
+            if reference.shape[-1] == 4:
+                box = (delta + inverse_sigmoid(reference)).sigmoid()
+            else:  # 2-D reference: it offsets the centre, the size is predicted directly
+                box = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+            logits.append(self.class_embed[self._head(i)](out))
+            boxes.append(box)
+            if self.box_refine:
+                reference = box.detach()
+        return logits, boxes
