@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from clock_deploy.models.backbone import build_backbone
-from clock_deploy.models.contract import DetrOutput, StageOutput
+from clock_deploy.models.contract import DetrOutput
 from clock_deploy.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, MultiScaleNeck,
-                                                        encoder_proposals, flatten_levels, unflatten_levels)
+                                                        TwoStageProposals, flatten_levels, unflatten_levels)
 from clock_deploy.models.position import gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
                                                    self_attn_mask, split_stages)
@@ -41,15 +41,12 @@ class DeformableDETR(nn.Module):
         for cls_head, box_head in zip(self.class_embed, self.bbox_embed):
             init_class_head(cls_head)
             init_box_head(box_head)
-            nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)  # start from small boxes
+        if not cfg.two_stage:
+            # the first layer predicts the size directly (2-D reference): start from small boxes
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
         if cfg.two_stage:
-            self.enc_output = nn.Linear(d, d)
-            self.enc_output_norm = nn.LayerNorm(d)
-            self.enc_class_embed = nn.Linear(d, cfg.num_classes)
-            self.enc_bbox_embed = MLP(d, d, 4, 3)
-            init_class_head(self.enc_class_embed)
-            init_box_head(self.enc_bbox_embed)
+            self.proposals = TwoStageProposals(d, cfg.num_classes, cfg.num_queries)
             # sine embedding of a proposal -> (query_pos, content)
             self.pos_trans = nn.Linear(2 * d, 2 * d)
             self.pos_trans_norm = nn.LayerNorm(2 * d)
@@ -66,20 +63,6 @@ class DeformableDETR(nn.Module):
         """Two-stage: sigmoid boxes [B, N, 4] -> (query_pos, content) through pos_trans."""
         embed = self.pos_trans_norm(self.pos_trans(gen_sineembed_for_position(boxes, self.hidden_dim // 2)))
         return embed.split(self.hidden_dim, dim=-1)
-
-    def _select_proposals(self, memory, spatial_shapes):
-        """Two-stage: score every encoder token, keep the top `num_queries` as 4-D references."""
-        output_memory, proposals = encoder_proposals(memory, spatial_shapes)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
-        enc_logits = self.enc_class_embed(output_memory)
-        enc_coords = self.enc_bbox_embed(output_memory) + proposals
-        if self.num_queries > enc_logits.shape[1]:
-            raise ValueError(f"num_queries ({self.num_queries}) exceeds the {enc_logits.shape[1]} encoder tokens "
-                             "of this input size")
-        topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
-        coords = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))
-        logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, self.num_classes))
-        return StageOutput(logits=logits, boxes=coords.sigmoid()), coords.detach().sigmoid()
 
     def _group_queries(self, group):
         """A QueryGroup in this model's terms: (content, query_pos, reference).
@@ -109,7 +92,8 @@ class DeformableDETR(nn.Module):
 
         encoder_out = None
         if self.two_stage:
-            encoder_out, reference = self._select_proposals(memory, spatial_shapes)
+            encoder_out, anchors = self.proposals(memory, spatial_shapes)
+            reference = anchors.sigmoid()
             query_pos, content = self._proposal_queries(reference)
         else:
             query_pos, content = self.query_embed.weight[None].expand(batch, -1, -1).split(self.hidden_dim, -1)

@@ -5,9 +5,12 @@ import math
 import torch
 from torch import nn
 
+from clock_deploy.errors import UserError
+from clock_deploy.models.contract import StageOutput
 from clock_deploy.models.deform_attn import MSDeformAttn
 from clock_deploy.models.position import PositionEmbeddingSine
-from clock_deploy.models.transformer_utils import FFN, MultiHeadAttention, unflatten_dim
+from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention, init_box_head, init_class_head,
+                                                   unflatten_dim)
 
 
 def _group_norm(channels):
@@ -91,6 +94,36 @@ def encoder_proposals(memory, spatial_shapes):
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
     return memory.masked_fill(~valid, 0.0), proposals
+
+
+class TwoStageProposals(nn.Module):
+    """Two-stage query selection: score every encoder token as a detection around its proposal
+    box and keep the `num_queries` best (max over classes) as the decoder's initial boxes."""
+
+    def __init__(self, d_model, num_classes, num_queries):
+        super().__init__()
+        self.num_queries = num_queries
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.class_embed = nn.Linear(d_model, num_classes)
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        init_class_head(self.class_embed)
+        init_box_head(self.bbox_embed)
+
+    def forward(self, memory, spatial_shapes):
+        """memory [B, S, D] -> (StageOutput of the selected proposals for the encoder loss,
+        their boxes as detached logits [B, num_queries, 4])."""
+        output_memory, proposals = encoder_proposals(memory, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        logits = self.class_embed(output_memory)
+        coords = self.bbox_embed(output_memory) + proposals
+        if self.num_queries > logits.shape[1]:
+            raise UserError(f"model.num_queries ({self.num_queries}) exceeds the {logits.shape[1]} encoder tokens "
+                            "of this input size (data.img_size)")
+        topk = torch.topk(logits.max(-1)[0], self.num_queries, dim=1)[1]
+        coords = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
+        logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        return StageOutput(logits=logits, boxes=coords.sigmoid()), coords.detach()
 
 
 class DeformableEncoderLayer(nn.Module):

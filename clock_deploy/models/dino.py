@@ -10,9 +10,9 @@ from torch import nn
 
 from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from clock_deploy.models.contract import DenoisingOutput, DetrOutput, StageOutput
+from clock_deploy.models.contract import DenoisingOutput, DetrOutput
 from clock_deploy.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, MultiScaleNeck,
-                                                        encoder_proposals, flatten_levels, unflatten_levels)
+                                                        TwoStageProposals, flatten_levels, unflatten_levels)
 from clock_deploy.models.position import gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
                                                    self_attn_mask, split_stages)
@@ -92,34 +92,15 @@ class DINO(nn.Module):
         self.decoder_norm = nn.LayerNorm(d)
         self.ref_point_head = MLP(2 * d, d, d, 2)  # sine embedding of the reference box -> query_pos
 
-        # heads shared by all decoder layers (DINO default); separate ones for the encoder proposals
+        # heads shared by all decoder layers (DINO default); the proposals have their own
         self.class_embed = nn.Linear(d, cfg.num_classes)
         self.bbox_embed = MLP(d, d, 4, 3)
-        self.enc_output = nn.Linear(d, d)
-        self.enc_output_norm = nn.LayerNorm(d)
-        self.enc_class_embed = nn.Linear(d, cfg.num_classes)
-        self.enc_bbox_embed = MLP(d, d, 4, 3)
-        for cls_head in (self.class_embed, self.enc_class_embed):
-            init_class_head(cls_head)
-        for box_head in (self.bbox_embed, self.enc_bbox_embed):
-            init_box_head(box_head)
+        init_class_head(self.class_embed)
+        init_box_head(self.bbox_embed)
+        self.proposals = TwoStageProposals(d, cfg.num_classes, cfg.num_queries)
 
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)    # learned content of the matching queries
         self.label_enc = nn.Embedding(cfg.num_classes, d)    # content of the denoising queries
-
-    def _select_proposals(self, memory, spatial_shapes):
-        """Mixed query selection: top-k encoder proposals become the anchors (positions only)."""
-        output_memory, proposals = encoder_proposals(memory, spatial_shapes)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
-        enc_logits = self.enc_class_embed(output_memory)
-        enc_coords = self.enc_bbox_embed(output_memory) + proposals
-        if self.num_queries > enc_logits.shape[1]:
-            raise ValueError(f"num_queries ({self.num_queries}) exceeds the {enc_logits.shape[1]} encoder tokens "
-                             "of this input size")
-        topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
-        coords = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))
-        logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, self.num_classes))
-        return StageOutput(logits=logits, boxes=coords.sigmoid()), coords.detach()
 
     def forward(self, images, targets=None, groups=None):
         """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput."""
@@ -130,7 +111,8 @@ class DINO(nn.Module):
         memory = self.encoder(src, pos, spatial_shapes)
         batch = src.shape[0]
 
-        encoder_out, anchors = self._select_proposals(memory, spatial_shapes)
+        # mixed query selection: the top encoder proposals give the anchors, the content is learned
+        encoder_out, anchors = self.proposals(memory, spatial_shapes)
         contents, anchor_blocks = [self.tgt_embed.weight[None].expand(batch, -1, -1)], [anchors]
         base_mask, meta = None, None
         dn = None
