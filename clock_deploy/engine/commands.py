@@ -1,0 +1,99 @@
+"""`clock-deploy train` and `clock-deploy distill`."""
+import os
+import random
+
+import click
+import numpy as np
+import torch
+
+from clock_deploy.config import dump, load_config
+from clock_deploy.errors import UserError
+
+overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _datasets(cfg):
+    from clock_deploy.data.dataset import build_dataset
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.train.eval_every else None
+    if len(train_set.classes) != cfg.model.num_classes:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but data.classes={cfg.data.classes} "
+                        f"has {len(train_set.classes)} classes")
+    return train_set, val_set
+
+
+def load_teacher(cfg, device):
+    """The frozen teacher for distillation, checked against the student's classes."""
+    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.data.kitti import class_names
+
+    if not cfg.distill.teacher:
+        raise UserError("distill.method needs a teacher: set distill.teacher to a checkpoint from `clock-deploy train`")
+    teacher, teacher_cfg, ckpt = load_model(cfg.distill.teacher, map_location=device)
+    if ckpt["classes"] != class_names(cfg.data.classes):
+        raise UserError(f"{cfg.distill.teacher}: teacher was trained on classes {ckpt['classes']} but the student "
+                        f"uses data.classes={cfg.data.classes} {class_names(cfg.data.classes)}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def run_training(cfg, resume=False, progress=True):
+    """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics."""
+    from clock_deploy.engine import distributed as dist
+    from clock_deploy.engine.trainer import Trainer
+    from clock_deploy.models.build import build_criterion, build_model
+
+    device = dist.init_from_env(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        train_set, val_set = _datasets(cfg)
+        model = build_model(cfg.model)
+        criterion = build_criterion(cfg.loss, cfg.model)
+        distiller = None
+        if cfg.distill.method != "none":
+            from clock_deploy.distill import build_distiller
+            distiller = build_distiller(cfg, load_teacher(cfg, device), model)
+        if dist.is_main():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            dump(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        trainer = Trainer(cfg, model, criterion, train_set, val_set, distiller=distiller, device=device,
+                          resume=resume, progress=progress)
+        return trainer.fit()
+    finally:
+        dist.cleanup()
+
+
+def _command(name, help_text):
+    @click.command(name=name, help=help_text)
+    @click.option("--cfg", "cfg_path", required=True, type=click.Path(dir_okay=False),
+                  help="YAML config (configs/demo/*.yaml, configs/kitti/*.yaml).")
+    @click.option("--resume", is_flag=True, help="Continue from <output_dir>/last.pt exactly where it stopped.")
+    @click.option("--output-dir", default=None, help="Override output_dir from the config.")
+    @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (overrides the config).")
+    @overrides_argument
+    def command(cfg_path, resume, output_dir, device, overrides):
+        extra = list(overrides)
+        if output_dir:
+            extra.append(f"output_dir={output_dir}")
+        if device:
+            extra.append(f"device={device}")
+        cfg = load_config(cfg_path, extra)
+        if name == "train" and cfg.distill.method != "none":
+            raise UserError(f"{cfg_path}: distill.method={cfg.distill.method}; use `clock-deploy distill` "
+                            f"for distillation configs")
+        metrics = run_training(cfg, resume=resume)
+        shown = {k: v for k, v in metrics.items() if k in ("mAP", "AP50", "kitti_moderate")}
+        click.echo(f"done: {cfg.output_dir}/last.pt " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    return command
+
+
+train = _command("train", "Train a teacher or a baseline student: clock-deploy train --cfg configs/demo/teacher.yaml")
+distill = _command("distill", "Distill a student from distill.teacher with distill.method "
+                              "(clock | kd_detr | fgd | none): clock-deploy distill --cfg configs/demo/distill.yaml")
