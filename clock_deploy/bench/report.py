@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -84,18 +85,33 @@ COLUMNS = [
     ("kitti_hard", "KITTI hard", _fixed(1)),
 ]
 CSV_FIELDS = [key for key, _, _ in COLUMNS] + ["latency_min", "latency_max", "runs", "batch", "images", "artifact"]
-UNITS_NOTE = ("Latency per call of `--batch` images (ms); mAP / AP50 / AP75: COCO AP in %; "
-              "KITTI: AP R40 in %, mean over the KITTI classes present.")
+UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images (ms); mAP / AP50 / AP75: "
+              "COCO AP in %; KITTI: AP R40 in %, mean over the KITTI classes with ground truth; "
+              "-: not measured (GPU memory on a CPU) or no ground truth at that difficulty.")
 
 
 def as_dict(row):
     return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else dict(row)
 
 
-def cells(row):
-    """Display strings of one row, '-' where a value is missing (e.g. GPU memory on a CPU)."""
+def _missing(value):
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json_safe(value):
+    """NaN (e.g. KITTI AP of a difficulty without ground truth) -> None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def cells(row, columns=None):
+    """Display strings of one row, '-' where a value is missing (GPU memory on a CPU, KITTI AP
+    of a difficulty without ground truth)."""
     row = as_dict(row)
-    return [("-" if row.get(key) is None else fmt(row[key])) for key, _, fmt in COLUMNS]
+    return [("-" if _missing(row.get(key)) else fmt(row[key])) for key, _, fmt in columns or COLUMNS]
 
 
 def describe_not_run(item):
@@ -137,17 +153,17 @@ def csv_text(rows):
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in as_dict(row).items()})
+        writer.writerow({k: ("" if _missing(v) else v) for k, v in as_dict(row).items()})
     return buffer.getvalue()
 
 
 def json_data(rows, not_run, profile, settings):
-    return {
+    return _json_safe({
         "device": dataclasses.asdict(profile),
         "settings": dict(settings),
         "results": [as_dict(r) for r in rows],
         "not_run": [as_dict(item) for item in not_run],
-    }
+    })
 
 
 # ---------------------------------------------------------------- Pareto plot
@@ -208,24 +224,37 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
 
 # ---------------------------------------------------------------- terminal + all files
 
+# the terminal gets the main columns; bench.md / bench.csv have all of them
+TERMINAL_COLUMNS = [c for c in COLUMNS if c[0] not in ("latency_mean", "latency_p90", "kitti_easy", "kitti_hard")]
+
+
 def rich_table(rows, title=None):
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=Text(title) if title else None)
-    for key, header, _ in COLUMNS:
-        table.add_column(header, justify="left" if key in ("model", "backend") else "right")
+    for key, header, _ in TERMINAL_COLUMNS:
+        table.add_column(header, justify="left" if key in ("model", "backend") else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*(Text(c) for c in cells(row)))  # Text: names like "a[b]" are not rich markup
+        table.add_row(*(Text(c) for c in cells(row, TERMINAL_COLUMNS)))  # Text: "a[b]" is not rich markup
     return table
 
 
 def print_report(rows, not_run, profile, console=None):
     """The results table, device warnings and the not-run list in the terminal."""
     from rich.console import Console
+    from rich.measure import Measurement
 
     console = console or Console()
-    console.print(rich_table(rows, title=f"bench on {profile.kind}: {profile.name} ({profile.threads} threads)"))
+    table = rich_table(rows, title=f"bench on {profile.kind}: {profile.name} ({profile.threads} threads)")
+    # numbers cut to "1…" are useless: a table wider than the terminal wraps instead
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     console.print(UNITS_NOTE, style="dim", markup=False)
     for warning in profile.warnings:
         console.print(f"warning: {warning}", style="bold yellow", markup=False)
@@ -247,5 +276,5 @@ def write_reports(out_dir, rows, not_run, profile, settings):
         del paths["png"]
     write_text(paths["md"], markdown(rows, not_run, profile, settings, REPORT_FILES["png"]))
     write_text(paths["csv"], csv_text(rows))
-    write_text(paths["json"], json.dumps(json_data(rows, not_run, profile, settings), indent=2) + "\n")
+    write_text(paths["json"], json.dumps(json_data(rows, not_run, profile, settings), indent=2, allow_nan=False) + "\n")
     return paths
