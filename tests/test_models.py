@@ -25,6 +25,16 @@ ARCHS = ["dab_detr", "deformable_detr", "dino"]
 H, W = 64, 96
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast, and it does not collapse when
+    other processes share the cores (the overfitting test under load: 4 s with 1 thread, 100 s with 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(arch, **overrides):
     cfg = ModelConfig(arch=arch, num_classes=3, hidden_dim=32, num_queries=10, nheads=4, enc_layers=2,
                       dec_layers=2, ffn_dim=64, num_feature_levels=4,

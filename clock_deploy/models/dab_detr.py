@@ -99,7 +99,8 @@ class DABDecoder(nn.Module):
                                     for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # conditional scaling of the positional query from the content, from the second layer on
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)  # shared by all layers (DAB default)
         init_box_head(self.bbox_embed)

@@ -41,9 +41,6 @@ class DeformableDETR(nn.Module):
         for cls_head, box_head in zip(self.class_embed, self.bbox_embed):
             init_class_head(cls_head)
             init_box_head(box_head)
-        if not cfg.two_stage:
-            # the first layer predicts the size directly (2-D reference): start from small boxes
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
         if cfg.two_stage:
             self.proposals = TwoStageProposals(d, cfg.num_classes, cfg.num_queries)
@@ -55,6 +52,8 @@ class DeformableDETR(nn.Module):
             self.reference_points = nn.Linear(d, 2)
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
+            # the first layer predicts the size directly (2-D reference): start from small boxes
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
     def _head(self, layer):
         return min(layer, len(self.class_embed) - 1)

@@ -114,8 +114,7 @@ class DINO(nn.Module):
         # mixed query selection: the top encoder proposals give the anchors, the content is learned
         encoder_out, anchors = self.proposals(memory, spatial_shapes)
         contents, anchor_blocks = [self.tgt_embed.weight[None].expand(batch, -1, -1)], [anchors]
-        base_mask, meta = None, None
-        dn = None
+        dn, base_mask = None, None
         if self.training and targets is not None:
             dn = build_denoising_queries(targets, self.num_classes, self.label_enc, self.dn_cfg, self.num_queries)
         if dn is not None:
@@ -126,14 +125,11 @@ class DINO(nn.Module):
         for g in groups:
             contents.append(g.content)
             anchor_blocks.append(inverse_sigmoid(g.boxes))
-        sizes = [c.shape[1] for c in contents]
-        mask = self_attn_mask(batch, num_base, base_mask, sizes[len(sizes) - len(groups):],
+        mask = self_attn_mask(batch, num_base, base_mask, [g.content.shape[1] for g in groups],
                               [g.pad_mask for g in groups], src.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(anchor_blocks, 1), memory, spatial_shapes, mask)
-        blocks = split_stages(logits, boxes, sizes)
-        denoising = None
-        if dn is not None:
-            denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta)
+        blocks = split_stages(logits, boxes, [c.shape[1] for c in contents])
+        denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta) if dn is not None else None
         return DetrOutput(
             memory=unflatten_levels(memory, spatial_shapes),
             memory_pos=pos_maps,
