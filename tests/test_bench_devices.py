@@ -101,6 +101,9 @@ def test_non_jetson_x86_refuses_jetson_profile_and_describes_its_cpu():
     p = detect("cpu", system=system)
     assert p.name == "Intel(R) Core(TM) i7-7700K CPU @ 4.20GHz"
     assert p.threads == 4  # 8 hyper-threads on 4 physical cores
+    assert p.facts["cpu governor"] == "powersave"
+    assert p.facts["CPU clocks"] == "8 cores, 800-4200 MHz (max 4500, scaling)"
+    assert dict(p.header())["physical cores"] == "4"
     assert not p.cuda and p.torch_device == "cpu"
     # a container that may use only 2 CPUs gets 2 threads by default
     assert detect("cpu", system=fake_system("x86", usable_cpus=2)).threads == 2

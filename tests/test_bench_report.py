@@ -111,3 +111,20 @@ def test_terminal_table_lists_rows_warnings_and_not_run():
     assert "p50 ms" in text and "onnx-int8" in text and "40.00" in text
     assert "warning: clocks are NOT locked" in text
     assert "not run: trt-fp16 (all models): TensorRT not installed (pip install clock-deploy[trt])" in text
+
+
+def test_nan_metrics_show_as_missing_and_stay_valid_json(tmp_path):
+    # KITTI AP of a difficulty without ground truth is nan: '-' in the table, empty in CSV, null in JSON
+    row = make_row("student", "onnx", 10.0, 0.3, kitti=(float("nan"), 55.0, float("nan")))
+    row.metrics = {"kitti_easy": float("nan"), "kitti_moderate": 55.0}
+    paths = write_reports(tmp_path, [row], [], PROFILE, SETTINGS)
+    md = open(paths["md"]).read()
+    assert "| 30.0 | 60.0 | 25.0 | - | 55.0 | - |" in md
+    assert "Every requested combination ran." in md
+    table = list(csv.DictReader(open(paths["csv"])))
+    assert table[0]["kitti_easy"] == "" and float(table[0]["kitti_moderate"]) == 55.0
+    text = open(paths["json"]).read()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["results"][0]["kitti_easy"] is None
+    assert data["results"][0]["metrics"] == {"kitti_easy": None, "kitti_moderate": 55.0}

@@ -149,11 +149,14 @@ def physical_cores(system):
     return count
 
 
-def _cpu_facts(system):
+def _cpu_facts(system, with_clocks=True):
+    """CPU model, cores, frequency governor and (unless a Jetson reports them itself) clocks."""
     facts = {"cpu": cpu_model(system), "physical cores": physical_cores(system)}
     governor = system.read("sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     if governor:
         facts["cpu governor"] = governor.strip()
+    if with_clocks:
+        facts.update(_clock_facts({"CPU": cpufreq_clocks(system)})[0])
     return facts
 
 
@@ -267,13 +270,19 @@ def parse_jetson_clocks(text):
     return clocks, len(dla)
 
 
-def sysfs_clocks(system):
-    """The same facts from sysfs (readable without root): cpufreq (kHz) and the GPU's devfreq (Hz)."""
-    clocks = {"CPU": []}
+def cpufreq_clocks(system):
+    """One Clock per CPU core with a readable cpufreq folder (kHz in sysfs)."""
+    clocks = []
     for folder in system.glob("sys/devices/system/cpu/cpu[0-9]*/cpufreq"):
         values = [system.read_int(f"{folder}/scaling_{k}_freq") for k in ("min", "max", "cur")]
         if None not in values:
-            clocks["CPU"].append(Clock(*(v / 1e3 for v in values)))
+            clocks.append(Clock(*(v / 1e3 for v in values)))
+    return clocks
+
+
+def sysfs_clocks(system):
+    """The same facts from sysfs (readable without root): cpufreq and the GPU's devfreq (Hz)."""
+    clocks = {"CPU": cpufreq_clocks(system)}
     for folder in system.glob("sys/class/devfreq/*"):
         if os.path.basename(folder).split(".")[-1] in JETSON_GPU_DEVFREQ:
             values = [system.read_int(f"{folder}/{k}_freq") for k in ("min", "max", "cur")]
@@ -328,7 +337,7 @@ def detect_jetson(system, threads=None):
     gpu = system.cuda_device()
     if gpu is None:
         warnings.append("PyTorch has no CUDA here: the torch backend runs on the CPU (install the JetPack torch wheel)")
-    facts.update(_cpu_facts(system))
+    facts.update(_cpu_facts(system, with_clocks=False))
     profile = _profile("jetson-orin", model, system, threads, facts, cuda=gpu is not None, warnings=warnings)
     profile.clocks_locked = locked
     profile.dla_cores = dla_cores
