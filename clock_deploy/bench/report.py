@@ -191,7 +191,8 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
     from matplotlib import pyplot as plt
     from matplotlib.lines import Line2D
 
-    rows = [as_dict(r) for r in rows]
+    # COCO reports -1 when the split has no ground truth: such a row has no place on the accuracy axis
+    rows = [r for r in map(as_dict, rows) if not _missing(r["mAP"]) and r["mAP"] >= 0]
     models = list(dict.fromkeys(r["model"] for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     colours = plt.get_cmap("tab10")
