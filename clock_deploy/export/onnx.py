@@ -1,0 +1,106 @@
+"""Checkpoint model -> ONNX file that follows the export contract (DESIGN.md).
+
+The graph holds the detector and its post-processing: input `images` [N, 3, H, W]
+(normalized as the metadata says), outputs `scores` [N, K], `labels` [N, K] int64 and
+`boxes` [N, K, 4] x1y1x2y2 in input pixels, with a dynamic batch axis. It is traced with
+the TorchScript exporter (torch.onnx.export(dynamo=False)), checked with onnx.checker,
+and optionally simplified with onnxslim; the simplified graph is kept only if it gives
+the same detections as the traced one on a random input.
+"""
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from clock_deploy.errors import UserError
+from clock_deploy.eval.postprocess import PostProcess
+from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
+from clock_deploy.io import atomic_path
+from clock_deploy.models.deform_attn import SAMPLING_MODES, MSDeformAttn
+
+DEFAULT_OPSET = 17
+
+
+class ExportWrapper(nn.Module):
+    """Detector + PostProcess: normalized images -> (scores, labels, boxes in input pixels)."""
+
+    def __init__(self, model, topk, image_hw):
+        super().__init__()
+        self.model = model
+        self.postprocess = PostProcess(topk)
+        self.image_hw = (int(image_hw[0]), int(image_hw[1]))
+
+    def forward(self, images):
+        out = self.model(images)
+        return self.postprocess(out.pred_logits, out.pred_boxes, self.image_hw)
+
+
+def set_sampling(model, mode):
+    """Switch every deformable attention of `model` to `mode`; returns how many were switched (0 for DAB-DETR)."""
+    if mode not in SAMPLING_MODES:
+        raise UserError(f"--sampling must be one of {list(SAMPLING_MODES)}, got '{mode}'")
+    layers = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    for layer in layers:
+        layer.sampling = mode
+    return len(layers)
+
+
+def model_sampling(model):
+    """The deformable attention sampling mode of `model`, or None when it has no deformable attention."""
+    modes = {m.sampling for m in model.modules() if isinstance(m, MSDeformAttn)}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def _trace(wrapper, path, batch, height, width, opset, dynamic):
+    example = torch.randn(batch, 3, height, width)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+    with warnings.catch_warnings():
+        # shape arithmetic on Python ints is intended: spatial sizes are fixed per export
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still supported
+        torch.onnx.export(wrapper, (example,), path, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _simplify(model_proto, batch, height, width, tol=1e-5):
+    """(onnxslim-simplified copy, None), or (None, reason) when it fails or changes the outputs."""
+    import onnxslim
+
+    from clock_deploy.export.parity import compare, run_onnx
+    try:
+        slim = onnxslim.slim(model_proto)
+        onnx.checker.check_model(slim)
+        images = np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
+        diff = compare(run_onnx(model_proto, images), run_onnx(slim, images), height, width, tol, tol * max(height, width))
+    except Exception as e:  # onnxslim is an optimization: any failure keeps the traced graph
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    worst_score = max(diff["scores_max_abs"], diff["topk_scores_max_abs"])
+    worst_box = max(diff["boxes_max_abs"], diff["topk_boxes_max_abs"])
+    if worst_score > tol or worst_box > tol * max(height, width) or diff["topk_unmatched"] or diff["label_mismatch"]:
+        return None, f"the simplified graph changes the outputs ({diff})"
+    return slim, None
+
+
+def export_onnx(model, path, *, height, width, topk, opset=DEFAULT_OPSET, dynamic=True, batch=1, simplify=True):
+    """Write the contract ONNX of `model` (eval mode) to `path` atomically.
+
+    Returns {"opset", "simplified", "simplify_error", "nodes"}; the traced graph is kept
+    (with a warning) when onnxslim fails or changes the outputs.
+    """
+    wrapper = ExportWrapper(model, topk, (height, width)).eval()
+    with atomic_path(path) as tmp, torch.no_grad():
+        _trace(wrapper, tmp, batch, height, width, opset, dynamic)
+        proto = onnx.load(tmp)
+        onnx.checker.check_model(proto, full_check=True)
+        error = None
+        if simplify:
+            slim, error = _simplify(proto, batch, height, width)
+            if slim is None:
+                warnings.warn(f"onnxslim simplification skipped for {path}: {error}", stacklevel=2)
+            else:
+                proto = slim
+                onnx.save(proto, tmp)
+    return {"opset": opset, "simplified": simplify and error is None, "simplify_error": error,
+            "nodes": len(proto.graph.node)}

@@ -1,0 +1,228 @@
+"""Does an exported model detect what the PyTorch model detects?
+
+The contract outputs are top-k lists: two runs that differ only by rounding may swap
+entries whose scores are nearly tied, or let a different entry in at rank k, so they
+cannot be compared position by position. Instead both sides also give the raw tensors
+the post-processing starts from, and the comparison is by index:
+
+- `scores`: max abs difference of the sigmoid scores of ALL (query, class) pairs, i.e.
+  the input of the graph's TopK (no ranking involved);
+- `boxes`: max abs difference of ALL predicted boxes (the input of the graph's box
+  GatherElements, normalized cx, cy, w, h), in pixels of the network input;
+- `queries_changed`: queries whose raw scores or box moved by more than the tolerance;
+- `topk_*`: the contract outputs of the two sides matched by their (query, class) index
+  (the TopK indices): score and pixel-box differences on the pairs both top-k lists
+  hold, label mismatches among them, and `topk_unmatched`, the entries one side keeps
+  and the other drops although their margin over the k-th score of their own list is
+  more than twice the largest raw score change (a genuine near-tie at rank k is allowed).
+
+On the ONNX side the raw tensors are found by walking back from the `scores` output to
+its TopK and from the `boxes` output to its GatherElements; casts to float32 / int64
+expose them as extra outputs of an in-memory copy (the file is unchanged).
+
+Tolerances: FP32 must match to `parity_tol` (1e-4 by default) on scores and to
+`parity_tol * max(H, W)` pixels on boxes (the same relative error on the normalized
+boxes), everywhere, with no unmatched entry and no label mismatch. FP16 may move some
+queries a lot: DINO picks its queries with a top-k over the encoder's proposals and orders
+them by that score, so a float16 rounding that swaps two near-tied proposals changes which
+proposal a query slot holds (and shifts the slots after it). This happens often for weakly
+trained models, whose proposal scores are close together. FP16 therefore passes when at most
+FP16_MAX_CHANGED (half) of the queries move by more than FP16_TOLERANCE (scores) /
+FP16_TOLERANCE * max(H, W) pixels (boxes), i.e. the median query is within tolerance, with no
+label mismatch; a broken conversion moves nearly all of them. INT8 is reported, not
+checked, because its error depends on the calibration set and the training state: judge
+it by the mAP difference on validation images.
+"""
+import numpy as np
+import onnx
+from onnx import helper
+
+from clock_deploy.errors import UserError
+from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
+
+FP16_TOLERANCE = 1e-2
+FP16_MAX_CHANGED = 0.5  # fraction of queries allowed beyond FP16_TOLERANCE (see module docstring)
+TAPS = ("parity_scores", "parity_index", "parity_boxes")
+
+
+class ParityError(UserError):
+    """An exported model disagrees with PyTorch beyond tolerance."""
+
+
+# ---------------------------------------------------------------- raw outputs of both sides
+
+def _producers(graph):
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _find_upstream(graph, output, op_type, through=None):
+    """First node of `op_type` upstream of graph tensor `output` (breadth first).
+
+    through: op types the walk may pass (None = any).
+    """
+    producers = _producers(graph)
+    queue, seen = [output], set()
+    while queue:
+        node = producers.get(queue.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == op_type:
+            return node
+        if through is None or node.op_type in through:
+            queue.extend(node.input)
+    return None
+
+
+def with_parity_outputs(model):
+    """Copy of ONNX `model` with the raw scores / TopK indices / raw boxes as extra float32 / int64 outputs."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    topk = _find_upstream(graph, OUTPUT_NAMES[0], "TopK", through={"Cast", "Identity"})
+    gather = _find_upstream(graph, OUTPUT_NAMES[2], "GatherElements")
+    if topk is None or gather is None:
+        raise UserError("the graph does not end in the contract post-processing (TopK over the scores, "
+                        "GatherElements of the boxes)")
+    sources = (topk.input[0], topk.output[1], gather.input[0])
+    types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT)
+    for name, source, dtype in zip(TAPS, sources, types):
+        graph.node.append(helper.make_node("Cast", [source], [name], to=dtype, name=f"{name}_cast"))
+        graph.output.append(helper.make_tensor_value_info(name, dtype, None))
+    return model
+
+
+def run_onnx(model, images):
+    """Contract + raw outputs of an ONNX model (path or ModelProto) on onnxruntime CPU, as a dict."""
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # constant-folding notes about fp16 kernels are not actionable here
+    session = ort.InferenceSession(with_parity_outputs(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = list(OUTPUT_NAMES) + list(TAPS)
+    return dict(zip(names, session.run(names, {INPUT_NAME: np.ascontiguousarray(images)})))
+
+
+def run_torch(wrapper, images):
+    """The same dict from a PyTorch ExportWrapper (raw scores / indices follow PostProcess's convention)."""
+    import torch
+
+    with torch.no_grad():
+        out = wrapper.model(torch.from_numpy(np.ascontiguousarray(images)))
+        scores, labels, boxes = wrapper.postprocess(out.pred_logits, out.pred_boxes, wrapper.image_hw)
+        probs = out.pred_logits.sigmoid().flatten(1)
+        index = torch.topk(probs, scores.shape[1], dim=1).indices
+    tensors = (scores, labels, boxes, probs, index, out.pred_boxes)
+    return {name: t.numpy() for name, t in zip(list(OUTPUT_NAMES) + list(TAPS), tensors)}
+
+
+# ---------------------------------------------------------------- comparison
+
+def compare(ref, out, height, width, score_tol=0.0, box_tol=0.0):
+    """Differences between two output dicts (run_torch / run_onnx); see the module docstring.
+
+    A query is `changed` when its raw scores moved by more than `score_tol` or its raw box
+    by more than `box_tol` pixels.
+    """
+    num_images, num_queries = ref["parity_boxes"].shape[:2]
+    pixels = np.array([width, height, width, height], dtype=np.float64)
+    score_err = np.abs(ref["parity_scores"].astype(np.float64) - out["parity_scores"])
+    score_err = score_err.reshape(num_images, num_queries, -1).max(-1)
+    box_err = (np.abs(ref["parity_boxes"].astype(np.float64) - out["parity_boxes"]) * pixels).max(-1)
+    changed = (score_err > score_tol) | (box_err > box_tol)
+    # an entry may leave the top-k only if its margin over the k-th score is within what scores moved
+    window = 2 * max(score_tol, score_err.max(initial=0.0))
+    topk_scores = topk_boxes = 0.0
+    unmatched = label_mismatch = common_total = 0
+    for i in range(num_images):
+        common, pos_ref, pos_out = np.intersect1d(ref["parity_index"][i], out["parity_index"][i],
+                                                  return_indices=True)
+        common_total += len(common)
+        s_ref = ref["scores"][i].astype(np.float64)
+        s_out = out["scores"][i].astype(np.float64)
+        if len(common):
+            topk_scores = max(topk_scores, np.abs(s_ref[pos_ref] - s_out[pos_out]).max())
+            topk_boxes = max(topk_boxes, np.abs(ref["boxes"][i][pos_ref].astype(np.float64)
+                                                - out["boxes"][i][pos_out]).max())
+            label_mismatch += int((ref["labels"][i][pos_ref] != out["labels"][i][pos_out]).sum())
+        for scores, kept in ((s_ref, pos_ref), (s_out, pos_out)):
+            dropped = np.setdiff1d(np.arange(len(scores)), kept)
+            if len(dropped):
+                unmatched += int((scores[dropped] > scores.min() + window).sum())
+    return {"scores_max_abs": float(score_err.max(initial=0.0)), "boxes_max_abs": float(box_err.max(initial=0.0)),
+            "queries": int(changed.size), "queries_changed": int(changed.sum()),
+            "topk_scores_max_abs": float(topk_scores), "topk_boxes_max_abs": float(topk_boxes),
+            "topk_common": common_total, "topk_unmatched": unmatched, "label_mismatch": label_mismatch}
+
+
+def parity_report(ref, out, precision, height, width, parity_tol=1e-4, source="random"):
+    """Compare reference (PyTorch) and exported outputs and say whether they are within tolerance.
+
+    INT8 gets no verdict; its `queries_changed` counts queries beyond the FP16 tolerance.
+    """
+    tol = parity_tol if precision == "fp32" else FP16_TOLERANCE
+    box_tol = tol * max(height, width)
+    diff = compare(ref, out, height, width, score_tol=tol, box_tol=box_tol)
+    report = {"precision": precision, "images": int(len(ref["scores"])), "image_source": source, **diff,
+              "scores_tol": tol, "boxes_tol": box_tol}
+    if precision == "fp32":
+        report["passed"] = bool(max(diff["scores_max_abs"], diff["topk_scores_max_abs"]) <= tol
+                                and max(diff["boxes_max_abs"], diff["topk_boxes_max_abs"]) <= box_tol
+                                and diff["topk_unmatched"] == 0 and diff["label_mismatch"] == 0)
+    elif precision == "fp16":
+        report["passed"] = bool(diff["queries_changed"] <= FP16_MAX_CHANGED * diff["queries"]
+                                and diff["label_mismatch"] == 0)
+    return report
+
+
+def check_parity(report, path):
+    """Raise ParityError with the numbers when a checked tolerance is exceeded."""
+    if report.get("passed", True):
+        return
+    raise ParityError(
+        f"{path}: {report['precision']} outputs differ from PyTorch beyond tolerance on {report['images']} "
+        f"{report['image_source']} images: scores max abs {report['scores_max_abs']:.3g} "
+        f"(top-k {report['topk_scores_max_abs']:.3g}, tol {report['scores_tol']:.3g}), boxes max abs "
+        f"{report['boxes_max_abs']:.3g} px (top-k {report['topk_boxes_max_abs']:.3g}, tol {report['boxes_tol']:.3g}), "
+        f"{report['queries_changed']} of {report['queries']} queries beyond tolerance, "
+        f"{report['topk_unmatched']} top-k entries without counterpart, {report['label_mismatch']} label mismatches")
+
+
+# ---------------------------------------------------------------- accuracy through the runtime
+
+def evaluate_detector(detector, dataset, limit=0):
+    """COCO / KITTI metrics of a runtime Detector on the first `limit` images of `dataset` (0 = all).
+
+    Images are read from their files and go through the runtime preprocessing, as in deployment.
+    """
+    from clock_deploy.eval.evaluator import DetectionEvaluator
+
+    if list(detector.classes) != list(dataset.classes):
+        raise UserError(f"the model's classes {detector.classes} differ from the dataset's {dataset.classes}")
+    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    evaluator = DetectionEvaluator(dataset.classes, [dataset.gt_annos(i) for i in range(count)],
+                                   [dataset.image_size(i) for i in range(count)], dataset.frame_ids[:count])
+    for i in range(count):
+        det = detector([dataset._image_path(i)], score_threshold=0.0)[0]
+        evaluator.update(i, det.boxes, det.scores, det.labels)
+    return evaluator.summarize()
+
+
+def evaluate_artifact(path, dataset, limit=0, device="cpu", backend=None):
+    """Metrics of an exported model (.onnx / .engine) or a checkpoint (.pt) through the runtime."""
+    from clock_deploy.runtime import Detector
+
+    return evaluate_detector(Detector.load(path, backend=backend, device=device), dataset, limit)
+
+
+def map_difference(reference_metrics, metrics):
+    """mAP / AP50 / KITTI moderate of both and their difference (exported - reference)."""
+    result = {}
+    for key in ("mAP", "AP50", "kitti_moderate"):
+        if key in reference_metrics and key in metrics:
+            result[f"{key}_ref"] = reference_metrics[key]
+            result[key] = metrics[key]
+            result[f"{key}_diff"] = metrics[key] - reference_metrics[key]
+    return result

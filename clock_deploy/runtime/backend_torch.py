@@ -1,0 +1,44 @@
+"""PyTorch backend: a checkpoint (.pt) run as the exported graph would run it.
+
+The model is wrapped with the same ExportWrapper (detector + PostProcess) that is traced
+to ONNX, so torch and ONNX backends are comparable output for output.
+"""
+import numpy as np
+import torch
+
+from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from clock_deploy.export.metadata import batch_spec, build_metadata
+from clock_deploy.export.onnx import ExportWrapper, model_sampling
+
+
+class TorchBackend:
+    name = "torch"
+    max_batch = None
+    static = False
+
+    def __init__(self, wrapper, device="cpu"):
+        self.device = torch.device(device)
+        self.wrapper = wrapper.to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images):
+        scores, labels, boxes = self.wrapper(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        return scores.cpu().numpy(), labels.cpu().numpy(), boxes.cpu().numpy()
+
+
+def checkpoint_metadata(cfg, classes, model, source=None):
+    """The metadata an export of this checkpoint would carry (fp32, dynamic batch)."""
+    height, width = cfg.data.img_size
+    return build_metadata(kind="torch", arch=cfg.model.arch, classes=classes, height=height, width=width,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD, precision="fp32", topk=cfg.export.topk,
+                          batch=batch_spec(True, 1), source=source, sampling=model_sampling(model))
+
+
+def load_checkpoint(path, device="cpu"):
+    """(TorchBackend, metadata) for a training checkpoint."""
+    from clock_deploy.engine.checkpoint import load_model
+
+    model, cfg, ckpt = load_model(path)
+    meta = checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})
+    wrapper = ExportWrapper(model, cfg.export.topk, cfg.data.img_size)
+    return TorchBackend(wrapper, device), meta
