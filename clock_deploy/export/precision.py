@@ -1,0 +1,232 @@
+"""FP32 ONNX -> FP16 ONNX and INT8 Q/DQ ONNX, both runnable by onnxruntime (CPU) and TensorRT.
+
+FP16: onnxruntime's float16 converter casts weights and activations to float16 but keeps
+the graph inputs / outputs float32 and keeps numerically fragile ops in float32: the
+score path of the post-processing (Sigmoid, TopK: float16 has ~3 significant digits, so
+ranking would turn into ties), normalizations and softmax (reductions that overflow or
+lose precision), Log (inverse sigmoid of box refinement: 1 - 1e-5 rounds to 1 in
+float16), sine position embeddings and GridSample's sampling coordinates.
+
+INT8: explicit quantization in the form TensorRT's explicit-quantization builder expects:
+QuantizeLinear / DequantizeLinear pairs (QDQ), int8 symmetric activations and weights,
+per-channel weights, float bias, only on Conv / MatMul / Gemm inputs, so the rest of the
+graph (post-processing included) stays float and reads float tensors. The activation ranges come from
+calibration images listed in a manifest (calibration.py), preprocessed exactly as the
+runtime does, and are stored in the Q/DQ scales: TensorRT needs no calibration cache.
+The sensitivity analysis calibrates once and reuses the ranges for every node it tries.
+"""
+import inspect
+import os
+import tempfile
+
+import onnx
+from onnxruntime.quantization import CalibrationDataReader
+
+from clock_deploy.errors import UserError
+from clock_deploy.export.metadata import INPUT_NAME
+from clock_deploy.io import atomic_path, write_json
+from clock_deploy.runtime.preprocess import preprocess
+
+FP16_KEEP_FP32_OPS = ["Sigmoid", "TopK", "Softmax", "LayerNormalization", "InstanceNormalization", "ReduceMean",
+                      "Log", "Sin", "Cos", "GridSample"]
+INT8_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+INT8_OPTIONS = {
+    "ActivationSymmetric": True,  # TensorRT supports only symmetric (zero point 0) int8
+    "WeightSymmetric": True,
+    "QuantizeBias": False,        # TensorRT fuses float bias into int8 convolutions itself
+}
+
+
+def convert_fp16(src, dst, keep_fp32_ops=FP16_KEEP_FP32_OPS):
+    """Write the FP16 version of ONNX `src` to `dst` (float32 inputs / outputs kept)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(os.fspath(src))
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
+    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    sort_nodes(fp16.graph)  # the converter appends its input casts at the end
+    onnx.checker.check_model(fp16)
+    with atomic_path(dst) as tmp:
+        onnx.save(fp16, tmp)
+    return {"keep_fp32_ops": list(keep_fp32_ops)}
+
+
+def sort_nodes(graph):
+    """Reorder graph.node topologically (producers before consumers), keeping the order otherwise."""
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    done, order = set(), []
+
+    def visit(i):
+        stack = [(i, False)]
+        while stack:
+            j, expanded = stack.pop()
+            if j in done:
+                continue
+            if expanded:
+                done.add(j)
+                order.append(graph.node[j])
+                continue
+            stack.append((j, True))
+            stack.extend((produced_by[name], False) for name in reversed(graph.node[j].input)
+                         if name in produced_by and produced_by[name] not in done)
+
+    for i in range(len(graph.node)):
+        visit(i)
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+class ImageReader(CalibrationDataReader):
+    """onnxruntime calibration reader over image files, preprocessed like the runtime.
+
+    batch: images per feed (a static-batch model needs exactly its batch; an incomplete
+    last group is dropped).
+    """
+
+    def __init__(self, paths, input_spec, batch=1):
+        if len(paths) < batch:
+            raise UserError(f"{len(paths)} calibration images are fewer than the model's batch of {batch}")
+        self.paths, self.input_spec, self.batch = list(paths), input_spec, batch
+        self._feeds = None
+
+    def __len__(self):
+        return len(self.paths) // self.batch
+
+    def _generate(self):
+        for i in range(len(self)):
+            chunk = self.paths[i * self.batch:(i + 1) * self.batch]
+            yield {INPUT_NAME: preprocess(chunk, self.input_spec)[0]}
+
+    def get_next(self):
+        if self._feeds is None:
+            self._feeds = self._generate()
+        return next(self._feeds, None)
+
+    def rewind(self):
+        self._feeds = None
+
+    def __iter__(self):
+        return self._generate()
+
+
+def _supports_calibration_cache():
+    from onnxruntime.quantization import quantize_static
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def preprocess_for_quantization(src, dst):
+    """onnxruntime's quant_pre_process: shape inference + standard-op graph cleanup before quantizing.
+
+    Symbolic shape inference gives the most shapes but rejects some traced reshapes
+    (unsimplified graphs); ONNX's own shape inference is used then.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(os.fspath(src), os.fspath(dst))
+    except Exception:  # symbolic_shape_infer asserts on shapes it cannot follow
+        quant_pre_process(os.fspath(src), os.fspath(dst), skip_symbolic_shape=True)
+
+
+def _quantize(src, dst, reader, nodes_to_exclude=(), nodes_to_quantize=None, cache=None):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    # ranges computed once are reused where onnxruntime can (>= 1.26); older versions recalibrate
+    kwargs = {"calibration_cache_path": cache} if cache and _supports_calibration_cache() else {}
+    quantize_static(os.fspath(src), os.fspath(dst), reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=False,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
+                    extra_options=dict(INT8_OPTIONS), **kwargs)
+
+
+def quantize_int8(src, dst, image_paths, input_spec, batch=1, nodes_to_exclude=()):
+    """Write the INT8 Q/DQ version of FP32 ONNX `src` to `dst`, calibrated on `image_paths`."""
+    with tempfile.TemporaryDirectory(prefix="clock-deploy-int8-") as tmp_dir:
+        pre = os.path.join(tmp_dir, "pre.onnx")
+        preprocess_for_quantization(src, pre)
+        names = {n.name for n in onnx.load(pre).graph.node}
+        unknown = [n for n in nodes_to_exclude if n not in names]
+        if unknown:
+            raise UserError(f"nodes to keep in float not found in {src}: {unknown} "
+                            "(names come from the ONNX graph, e.g. as listed by --sensitivity)")
+        reader = ImageReader(image_paths, input_spec, batch)
+        with atomic_path(dst) as tmp:
+            _quantize(pre, tmp, reader, nodes_to_exclude)
+            model = onnx.load(tmp)
+            float_for_other_readers(model.graph)
+            onnx.checker.check_model(model)
+            onnx.save(model, tmp)
+    return {"images": len(reader) * batch, "op_types": INT8_OP_TYPES, "options": INT8_OPTIONS,
+            "nodes_excluded": list(nodes_to_exclude), "quantized_nodes": count_quantized(dst)}
+
+
+def float_for_other_readers(graph):
+    """Let only Conv / MatMul / Gemm read quantized activations.
+
+    onnxruntime gives a quantized tensor one Q/DQ pair shared by all its readers, so a
+    residual Add or a Shape next to a convolution would read the int8-rounded value too.
+    Rewiring those readers to the float tensor gives TensorRT's recommended placement
+    (Q/DQ at the inputs of the weighted layers only) and keeps their numbers exact.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    float_of = {}
+    for node in graph.node:
+        quantize = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            float_of[node.output[0]] = quantize.input[0]
+    for node in graph.node:
+        if node.op_type not in INT8_OP_TYPES:
+            for i, name in enumerate(node.input):
+                node.input[i] = float_of.get(name, name)
+
+
+def count_quantized(path):
+    """Number of DequantizeLinear nodes feeding a Conv / MatMul / Gemm activation or weight."""
+    graph = onnx.load(os.fspath(path)).graph
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return sum(1 for n in graph.node if n.op_type in INT8_OP_TYPES and any(i in dq_outputs for i in n.input))
+
+
+def int8_sensitivity(src, image_paths, input_spec, num_images=4, nodes_to_exclude=(), top=10):
+    """Output error of quantizing ONE Conv / MatMul / Gemm node at a time, worst first.
+
+    Ranges are calibrated once on `image_paths`; the error is measured on the first
+    `num_images` of them against the FP32 model with parity.compare: max abs difference
+    of all raw scores, and of all raw boxes in pixels. `error` = scores + boxes / max(H, W).
+    The fully quantized model's error is given too, for scale.
+    Returns {"images", "full": {...}, "nodes": [{"node", "op_type", "error", ...}, ...], "top": [names]}.
+    """
+    from clock_deploy.export.parity import compare, run_onnx
+
+    height, width = input_spec["height"], input_spec["width"]
+    images = preprocess(image_paths[:num_images], input_spec)[0]
+
+    def error(path, reference):
+        diff = compare(reference, run_onnx(path, images), height, width)
+        return {**diff, "error": diff["scores_max_abs"] + diff["boxes_max_abs"] / max(height, width)}
+
+    with tempfile.TemporaryDirectory(prefix="clock-deploy-sens-") as tmp_dir:
+        pre = os.path.join(tmp_dir, "pre.onnx")
+        preprocess_for_quantization(src, pre)
+        reference = run_onnx(pre, images)
+        cache = os.path.join(tmp_dir, "ranges.json")
+        reader = ImageReader(image_paths, input_spec)
+        full = os.path.join(tmp_dir, "full.onnx")
+        _quantize(pre, full, reader, nodes_to_exclude, cache=cache)
+        result = {"images": len(images), "full": error(full, reference), "nodes": []}
+        skip = set(nodes_to_exclude)
+        candidates = [n for n in onnx.load(pre).graph.node if n.op_type in INT8_OP_TYPES and n.name not in skip]
+        one = os.path.join(tmp_dir, "one.onnx")
+        for node in candidates:
+            reader.rewind()
+            _quantize(pre, one, reader, nodes_to_quantize=[node.name], cache=cache)
+            result["nodes"].append({"node": node.name, "op_type": node.op_type, **error(one, reference)})
+    result["nodes"].sort(key=lambda r: r["error"], reverse=True)
+    result["top"] = [r["node"] for r in result["nodes"][:top]]
+    return result
+
+
+def write_sensitivity(path, result):
+    write_json(path, result)
