@@ -47,12 +47,16 @@ def test_gather_gradients_match_grid_sample():
 def test_gather_hand_values():
     # 1 x 2 map [[1, 3]]: pixel centres at x = 0.25 and 0.75 (align_corners=False)
     value = torch.tensor([[[[1.0, 3.0]]]])
-    locations = torch.tensor([[[[0.25, 0.5], [0.5, 0.5], [0.0, 0.5], [1.5, 0.5]]]])
-    out = _sample_gather(value, locations)  # [1, 1, 1, 4]
+    points = [[0.25, 0.5], [0.5, 0.5], [0.0, 0.5], [1.5, 0.5]]
+    locations = torch.tensor(points)[None, :, None, :]  # 4 queries with one point each
+    out = _sample_gather(value, locations, torch.ones(1, 4, 1))  # [1, 1, 4]
     # centre of pixel 0, halfway, half a pixel left of the map (half zero padding), far outside
     assert out.flatten().tolist() == pytest.approx([1.0, 2.0, 0.5, 0.0])
     ref = F.grid_sample(value, 2 * locations - 1, align_corners=False)
     assert ref.flatten().tolist() == pytest.approx([1.0, 2.0, 0.5, 0.0])
+    # the attention weight scales each point's sample
+    halved = _sample_gather(value, locations, torch.full((1, 4, 1), 0.5))
+    assert halved.flatten().tolist() == pytest.approx([0.5, 1.0, 0.25, 0.0])
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
