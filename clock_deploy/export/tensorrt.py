@@ -1,0 +1,182 @@
+"""ONNX -> TensorRT engine with the TensorRT Python API (TensorRT 10 and 11).
+
+tensorrt is imported only when an engine is built or run, so everything else works
+without it. Precision comes from the ONNX wherever possible:
+
+- TensorRT 11 builds strongly typed networks only (the precision builder flags and
+  implicit INT8 calibration are gone): the FP16 engine is built from the FP16 ONNX
+  (`export --fp16`), the INT8 engine from the Q/DQ ONNX (`export --int8`); no network
+  creation flag is passed (strong typing is always on, EXPLICIT_BATCH no longer exists).
+- TensorRT 10 (JetPack 6): the FP16 / Q/DQ ONNX is built as a STRONGLY_TYPED network too;
+  an FP32 ONNX asked to run in FP16 gets the weakly typed BuilderFlag.FP16 instead, and so
+  does any DLA build (DLA on TensorRT 10 takes its precision from the builder flags).
+
+`plan_build` makes these choices as plain data so tests can check them without TensorRT.
+"""
+import os
+from dataclasses import dataclass, field
+
+from clock_deploy.errors import UserError
+from clock_deploy.export.metadata import INPUT_NAME
+from clock_deploy.io import atomic_path
+
+INSTALL_HINT = ("install it with `pip install clock-deploy[trt]` on x86 with an NVIDIA GPU, "
+                "or `sudo apt install python3-libnvinfer` (JetPack) on Jetson")
+
+
+class TensorRTUnavailable(UserError):
+    """TensorRT or a usable NVIDIA GPU is missing; the message says what to install."""
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTUnavailable(f"TensorRT is not installed: {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def major_version(trt):
+    return int(str(trt.__version__).split(".")[0])
+
+
+@dataclass
+class BuildPlan:
+    network_flags: list = field(default_factory=list)  # NetworkDefinitionCreationFlag names
+    builder_flags: list = field(default_factory=list)  # BuilderFlag names
+    strongly_typed: bool = True
+
+
+def plan_build(trt_major, onnx_precision, precision, dla_core=-1):
+    """Network / builder flags for building `precision` from an ONNX of `onnx_precision`."""
+    if trt_major < 10:
+        raise UserError(f"TensorRT {trt_major}.x is too old: clock-deploy needs TensorRT 10 or 11")
+    if precision == "int8" and onnx_precision != "int8":
+        raise UserError("an INT8 engine is built from the Q/DQ ONNX written by `clock-deploy export --int8`")
+    if onnx_precision != "fp32" and precision != onnx_precision:
+        raise UserError(f"cannot build a {precision} engine from a {onnx_precision} ONNX")
+    dla = dla_core >= 0
+    if dla and precision == "fp32":
+        raise UserError("DLA runs FP16 or INT8 only: pass --fp16 or --int8 with --dla-core")
+    fallback = ["GPU_FALLBACK"] if dla else []
+    if trt_major >= 11:
+        if onnx_precision != precision:
+            raise UserError(f"TensorRT {trt_major} builds strongly typed networks only: a {precision} engine "
+                            f"needs the {precision} ONNX (`clock-deploy export --{precision}` writes it)")
+        return BuildPlan([], fallback, strongly_typed=True)
+    if dla or onnx_precision != precision:
+        # weak typing: the builder (and DLA) may use FP16 kernels; INT8 placement comes from the Q/DQ nodes
+        flags = ["FP16"] + (["INT8"] if precision == "int8" else [])
+        return BuildPlan([], flags + fallback, strongly_typed=False)
+    return BuildPlan(["STRONGLY_TYPED"], [], strongly_typed=True)
+
+
+def profile_shapes(batch, height, width):
+    """(min, opt, max) input shapes of the optimization profile for a batch spec (metadata.batch_spec)."""
+    return tuple((batch[k], 3, height, width) for k in ("min", "opt", "max"))
+
+
+def _flag_bits(enum, names):
+    bits = 0
+    for name in names:
+        bits |= 1 << int(getattr(enum, name))
+    return bits
+
+
+def _parser_errors(parser):
+    return "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors)) or "unknown error"
+
+
+def _make_builder(trt, logger):
+    try:
+        builder = trt.Builder(logger)
+    except (RuntimeError, TypeError) as e:
+        builder, reason = None, str(e)
+    else:
+        reason = "no CUDA device"
+    if builder is None:
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is installed but found no usable NVIDIA GPU "
+                                  f"({reason}); build engines on the target device")
+    return builder
+
+
+def _load_timing_cache(config, path):
+    data = b""
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+
+def _save_timing_cache(config, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
+
+
+def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, width, batch,
+                 workspace_gb=2.0, timing_cache=None, dla_core=-1, trt=None):
+    """Build and write `engine_path` from `onnx_path`; returns the `tensorrt` sidecar section.
+
+    batch: metadata.batch_spec dict; a dynamic batch gets one optimization profile (min, opt, max).
+    timing_cache: file loaded when present and written after the build (speeds up rebuilds).
+    trt: the tensorrt module (tests pass a stand-in); imported when None.
+    """
+    trt = trt or import_tensorrt()
+    plan = plan_build(major_version(trt), onnx_precision, precision, dla_core)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = _make_builder(trt, logger)
+    network = builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, plan.network_flags))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        raise UserError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: {_parser_errors(parser)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if batch["dynamic"]:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(INPUT_NAME, *profile_shapes(batch, height, width))
+        config.add_optimization_profile(profile)
+    if dla_core >= 0:
+        if dla_core >= builder.num_DLA_cores:
+            raise UserError(f"--dla-core {dla_core}: this device has {builder.num_DLA_cores} DLA cores")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+    if timing_cache:
+        _load_timing_cache(config, timing_cache)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+    with atomic_path(engine_path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(bytes(serialized))
+    if timing_cache:
+        _save_timing_cache(config, timing_cache)
+    return {
+        "version": str(trt.__version__),
+        "device": cuda_device_name(),
+        "strongly_typed": plan.strongly_typed,
+        "network_flags": plan.network_flags,
+        "builder_flags": plan.builder_flags,
+        "workspace_gb": workspace_gb,
+        "dla_core": dla_core,
+        "profile": [list(s) for s in profile_shapes(batch, height, width)],
+        "onnx": os.path.basename(os.fspath(onnx_path)),
+    }
+
+
+def cuda_device_name(index=0):
+    """Name of CUDA device `index` via cuda-python, or a note when it cannot be queried."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return "unknown (cuda-python not installed)"
+    err, props = cudart.cudaGetDeviceProperties(index)
+    if err != cudart.cudaError_t.cudaSuccess:
+        return f"unknown ({err})"
+    name = props.name
+    return (name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)).strip()
