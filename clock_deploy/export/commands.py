@@ -1,0 +1,295 @@
+"""`clock-deploy export` and `clock-deploy calibrate`.
+
+export: checkpoint -> <name>.onnx (FP32, always: the other artifacts are made from it)
+        [-> <name>.fp16.onnx | <name>.int8.onnx] [-> <name>.<precision>.engine],
+        each with its <file>.json sidecar. The FP32 and FP16 graphs must match PyTorch
+        (parity.py) or the export fails; INT8 is reported with its mAP difference.
+"""
+import os
+
+import click
+import numpy as np
+
+from clock_deploy.errors import UserError
+from clock_deploy.io import write_json
+
+SAMPLING_CHOICES = ("grid_sample", "gather")
+
+
+def parse_imgsz(text):
+    """'192x640' -> [192, 640]."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--imgsz must look like HEIGHTxWIDTH (e.g. 192x640), got '{text}'")
+    return [int(parts[0]), int(parts[1])]
+
+
+def _val_dataset(cfg):
+    """The validation split of the checkpoint's data config, or None when the data is not here."""
+    from clock_deploy.data.dataset import build_dataset
+
+    if not os.path.isdir(cfg.data.root):
+        return None
+    try:
+        return build_dataset(cfg.data, cfg.data.val_split, train=False)
+    except UserError:
+        return None
+
+
+def _parity_images(dataset, count, input_spec, seed=0):
+    """(batch, source): the first `count` validation images, or random pixels when there is no data."""
+    from clock_deploy.runtime.preprocess import preprocess
+
+    if dataset is not None and len(dataset) >= count:
+        return preprocess([dataset._image_path(i) for i in range(count)], input_spec)[0], "validation"
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (count, input_spec["height"], input_spec["width"], 3), dtype=np.uint8)
+    return preprocess(list(pixels), input_spec)[0], "random"
+
+
+class Exporter:
+    """One export run: the loaded checkpoint, its settings and the artifacts written so far."""
+
+    def __init__(self, ckpt_path, out_dir=None, name=None, echo=click.echo):
+        from clock_deploy.engine.checkpoint import file_sha256, load_model
+
+        self.ckpt_path = os.fspath(ckpt_path)
+        self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
+        self.source = {"checkpoint": self.ckpt_path, "sha256": file_sha256(self.ckpt_path),
+                       "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
+        self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
+        self.name = name or os.path.splitext(os.path.basename(self.ckpt_path))[0]
+        self.echo = echo
+        self.summary = {}
+
+    def path(self, suffix):
+        return os.path.join(self.out_dir, f"{self.name}{suffix}")
+
+    def metadata(self, kind, precision, calibration=None, **extra):
+        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from clock_deploy.export.metadata import build_metadata
+        from clock_deploy.export.onnx import model_sampling
+
+        height, width = self.cfg.data.img_size
+        return build_metadata(kind=kind, arch=self.cfg.model.arch, classes=self.ckpt["classes"], height=height,
+                              width=width, mean=IMAGENET_MEAN, std=IMAGENET_STD, precision=precision,
+                              topk=self.cfg.export.topk, batch=self.batch, source=self.source,
+                              opset=self.cfg.export.opset, sampling=model_sampling(self.model),
+                              calibration=calibration, **extra)
+
+    def check(self, path, meta, parity_images, map_images):
+        """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
+        from clock_deploy.export.onnx import ExportWrapper
+        from clock_deploy.export.parity import check_parity, evaluate_detector, map_difference, parity_report
+        from clock_deploy.export.parity import run_onnx, run_torch
+        from clock_deploy.runtime import Detector
+        from clock_deploy.runtime.backend_onnx import OnnxBackend
+        from clock_deploy.runtime.backend_torch import TorchBackend
+
+        height, width = self.cfg.data.img_size
+        wrapper = ExportWrapper(self.model, self.cfg.export.topk, (height, width)).eval()
+        count = self.batch["max"] if not self.batch["dynamic"] else parity_images
+        images, source = _parity_images(self.dataset, count, self.input_spec)
+        report = parity_report(run_torch(wrapper, images), run_onnx(path, images), meta["precision"], height, width,
+                               self.cfg.export.parity_tol, source)
+        if map_images > 0 and self.dataset is not None:
+            if self.reference_metrics is None:
+                torch_detector = Detector(TorchBackend(wrapper), {"classes": self.ckpt["classes"],
+                                                                  "input": self.input_spec})
+                self.reference_metrics = evaluate_detector(torch_detector, self.dataset, map_images)
+            metrics = evaluate_detector(Detector(OnnxBackend(path, meta), meta), self.dataset, map_images)
+            report["map_images"] = min(map_images, len(self.dataset))
+            report.update(map_difference(self.reference_metrics, metrics))
+        self.echo(_describe(path, report))
+        try:
+            check_parity(report, path)
+        except UserError:
+            os.remove(path)  # a model that does not match must not be picked up by mistake
+            raise
+        return report
+
+    def run(self, precision, trt=False, calib=None, calib_root=None, batch=1, dynamic=True, exclude_nodes=(),
+            sensitivity=False, sensitivity_images=4, parity_images=4, map_images=32, timing_cache=None):
+        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from clock_deploy.export.metadata import batch_spec, input_spec
+        from clock_deploy.export.onnx import export_onnx
+
+        if parity_images < 1:
+            raise UserError(f"--parity-images must be at least 1, got {parity_images}")
+        exp = self.cfg.export
+        # missing TensorRT or calibration data is reported before the minutes of exporting
+        if trt:
+            from clock_deploy.export.tensorrt import import_tensorrt
+            import_tensorrt()
+        images = None
+        if precision == "int8" or sensitivity:
+            images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)
+        self.batch = batch_spec(dynamic, batch)
+        height, width = self.cfg.data.img_size
+        self.input_spec = input_spec(height, width, IMAGENET_MEAN, IMAGENET_STD)
+        self.dataset = _val_dataset(self.cfg)
+        self.reference_metrics = None
+        os.makedirs(self.out_dir, exist_ok=True)
+
+        fp32 = self.path(".onnx")
+        info = export_onnx(self.model, fp32, height=height, width=width, topk=exp.topk, opset=exp.opset,
+                           dynamic=dynamic, batch=batch, simplify=exp.simplify)
+        self.finish(fp32, self.metadata("onnx", "fp32", export=info), parity_images, map_images)
+
+        if sensitivity:
+            self.sensitivity(fp32, images, sensitivity_images, exclude_nodes)
+        artifact = fp32
+        if precision == "fp16":
+            from clock_deploy.export.precision import convert_fp16
+            artifact = self.path(".fp16.onnx")
+            info = convert_fp16(fp32, artifact)
+            self.finish(artifact, self.metadata("onnx", "fp16", fp16=info), parity_images, map_images)
+        elif precision == "int8":
+            from clock_deploy.export.precision import quantize_int8
+            artifact = self.path(".int8.onnx")
+            paths, calibration = images
+            info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else batch,
+                                 nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
+            self.finish(artifact, self.metadata("onnx", "int8", calibration={**calibration, **info}),
+                        parity_images, map_images)
+        if trt:
+            self.engine(artifact, precision, timing_cache)
+        return self.summary
+
+    def finish(self, path, meta, parity_images, map_images):
+        """Check parity, then write the sidecar that makes the artifact loadable."""
+        from clock_deploy.export.metadata import write_metadata
+
+        meta["parity"] = self.check(path, meta, parity_images, map_images)
+        write_metadata(path, meta)
+        self.summary[meta["precision"]] = path
+
+    def calibration_images(self, manifest, root, limit):
+        from clock_deploy.engine.checkpoint import file_sha256
+        from clock_deploy.export.calibration import manifest_images, read_manifest
+
+        if not manifest:
+            raise UserError("INT8 needs a calibration manifest: pass --calib calibration/<name>.json "
+                            "(make one with `clock-deploy calibrate`)")
+        paths = manifest_images(manifest, root, limit)
+        return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
+                       "dataset_root": root or read_manifest(manifest)["dataset_root"]}
+
+    def sensitivity(self, fp32, images, num_images, exclude_nodes, top=10):
+        from clock_deploy.export.precision import int8_sensitivity
+
+        paths, calibration = images
+        result = int8_sensitivity(fp32, paths, self.input_spec, num_images=num_images,
+                                  nodes_to_exclude=list(self.cfg.export.exclude_nodes) + list(exclude_nodes), top=top)
+        path = self.path(".int8.sensitivity.json")
+        write_json(path, {"onnx": fp32, "calibration": calibration, **result})
+        self.echo(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
+                  f"all nodes quantized: {result['full']['error']:.4g}):")
+        for row in result["nodes"][:top]:
+            self.echo(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
+        self.echo(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
+        self.summary["sensitivity"] = path
+
+    def engine(self, onnx_path, precision, timing_cache):
+        from clock_deploy.export.metadata import read_metadata, write_metadata
+        from clock_deploy.export.tensorrt import build_engine
+
+        exp = self.cfg.export
+        height, width = self.cfg.data.img_size
+        engine = self.path(f".{precision}.engine")
+        build = build_engine(onnx_path, engine, onnx_precision=precision, precision=precision, height=height,
+                             width=width, batch=self.batch, workspace_gb=exp.workspace_gb,
+                             timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"),
+                             dla_core=exp.dla_core)
+        # parity was measured on the ONNX the engine is built from (engines need a GPU to run)
+        onnx_meta = read_metadata(onnx_path)
+        write_metadata(engine, self.metadata("tensorrt", precision, calibration=onnx_meta["calibration"],
+                                             tensorrt=build, onnx_parity=onnx_meta["parity"]))
+        self.echo(f"wrote {engine} (TensorRT {build['version']} on {build['device']})")
+        self.summary["engine"] = engine
+
+
+def _describe(path, report):
+    text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} {report['image_source']} "
+            f"images: scores max abs {report['scores_max_abs']:.2g}, boxes max abs {report['boxes_max_abs']:.2g} px, "
+            f"{report['queries_changed']}/{report['queries']} queries beyond tolerance")
+    if "mAP_diff" in report:
+        text += f", mAP {report['mAP']:.4f} vs {report['mAP_ref']:.4f} ({report['map_images']} val images)"
+    if "passed" in report:
+        text += ", OK" if report["passed"] else ", FAILED"
+    return text
+
+
+@click.command()
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to export.")
+@click.option("--onnx", "onnx_flag", is_flag=True, help="Write ONNX (always done; the default output).")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and an NVIDIA GPU).")
+@click.option("--fp16", "precision", flag_value="fp16", help="Also write the FP16 ONNX (and engine).")
+@click.option("--int8", "precision", flag_value="int8", help="Also write the INT8 Q/DQ ONNX (needs --calib).")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None, help="Calibration manifest (INT8).")
+@click.option("--calib-root", default=None, help="Dataset root overriding the one in the manifest.")
+@click.option("--calib-images", type=int, default=None, help="Use the first N manifest images (0 = all).")
+@click.option("--exclude-node", multiple=True, help="ONNX node kept in float for INT8 (repeatable).")
+@click.option("--batch", default=1, show_default=True, help="Max batch (dynamic) or the batch (static).")
+@click.option("--dynamic/--static", default=None, help="Dynamic batch axis [default: export.dynamic_batch].")
+@click.option("--imgsz", default=None, help="Network input HEIGHTxWIDTH [default: the checkpoint's data.img_size].")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: export.opset, 17].")
+@click.option("--topk", type=int, default=None, help="Detections per image [default: export.topk].")
+@click.option("--simplify/--no-simplify", default=None, help="onnxslim [default: export.simplify].")
+@click.option("--sampling", type=click.Choice(SAMPLING_CHOICES), default=None,
+              help="Deformable attention sampling in the graph (gather is safer for TensorRT).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: <checkpoint folder>/export].")
+@click.option("--name", default=None, help="File name stem [default: checkpoint name].")
+@click.option("--sensitivity", is_flag=True, help="Per-node INT8 sensitivity report (needs --calib).")
+@click.option("--sensitivity-images", default=4, show_default=True)
+@click.option("--parity-images", default=4, show_default=True, help="Images compared with PyTorch.")
+@click.option("--map-images", default=32, show_default=True, help="Validation images for the mAP difference (0 = off).")
+@click.option("--workspace-gb", type=float, default=None, help="TensorRT workspace [default: export.workspace_gb].")
+@click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson), GPU fallback on.")
+@click.option("--timing-cache", default=None, help="TensorRT timing cache file [default: <out>/timing.cache].")
+def export(ckpt, onnx_flag, trt, precision, calib, calib_root, calib_images, exclude_node, batch, dynamic, imgsz,
+           opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
+           map_images, workspace_gb, dla_core, timing_cache):
+    """Export a checkpoint to ONNX (FP32 + FP16 / INT8) and optionally TensorRT, with parity checks."""
+    from clock_deploy.export.onnx import set_sampling
+
+    exporter = Exporter(ckpt, out_dir, name)
+    cfg = exporter.cfg
+    overrides = {"opset": opset, "topk": topk, "simplify": simplify, "calib_images": calib_images,
+                 "workspace_gb": workspace_gb, "dla_core": dla_core}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg.export, key, value)
+    if imgsz:
+        cfg.data.img_size = parse_imgsz(imgsz)
+    if sampling:
+        set_sampling(exporter.model, sampling)
+        cfg.model.sampling = sampling
+    precision = precision or cfg.export.precision
+    summary = exporter.run(precision, trt=trt, calib=calib, calib_root=calib_root, batch=batch,
+                           dynamic=cfg.export.dynamic_batch if dynamic is None else dynamic,
+                           exclude_nodes=exclude_node, sensitivity=sensitivity,
+                           sensitivity_images=sensitivity_images, parity_images=parity_images,
+                           map_images=map_images, timing_cache=timing_cache)
+    for key, path in summary.items():
+        click.echo(f"{key}: {path}")
+
+
+@click.command()
+@click.option("--data", "root", required=True, type=click.Path(file_okay=False), help="KITTI-layout dataset root.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--num", default=500, show_default=True, help="Images to choose (KITTI default 500).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest to write (calibration/<name>.json).")
+@click.option("--seed", default=0, show_default=True)
+def calibrate(root, split, num, out, seed):
+    """Choose INT8 calibration images stratified by class and box size; write their manifest."""
+    from clock_deploy.export.calibration import choose_calibration_set, write_manifest
+
+    manifest = choose_calibration_set(root, split, num, seed)
+    write_manifest(out, manifest)
+    click.echo(f"wrote {out}: {manifest['num_selected']} of {split} images, seed {seed}")
+    for key, row in manifest["strata"].items():
+        click.echo(f"  {key:<22} {row['images_selected']:>5} / {row['images_in_split']:<5} images  "
+                   f"{row['objects_selected']:>6} objects")
+

@@ -1,0 +1,221 @@
+"""ONNX export of every student family: contract, parity with PyTorch, simplification, CLI."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from clock_deploy.cli import cli, run
+from clock_deploy.engine.checkpoint import file_sha256, save_checkpoint
+from clock_deploy.errors import UserError
+from clock_deploy.export.onnx import ExportWrapper, export_onnx, set_sampling
+from clock_deploy.export.parity import ParityError, check_parity, parity_report, run_onnx, run_torch
+from test_export_utils import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
+
+FAMILIES = [("dab_detr", "grid_sample"), ("deformable_detr", "grid_sample"), ("deformable_detr", "gather"),
+            ("dino", "grid_sample"), ("dino", "gather")]
+
+
+def _images(count, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, 3, HEIGHT, WIDTH)).astype(np.float32)
+
+
+@pytest.mark.parametrize("arch,sampling", FAMILIES)
+def test_export_follows_contract_and_matches_torch(tmp_path, arch, sampling):
+    model, _ = tiny_model(arch, sampling)
+    path = tmp_path / "model.onnx"
+    info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=False)
+    proto = onnx.load(path)
+    assert info["opset"] == 17 and proto.opset_import[0].version == 17
+    (image_input,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in image_input.type.tensor_type.shape.dim]
+    assert image_input.name == "images" and dims == ["batch", 3, HEIGHT, WIDTH]
+    outputs = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
+    assert outputs == {"scores": onnx.TensorProto.FLOAT, "labels": onnx.TensorProto.INT64,
+                       "boxes": onnx.TensorProto.FLOAT}
+    ops = {n.op_type for n in proto.graph.node}
+    if arch != "dab_detr":
+        assert ("GridSample" in ops) == (sampling == "grid_sample")
+
+    # batch 3 through a graph traced with batch 1; the gather graph is checked against
+    # grid_sample PyTorch, so this also shows both sampling modes agree
+    images = _images(3)
+    if arch != "dab_detr":
+        set_sampling(model, "grid_sample")
+    ref = run_torch(ExportWrapper(model, TOPK, (HEIGHT, WIDTH)), images)
+    out = run_onnx(path, images)
+    report = parity_report(ref, out, "fp32", HEIGHT, WIDTH)
+    assert report["passed"], report
+    assert report["scores_max_abs"] <= 1e-4 and report["boxes_max_abs"] <= 1e-4 * WIDTH
+    assert report["topk_common"] == 3 * TOPK and report["topk_unmatched"] == 0
+
+    # the in-graph post-processing, recomputed by hand from the raw tensors
+    num_classes = len(CLASSES)
+    for i in range(3):
+        index = out["parity_index"][i]
+        np.testing.assert_array_equal(out["labels"][i], index % num_classes)
+        np.testing.assert_allclose(out["scores"][i], out["parity_scores"][i][index], rtol=0, atol=1e-7)
+        cx, cy, w, h = out["parity_boxes"][i][index // num_classes].T
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * [WIDTH, HEIGHT, WIDTH, HEIGHT]
+        np.testing.assert_allclose(out["boxes"][i], xyxy, rtol=0, atol=1e-4)
+        assert np.all(np.diff(out["scores"][i]) <= 0)
+
+
+def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch):
+    model, _ = tiny_model("dab_detr")
+    images = _images(2)
+    ref = run_torch(ExportWrapper(model, TOPK, (HEIGHT, WIDTH)), images)
+    slim_path = tmp_path / "slim.onnx"
+    info = export_onnx(model, slim_path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+    assert info["simplified"] and info["simplify_error"] is None
+    assert parity_report(ref, run_onnx(slim_path, images), "fp32", HEIGHT, WIDTH)["passed"]
+
+    import onnxslim
+
+    def broken(model):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(onnxslim, "slim", broken)
+    path = tmp_path / "fallback.onnx"
+    with pytest.warns(UserWarning, match="onnxslim simplification skipped.*boom"):
+        info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+    assert not info["simplified"] and "boom" in info["simplify_error"]
+    assert info["nodes"] > len(onnx.load(slim_path).graph.node)  # the traced, unsimplified graph
+    assert parity_report(ref, run_onnx(path, images), "fp32", HEIGHT, WIDTH)["passed"]
+
+
+def _outputs(scores, index, boxes_raw, num_classes=2):
+    """A hand-made output dict: raw scores [1, Q*K], top-k by index, boxes in a 10 x 10 image."""
+    scores_raw = np.asarray([scores], np.float32)
+    index = np.asarray([index])
+    boxes_raw = np.asarray([boxes_raw], np.float32)
+    cx, cy, w, h = boxes_raw[0][index[0] // num_classes].T
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)[None] * 10
+    return {"scores": scores_raw[:, index[0]], "labels": index % num_classes, "boxes": boxes.astype(np.float32),
+            "parity_scores": scores_raw, "parity_index": index, "parity_boxes": boxes_raw}
+
+
+def test_parity_compares_by_index_so_near_ties_may_swap():
+    boxes = [[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1], [0.7, 0.7, 0.3, 0.3]]
+    ref = _outputs([0.9, 0.1, 0.50001, 0.2, 0.5, 0.3], [0, 2, 4], boxes)
+    # 2 and 4 are nearly tied and swap places: same detections, other order
+    out = _outputs([0.9, 0.1, 0.49999, 0.2, 0.50002, 0.3], [0, 4, 2], boxes)
+    report = parity_report(ref, out, "fp32", 10, 10)
+    assert report["passed"]
+    assert report["scores_max_abs"] == pytest.approx(2e-5, abs=1e-7)
+    assert report["topk_common"] == 3 and report["topk_unmatched"] == 0
+
+    # a box moved by 0.01 (normalized) = 0.1 px is beyond 1e-4 * 10 px; scores are untouched
+    moved = [list(b) for b in boxes]
+    moved[1][0] += 0.01
+    report = parity_report(ref, _outputs([0.9, 0.1, 0.50001, 0.2, 0.5, 0.3], [0, 2, 4], moved), "fp32", 10, 10)
+    assert not report["passed"]
+    assert report["boxes_max_abs"] == pytest.approx(0.1, abs=1e-5)
+    assert report["queries_changed"] == 1
+    with pytest.raises(ParityError, match=r"boxes max abs 0\.1 px"):
+        check_parity(report, "model.onnx")
+
+
+def test_parity_flags_entries_dropped_without_a_near_tie():
+    boxes = [[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1], [0.7, 0.7, 0.3, 0.3]]
+    ref = _outputs([0.9, 0.1, 0.6, 0.2, 0.5, 0.3], [0, 2, 4], boxes)
+    # a broken post-processing keeps entry 5 (0.3) instead of 2 (0.6), although the scores agree
+    out = _outputs([0.9, 0.1, 0.6, 0.2, 0.5, 0.3], [0, 4, 5], boxes)
+    report = parity_report(ref, out, "fp32", 10, 10)
+    assert report["scores_max_abs"] == 0.0
+    assert report["topk_unmatched"] == 1 and not report["passed"]
+
+
+def test_parity_outputs_need_the_contract_post_processing():
+    from onnx import helper
+
+    from clock_deploy.export.parity import with_parity_outputs
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], [name]) for name in ("scores", "labels", "boxes")], "g",
+        [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("scores", "labels", "boxes")])
+    with pytest.raises(UserError, match="contract post-processing"):
+        with_parity_outputs(helper.make_model(graph))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Deformable DETR checkpoint whose config points at a 16-image synthetic KITTI set."""
+    from clock_deploy.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synth"
+    generate(root, 16, seed=0, height=94, width=310, progress=False)
+    model, cfg = tiny_model("deformable_detr", data_root=root)
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    save_checkpoint(path, model, cfg, CLASSES, epoch=3, iteration=30)
+    return path, root
+
+
+def _sidecar(path):
+    with open(f"{path}.json") as f:
+        return json.load(f)
+
+
+def test_cli_export_fp32_and_fp16_with_sidecars(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    out = tmp_path / "export"
+    run(cli, ["export", "--ckpt", str(ckpt), "--onnx", "--fp16", "--out", str(out), "--map-images", "2",
+              "--sampling", "gather"])
+    for name, precision in (("student.onnx", "fp32"), ("student.fp16.onnx", "fp16")):
+        meta = _sidecar(out / name)
+        assert meta["precision"] == precision and meta["kind"] == "onnx"
+        assert meta["classes"] == CLASSES and meta["arch"] == "deformable_detr"
+        assert (meta["input"]["height"], meta["input"]["width"]) == (HEIGHT, WIDTH)
+        assert meta["input"]["mean"] == [0.485, 0.456, 0.406] and meta["input"]["divisor"] == 255.0
+        assert meta["source"]["sha256"] == file_sha256(ckpt) and meta["source"]["epoch"] == 3
+        assert meta["batch"] == {"dynamic": True, "min": 1, "opt": 1, "max": 1}
+        assert meta["sampling"] == "gather" and meta["opset"] == 17 and meta["topk"] == TOPK
+        assert "onnxruntime" in meta["versions"] and "onnx" in meta["versions"]
+        parity = meta["parity"]
+        assert parity["passed"] and parity["image_source"] == "validation" and parity["map_images"] == 2
+        assert "mAP_diff" in parity
+    assert _sidecar(out / "student.onnx")["parity"]["scores_max_abs"] <= 1e-4
+    assert "GridSample" not in {n.op_type for n in onnx.load(out / "student.onnx").graph.node}
+
+
+def test_cli_export_fails_loudly_beyond_tolerance(checkpoint, tmp_path, capsys):
+    ckpt, root = checkpoint
+    from clock_deploy.engine.checkpoint import load_model
+    model, cfg, _ = load_model(ckpt)
+    cfg.export.parity_tol = 1e-12  # float32 rounding alone is above this
+    strict = tmp_path / "strict.pt"
+    save_checkpoint(strict, model, cfg, CLASSES, epoch=0, iteration=0)
+    with pytest.raises(SystemExit) as e:
+        run(cli, ["export", "--ckpt", str(strict), "--out", str(tmp_path), "--map-images", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "beyond tolerance" in err and "scores max abs" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "strict.onnx") and not os.path.exists(tmp_path / "strict.onnx.json")
+
+
+def test_cli_trt_without_tensorrt_is_one_clear_line(checkpoint, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    ckpt, _ = checkpoint
+    with pytest.raises(SystemExit) as e:
+        run(cli, ["export", "--ckpt", str(ckpt), "--trt", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "TensorRT is not installed" in err and "pip install clock-deploy[trt]" in err
+    assert "python3-libnvinfer" in err
+
+
+def test_cli_bad_options_name_the_problem(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    for argv, message in ((["--imgsz", "64by128"], "--imgsz must look like HEIGHTxWIDTH"),
+                          (["--int8"], "INT8 needs a calibration manifest"),
+                          (["--int8", "--calib", str(tmp_path / "nope.json")], "calibration manifest not found")):
+        with pytest.raises(SystemExit):
+            run(cli, ["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--map-images", "0"] + argv)
+        assert message in capsys.readouterr().err
