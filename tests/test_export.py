@@ -180,6 +180,26 @@ def test_cli_export_fp32_and_fp16_with_sidecars(checkpoint, tmp_path):
     assert "GridSample" not in {n.op_type for n in onnx.load(out / "student.onnx").graph.node}
 
 
+def test_cli_export_int8_with_a_calibration_manifest(checkpoint, tmp_path):
+    ckpt, root = checkpoint
+    manifest = tmp_path / "calib.json"
+    run(cli, ["calibrate", "--data", str(root), "--num", "4", "--out", str(manifest)])
+    out = tmp_path / "export"
+    run(cli, ["export", "--ckpt", str(ckpt), "--int8", "--calib", str(manifest), "--out", str(out),
+              "--map-images", "2", "--exclude-node", "/model/class_embed.1/MatMul"])
+    meta = _sidecar(out / "student.int8.onnx")
+    assert meta["precision"] == "int8"
+    calibration = meta["calibration"]
+    assert calibration["manifest"] == str(manifest) and calibration["manifest_sha256"] == file_sha256(manifest)
+    assert calibration["images"] == 4 and calibration["dataset_root"] == str(root)
+    assert calibration["nodes_excluded"] == ["/model/class_embed.1/MatMul"] and calibration["quantized_nodes"] > 0
+    parity = meta["parity"]
+    assert "passed" not in parity and parity["precision"] == "int8"  # reported, not enforced
+    assert {"scores_max_abs", "boxes_max_abs", "mAP_diff"} <= set(parity)
+    graph = onnx.load(out / "student.int8.onnx").graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 0
+
+
 def test_cli_export_fails_loudly_beyond_tolerance(checkpoint, tmp_path, capsys):
     ckpt, root = checkpoint
     from clock_deploy.engine.checkpoint import load_model

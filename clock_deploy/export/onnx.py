@@ -60,6 +60,7 @@ def _trace(wrapper, path, batch, height, width, opset, dynamic):
         # shape arithmetic on Python ints is intended: spatial sizes are fixed per export
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still supported
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # strided slices stay in the graph
         torch.onnx.export(wrapper, (example,), path, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
 

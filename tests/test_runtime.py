@@ -1,0 +1,186 @@
+"""Runtime Detector: same detections through torch and onnxruntime, torch-free ONNX path, clear errors."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor
+from clock_deploy.engine.checkpoint import save_checkpoint
+from clock_deploy.errors import UserError
+from clock_deploy.export.metadata import batch_spec, read_metadata, write_metadata
+from clock_deploy.export.onnx import export_onnx
+from clock_deploy.export.parity import evaluate_artifact
+from clock_deploy.runtime import Detector
+from clock_deploy.runtime.preprocess import preprocess
+from test_export_utils import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A synthetic dataset, a tiny Deformable DETR checkpoint trained on nothing, and its ONNX export."""
+    from clock_deploy.data.synthetic import generate
+    from clock_deploy.export.commands import Exporter
+
+    root = tmp_path_factory.mktemp("data") / "synth"
+    generate(root, 12, seed=1, height=94, width=310, progress=False)
+    folder = tmp_path_factory.mktemp("model")
+    model, cfg = tiny_model("deformable_detr", "gather", data_root=root)
+    ckpt = folder / "student.pt"
+    save_checkpoint(ckpt, model, cfg, CLASSES, epoch=1, iteration=1)
+    Exporter(ckpt, folder, echo=lambda text: None).run("fp32", parity_images=2, map_images=0)
+    images = sorted(str(p) for p in (root / "training" / "image_2").iterdir())
+    return {"root": root, "ckpt": str(ckpt), "onnx": str(folder / "student.onnx"), "images": images, "cfg": cfg}
+
+
+def test_preprocessing_is_the_evaluation_transform():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (93, 311, 3), dtype=np.uint8)
+    expected, _ = Compose([Resize(HEIGHT, WIDTH), ToTensor(), Normalize(SPEC["mean"], SPEC["std"])])(
+        image, {"boxes": torch.zeros(0, 4)})
+    batch, sizes = preprocess([image, Image.fromarray(image)], SPEC)
+    assert batch.dtype == np.float32 and batch.shape == (2, 3, HEIGHT, WIDTH) and sizes == [(93, 311)] * 2
+    np.testing.assert_array_equal(batch[0], expected.numpy())
+    np.testing.assert_array_equal(batch[1], expected.numpy())
+
+
+def _match(a, b, score_tol=1e-5, box_tol=1e-3):
+    """Every detection of `a` has one of the same label in `b` with the same score and box."""
+    assert len(a) == len(b)
+    for label, score, box in zip(a.labels, a.scores, a.boxes):
+        same = (b.labels == label) & (np.abs(b.scores - score) <= score_tol) & (np.abs(b.boxes - box).max(1) <= box_tol)
+        assert same.any(), (label, score, box)
+
+
+def test_torch_and_onnx_backends_detect_the_same(artifacts):
+    path = artifacts["images"][0]
+    inputs = [path, Image.open(path), np.asarray(Image.open(path).convert("RGB"))]
+    torch_det = Detector.load(artifacts["ckpt"], score_threshold=0.3)
+    onnx_det = Detector.load(artifacts["onnx"], score_threshold=0.3)
+    assert torch_det.backend.name == "torch" and onnx_det.backend.name == "onnxruntime"
+    assert onnx_det.classes == torch_det.classes == CLASSES
+    results = torch_det(inputs) + onnx_det(inputs)
+    assert len(results) == 6 and len(results[0]) > 0
+    for r in results[1:]:
+        _match(results[0], r)
+
+    # boxes come back in the original image's pixels: the network's boxes scaled by W0 / W, H0 / H
+    batch, ((h0, w0),) = preprocess([path], onnx_det.meta["input"])
+    scores, labels, boxes = onnx_det.infer(batch)
+    keep = scores[0] >= 0.3
+    np.testing.assert_allclose(results[3].boxes, boxes[0][keep] * np.array([w0 / WIDTH, h0 / HEIGHT] * 2), rtol=1e-6)
+    assert results[3].names == [CLASSES[i] for i in labels[0][keep]]
+
+
+def test_threshold_single_image_and_empty_input(artifacts):
+    detector = Detector.load(artifacts["onnx"], score_threshold=0.0)
+    image = artifacts["images"][1]
+    (everything,) = detector(image)
+    assert len(everything) == read_metadata(artifacts["onnx"])["topk"]
+    threshold = float(np.median(everything.scores))
+    (kept,) = detector(image, score_threshold=threshold)
+    assert len(kept) == int((everything.scores >= threshold).sum()) and kept.scores.min() >= threshold
+    assert detector([]) == []
+
+
+def test_onnx_runtime_path_does_not_import_torch(artifacts):
+    code = ("import sys; from clock_deploy.runtime import Detector; "
+            f"d = Detector.load({artifacts['onnx']!r}); r = d([{artifacts['images'][0]!r}]); "
+            "assert len(r) == 1; assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path):
+    from clock_deploy.engine.checkpoint import load_model
+    model, cfg, _ = load_model(artifacts["ckpt"])
+    path = str(tmp_path / "static.onnx")
+    export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=cfg.export.topk, dynamic=False, batch=2, simplify=False)
+    meta = read_metadata(artifacts["onnx"])
+    write_metadata(path, {**meta, "batch": batch_spec(False, 2)})
+    static = Detector.load(path, score_threshold=0.0)
+    assert static.backend.static and static.backend.max_batch == 2
+    images = artifacts["images"][:3]  # one full batch of 2, then 1 padded to 2
+    for a, b in zip(Detector.load(artifacts["onnx"], score_threshold=0.0)(images), static(images)):
+        _match(a, b)
+
+
+def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
+    good = artifacts["onnx"]
+
+    def copy(name, data=None):
+        path = tmp_path / name
+        if data is None:
+            shutil.copy(good, path)
+        else:
+            path.write_bytes(data)
+        shutil.copy(good + ".json", str(path) + ".json")
+        return str(path)
+
+    with open(good, "rb") as f:
+        truncated = copy("truncated.onnx", f.read()[:5000])
+    with pytest.raises(UserError, match="truncated.onnx: onnxruntime cannot load it"):
+        Detector.load(truncated)
+
+    no_sidecar = tmp_path / "alone.onnx"
+    shutil.copy(good, no_sidecar)
+    with pytest.raises(UserError, match="alone.onnx: metadata sidecar .*alone.onnx.json is missing"):
+        Detector.load(no_sidecar)
+
+    broken_json = copy("json.onnx")
+    with open(broken_json + ".json", "w") as f:
+        f.write("{")
+    with pytest.raises(UserError, match="json.onnx.json: not valid JSON"):
+        Detector.load(broken_json)
+
+    resized = copy("resized.onnx")
+    meta = read_metadata(resized)
+    meta["input"]["height"] = 96
+    write_metadata(resized, meta)
+    with pytest.raises(UserError, match=r"resized.onnx: input is \[N, 3, 64, 128\] but its metadata says \[N, 3, 96, 128\]"):
+        Detector.load(resized)
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceMean", ["images"], ["logits"], keepdims=0)], "classifier",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, HEIGHT, WIDTH])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
+    foreign = copy("foreign.onnx", onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+                   .SerializeToString())
+    with pytest.raises(UserError, match=r"foreign.onnx: outputs are \['logits'\], expected \['scores', 'labels', 'boxes'\]"):
+        Detector.load(foreign)
+
+    with pytest.raises(UserError, match="cannot tell the backend from the suffix '.bin'"):
+        Detector.load(tmp_path / "model.bin")
+    with pytest.raises(UserError, match="model file not found: .*missing.onnx"):
+        Detector.load(tmp_path / "missing.onnx")
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="bad.pt: not a readable checkpoint"):
+        Detector.load(bad_ckpt)
+
+
+def test_evaluate_artifact_gives_the_same_metrics_for_torch_and_onnx(artifacts):
+    from clock_deploy.data.dataset import build_dataset
+    dataset = build_dataset(artifacts["cfg"].data, "val", train=False)
+    onnx_metrics = evaluate_artifact(artifacts["onnx"], dataset)
+    torch_metrics = evaluate_artifact(artifacts["ckpt"], dataset)
+    assert set(onnx_metrics) >= {"mAP", "AP50", "kitti_moderate"}
+    for key in ("mAP", "AP50", "kitti_moderate"):
+        assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-9)
+
+
+def test_perception_loop_example_runs(artifacts):
+    folder = os.path.dirname(artifacts["images"][0])
+    out = subprocess.run([sys.executable, os.path.join(REPO, "examples", "perception_loop.py"), "--model",
+                          artifacts["onnx"], "--frames", folder, "--max-frames", "2", "--threshold", "0.3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("000000.png: ") and " objects in " in lines[0]
