@@ -262,3 +262,19 @@ def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
     wrong.model.num_classes = 8
     with pytest.raises(UserError, match="classes"):
         build_distiller(wrong, teacher, build_model(wrong.model))
+
+
+@pytest.mark.parametrize("name,method", [("distill", "clock"), ("distill_kd_detr", "kd_detr"),
+                                         ("distill_fgd", "fgd")])
+def test_demo_distill_configs_build(name, method):
+    from clock_deploy.config import load_config
+    cfg = load_config(f"configs/demo/{name}.yaml")
+    student_cfg = load_config("configs/demo/student.yaml")
+    assert cfg.distill.method == method and cfg.model == student_cfg.model and cfg.data == student_cfg.data
+    teacher_cfg = load_config("configs/demo/teacher.yaml")
+    assert cfg.distill.teacher == teacher_cfg.output_dir + "/last.pt"  # where `clock-deploy train` leaves it
+    teacher = build_model(teacher_cfg.model)
+    distiller = build_distiller(cfg, teacher, build_model(cfg.model))
+    adapters = [n for n, _ in distiller.named_parameters() if n.endswith("weight") and "adapters" in n]
+    # student and teacher both keep strides 8, 16, 32; widths 64 -> 128 need a conv per level
+    assert len(adapters) == (0 if method == "kd_detr" else 3)
