@@ -119,8 +119,12 @@ class Exporter:
         exp = self.cfg.export
         # missing TensorRT or calibration data is reported before the minutes of exporting
         if trt:
+            from clock_deploy.export.onnx import model_sampling
             from clock_deploy.export.tensorrt import import_tensorrt
             import_tensorrt()
+            if model_sampling(self.model) == "grid_sample":
+                self.echo("note: deformable attention samples with GridSample, which TensorRT has been reported "
+                          "to miscompile; --sampling gather avoids it")
         images = None
         if precision == "int8" or sensitivity:
             images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)

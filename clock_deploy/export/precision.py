@@ -1,18 +1,18 @@
 """FP32 ONNX -> FP16 ONNX and INT8 Q/DQ ONNX, both runnable by onnxruntime (CPU) and TensorRT.
 
-FP16: onnxruntime's float16 converter casts weights and activations to float16 but keeps
-the graph inputs / outputs float32 and keeps numerically fragile ops in float32: the
-score path of the post-processing (Sigmoid, TopK: float16 has ~3 significant digits, so
-ranking would turn into ties), normalizations and softmax (reductions that overflow or
-lose precision), Log (inverse sigmoid of box refinement: 1 - 1e-5 rounds to 1 in
-float16), sine position embeddings and GridSample's sampling coordinates.
+FP16: onnxruntime's float16 converter stores weights and activations in float16, keeps the
+graph inputs / outputs float32 and runs numerically fragile ops in float32 (their inputs
+are cast up and their outputs back down): Sigmoid and TopK of the score ranking,
+normalizations and softmax (reductions that overflow or lose precision in float16), Log
+(inverse sigmoid of the box refinement), sine position embeddings and GridSample.
 
 INT8: explicit quantization in the form TensorRT's explicit-quantization builder expects:
 QuantizeLinear / DequantizeLinear pairs (QDQ), int8 symmetric activations and weights,
 per-channel weights, float bias, only on Conv / MatMul / Gemm inputs, so the rest of the
-graph (post-processing included) stays float and reads float tensors. The activation ranges come from
-calibration images listed in a manifest (calibration.py), preprocessed exactly as the
-runtime does, and are stored in the Q/DQ scales: TensorRT needs no calibration cache.
+graph (post-processing included) stays float and reads float tensors. The activation
+ranges come from calibration images listed in a manifest (calibration.py), preprocessed
+exactly as the runtime does, and are stored in the Q/DQ scales: TensorRT needs no
+calibration cache.
 The sensitivity analysis calibrates once and reuses the ranges for every node it tries.
 """
 import inspect
@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from clock_deploy.errors import UserError
 from clock_deploy.export.metadata import INPUT_NAME
-from clock_deploy.io import atomic_path, write_json
+from clock_deploy.io import atomic_path
 from clock_deploy.runtime.preprocess import preprocess
 
 FP16_KEEP_FP32_OPS = ["Sigmoid", "TopK", "Softmax", "LayerNormalization", "InstanceNormalization", "ReduceMean",
@@ -227,6 +227,3 @@ def int8_sensitivity(src, image_paths, input_spec, num_images=4, nodes_to_exclud
     result["top"] = [r["node"] for r in result["nodes"][:top]]
     return result
 
-
-def write_sensitivity(path, result):
-    write_json(path, result)
