@@ -118,14 +118,15 @@ def test_committed_demo_manifest_is_valid():
 
 @pytest.mark.slow
 def test_committed_demo_manifest_is_reproducible(tmp_path):
-    """Regenerate the default synthetic dataset and choose again: the same 64 frames."""
-    from clock_deploy.config import SynthConfig
+    """Regenerate the demo's synthetic dataset (configs/demo/base.yaml) and choose again: the same 64 frames."""
+    from clock_deploy.config import load_config
     from clock_deploy.data.synthetic import generate
 
-    s = SynthConfig()
+    s = load_config(os.path.join(REPO, "configs", "demo", "base.yaml")).data.synth
     root = tmp_path / "synth_kitti"
     generate(root, s.num_images, seed=s.seed, height=s.height, width=s.width, val_fraction=s.val_fraction,
              max_objects=s.max_objects, progress=False)
     committed = read_manifest(os.path.join(REPO, "calibration", "synth_demo.json"))
     again = choose_calibration_set(str(root), "train", 64, seed=committed["seed"])
     assert again["frame_ids"] == committed["frame_ids"] and again["strata"] == committed["strata"]
+    assert not set(committed["frame_ids"]) & set(kitti.read_split(root, "val"))  # no validation image
