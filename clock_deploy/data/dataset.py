@@ -33,7 +33,7 @@ from clock_deploy.errors import UserError
 
 
 class _Detection(torch.utils.data.Dataset):
-    """Shared __getitem__: subclasses provide `frame_ids`, `_image_path(i)` and `_objects(i)`."""
+    """Shared __getitem__: subclasses provide `frame_ids`, `image_path(i)` and `_objects(i)`."""
 
     def __init__(self, transforms):
         # without transforms the image keeps its size but still gets the common tensor format
@@ -44,11 +44,11 @@ class _Detection(torch.utils.data.Dataset):
 
     def image_size(self, i):
         """(H, W) of image i, read from the file header only."""
-        with Image.open(self._image_path(i)) as image:
+        with Image.open(self.image_path(i)) as image:
             return image.height, image.width
 
     def __getitem__(self, i):
-        with Image.open(self._image_path(i)) as image:
+        with Image.open(self.image_path(i)) as image:
             image = image.convert("RGB")
         boxes, labels = self._objects(i)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # no degenerate boxes
@@ -77,7 +77,7 @@ class KittiDetection(_Detection):
                 if not os.path.isfile(path):
                     raise UserError(f"{path} is missing (frame {frame_id} of split '{split}')")
 
-    def _image_path(self, i):
+    def image_path(self, i):
         return kitti.image_path(self.root, self.frame_ids[i])
 
     def gt_annos(self, i):
@@ -116,7 +116,7 @@ class CocoDetection(_Detection):
             self.annotations[position[ann["image_id"]]].append(ann)
         self._label_of = label_of
 
-    def _image_path(self, i):
+    def image_path(self, i):
         return os.path.join(self.root, "images", self.images[i]["file_name"])
 
     def image_size(self, i):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clock_deploy.data.resize import resize
 from clock_deploy.errors import UserError
 
 # ImageNet statistics the backbones are pretrained with; the export metadata records them
@@ -76,7 +77,7 @@ class Resize:
 
     def __call__(self, image, target):
         old_h, old_w = _image_size(image)
-        image = _to_pil(image).resize((self.width, self.height), Image.BILINEAR)
+        image = resize(_to_pil(image), self.height, self.width)
         target = dict(target)
         scale = torch.tensor([self.width / old_w, self.height / old_h] * 2, dtype=torch.float32)
         target["boxes"] = torch.as_tensor(target["boxes"], dtype=torch.float32) * scale

@@ -41,7 +41,7 @@ def _parity_images(dataset, count, input_spec, seed=0):
     from clock_deploy.runtime.preprocess import preprocess
 
     if dataset is not None and len(dataset) >= count:
-        return preprocess([dataset._image_path(i) for i in range(count)], input_spec)[0], "validation"
+        return preprocess([dataset.image_path(i) for i in range(count)], input_spec)[0], "validation"
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (count, input_spec["height"], input_spec["width"], 3), dtype=np.uint8)
     return preprocess(list(pixels), input_spec)[0], "random"

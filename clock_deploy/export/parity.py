@@ -205,7 +205,7 @@ def evaluate_detector(detector, dataset, limit=0):
     evaluator = DetectionEvaluator(dataset.classes, [dataset.gt_annos(i) for i in range(count)],
                                    [dataset.image_size(i) for i in range(count)], dataset.frame_ids[:count])
     for i in range(count):
-        det = detector([dataset._image_path(i)], score_threshold=0.0)[0]
+        det = detector([dataset.image_path(i)], score_threshold=0.0)[0]
         evaluator.update(i, det.boxes, det.scores, det.labels)
     return evaluator.summarize()
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from clock_deploy.data.resize import resize
 from clock_deploy.errors import UserError
 
 
@@ -32,8 +33,8 @@ def load_image(image):
 
 
 def resize_image(image, height, width):
-    """Resize an HxWx3 uint8 array to height x width with PIL bilinear, as data.transforms.Resize."""
-    return np.asarray(Image.fromarray(image).resize((int(width), int(height)), Image.BILINEAR))
+    """Resize an HxWx3 uint8 array to height x width exactly as the training transforms do."""
+    return np.asarray(resize(Image.fromarray(image), height, width))
 
 
 def normalize(image, mean, std, divisor=255.0):
