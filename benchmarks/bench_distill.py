@@ -159,13 +159,27 @@ def teacher_checkpoint(args):
         print(f"no teacher at {path}: training it with {args.configs}/teacher.yaml", flush=True)
         ensure_data(cfg)
         cfg.output_dir = os.path.dirname(path) or "."
+        cfg.train.eval_every = cfg.train.epochs
         train(cfg)
-    from clock_deploy.engine.checkpoint import read_checkpoint
-    return path, read_checkpoint(path)
+    return path, teacher_metrics(path, cfg)
+
+
+def teacher_metrics(path, cfg):
+    """The teacher's arch and validation metrics (evaluated here when its checkpoint has none)."""
+    from clock_deploy.data.dataset import build_dataset
+    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.engine.evaluate import evaluate
+    model, teacher_cfg, ckpt = load_model(path)
+    metrics = ckpt.get("metrics", {})
+    if "mAP" not in metrics:
+        ensure_data(cfg)
+        metrics = evaluate(model, build_dataset(cfg.data, cfg.data.val_split, train=False),
+                           batch_size=cfg.train.batch_size, topk=cfg.export.topk, progress=False)
+    return {"arch": teacher_cfg.model.arch, "metrics": metrics}
 
 
 def part_b(args):
-    teacher_path, teacher_ckpt = teacher_checkpoint(args)
+    teacher_path, teacher = teacher_checkpoint(args)
     results = {}
     for name, config, overrides in VARIANTS:
         for seed in args.seeds:
@@ -173,7 +187,10 @@ def part_b(args):
             extra = [f"seed={seed}", f"output_dir={run_dir}", f"distill.teacher={teacher_path}"] + overrides
             if args.epochs:
                 extra += [f"train.epochs={args.epochs}"]
+            if args.max_iters:
+                extra += [f"train.max_iters={args.max_iters}"]
             cfg = load_config(os.path.join(args.configs, config), extra)
+            cfg.train.eval_every = cfg.train.epochs  # evaluate once, at the end of the budget
             ensure_data(cfg)
             metrics, seconds = train(cfg)
             results.setdefault(name, []).append((metrics, seconds))
@@ -181,10 +198,10 @@ def part_b(args):
                   f"KITTI Mod {metrics.get('kitti_moderate', float('nan')):.2f} ({seconds:.0f} s)", flush=True)
 
     budget = cfg.train.epochs
-    tm = teacher_ckpt.get("metrics", {})
+    tm = teacher["metrics"]
     lines = [f"Synthetic KITTI ({cfg.data.root}, {cfg.data.img_size[0]}x{cfg.data.img_size[1]}), "
              f"student {cfg.model.arch} from {args.configs}/student.yaml, {budget} epochs per run, "
-             f"seeds {args.seeds}; teacher {teacher_ckpt['arch']} {teacher_path} "
+             f"seeds {args.seeds}; teacher {teacher['arch']} {teacher_path} "
              f"(mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod {tm.get('kitti_moderate', float('nan')):.2f}). "
              f"{machine()}.", "",
              "| variant | mAP (COCO) | delta | AP50 | KITTI Moderate AP (R40) | delta | per seed mAP | min/run |",
@@ -242,6 +259,7 @@ def main():
     parser.add_argument("--teacher", default=None, help="(b) teacher checkpoint to reuse")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="(b) seeds of every variant")
     parser.add_argument("--epochs", type=int, default=0, help="(b) budget; default: student.yaml train.epochs")
+    parser.add_argument("--max-iters", type=int, default=0, help="(b) stop every run after N iterations (smoke test)")
     parser.add_argument("--out", default="bench_out/distill", help="(b) run folders")
     parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
