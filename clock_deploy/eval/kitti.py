@@ -21,7 +21,7 @@ Devkit rules worth knowing (kept on purpose, they are what published KITTI numbe
 - a class with no ground truth gets AP 0 (the devkit divides by zero there).
 """
 import numpy as np
-from numba import njit
+from numba import njit  # cache=True: compiled once per install; numba falls back to a user cache dir when read-only
 
 CLASS_MIN_OVERLAP = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}
 NEIGHBOUR_CLASS = {"car": "van", "pedestrian": "person_sitting"}
@@ -94,7 +94,7 @@ def _class_setup(gt, dt, cls, difficulty):
 # ------------------------------------------------------------------ numba kernels
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _box_overlap(det, box, det_area_only):
     """imageBoxOverlap: IoU, or intersection / detection area for DontCare regions."""
     w = min(det[2], box[2]) - max(det[0], box[0])
@@ -109,7 +109,7 @@ def _box_overlap(det, box, det_area_only):
     return inter / (det_area + box_area - inter)
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _overlaps(dt_boxes, boxes, det_area_only):
     out = np.empty((boxes.shape[0], dt_boxes.shape[0]))
     for i in range(boxes.shape[0]):
@@ -118,7 +118,7 @@ def _overlaps(dt_boxes, boxes, det_area_only):
     return out
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _true_positive_scores(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores, dt_ignored,
                           dt_offsets, min_overlap):
     """computeStatistics without FPs: each GT takes the highest-scoring free overlapping detection."""
@@ -145,7 +145,7 @@ def _true_positive_scores(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores,
     return scores[:n]
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _get_thresholds(scores, num_gt):
     """getThresholds: the TP scores closest to recall 0, 1/40, 2/40, ... (scores sorted descending)."""
     out = np.empty(scores.shape[0])
@@ -163,7 +163,7 @@ def _get_thresholds(scores, num_gt):
     return out[:n]
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _pr_counts(gt_boxes, gt_ignored, gt_offsets, dt_boxes, dt_scores, dt_ignored, dt_offsets,
                dc_boxes, dc_offsets, thresholds, min_overlap):
     """computeStatistics with FPs at every threshold, summed over images: tp, fp [T].
