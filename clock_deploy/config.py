@@ -204,6 +204,28 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+@dataclass
+class PipelineBenchConfig:
+    device: str = "cpu"           # cpu | cuda | jetson-orin
+    backends: list = field(default_factory=lambda: ["torch", "onnx", "onnx-int8", "trt-fp16", "trt-int8"])
+    warmup: int = 5
+    runs: int = 30
+    threads: int = 0              # 0 = physical cores
+    max_images: int = 0           # 0 = the whole validation split
+
+
+@dataclass
+class PipelineConfig:
+    """`clock-deploy pipeline`: stage configs (paths relative to this file) and where results go."""
+    output_dir: str = "runs/demo"
+    teacher: str = "teacher.yaml"
+    student: str = "student.yaml"
+    distill: str = "distill.yaml"
+    overrides: list = field(default_factory=list)  # key=value applied to every stage config
+    calib: str = "calibration/synth_demo.json"     # INT8 calibration manifest (relative to the working dir)
+    bench: PipelineBenchConfig = field(default_factory=PipelineBenchConfig)
+
+
 # ---------------------------------------------------------------- loading
 
 class _LineLoader(yaml.SafeLoader):
