@@ -130,3 +130,24 @@ def test_ddp_two_cpu_processes_agree(tmp_path, data_root):
     initial = rank0["initial"]
     assert any(not torch.equal(initial[k], rank0["model"][k]) for k in initial)  # it did train
     assert os.path.exists(tmp_path / "ddp" / "last.pt")  # written by rank 0 only
+
+
+def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path):
+    """The whole training stack (data, model, criterion, trainer, evaluation) can fit 4 scenes."""
+    from clock_deploy.data.synthetic import generate
+    from clock_deploy.engine.evaluate import evaluate
+
+    generate(str(tmp_path / "data"), 4, seed=3, val_fraction=0.25, progress=False)
+    steps = 250  # batch 4 = the whole set: one iteration per epoch
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", extra=[
+        "data.img_size=[96, 320]", "data.hflip=0", "data.train_split=trainval", "data.val_split=trainval",
+        "train.batch_size=4", f"train.epochs={steps}", f"train.ckpt_every={steps}", "train.lr=1e-3",
+        "train.lr_backbone_mult=1.0", "train.lr_drop_epochs=[]", "model.backbone.frozen_bn=false",
+        "model.backbone.width=16", "model.hidden_dim=64", "model.num_queries=20", "model.dn.num_queries=20",
+        "train.log_every=50"])
+    run_training(cfg, progress=False)
+    model, cfg, _ = load_model(tmp_path / "run" / "last.pt")
+    dataset = build_dataset(cfg.data, "trainval", train=False)
+    assert sum(len(dataset[i][1]["labels"]) for i in range(4)) >= 10
+    metrics = evaluate(model, dataset, progress=False)
+    assert metrics["AP50"] > 0.9, metrics
