@@ -46,8 +46,8 @@ def brute_force_cost(cost):
     """Minimum total cost of a one-to-one assignment of min(Q, n) pairs, over all permutations."""
     q, n = cost.shape
     if q >= n:
-        return min(sum(cost[p[j], j] for j in range(n)) for p in itertools.permutations(range(q), n))
-    return min(sum(cost[i, p[i]] for i in range(q)) for p in itertools.permutations(range(n), q))
+        return min(float(sum(cost[p[j], j] for j in range(n))) for p in itertools.permutations(range(q), n))
+    return min(float(sum(cost[i, p[i]] for i in range(q))) for p in itertools.permutations(range(n), q))
 
 
 @pytest.mark.parametrize("num_queries,num_targets,seed", [(5, 3, 0), (5, 3, 1), (4, 4, 2), (2, 3, 3), (6, 1, 4)])
