@@ -78,7 +78,7 @@ def main():
 
     batch = cfg.train.batch_size
     slowest = max(statistics.median(t) for t in times.values())
-    lines = [f"# Training throughput\n",
+    lines = ["# Training throughput\n",
              f"`python {' '.join(sys.argv)}`: models from `{args.config}` with `model.arch` set per row; batch "
              f"{batch} x {cfg.data.img_size[0]}x{cfg.data.img_size[1]}, median of {args.steps} interleaved "
              f"steps (forward + backward + AdamW); {platform.processor() or platform.machine()}, "

@@ -11,7 +11,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 

@@ -35,3 +35,19 @@ def torch_save(obj, path):
     import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_json(path):
+    """Parse a JSON file; a missing, binary or malformed file is a UserError naming it (and the line)."""
+    from clock_deploy.errors import UserError
+
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid JSON (not a text file)") from None

@@ -139,7 +139,7 @@ def test_coco_dataset(tmp_path):
     np.testing.assert_array_equal(gt["bbox"], [[20, 10, 60, 50], [0, 0, 10, 10], [100, 50, 120, 100]])
     assert gt["occluded"].tolist() == [0, 0, 0] and gt["dimensions"].shape == (3, 3)
     (tmp_path / "annotations" / "bad.json").write_text('{"images": [],\n "annotations": [,]}')
-    with pytest.raises(UserError, match="bad.json:2: invalid json"):
+    with pytest.raises(UserError, match="bad.json:2: not valid JSON"):
         CocoDetection(tmp_path, "bad")
 
 

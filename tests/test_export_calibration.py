@@ -89,7 +89,7 @@ def test_manifest_is_deterministic_and_its_counts_match_the_labels(synth, tmp_pa
 def test_manifest_problems_are_user_errors_naming_the_file(synth, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(UserError, match="bad.json: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad.json:\d+: not valid JSON"):
         read_manifest(bad)
     bad.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(UserError, match="bad.json: not a calibration manifest"):

@@ -12,12 +12,12 @@ a false positive.
 Objects of other classes (e.g. Truck with the 3-class map) are dropped: a detection on them is a
 false positive, as in KITTI.
 """
-import json
 import os
 
 import numpy as np
 
 from clock_deploy.errors import UserError
+from clock_deploy.io import read_json
 
 NEIGHBOUR_OF = {"Van": "Car", "Person_sitting": "Pedestrian"}
 DONTCARE = "DontCare"
@@ -76,13 +76,9 @@ def detections_to_coco(image_ids, detections, classes):
 def load_coco(path):
     """Read a COCO ground-truth json (images, annotations, categories)."""
     path = os.fspath(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"COCO json not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: malformed json ({e.msg})") from None
+    if not os.path.isfile(path):
+        raise UserError(f"COCO json not found: {path}")
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a COCO json must be an object, got {type(data).__name__}")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]

@@ -19,7 +19,6 @@ COCO layout:
 Classes are the json categories ordered by id; crowd annotations are not targets (they are
 DontCare regions in `gt_annos`).
 """
-import json
 import os
 
 import numpy as np
@@ -28,6 +27,7 @@ from PIL import Image
 
 from clock_deploy.config import DataConfig
 from clock_deploy.data import kitti
+from clock_deploy.data.coco import load_coco
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Normalize, ToTensor, build_transforms
 from clock_deploy.errors import UserError
 
@@ -99,7 +99,7 @@ class CocoDetection(_Detection):
         self.root = os.fspath(root)
         self.split = split
         self.ann_file = os.path.join(self.root, "annotations", f"{split}.json")
-        data = _read_coco(self.ann_file)
+        data = load_coco(self.ann_file)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.classes = [c["name"] for c in categories]
         label_of = {c["id"]: i for i, c in enumerate(categories)}
@@ -153,20 +153,6 @@ class CocoDetection(_Detection):
         boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> x1, y1, x2, y2
         labels = np.array([self._label_of[a["category_id"]] for a in anns], dtype=np.int64)
         return boxes, labels
-
-
-def _read_coco(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"COCO annotation file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid json: {e.msg}") from None
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise UserError(f"{path}: missing top-level key '{key}'")
-    return data
 
 
 def collate_fn(batch):

@@ -12,7 +12,6 @@ objects are only taken once nothing else adds coverage.
 The manifest stores the dataset root as it was given, the split, the frame ids and the
 per-stratum counts; the quantizer reads the images back from it (precision.py).
 """
-import json
 import os
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image
 from clock_deploy import __version__
 from clock_deploy.data import kitti
 from clock_deploy.errors import UserError
-from clock_deploy.io import write_json
+from clock_deploy.io import read_json, write_json
 
 FORMAT = "clock-deploy-calibration-v1"
 # box height / image height: below 0.1 is about KITTI's 40 px "Easy" limit at 375 px, above 0.25 is near
@@ -130,11 +129,7 @@ def read_manifest(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"calibration manifest not found: {path} (make one with `clock-deploy calibrate`)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a calibration manifest (expected format '{FORMAT}')")
     for key in ("dataset_root", "split", "frame_ids"):

@@ -7,12 +7,11 @@ versions, calibration manifest, parity results). This module is torch-free becau
 the runtime reads it.
 """
 import datetime
-import json
 import os
 
 from clock_deploy import __version__
 from clock_deploy.errors import UserError
-from clock_deploy.io import write_json
+from clock_deploy.io import read_json, write_json
 
 FORMAT = "clock-deploy-artifact-v1"
 
@@ -105,11 +104,7 @@ def read_metadata(artifact):
     if not os.path.isfile(path):
         raise UserError(f"{artifact}: metadata sidecar {path} is missing; it is written by "
                         "`clock-deploy export` next to the model and must travel with it")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy metadata file (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
