@@ -116,7 +116,7 @@ class TrainConfig:
     amp: bool = True              # only used on CUDA
     ema: bool = False
     ema_decay: float = 0.9997
-    eval_every: int = 1           # epochs; 0 disables periodic evaluation
+    eval_every: int = 1           # epochs; 0 = after the last epoch only, -1 = never
     ckpt_every: int = 1           # epochs
     log_every: int = 10           # iterations
     max_iters: int = 0            # stop after this many iterations (0 = no limit); for smoke tests

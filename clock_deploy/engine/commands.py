@@ -21,7 +21,7 @@ def seed_everything(seed):
 def _datasets(cfg):
     from clock_deploy.data.dataset import build_dataset
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.train.eval_every else None
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.train.eval_every >= 0 else None
     if len(train_set.classes) != cfg.model.num_classes:
         raise UserError(f"model.num_classes={cfg.model.num_classes} but data.classes={cfg.data.classes} "
                         f"has {len(train_set.classes)} classes")

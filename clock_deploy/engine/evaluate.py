@@ -19,7 +19,15 @@ def build_evaluator(dataset):
 
 @torch.no_grad()
 def evaluate(model, dataset, device="cpu", batch_size=8, topk=100, num_workers=0, progress=True):
-    """Run `model` over `dataset` and return the evaluator's flat metrics dict."""
+    """Run `model` over `dataset` and return the evaluator's flat metrics dict.
+
+    The global RNG is left as it was, so evaluating during training does not change the run.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model, dataset, device, batch_size, topk, num_workers, progress)
+
+
+def _evaluate(model, dataset, device, batch_size, topk, num_workers, progress):
     was_training = model.training
     model.eval()
     postprocess = PostProcess(topk)

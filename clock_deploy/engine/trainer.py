@@ -155,10 +155,10 @@ class Trainer:
         while self.epoch < tc.epochs and not self._reached_max_iters():
             self._train_one_epoch()
             self.epoch += 1
-            if tc.eval_every and self.val_set is not None and (
-                    self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs or self._reached_max_iters()):
+            last = self.epoch == tc.epochs or self._reached_max_iters()
+            if self.val_set is not None and (last or (tc.eval_every > 0 and self.epoch % tc.eval_every == 0)):
                 self._evaluate()
-            if self.epoch % tc.ckpt_every == 0 or self.epoch == tc.epochs or self._reached_max_iters():
+            if last or self.epoch % tc.ckpt_every == 0:
                 self._save()
         self.log({"event": "done", "epochs": self.epoch, "iterations": self.iteration,
                   "seconds": round(time.time() - start, 1), **self.metrics})
