@@ -144,12 +144,10 @@ def ensure_data(cfg):
 
 
 def train(cfg):
-    """run_training, continuing the run in cfg.output_dir if an earlier bench was interrupted."""
+    """run_training, continuing (or just reading back) the run in cfg.output_dir if it exists."""
     from clock_deploy.engine.commands import run_training
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
-    start = time.time()
-    metrics = run_training(cfg, resume=resume, progress=False)
-    return metrics, time.time() - start
+    return run_training(cfg, resume=resume, progress=False)
 
 
 def teacher_checkpoint(args):
@@ -192,10 +190,10 @@ def part_b(args):
             cfg = load_config(os.path.join(args.configs, config), extra)
             cfg.train.eval_every = cfg.train.epochs  # evaluate once, at the end of the budget
             ensure_data(cfg)
-            metrics, seconds = train(cfg)
-            results.setdefault(name, []).append((metrics, seconds))
+            metrics = train(cfg)
+            results.setdefault(name, []).append(metrics)
             print(f"{name} seed {seed}: mAP {metrics.get('mAP', float('nan')):.4f} "
-                  f"KITTI Mod {metrics.get('kitti_moderate', float('nan')):.2f} ({seconds:.0f} s)", flush=True)
+                  f"KITTI Mod {metrics.get('kitti_moderate', float('nan')):.2f}", flush=True)
 
     budget = cfg.train.epochs
     tm = teacher["metrics"]
@@ -204,21 +202,22 @@ def part_b(args):
              f"seeds {args.seeds}; teacher {teacher['arch']} {teacher_path} "
              f"(mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod {tm.get('kitti_moderate', float('nan')):.2f}). "
              f"{machine()}.", "",
-             "| variant | mAP (COCO) | delta | AP50 | KITTI Moderate AP (R40) | delta | per seed mAP | min/run |",
+             "| variant | mAP (COCO) | delta | AP50 | KITTI Moderate AP (R40) | delta | mAP per seed | "
+             "KITTI Mod per seed |",
              "|---|---|---|---|---|---|---|---|"]
     base_map = mean(results["baseline"], "mAP")
     base_mod = mean(results["baseline"], "kitti_moderate")
     for name, runs in results.items():
         m, mod = mean(runs, "mAP"), mean(runs, "kitti_moderate")
-        seeds = ", ".join(f"{r[0].get('mAP', float('nan')):.4f}" for r in runs)
-        minutes = statistics.mean(r[1] for r in runs) / 60
+        seed_map = ", ".join(f"{r.get('mAP', float('nan')):.3f}" for r in runs)
+        seed_mod = ", ".join(f"{r.get('kitti_moderate', float('nan')):.1f}" for r in runs)
         lines.append(f"| {name} | {m:.4f} | {m - base_map:+.4f} | {mean(runs, 'AP50'):.4f} | {mod:.2f} | "
-                     f"{mod - base_mod:+.2f} | {seeds} | {minutes:.1f} |")
+                     f"{mod - base_mod:+.2f} | {seed_map} | {seed_mod} |")
     return "\n".join(lines)
 
 
 def mean(runs, key):
-    return statistics.mean(r[0].get(key, float("nan")) for r in runs)
+    return statistics.mean(r.get(key, float("nan")) for r in runs)
 
 
 # ---------------------------------------------------------------- report
