@@ -202,18 +202,26 @@ def part_b(args):
              f"seeds {args.seeds}; teacher {teacher['arch']} {teacher_path} "
              f"(mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod {tm.get('kitti_moderate', float('nan')):.2f}). "
              f"{machine()}.", "",
-             "| variant | mAP (COCO) | delta | AP50 | KITTI Moderate AP (R40) | delta | mAP per seed | "
+             "| variant | mAP (COCO) | delta +- sd | AP50 | KITTI Moderate AP (R40) | delta +- sd | mAP per seed | "
              "KITTI Mod per seed |",
              "|---|---|---|---|---|---|---|---|"]
-    base_map = mean(results["baseline"], "mAP")
-    base_mod = mean(results["baseline"], "kitti_moderate")
     for name, runs in results.items():
         m, mod = mean(runs, "mAP"), mean(runs, "kitti_moderate")
+        delta_map = paired_delta(runs, results["baseline"], "mAP", "{:+.4f}")
+        delta_mod = paired_delta(runs, results["baseline"], "kitti_moderate", "{:+.2f}")
         seed_map = ", ".join(f"{r.get('mAP', float('nan')):.3f}" for r in runs)
         seed_mod = ", ".join(f"{r.get('kitti_moderate', float('nan')):.1f}" for r in runs)
-        lines.append(f"| {name} | {m:.4f} | {m - base_map:+.4f} | {mean(runs, 'AP50'):.4f} | {mod:.2f} | "
-                     f"{mod - base_mod:+.2f} | {seed_map} | {seed_mod} |")
+        lines.append(f"| {name} | {m:.4f} | {delta_map} | {mean(runs, 'AP50'):.4f} | {mod:.2f} | "
+                     f"{delta_mod} | {seed_map} | {seed_mod} |")
+    lines += ["", "delta +- sd: mean and standard deviation over seeds of (variant - baseline of the same seed; "
+              "same student initialization and data order)."]
     return "\n".join(lines)
+
+
+def paired_delta(runs, baseline, key, fmt):
+    deltas = [r.get(key, float("nan")) - b.get(key, float("nan")) for r, b in zip(runs, baseline)]
+    spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(deltas))} +- {fmt.format(spread)[1:]}"
 
 
 def mean(runs, key):
