@@ -35,14 +35,16 @@ DEMO = "configs/demo"
 RESULTS = "benchmarks/results/distill.md"
 ARCHS = ["dab_detr", "deformable_detr", "dino"]
 METHODS = ["clock", "kd_detr", "fgd"]
-# (name, config, overrides): the A/B variants of part (b)
+# (name, run folder, config, overrides): the A/B variants of part (b)
 VARIANTS = [
-    ("baseline", "student.yaml", []),
-    ("CLoCK", "distill.yaml", []),
-    ("KD-DETR", "distill_kd_detr.yaml", []),
-    ("FGD", "distill_fgd.yaml", []),
-    ("LCMD only", "distill.yaml", ["distill.use_logit=false"]),
-    ("TCLD only", "distill.yaml", ["distill.use_mem=false"]),
+    ("baseline", "baseline", "student.yaml", []),
+    ("CLoCK", "clock_lmem1", "distill.yaml", []),
+    ("KD-DETR", "kddetr", "distill_kd_detr.yaml", []),
+    ("FGD", "fgd", "distill_fgd.yaml", []),
+    ("LCMD only", "lcmd_only_lmem1", "distill.yaml", ["distill.use_logit=false"]),
+    ("TCLD only", "tcld_only", "distill.yaml", ["distill.use_mem=false"]),
+    ("CLoCK, lambda_mem=50", "clock", "distill.yaml", ["distill.lambda_mem=50"]),
+    ("LCMD only, lambda_mem=50", "lcmd_only", "distill.yaml", ["distill.use_logit=false", "distill.lambda_mem=50"]),
 ]
 
 
@@ -179,9 +181,9 @@ def teacher_metrics(path, cfg):
 def part_b(args):
     teacher_path, teacher = teacher_checkpoint(args)
     results = {}
-    for name, config, overrides in VARIANTS:
+    for name, folder, config, overrides in VARIANTS:
         for seed in args.seeds:
-            run_dir = os.path.join(args.out, f"{name.lower().replace(' ', '_').replace('-', '')}_s{seed}")
+            run_dir = os.path.join(args.out, f"{folder}_s{seed}")
             extra = [f"seed={seed}", f"output_dir={run_dir}", f"distill.teacher={teacher_path}"] + overrides
             if args.epochs:
                 extra += [f"train.epochs={args.epochs}"]

@@ -6,8 +6,8 @@ RGB array, and detections come back in that frame's pixels. With an .onnx or .en
 model this never imports torch.
 
     clock-deploy data synth --out data/synth_kitti
-    clock-deploy export --ckpt runs/demo/distill_clock/last.pt          # writes .../export/last.onnx
-    python examples/perception_loop.py --model runs/demo/distill_clock/export/last.onnx \\
+    clock-deploy export --ckpt runs/demo/distill/last.pt          # writes .../export/last.onnx
+    python examples/perception_loop.py --model runs/demo/distill/export/last.onnx \\
         --frames data/synth_kitti/training/image_2 --max-frames 20
 """
 import argparse
