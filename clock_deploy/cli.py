@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("clock_deploy.engine.commands", "train", "Train a teacher or a baseline student."),
     "distill": ("clock_deploy.engine.commands", "distill", "Distill a student from a teacher (CLoCK, KD-DETR, FGD)."),
     "export": ("clock_deploy.export.commands", "export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT."),
+    "engine": ("clock_deploy.export.commands", "engine", "Build a TensorRT engine from an exported ONNX, on the device."),
     "calibrate": ("clock_deploy.export.commands", "calibrate", "Choose an INT8 calibration set and write its manifest."),
     "bench": ("clock_deploy.bench.commands", "bench", "Latency and accuracy of models x backends, side by side."),
     "pipeline": ("clock_deploy.pipeline", "pipeline", "Synthesize -> train -> distill -> export -> bench, resumable."),

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import batch_spec, build_metadata, write_metadata
-from clock_deploy.export.tensorrt import BuildPlan, TensorRTUnavailable, build_engine, import_tensorrt, plan_build
+from clock_deploy.export.metadata import batch_spec, build_metadata, read_metadata, write_metadata
+from clock_deploy.export.tensorrt import (BuildPlan, TensorRTUnavailable, build_engine, engine_from_onnx,
+                                         import_tensorrt, plan_build)
 
 H, W = 64, 128
 
@@ -216,6 +217,45 @@ def test_missing_tensorrt_names_what_to_install(monkeypatch):
         import_tensorrt()
     message = str(e.value)
     assert "\n" not in message and "pip install clock-deploy[trt]" in message and "python3-libnvinfer" in message
+
+
+def test_engine_from_onnx_takes_everything_from_the_sidecar(tmp_path):
+    onnx_path = tmp_path / "student.int8.onnx"
+    onnx_path.write_bytes(b"onnx")
+    calibration = {"manifest": "calibration/synth_demo.json"}
+    write_metadata(onnx_path, build_metadata(kind="onnx", arch="dino", classes=["Car", "Cyclist"], height=H, width=W,
+                                             mean=[0.5] * 3, std=[0.25] * 3, precision="int8", topk=10,
+                                             batch=batch_spec(True, 2), source={"sha256": "abc"},
+                                             calibration=calibration, parity={"passed": True}))
+    trt = FakeTensorRT("10.3.0")
+    engine = engine_from_onnx(onnx_path, trt=trt, dla_core=0)
+    assert engine == str(tmp_path / "student.int8.engine")
+    assert trt.recorded("profile") == [(("images", (1, 3, H, W), (2, 3, H, W), (2, 3, H, W)),)]
+    meta = read_metadata(engine)
+    assert meta["kind"] == "tensorrt" and meta["precision"] == "int8" and meta["classes"] == ["Car", "Cyclist"]
+    assert meta["calibration"] == calibration and meta["source"] == {"sha256": "abc"}
+    assert meta["onnx_parity"] == {"passed": True} and meta["parity"] is None
+    assert meta["tensorrt"]["dla_core"] == 0 and meta["tensorrt"]["onnx"] == "student.int8.onnx"
+    # an FP32 ONNX asked for FP16: TensorRT 10's builder flag, engine named by the precision built
+    fp32 = tmp_path / "student.onnx"
+    fp32.write_bytes(b"onnx")
+    write_metadata(fp32, {**read_metadata(onnx_path), "kind": "onnx", "precision": "fp32"})
+    assert engine_from_onnx(fp32, "fp16", trt=FakeTensorRT("10.3.0")) == str(tmp_path / "student.fp16.engine")
+
+
+def test_engine_command_without_tensorrt_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from clock_deploy.export.commands import engine
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    write_metadata(onnx_path, build_metadata(kind="onnx", arch="dino", classes=["Car"], height=H, width=W,
+                                             mean=[0, 0, 0], std=[1, 1, 1], precision="fp32", topk=10,
+                                             batch=batch_spec(True, 1)))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    result = CliRunner().invoke(engine, [str(onnx_path), "--fp16"])
+    assert isinstance(result.exception, TensorRTUnavailable)
+    assert "pip install clock-deploy[trt]" in str(result.exception)
 
 
 def _engine_with_sidecar(tmp_path, version):

@@ -195,23 +195,16 @@ class Exporter:
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache):
-        from clock_deploy.export.metadata import read_metadata, write_metadata
-        from clock_deploy.export.tensorrt import build_engine
+        from clock_deploy.export.metadata import read_metadata
+        from clock_deploy.export.tensorrt import engine_from_onnx
 
         exp = self.cfg.export
-        height, width = self.cfg.data.img_size
-        engine = self.path(f".{precision}.engine")
-        build = build_engine(onnx_path, engine, onnx_precision=precision, precision=precision, height=height,
-                             width=width, batch=self.batch, workspace_gb=exp.workspace_gb,
-                             timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"),
-                             dla_core=exp.dla_core)
-        # parity was measured on the ONNX the engine is built from (engines need a GPU to run)
-        onnx_meta = read_metadata(onnx_path)
-        write_metadata(engine, self.metadata("tensorrt", precision, calibration=onnx_meta["calibration"],
-                                             tensorrt=build, onnx_parity=onnx_meta["parity"]))
+        engine = engine_from_onnx(onnx_path, precision, self.path(f".{precision}.engine"),
+                                  workspace_gb=exp.workspace_gb, dla_core=exp.dla_core,
+                                  timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"))
+        build = read_metadata(engine)["tensorrt"]
         self.echo(f"wrote {engine} (TensorRT {build['version']} on {build['device']})")
         self.summary["engine"] = engine
-
 
 def _describe(path, report):
     text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} {report['image_source']} "
@@ -297,3 +290,22 @@ def calibrate(root, split, num, out, seed):
         click.echo(f"  {key:<22} {row['images_selected']:>5} / {row['images_in_split']:<5} images  "
                    f"{row['objects_selected']:>6} objects")
 
+
+
+@click.command()
+@click.argument("onnx_path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 engine from an FP32 ONNX (TensorRT 10 builder flag).")
+@click.option("--out", "engine_path", default=None, help="Engine file [default: next to the ONNX, <stem>.<precision>.engine].")
+@click.option("--workspace-gb", default=2.0, show_default=True)
+@click.option("--dla-core", default=-1, show_default=True, help="DLA core (Jetson), GPU fallback on; -1 = GPU only.")
+@click.option("--timing-cache", default=None, help="Timing cache file, loaded when present and saved after the build.")
+def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cache):
+    """Build a TensorRT engine from an exported ONNX (and its sidecar) on the device that will run it.
+
+    Needs no torch and no checkpoint: copy the .onnx and its .onnx.json to the Jetson and run this there.
+    """
+    from clock_deploy.export.tensorrt import engine_from_onnx
+
+    path = engine_from_onnx(onnx_path, precision, engine_path, workspace_gb=workspace_gb, dla_core=dla_core,
+                            timing_cache=timing_cache)
+    click.echo(f"wrote {path}")

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import INPUT_NAME
+from clock_deploy.export.metadata import INPUT_NAME, build_metadata, read_metadata, write_metadata
 from clock_deploy.io import atomic_path
 
 INSTALL_HINT = ("install it with `pip install clock-deploy[trt]` on x86 with an NVIDIA GPU, "
@@ -180,3 +180,33 @@ def cuda_device_name(index=0):
         return f"unknown ({err})"
     name = props.name
     return (name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)).strip()
+
+
+def engine_from_onnx(onnx_path, precision=None, engine_path=None, *, workspace_gb=2.0, timing_cache=None,
+                     dla_core=-1, trt=None):
+    """Build the engine of an exported ONNX and write its sidecar; torch-free, for building on the device.
+
+    Everything the build needs (input size, batch profile, precision, classes, calibration, parity)
+    comes from the ONNX's own sidecar. precision: defaults to the ONNX's; "fp16" from an FP32 ONNX
+    uses TensorRT 10's FP16 builder flag. Returns the engine path.
+    """
+    onnx_path = os.fspath(onnx_path)
+    onnx_meta = read_metadata(onnx_path)
+    onnx_precision = onnx_meta["precision"]
+    precision = precision or onnx_precision
+    if engine_path is None:
+        stem = onnx_path[:-len(".onnx")] if onnx_path.endswith(".onnx") else onnx_path
+        stem = stem[:-len("." + onnx_precision)] if stem.endswith("." + onnx_precision) else stem
+        engine_path = f"{stem}.{precision}.engine"
+    height, width = onnx_meta["input"]["height"], onnx_meta["input"]["width"]
+    build = build_engine(onnx_path, engine_path, onnx_precision=onnx_precision, precision=precision,
+                         height=height, width=width, batch=onnx_meta["batch"], workspace_gb=workspace_gb,
+                         timing_cache=timing_cache, dla_core=dla_core, trt=trt)
+    # parity was measured on the ONNX the engine is built from (engines need a GPU to run)
+    write_metadata(engine_path, build_metadata(
+        kind="tensorrt", arch=onnx_meta["arch"], classes=onnx_meta["classes"], height=height, width=width,
+        mean=onnx_meta["input"]["mean"], std=onnx_meta["input"]["std"], precision=precision,
+        topk=onnx_meta["topk"], batch=onnx_meta["batch"], source=onnx_meta.get("source"),
+        opset=onnx_meta.get("opset"), sampling=onnx_meta.get("sampling"),
+        calibration=onnx_meta.get("calibration"), tensorrt=build, onnx_parity=onnx_meta.get("parity")))
+    return engine_path
