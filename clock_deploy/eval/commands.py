@@ -54,21 +54,46 @@ def _read_detections(path):
     return annos
 
 
+def _detect(model, label_dir, frame_ids, det, device):
+    """Run `model` on the frames' images (<root>/training/image_2) and write its KITTI detection files."""
+    from tqdm import tqdm
+
+    from clock_deploy.data.kitti import image_path
+    from clock_deploy.eval.evaluator import write_kitti_detections
+    from clock_deploy.runtime import Detector
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(label_dir)))
+    detector = Detector.load(model, device=device, score_threshold=0.0)
+    dets = []
+    for frame_id in tqdm(frame_ids, desc=f"detect ({os.path.basename(model)})"):
+        (found,) = detector(image_path(root, frame_id))
+        dets.append((found.boxes, found.scores, found.labels))
+    write_kitti_detections(det, frame_ids, dets, detector.classes)
+    click.echo(f"wrote {len(frame_ids)} detection files to {det}")
+
+
 @click.command("eval")
 @click.option("--gt", "gt", required=True, type=click.Path(), help="KITTI label_2 folder or dataset root.")
-@click.option("--det", "det", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of 16-column KITTI detection files (<frame>.txt).")
+@click.option("--det", "det", required=True, type=click.Path(file_okay=False),
+              help="Folder of 16-column KITTI detection files (<frame>.txt); written first with --model.")
+@click.option("--model", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Run this .pt / .onnx / .engine on the split's images and write --det before evaluating.")
+@click.option("--device", default="cpu", show_default=True, help="Device for --model (cpu, cuda).")
 @click.option("--split", default=None, help="Split file (one frame id per line) or split name in ImageSets/.")
 @click.option("--classes", default="kitti3", show_default=True,
               help="Class map (kitti3, kitti8) or comma list of KITTI classes.")
 @click.option("--coco", "with_coco", is_flag=True, help="Also report COCO mAP (faster-coco-eval).")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write all metrics to this json.")
-def eval_cmd(gt, det, split, classes, with_coco, json_path):
+def eval_cmd(gt, det, model, device, split, classes, with_coco, json_path):
     """KITTI 2D AP (R40 and R11, official devkit rules) of detection files against KITTI labels."""
     label_dir = _label_dir(gt)
     frame_ids = _frame_ids(gt, label_dir, split)
     if not frame_ids:
         raise UserError(f"--gt: no label files to evaluate in {label_dir}")
+    if model:
+        _detect(model, label_dir, frame_ids, det, device)
+    elif not os.path.isdir(det):
+        raise UserError(f"--det: no such folder: {det} (or pass --model to write it)")
     class_list = _class_list(classes)
     gt_annos = [read_label(os.path.join(label_dir, f"{f}.txt")) for f in frame_ids]
     det_annos = [_read_detections(os.path.join(det, f"{f}.txt")) for f in frame_ids]
