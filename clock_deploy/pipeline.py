@@ -4,7 +4,6 @@ Every stage writes under `output_dir` and is skipped when its output is complete
 so an interrupted pipeline continues where it stopped (a half-trained stage
 resumes from its last checkpoint).
 """
-import json
 import os
 import time
 
@@ -12,6 +11,7 @@ import click
 
 from clock_deploy.config import PipelineConfig, load_config
 from clock_deploy.errors import UserError
+from clock_deploy.io import read_json
 
 
 class Pipeline:
@@ -53,23 +53,20 @@ class Pipeline:
         return result
 
     def synthesize(self, cfg_data):
-        """Generate the synthetic scenes unless the root already holds them with these settings."""
+        """Generate the synthetic scenes (data.synth) unless data.root exists; existing data is never replaced."""
         from clock_deploy.data.synthetic import MARKER, generate
 
-        marker = os.path.join(cfg_data.root, MARKER)
-        if os.path.isdir(cfg_data.root) and not os.path.exists(marker):
-            self.echo(f"{cfg_data.root}: not synthetic data, used as it is")
-            return
         s = cfg_data.synth
         params = {"num_images": s.num_images, "seed": s.seed, "height": s.height, "width": s.width,
                   "val_fraction": s.val_fraction, "max_objects": s.max_objects}
-        if os.path.exists(marker):
-            with open(marker) as f:
-                written = json.load(f)
-            if all(written.get(k) == v for k, v in params.items()):
-                self.echo(f"{cfg_data.root}: {s.num_images} synthetic images already there: skipped")
-                return
-        generate(cfg_data.root, progress=True, **params)
+        if not os.path.isdir(cfg_data.root):
+            generate(cfg_data.root, progress=True, **params)
+            return
+        marker = os.path.join(cfg_data.root, MARKER)
+        written = read_json(marker) if os.path.exists(marker) else {}
+        differ = [f"{k} {written[k]} (config: {v})" for k, v in params.items() if k in written and written[k] != v]
+        self.echo(f"{cfg_data.root} exists: skipped" + (
+            f"; it was generated with {', '.join(differ)}: delete it to regenerate" if differ else ""))
 
     def train(self, name, cfg):
         from clock_deploy.engine.checkpoint import read_checkpoint

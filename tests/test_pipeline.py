@@ -5,8 +5,10 @@ import os
 import pytest
 import yaml
 
+from clock_deploy.data.kitti import read_split
+from clock_deploy.export.calibration import choose_calibration_set, write_manifest
 from clock_deploy.pipeline import Pipeline
-from engine_helpers import TINY_MODEL, tiny_data
+from engine_helpers import TINY_MODEL
 
 
 def write_yaml(path, data):
@@ -17,20 +19,23 @@ def write_yaml(path, data):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    data_root = tiny_data(tmp / "data", num_images=12)
-    common = {"device": "cpu", "data": {"root": data_root, "img_size": [64, 96]},
+    data_root = str(tmp / "data")
+    common = {"device": "cpu", "data": {"root": data_root, "img_size": [64, 96],
+                                        "synth": {"num_images": 12, "height": 64, "width": 192}},
               "train": {"batch_size": 3, "epochs": 1, "eval_every": 0, "log_every": 1}, "export": {"topk": 10}}
     write_yaml(tmp / "teacher.yaml", {**common, "model": {"arch": "dino"}})
     write_yaml(tmp / "student.yaml", {**common, "model": {"arch": "deformable_detr"}})
     write_yaml(tmp / "distill.yaml", {"_base_": "student.yaml", "distill": {"method": "clock"}})
-    from clock_deploy.export.calibration import choose_calibration_set, write_manifest
     manifest = tmp / "calib.json"
-    write_manifest(str(manifest), choose_calibration_set(data_root, "train", 4))
     cfg = write_yaml(tmp / "pipeline.yaml", {
         "output_dir": str(tmp / "runs"), "calib": str(manifest), "overrides": TINY_MODEL,
         "bench": {"backends": ["torch", "onnx", "onnx-int8", "trt-fp16"], "warmup": 1, "runs": 2}})
     lines = []
-    result = Pipeline(cfg, echo=lines.append).run()
+    pipeline = Pipeline(cfg, echo=lines.append)
+    pipeline.synthesize(pipeline.stage_config("teacher").data)  # the data stage, so a manifest can be made
+    assert len(read_split(data_root, "trainval")) == 12
+    write_manifest(str(manifest), choose_calibration_set(data_root, "train", 4))
+    result = pipeline.run()
     return cfg, result, lines, tmp
 
 
