@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--model", required=True, help=".onnx, .engine or .pt")
     parser.add_argument("--frames", required=True, help="folder of images standing in for the camera")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept")
+    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score kept")
     parser.add_argument("--max-frames", type=int, default=100)
     args = parser.parse_args()
 
