@@ -22,21 +22,9 @@ from clock_deploy.config import load_config
 from clock_deploy.engine.trainer import TrainStep
 from clock_deploy.io import write_text
 from clock_deploy.models.build import build_criterion, build_model
+from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
 
 ARCHS = ["dab_detr", "deformable_detr", "dino"]
-
-
-def random_batch(cfg, generator):
-    height, width = cfg.data.img_size
-    images = torch.randn(cfg.train.batch_size, 3, height, width, generator=generator)
-    targets = []
-    for _ in range(cfg.train.batch_size):
-        n = int(torch.randint(1, 7, (1,), generator=generator))
-        centre = 0.2 + 0.6 * torch.rand(n, 2, generator=generator)
-        size = 0.05 + 0.3 * torch.rand(n, 2, generator=generator)
-        targets.append({"boxes": torch.cat([centre, size], 1),
-                        "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=generator)})
-    return images, targets
 
 
 def step_runner(cfg):
