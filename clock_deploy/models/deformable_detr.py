@@ -7,32 +7,20 @@ from the top-scoring encoder proposals instead of learned embeddings).
 import torch
 from torch import nn
 
-from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.contract import DetrOutput
-from clock_deploy.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, MultiScaleNeck,
-                                                        TwoStageProposals, flatten_levels, unflatten_levels)
+from clock_deploy.models.deformable_transformer import MultiScaleDetrBase, TwoStageProposals, unflatten_levels
 from clock_deploy.models.position import gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
                                                    self_attn_mask, split_stages)
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(MultiScaleDetrBase):
     arch = "deformable_detr"
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.hidden_dim, self.num_classes = cfg.hidden_dim, cfg.num_classes
-        self.num_queries, self.dec_layers = cfg.num_queries, cfg.dec_layers
+        super().__init__(cfg)
         self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
         d = cfg.hidden_dim
-        self.backbone = build_backbone(cfg.backbone)
-        self.neck = MultiScaleNeck(self.backbone.num_channels, self.backbone.strides, d, cfg.num_feature_levels)
-        self.strides = self.neck.strides
-        layer_kwargs = dict(d_model=d, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, n_levels=cfg.num_feature_levels,
-                            n_heads=cfg.nheads, n_points=cfg.n_points, sampling=cfg.sampling)
-        self.encoder = DeformableEncoder(cfg.enc_layers, **layer_kwargs)
-        self.decoder = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(cfg.dec_layers))
 
         # prediction heads: one per decoder layer with box refinement, else one shared
         num_heads = cfg.dec_layers if cfg.box_refine else 1
@@ -83,11 +71,8 @@ class DeformableDETR(nn.Module):
     def forward(self, images, targets=None, groups=None):
         """images [B, 3, H, W] -> DetrOutput (targets unused: no denoising in Deformable DETR)."""
         groups = groups or []
-        maps, pos_maps = self.neck(self.backbone(images))
-        src, spatial_shapes = flatten_levels(maps)
-        pos, _ = flatten_levels(pos_maps)
-        memory = self.encoder(src, pos, spatial_shapes)
-        batch = src.shape[0]
+        maps, pos_maps, memory, spatial_shapes = self.encode(images)
+        batch = memory.shape[0]
 
         encoder_out = None
         if self.two_stage:
@@ -103,7 +88,7 @@ class DeformableDETR(nn.Module):
             for blocks, value in zip((contents, positions, references), self._group_queries(g)):
                 blocks.append(value)
         sizes = [c.shape[1] for c in contents]
-        mask = self_attn_mask(batch, self.num_queries, None, sizes[1:], [g.pad_mask for g in groups], src.device)
+        mask = self_attn_mask(batch, self.num_queries, None, sizes[1:], [g.pad_mask for g in groups], memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(positions, 1), torch.cat(references, 1),
                                      memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, sizes)

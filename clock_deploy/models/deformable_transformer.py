@@ -1,11 +1,12 @@
 """Multi-scale pieces shared by Deformable DETR and DINO: input projections, the deformable
-encoder, the decoder layer and two-stage encoder proposals."""
+encoder, the decoder layer, two-stage encoder proposals and the model base that wires them."""
 import math
 
 import torch
 from torch import nn
 
 from clock_deploy.errors import UserError
+from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.contract import StageOutput
 from clock_deploy.models.deform_attn import MSDeformAttn
 from clock_deploy.models.position import PositionEmbeddingSine
@@ -179,3 +180,30 @@ class DeformableDecoderLayer(nn.Module):
         cross = self.cross_attn(tgt + query_pos, refs, memory, spatial_shapes)
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.ffn(tgt))
+
+
+class MultiScaleDetrBase(nn.Module):
+    """Backbone -> multi-scale neck -> deformable encoder, and the decoder layers, as Deformable DETR
+    and DINO both build them. Subclasses add their query scheme, heads and `forward`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.hidden_dim, self.num_classes = cfg.hidden_dim, cfg.num_classes
+        self.num_queries, self.dec_layers = cfg.num_queries, cfg.dec_layers
+        self.backbone = build_backbone(cfg.backbone)
+        self.neck = MultiScaleNeck(self.backbone.num_channels, self.backbone.strides, cfg.hidden_dim,
+                                   cfg.num_feature_levels)
+        self.strides = self.neck.strides
+        layer_kwargs = dict(d_model=cfg.hidden_dim, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                            n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, n_points=cfg.n_points,
+                            sampling=cfg.sampling)
+        self.encoder = DeformableEncoder(cfg.enc_layers, **layer_kwargs)
+        self.decoder = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(cfg.dec_layers))
+
+    def encode(self, images):
+        """images [B, 3, H, W] -> (neck maps, their position maps, flat memory [B, S, D], spatial shapes)."""
+        maps, pos_maps = self.neck(self.backbone(images))
+        src, spatial_shapes = flatten_levels(maps)
+        pos, _ = flatten_levels(pos_maps)
+        return maps, pos_maps, self.encoder(src, pos, spatial_shapes), spatial_shapes

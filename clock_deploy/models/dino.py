@@ -8,11 +8,9 @@ after them, denoising groups blind to each other, and every extra group on its o
 import torch
 from torch import nn
 
-from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from clock_deploy.models.contract import DenoisingOutput, DetrOutput
-from clock_deploy.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, MultiScaleNeck,
-                                                        TwoStageProposals, flatten_levels, unflatten_levels)
+from clock_deploy.models.deformable_transformer import MultiScaleDetrBase, TwoStageProposals, unflatten_levels
 from clock_deploy.models.position import gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
                                                    self_attn_mask, split_stages)
@@ -72,23 +70,13 @@ def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matchin
     return content, anchors, mask, meta
 
 
-class DINO(nn.Module):
+class DINO(MultiScaleDetrBase):
     arch = "dino"
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.hidden_dim, self.num_classes = cfg.hidden_dim, cfg.num_classes
-        self.num_queries, self.dec_layers = cfg.num_queries, cfg.dec_layers
+        super().__init__(cfg)
         self.dn_cfg = cfg.dn
         d = cfg.hidden_dim
-        self.backbone = build_backbone(cfg.backbone)
-        self.neck = MultiScaleNeck(self.backbone.num_channels, self.backbone.strides, d, cfg.num_feature_levels)
-        self.strides = self.neck.strides
-        layer_kwargs = dict(d_model=d, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, n_levels=cfg.num_feature_levels,
-                            n_heads=cfg.nheads, n_points=cfg.n_points, sampling=cfg.sampling)
-        self.encoder = DeformableEncoder(cfg.enc_layers, **layer_kwargs)
-        self.decoder = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.ref_point_head = MLP(2 * d, d, d, 2)  # sine embedding of the reference box -> query_pos
 
@@ -105,11 +93,8 @@ class DINO(nn.Module):
     def forward(self, images, targets=None, groups=None):
         """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput."""
         groups = groups or []
-        maps, pos_maps = self.neck(self.backbone(images))
-        src, spatial_shapes = flatten_levels(maps)
-        pos, _ = flatten_levels(pos_maps)
-        memory = self.encoder(src, pos, spatial_shapes)
-        batch = src.shape[0]
+        maps, pos_maps, memory, spatial_shapes = self.encode(images)
+        batch = memory.shape[0]
 
         # mixed query selection: the top encoder proposals give the anchors, the content is learned
         encoder_out, anchors = self.proposals(memory, spatial_shapes)
@@ -126,7 +111,7 @@ class DINO(nn.Module):
             contents.append(g.content)
             anchor_blocks.append(inverse_sigmoid(g.boxes))
         mask = self_attn_mask(batch, num_base, base_mask, [g.content.shape[1] for g in groups],
-                              [g.pad_mask for g in groups], src.device)
+                              [g.pad_mask for g in groups], memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(anchor_blocks, 1), memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, [c.shape[1] for c in contents])
         denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta) if dn is not None else None
