@@ -2,23 +2,36 @@
 
 Every stage writes under `output_dir` and is skipped when its output is complete,
 so an interrupted pipeline continues where it stopped (a half-trained stage
-resumes from its last checkpoint).
+resumes from its last checkpoint). The bench is skipped when a stamp shows that
+its inputs (file hashes of checkpoints, artifacts, calibration and split, and the
+bench settings) are those of the reports already written. `--force STAGE` runs a
+stage again on purpose.
 """
+import dataclasses
 import os
+import shutil
 import time
 
 import click
 
 from clock_deploy.config import PipelineConfig, load_config
 from clock_deploy.errors import UserError
-from clock_deploy.io import read_json
+from clock_deploy.eval.units import ap_text
+from clock_deploy.io import atomic_path, read_json, write_json
+
+STAGES = ("data", "teacher", "student", "distill", "export", "bench")
+DEPLOY_PRECISIONS = ("onnx", "onnx-int8")  # what the export stage writes (bench backend names)
 
 
 class Pipeline:
-    def __init__(self, cfg_path, overrides=(), echo=click.echo):
+    def __init__(self, cfg_path, overrides=(), echo=click.echo, force=()):
+        unknown = sorted(set(force) - set(STAGES))
+        if unknown:
+            raise UserError(f"--force: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         self.cfg_path = cfg_path
         self.cfg = load_config(cfg_path, overrides, cls=PipelineConfig)
         self.echo = echo
+        self.force = set(force)
         self.out = self.cfg.output_dir
         self.timings = {}
 
@@ -53,20 +66,37 @@ class Pipeline:
         return result
 
     def synthesize(self, cfg_data):
-        """Generate the synthetic scenes (data.synth) unless data.root exists; existing data is never replaced."""
+        """Generate the synthetic scenes (data.synth) unless data.root exists; existing data is only
+        replaced with --force data (and only if the generator wrote it)."""
         from clock_deploy.data.synthetic import MARKER, generate
 
         s = cfg_data.synth
         params = {"num_images": s.num_images, "seed": s.seed, "height": s.height, "width": s.width,
                   "val_fraction": s.val_fraction, "max_objects": s.max_objects}
-        if not os.path.isdir(cfg_data.root):
-            generate(cfg_data.root, progress=True, **params)
+        if not os.path.isdir(cfg_data.root) or "data" in self.force:
+            summary = generate(cfg_data.root, progress=True, **params)
+            self.echo(f"wrote {summary['num_images']} scenes to {cfg_data.root} ({self.describe_splits(cfg_data)})")
             return
         marker = os.path.join(cfg_data.root, MARKER)
         written = read_json(marker) if os.path.exists(marker) else {}
         differ = [f"{k} {written[k]} (config: {v})" for k, v in params.items() if k in written and written[k] != v]
-        self.echo(f"{cfg_data.root} exists: skipped" + (
-            f"; it was generated with {', '.join(differ)}: delete it to regenerate" if differ else ""))
+        self.echo(f"{cfg_data.root} exists ({self.describe_splits(cfg_data)}): skipped" + (
+            f"; it was generated with {', '.join(differ)}: --force data regenerates it" if differ else ""))
+
+    @staticmethod
+    def describe_splits(cfg_data):
+        """'400 train + 200 val scenes' for a KITTI-layout root."""
+        from clock_deploy.data.kitti import read_split
+
+        if cfg_data.format != "kitti":
+            return f"{cfg_data.format} format"
+        counts = []
+        for split in (cfg_data.train_split, cfg_data.val_split):
+            try:
+                counts.append(f"{len(read_split(cfg_data.root, split))} {split}")
+            except UserError:
+                counts.append(f"no {split} split")
+        return " + ".join(counts) + " scenes"
 
     def train(self, name, cfg):
         from clock_deploy.engine.checkpoint import read_checkpoint
@@ -74,7 +104,7 @@ class Pipeline:
 
         last = self.checkpoint(name)
         resume = False
-        if os.path.exists(last):
+        if os.path.exists(last) and name not in self.force:
             ckpt = read_checkpoint(last)
             if ckpt["epoch"] >= cfg.train.epochs or (0 < cfg.train.max_iters <= ckpt["iteration"]):
                 self.echo(f"{last} is complete (epoch {ckpt['epoch']}): skipped")
@@ -83,36 +113,79 @@ class Pipeline:
             resume = True
         run_training(cfg, resume=resume)
 
-    def export(self):
-        """The deployable artifacts of the distilled student: ONNX FP32 + INT8 Q/DQ with sidecars.
-
-        They are written where the bench looks for its cached artifacts, so it reuses them.
-        """
-        from clock_deploy.bench.runner import artifact_path, is_fresh, parse_backend, read_model
-        from clock_deploy.export.commands import Exporter
-
-        model = read_model("distilled", self.checkpoint("distill"))
-        int8 = artifact_path(self.artifacts_dir, model, parse_backend("onnx-int8"))
-        if is_fresh(int8, [model.checkpoint, self.cfg.calib], batch=1):
-            self.echo(f"{int8} is up to date: skipped")
-            return
-        exporter = Exporter(model.checkpoint, os.path.dirname(int8), model.name)
-        exporter.run("int8", calib=self.cfg.calib, batch=1, dynamic=True)
+    @property
+    def export_dir(self):
+        """Where `clock-deploy export --ckpt <distill>/last.pt` writes: <distill>/export/last.*"""
+        return os.path.join(self.out, "distill", "export")
 
     @property
     def artifacts_dir(self):
         return os.path.join(self.out, "bench", "artifacts")
 
-    def bench(self, cfg_data):
-        from clock_deploy.bench.report import print_report
-        from clock_deploy.bench.runner import run_bench
+    def export(self):
+        """The deployable artifacts of the distilled student: ONNX FP32 + INT8 Q/DQ with sidecars.
 
+        They are written where `clock-deploy export` puts them (README section 5 loads them from
+        there) and copied into the bench's artifact cache, so the bench measures these very files.
+        """
+        from clock_deploy.bench.runner import artifact_path, is_fresh, parse_backend, read_model
+        from clock_deploy.export.commands import Exporter
+        from clock_deploy.export.metadata import sidecar_path
+
+        checkpoint = self.checkpoint("distill")
+        int8 = os.path.join(self.export_dir, "last.int8.onnx")
+        if is_fresh(int8, [checkpoint, self.cfg.calib], batch=1) and "export" not in self.force:
+            self.echo(f"{int8} is up to date: skipped")
+        else:
+            Exporter(checkpoint, self.export_dir, "last").run("int8", calib=self.cfg.calib, batch=1, dynamic=True)
+        model = read_model("distilled", checkpoint)
+        for name in DEPLOY_PRECISIONS:
+            backend = parse_backend(name)
+            source = os.path.join(self.export_dir, f"last.{backend.suffix}")
+            target = artifact_path(self.artifacts_dir, model, backend)
+            for src, dst in ((source, target), (sidecar_path(source), sidecar_path(target))):
+                if not (os.path.exists(dst) and os.path.getmtime(dst) == os.path.getmtime(src)):
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    with atomic_path(dst) as tmp:
+                        shutil.copy2(src, tmp)  # keeps the mtime: the bench's freshness check compares it
+
+    @property
+    def bench_dir(self):
+        return os.path.join(self.out, "bench")
+
+    def bench_inputs(self, cfg_data):
+        """What the bench's numbers depend on: its settings and the sha256 of every file it reads."""
+        from clock_deploy.data.synthetic import MARKER
+        from clock_deploy.engine.checkpoint import file_sha256
+
+        files = [self.checkpoint(n) for n in ("teacher", "student", "distill")] + [self.cfg.calib]
+        files += [os.path.join(cfg_data.root, "ImageSets", f"{cfg_data.val_split}.txt"),
+                  os.path.join(cfg_data.root, MARKER)]
+        for folder, _, names in sorted(os.walk(self.artifacts_dir)):
+            files += sorted(os.path.join(folder, n) for n in names)
+        settings = {**dataclasses.asdict(self.cfg.bench), "data": cfg_data.root, "split": cfg_data.val_split}
+        return {"settings": settings, "files": {f: file_sha256(f) for f in files if os.path.isfile(f)}}
+
+    def bench(self, cfg_data):
+        from clock_deploy.bench.report import print_report, read_reports
+        from clock_deploy.bench.runner import BenchResult, run_bench
+
+        stamp = os.path.join(self.bench_dir, "inputs.json")
+        inputs = self.bench_inputs(cfg_data)
+        if "bench" not in self.force and os.path.exists(stamp) and read_json(stamp) == inputs:
+            result = BenchResult(*read_reports(self.bench_dir))
+            if result.files:
+                self.echo(f"{result.files['md']} measured these models with these settings: skipped "
+                          "(--force bench measures again)")
+                print_report(result.rows, result.not_run, result.profile)
+                return result
         b = self.cfg.bench
         result = run_bench([self.checkpoint("teacher"), self.checkpoint("student"), self.checkpoint("distill")],
                            b.backends, device=b.device, data_root=cfg_data.root, split=cfg_data.val_split,
-                           out_dir=os.path.join(self.out, "bench"), names=["teacher", "student", "distilled"],
+                           out_dir=self.bench_dir, names=["teacher", "student", "distilled"],
                            calib=self.cfg.calib, warmup=b.warmup, runs=b.runs, threads=b.threads or None,
                            max_images=b.max_images or None)
+        write_json(stamp, self.bench_inputs(cfg_data))  # after the run: it adds the artifacts it exported
         print_report(result.rows, result.not_run, result.profile)
         return result
 
@@ -120,9 +193,9 @@ class Pipeline:
         by_name = {(r.model, r.backend): r for r in result.rows}
         student, distilled = by_name.get(("student", "torch")), by_name.get(("distilled", "torch"))
         if student and distilled:
-            self.echo(f"CLoCK distillation: mAP {student.mAP:.3f} -> {distilled.mAP:.3f} "
+            self.echo(f"CLoCK distillation: mAP {ap_text('mAP', student.mAP)} -> {ap_text('mAP', distilled.mAP)} % "
                       f"({100 * (distilled.mAP - student.mAP):+.1f} points), KITTI moderate "
-                      f"{student.kitti_moderate:.1f} -> {distilled.kitti_moderate:.1f}")
+                      f"{ap_text('kitti', student.kitti_moderate)} -> {ap_text('kitti', distilled.kitti_moderate)} %")
         self.echo("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
         self.echo(f"reports: {', '.join(result.files.values())}")
 
@@ -130,12 +203,17 @@ class Pipeline:
 @click.command()
 @click.option("--cfg", "cfg_path", default="configs/demo/pipeline.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="Pipeline config naming the stage configs.")
+@click.option("--force", multiple=True, type=click.Choice(STAGES),
+              help="Run this stage again even though its output is up to date (repeatable). Later stages "
+                   "follow only where they check their inputs (export, bench): force a training stage's "
+                   "successors too.")
 @click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
-def pipeline(cfg_path, overrides):
+def pipeline(cfg_path, force, overrides):
     """Synthesize data, train teacher and baseline student, distill, export ONNX + INT8, bench.
 
-    Each stage is skipped when its output exists, so re-running continues an interrupted pipeline.
+    Each stage is skipped when its output exists (the bench when its inputs and settings are
+    unchanged), so re-running continues an interrupted pipeline and a finished one takes seconds.
     """
     if not os.path.exists(cfg_path):
         raise UserError(f"pipeline config not found: {cfg_path}")
-    Pipeline(cfg_path, overrides).run()
+    Pipeline(cfg_path, overrides, force=force).run()

@@ -1,14 +1,19 @@
-"""The end-to-end pipeline on tiny models: every stage runs, a re-run skips them all."""
+"""The end-to-end pipeline on tiny models: every stage runs, a re-run skips them all (the bench
+too), and README section 5's snippet runs on what it leaves behind."""
 import json
 import os
+import re
 
 import pytest
 import yaml
 
 from clock_deploy.data.kitti import read_split
+from clock_deploy.errors import UserError
 from clock_deploy.export.calibration import choose_calibration_set, write_manifest
 from clock_deploy.pipeline import Pipeline
 from engine_helpers import TINY_MODEL
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def write_yaml(path, data):
@@ -18,8 +23,8 @@ def write_yaml(path, data):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    data_root = str(tmp / "data")
+    tmp = tmp_path_factory.mktemp("pipeline")  # laid out as the demo: tmp/data/synth_kitti, tmp/runs/demo
+    data_root = str(tmp / "data" / "synth_kitti")
     common = {"device": "cpu", "data": {"root": data_root, "img_size": [64, 96],
                                         "synth": {"num_images": 12, "height": 64, "width": 192}},
               "train": {"batch_size": 3, "epochs": 1, "eval_every": 0, "log_every": 1}, "export": {"topk": 10}}
@@ -28,7 +33,7 @@ def tiny_pipeline(tmp_path_factory):
     write_yaml(tmp / "distill.yaml", {"_base_": "student.yaml", "distill": {"method": "clock"}})
     manifest = tmp / "calib.json"
     cfg = write_yaml(tmp / "pipeline.yaml", {
-        "output_dir": str(tmp / "runs"), "calib": str(manifest), "overrides": TINY_MODEL,
+        "output_dir": str(tmp / "runs" / "demo"), "calib": str(manifest), "overrides": TINY_MODEL,
         "bench": {"backends": ["torch", "onnx", "onnx-int8", "trt-fp16"], "warmup": 1, "runs": 2}})
     lines = []
     pipeline = Pipeline(cfg, echo=lines.append)
@@ -39,15 +44,20 @@ def tiny_pipeline(tmp_path_factory):
     return cfg, result, lines, tmp
 
 
+def runs(tmp):
+    return tmp / "runs" / "demo"
+
+
 def test_every_stage_writes_its_output(tiny_pipeline):
     cfg, result, lines, tmp = tiny_pipeline
     for stage in ("teacher", "student", "distill"):
-        assert os.path.exists(tmp / "runs" / stage / "last.pt")
-    distill_cfg = yaml.safe_load((tmp / "runs" / "distill" / "config.yaml").read_text())
-    assert distill_cfg["distill"]["teacher"] == str(tmp / "runs" / "teacher" / "last.pt")
-    int8 = tmp / "runs" / "bench" / "artifacts" / "distilled" / "distilled.int8.onnx"
-    assert int8.exists() and json.loads((tmp / "runs" / "bench" / "artifacts" / "distilled" /
-                                         "distilled.int8.onnx.json").read_text())["precision"] == "int8"
+        assert os.path.exists(runs(tmp) / stage / "last.pt")
+    distill_cfg = yaml.safe_load((runs(tmp) / "distill" / "config.yaml").read_text())
+    assert distill_cfg["distill"]["teacher"] == str(runs(tmp) / "teacher" / "last.pt")
+    int8 = runs(tmp) / "distill" / "export" / "last.int8.onnx"
+    assert json.loads((runs(tmp) / "distill" / "export" / "last.int8.onnx.json").read_text())["precision"] == "int8"
+    benched = runs(tmp) / "bench" / "artifacts" / "distilled" / "distilled.int8.onnx"
+    assert benched.read_bytes() == int8.read_bytes()  # the bench measured the deployable file
     ran = {(r.model, r.backend) for r in result.rows}
     assert ran == {(m, b) for m in ("teacher", "student", "distilled") for b in ("torch", "onnx", "onnx-int8")}
     assert [n.backend for n in result.not_run] == ["trt-fp16"]  # no TensorRT here: listed, with a reason
@@ -56,15 +66,56 @@ def test_every_stage_writes_its_output(tiny_pipeline):
     assert any(line.startswith("CLoCK distillation: mAP") for line in lines)
 
 
-def test_rerun_skips_finished_stages(tiny_pipeline):
+def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):
     cfg, _, _, tmp = tiny_pipeline
-    before = {s: os.path.getmtime(tmp / "runs" / s / "last.pt") for s in ("teacher", "student", "distill")}
+    watched = [runs(tmp) / s / "last.pt" for s in ("teacher", "student", "distill")]
+    watched += [runs(tmp) / "distill" / "export" / "last.int8.onnx", runs(tmp) / "bench" / "bench.md"]
+    before = {p: (os.path.getmtime(p), p.read_bytes()) for p in watched}
+
+    def no_bench(*args, **kwargs):
+        raise AssertionError("the bench ran again")
+
+    monkeypatch.setattr("clock_deploy.bench.runner.run_bench", no_bench)
     lines = []
-    pipeline = Pipeline(cfg, echo=lines.append)
-    for stage in ("teacher", "student", "distill"):
-        pipeline.train(stage, pipeline.stage_config(stage))
-    pipeline.export()
-    pipeline.synthesize(pipeline.stage_config("teacher").data)
-    assert sum("skipped" in line for line in lines) == 5, lines
-    after = {s: os.path.getmtime(tmp / "runs" / s / "last.pt") for s in before}
-    assert after == before
+    result = Pipeline(cfg, echo=lines.append).run()
+    assert sum("skipped" in line for line in lines) == 6, lines  # data, 3 x train, export, bench
+    assert {p: (os.path.getmtime(p), p.read_bytes()) for p in watched} == before
+    assert {(r.model, r.backend) for r in result.rows} == {(r.model, r.backend) for r in tiny_pipeline[1].rows}
+    assert any(line.startswith("CLoCK distillation: mAP") for line in lines)  # the summary from bench.json
+
+
+def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypatch):
+    cfg, first, _, tmp = tiny_pipeline
+    calls = []
+
+    def fake_bench(*args, **kwargs):
+        calls.append(kwargs["runs"])
+        return first
+
+    monkeypatch.setattr("clock_deploy.bench.runner.run_bench", fake_bench)
+    data = Pipeline(cfg).stage_config("teacher").data
+    Pipeline(cfg, echo=lambda _: None, force=["bench"]).bench(data)
+    Pipeline(cfg, ["bench.runs=3"], echo=lambda _: None).bench(data)
+    assert calls == [2, 3]
+    Pipeline(cfg, echo=lambda _: None).bench(data)  # the stamp now records runs=3: measured again
+    assert calls == [2, 3, 2]
+
+
+def test_force_names_a_stage(tiny_pipeline):
+    with pytest.raises(UserError, match="--force: unknown stage"):
+        Pipeline(tiny_pipeline[0], force=["train"])
+
+
+def readme_snippet():
+    """The python block of README section 5, as a reader copies it."""
+    text = open(README).read()
+    section = text[text.index("### 5. Run it in your code"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_section_5_runs_on_the_pipeline_outputs(tiny_pipeline, monkeypatch, capsys):
+    tmp = tiny_pipeline[3]
+    monkeypatch.chdir(tmp)  # the README's relative paths: runs/demo/..., data/synth_kitti/...
+    exec(compile(readme_snippet(), "README.md section 5", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2  # one line per image

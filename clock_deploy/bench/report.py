@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from clock_deploy.io import atomic_path, write_text
+from clock_deploy.io import atomic_path, read_json, write_text
 
 
 @dataclass
@@ -279,3 +279,20 @@ def write_reports(out_dir, rows, not_run, profile, settings):
     write_text(paths["csv"], csv_text(rows))
     write_text(paths["json"], json.dumps(json_data(rows, not_run, profile, settings), indent=2, allow_nan=False) + "\n")
     return paths
+
+
+def read_reports(out_dir):
+    """(rows, not_run, profile, settings, files) of the reports write_reports left in out_dir, as
+    BenchResult takes them; files is {} when they are missing or unreadable (written by another version)."""
+    from clock_deploy.bench.devices import DeviceProfile
+    from clock_deploy.errors import UserError
+
+    paths = {kind: os.path.join(out_dir, name) for kind, name in REPORT_FILES.items()}
+    paths = {kind: path for kind, path in paths.items() if os.path.exists(path)}
+    try:
+        data = read_json(paths["json"]) if "md" in paths else {}
+        rows = [BenchRow(**row) for row in data["results"]]
+        not_run = [NotRun(**item) for item in data["not_run"]]
+        return rows, not_run, DeviceProfile(**data["device"]), data["settings"], paths
+    except (KeyError, TypeError, UserError):
+        return [], [], None, {}, {}

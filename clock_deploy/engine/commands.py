@@ -8,6 +8,7 @@ import torch
 
 from clock_deploy.config import dump, load_config
 from clock_deploy.errors import UserError
+from clock_deploy.eval.units import metrics_text
 
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
 
@@ -89,8 +90,7 @@ def _command(name, help_text):
             raise UserError(f"{cfg_path}: distill.method={cfg.distill.method}; use `clock-deploy distill` "
                             f"for distillation configs")
         metrics = run_training(cfg, resume=resume)
-        shown = {k: v for k, v in metrics.items() if k in ("mAP", "AP50", "kitti_moderate")}
-        click.echo(f"done: {cfg.output_dir}/last.pt " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+        click.echo(f"done: {cfg.output_dir}/last.pt {metrics_text(metrics)}".rstrip())
     return command
 
 

@@ -20,6 +20,7 @@ from clock_deploy.engine.checkpoint import read_checkpoint, save_checkpoint, set
 from clock_deploy.engine.ema import ModelEMA
 from clock_deploy.engine.evaluate import evaluate
 from clock_deploy.errors import UserError
+from clock_deploy.eval.units import metrics_text
 from clock_deploy.io import write_json
 from clock_deploy.models.build import param_groups
 
@@ -251,6 +252,4 @@ class Trainer:
         with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         if record.get("event") == "eval" and self.progress:
-            shown = {k: v for k, v in record.items() if k in ("mAP", "AP50", "kitti_moderate", "epoch")}
-            tqdm.write("eval " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in shown.items()))
+            tqdm.write(f"eval epoch {record['epoch']}: {metrics_text(record)}")

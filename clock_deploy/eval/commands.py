@@ -8,6 +8,7 @@ from clock_deploy.data.kitti import CLASS_MAPS, KITTI_CLASSES, class_names, empt
 from clock_deploy.errors import UserError
 from clock_deploy.eval.coco import coco_map
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, format_kitti, kitti_eval
+from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
 
 
@@ -113,8 +114,8 @@ def eval_cmd(gt, det, model, device, split, classes, with_coco, json_path):
         coco_gt = kitti_to_coco([(f, 0, 0, a) for f, a in zip(frame_ids, gt_annos)], class_list)
         image_ids = [image["id"] for image in coco_gt["images"]]
         report["coco"] = coco_map(coco_gt, detections_to_coco(image_ids, det_annos, class_list))
-        click.echo("COCO bbox (" + ", ".join(class_list) + "): "
-                   + "  ".join(f"{k} {v:.4f}" for k, v in report["coco"].items()))
+        click.echo("COCO bbox AP (%, " + ", ".join(class_list) + "): "
+                   + "  ".join(f"{k} {ap_text(k, v)}" for k, v in report["coco"].items()))
     if json_path:
         write_json(json_path, report)
         click.echo(f"wrote {json_path}")

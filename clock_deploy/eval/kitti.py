@@ -23,6 +23,8 @@ Devkit rules worth knowing (kept on purpose, they are what published KITTI numbe
 import numpy as np
 from numba import njit  # cache=True: compiled once per install; numba falls back to a user cache dir when read-only
 
+from clock_deploy.eval.units import ap_text
+
 CLASS_MIN_OVERLAP = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}
 NEIGHBOUR_CLASS = {"car": "van", "pedestrian": "person_sitting"}
 DIFFICULTIES = ("easy", "moderate", "hard")
@@ -284,14 +286,14 @@ def kitti_eval(gt_annos, dt_annos, classes=("Car", "Pedestrian", "Cyclist")):
 
 
 def format_kitti(results):
-    """The results of kitti_eval as a fixed-width text table."""
+    """The results of kitti_eval as a fixed-width text table (AP in percent, one decimal)."""
     classes = [k for k, v in results.items() if isinstance(v, dict)]
     lines = [f"{'class':<12}{'metric':<8}{'easy':>9}{'moderate':>10}{'hard':>9}{'#gt (mod)':>11}"]
     for metric in ("R40", "R11"):
         for cls in classes:
             ap = results[cls][metric]
-            lines.append(f"{cls:<12}{metric:<8}{ap['easy']:>9.2f}{ap['moderate']:>10.2f}{ap['hard']:>9.2f}"
-                         f"{results[cls]['num_gt']['moderate']:>11d}")
+            lines.append(f"{cls:<12}{metric:<8}{ap_text(cls, ap['easy']):>9}{ap_text(cls, ap['moderate']):>10}"
+                         f"{ap_text(cls, ap['hard']):>9}{results[cls]['num_gt']['moderate']:>11d}")
         lines.append(f"{'mAP':<12}{metric:<8}" + "".join(
-            f"{results[f'mAP_{d}_{metric}']:>{w}.2f}" for d, w in zip(DIFFICULTIES, (9, 10, 9))))
+            f"{ap_text('kitti', results[f'mAP_{d}_{metric}']):>{w}}" for d, w in zip(DIFFICULTIES, (9, 10, 9))))
     return "\n".join(lines)
