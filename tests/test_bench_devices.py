@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from clock_deploy.bench.devices import Clock, System, detect, parse_jetson_clocks
+from clock_deploy.bench.devices import Clock, System, detect, load_during, load_sample, parse_jetson_clocks
 from clock_deploy.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "jetson")
@@ -140,3 +140,21 @@ def test_parse_jetson_clocks_skips_offline_cores_and_reads_emc_override():
     assert clocks["GPU"].locked and clocks["GPU"].cur == 5.0
     assert clocks["EMC"].locked and clocks["EMC"].override is True
     assert dla == 1
+
+
+def test_machine_load_around_a_measurement(tmp_path):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    system = System(root=str(tmp_path))
+
+    def sample(load, steal, total):  # /proc/stat: user nice system idle iowait irq softirq steal
+        (proc / "loadavg").write_text(f"{load} 0.50 0.40 2/300 1234\n")
+        (proc / "stat").write_text(f"cpu  {total - steal} 0 0 0 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+        return load_sample(system)
+
+    before = sample(0.25, steal=100, total=1000)
+    after = sample(3.5, steal=160, total=1400)
+    assert load_during(before, after, cpus=2) == {"load_before": 0.25, "load_after": 3.5, "steal_pct": 15.0,
+                                                  "cpus": 2}
+    (proc / "stat").unlink()  # no /proc/stat (macOS): the load average alone, steal unknown
+    assert load_during(load_sample(system), load_sample(system), cpus=2)["steal_pct"] is None

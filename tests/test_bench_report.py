@@ -6,8 +6,8 @@ import struct
 from rich.console import Console
 
 from clock_deploy.bench.devices import DeviceProfile
-from clock_deploy.bench.report import (BenchRow, NotRun, PLOT_DPI, PLOT_SIZE_IN, csv_text, pareto_front,
-                                       print_report, write_reports)
+from clock_deploy.bench.report import (BenchRow, NotRun, PLOT_DPI, PLOT_SIZE_IN, csv_text, load_warnings,
+                                       pareto_front, print_report, read_reports, write_reports)
 
 
 def make_row(model, backend, p50, mAP, gpu=None, kitti=(81.25, 70.0, 65.5)):
@@ -46,12 +46,19 @@ def test_markdown_has_device_header_results_and_not_run_reasons(tmp_path):
     assert "| GPU clock | 306 MHz (scaling, 306-1300.5) |" in md
     assert "> **warning:** clocks are NOT locked" in md
     assert "| split | val |" in md
-    assert ("| model | backend | size MB | mean ms | p50 ms | p90 ms | p99 ms | img/s | peak RSS MB | GPU MB "
-            "| mAP | AP50 | AP75 | KITTI easy | KITTI mod | KITTI hard |") in md
-    # values: mAP 0.5 -> 50.0 %, missing GPU memory / KITTI -> '-'
-    assert "| teacher | torch | 12.3 | 40.50 | 40.00 | 41.00 | 42.00 | 24.7 | 512 | - | 50.0 | 60.0 | 25.0 | 81.2 | 70.0 | 65.5 |" in md
-    assert "| student | onnx | 12.3 | 10.50 | 10.00 | 11.00 | 12.00 | 95.2 | 512 | 250 | 30.0 |" in md
-    assert "| student | onnx-int8 |" in md and md.count("| - | - | - |") == 1
+    # the summary, in the README's layout (GPU MB because one row measured it)
+    assert ("| model | backend | size MB | p50 ms | p99 ms | img/s | peak RSS MB | GPU MB | mAP | AP50 "
+            "| KITTI easy | KITTI mod | KITTI hard |") in md
+    assert "| teacher | torch | 12.3 | 40.0 | 42.0 | 24.7 | 512 | - | 50.0 | 60.0 | 81.2 | 70.0 | 65.5 |" in md
+    # every column: mAP 0.5 -> 50.0 %, missing GPU memory / KITTI / load -> '-'
+    assert ("| model | backend | size MB | mean ms | p50 ms | p90 ms | p99 ms | p99/p50 | img/s | peak RSS MB "
+            "| GPU MB | mAP | AP50 | AP75 | KITTI easy | KITTI mod | KITTI hard | load before | load after "
+            "| steal % |") in md
+    assert ("| teacher | torch | 12.3 | 40.50 | 40.00 | 41.00 | 42.00 | 1.05 | 24.7 | 512 | - | 50.0 | 60.0 | 25.0 "
+            "| 81.2 | 70.0 | 65.5 | - | - | - |") in md
+    assert "| student | onnx | 12.3 | 10.50 | 10.00 | 11.00 | 12.00 | 1.20 | 95.2 | 512 | 250 | 30.0 |" in md
+    assert "| student | onnx-int8 |" in md and md.count("| - | - | - |") == 3 + 1  # no load: 3 rows; no KITTI: 1
+    assert "not quiet" not in md
     not_run = md.split("## Not run")[1]
     assert "- trt-fp16 (all models): TensorRT not installed (pip install clock-deploy[trt])" in not_run
     assert "- onnx-int8 (teacher): failed: bad calibration manifest" in not_run
@@ -108,7 +115,7 @@ def test_terminal_table_lists_rows_warnings_and_not_run():
     print_report(ROWS, NOT_RUN, PROFILE, console=console)
     text = console.export_text()
     assert "bench on jetson-orin: NVIDIA Jetson AGX Orin Developer Kit (8 threads)" in text
-    assert "p50 ms" in text and "onnx-int8" in text and "40.00" in text
+    assert "p50 ms" in text and "onnx-int8" in text and "40.0" in text and "KITTI easy" in text
     assert "warning: clocks are NOT locked" in text
     assert "not run: trt-fp16 (all models): TensorRT not installed (pip install clock-deploy[trt])" in text
 
@@ -128,3 +135,45 @@ def test_nan_metrics_show_as_missing_and_stay_valid_json(tmp_path):
     data = json.loads(text)
     assert data["results"][0]["kitti_easy"] is None
     assert data["results"][0]["metrics"] == {"kitti_easy": None, "kitti_moderate": 55.0}
+
+
+def test_rows_are_labelled_with_architecture_parameters_and_method(tmp_path):
+    rows = [make_row("teacher", "torch", 40.0, 0.5), make_row("teacher", "onnx", 20.0, 0.5),
+            make_row("distilled", "torch", 10.0, 0.3)]
+    for row, arch, params, method in zip(rows, ("dino", "dino", "dab_detr"), (4_412_345, 4_412_345, 987_654),
+                                         ("none", "none", "clock")):
+        row.arch, row.params, row.method = arch, params, method
+    md = open(write_reports(tmp_path, rows, [], PROFILE, SETTINGS)["md"]).read()
+    assert "| teacher (DINO, 4.4 M params) | torch |" in md
+    assert "| teacher | onnx |" in md  # the description once per model, as in the README
+    assert "| distilled (DAB-DETR, 1.0 M params, CLoCK) | torch |" in md
+
+
+def test_a_busy_machine_is_recorded_and_warned_about(tmp_path):
+    quiet, busy, stolen = (make_row("student", b, 10.0, 0.3) for b in ("torch", "onnx", "onnx-int8"))
+    quiet.load_before, quiet.load_after, quiet.steal_pct, quiet.cpus = 0.2, 1.9, 0.0, 2
+    busy.load_before, busy.load_after, busy.steal_pct, busy.cpus = 3.5, 4.2, 0.0, 2
+    stolen.load_before, stolen.load_after, stolen.steal_pct, stolen.cpus = 0.5, 0.6, 12.0, 2
+    assert load_warnings([quiet]) == []
+    (warning,) = load_warnings([quiet, busy, stolen])
+    assert "not quiet during 2 of 3 measurements" in warning
+    assert "load average up to 4.2 on 2 CPUs" in warning and "CPU steal up to 12%" in warning
+    md = open(write_reports(tmp_path, [quiet, busy], [], PROFILE, SETTINGS)["md"]).read()
+    assert "> **warning:** the machine was not quiet during 1 of 2 measurements" in md
+    assert "| 3.5 | 4.2 | 0.0 |" in md  # load before / after, steal, per measurement
+
+
+def test_unsteady_latency_is_warned_about():
+    row = make_row("student", "onnx", 10.0, 0.3)
+    row.latency_p99 = 35.0
+    (warning,) = load_warnings([row, make_row("student", "torch", 10.0, 0.3)])
+    assert "more than 2x p50 in 1 of 2 measurements (up to 3.5x)" in warning
+
+
+def test_reports_read_back_as_written(tmp_path):
+    write_reports(tmp_path, ROWS, NOT_RUN, PROFILE, SETTINGS)
+    rows, not_run, profile, settings, files = read_reports(tmp_path)
+    assert rows == ROWS and not_run == NOT_RUN and profile == PROFILE and settings == SETTINGS
+    assert set(files) == {"md", "csv", "json", "png"}
+    os.remove(tmp_path / "bench.md")
+    assert read_reports(tmp_path)[4] == {}  # incomplete reports: measure again

@@ -7,6 +7,7 @@ import pytest
 
 from clock_deploy.bench import runner
 from clock_deploy.bench.devices import DeviceProfile
+from clock_deploy.bench.report import ARCH_NAMES
 from clock_deploy.bench.runner import Backend, is_fresh, parse_backend, unavailable_reason
 from clock_deploy.cli import run
 from clock_deploy.errors import UserError
@@ -212,6 +213,10 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
         assert row.throughput == pytest.approx(1000 / row.latency_mean)
         assert row.peak_rss_mb > 0 and row.gpu_mem_mb is None
         assert 0.0 <= row.mAP <= 1.0
+        # the machine's load around the timed runs is recorded (Linux: /proc/loadavg and /proc/stat)
+        assert row.load_before >= 0 and row.load_after >= 0 and row.cpus >= 1
+        assert row.steal_pct is None or 0 <= row.steal_pct <= 100
+    assert 0 < torch_row.params < weights / 4  # float32 parameters, without normalization statistics
     # the ONNX export matches PyTorch, so both backends score the same detections
     assert onnx_row.mAP == pytest.approx(torch_row.mAP, abs=1e-4)
     # the ONNX measurement ran in a process without torch: far less memory than the torch one
@@ -222,7 +227,8 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
     assert "TensorRT" in skipped.reason and "--device cuda or jetson-orin" in skipped.reason
 
     md = (out / "bench.md").read_text()
-    assert "| student | torch |" in md and "| student | onnx |" in md
+    arch = ARCH_NAMES[torch_row.arch]
+    assert f"| student ({arch}, {torch_row.params / 1e6:.1f} M params) | torch |" in md and "| student | onnx |" in md
     assert f"- trt-fp16 (all models): {skipped.reason}" in md
     data = json.loads((out / "bench.json").read_text())
     assert [r["backend"] for r in data["results"]] == ["torch", "onnx"]

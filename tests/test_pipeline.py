@@ -67,7 +67,7 @@ def test_every_stage_writes_its_output(tiny_pipeline):
 
 
 def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):
-    cfg, _, _, tmp = tiny_pipeline
+    cfg, first, _, tmp = tiny_pipeline
     watched = [runs(tmp) / s / "last.pt" for s in ("teacher", "student", "distill")]
     watched += [runs(tmp) / "distill" / "export" / "last.int8.onnx", runs(tmp) / "bench" / "bench.md"]
     before = {p: (os.path.getmtime(p), p.read_bytes()) for p in watched}
@@ -80,12 +80,12 @@ def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):
     result = Pipeline(cfg, echo=lines.append).run()
     assert sum("skipped" in line for line in lines) == 6, lines  # data, 3 x train, export, bench
     assert {p: (os.path.getmtime(p), p.read_bytes()) for p in watched} == before
-    assert {(r.model, r.backend) for r in result.rows} == {(r.model, r.backend) for r in tiny_pipeline[1].rows}
+    assert {(r.model, r.backend) for r in result.rows} == {(r.model, r.backend) for r in first.rows}
     assert any(line.startswith("CLoCK distillation: mAP") for line in lines)  # the summary from bench.json
 
 
 def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypatch):
-    cfg, first, _, tmp = tiny_pipeline
+    cfg, first, _, _ = tiny_pipeline
     calls = []
 
     def fake_bench(*args, **kwargs):
@@ -108,9 +108,10 @@ def test_force_names_a_stage(tiny_pipeline):
 
 def readme_snippet():
     """The python block of README section 5, as a reader copies it."""
-    text = open(README).read()
+    with open(README) as f:
+        text = f.read()
     section = text[text.index("### 5. Run it in your code"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_section_5_runs_on_the_pipeline_outputs(tiny_pipeline, monkeypatch, capsys):

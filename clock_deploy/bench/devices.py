@@ -344,6 +344,37 @@ def detect_jetson(system, threads=None):
     return profile
 
 
+# ---------------------------------------------------------------- machine load
+
+def load_sample(system=None):
+    """(1-minute load average, (steal, total) CPU jiffies of /proc/stat) now; None where unreadable."""
+    system = system or System.local()
+    text = system.read("proc/loadavg")
+    try:
+        load = float(text.split()[0]) if text else os.getloadavg()[0]
+    except (ValueError, IndexError, OSError, AttributeError):
+        load = None
+    jiffies = None
+    for line in (system.read("proc/stat") or "").splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 8:  # user nice system idle iowait irq softirq steal
+            values = [int(v) for v in fields[1:9]]
+            jiffies = (values[7], sum(values))
+            break
+    return load, jiffies
+
+
+def load_during(before, after, cpus=None):
+    """Machine load around one measurement: load averages before and after, the share of CPU time
+    the hypervisor stole in between (percent; None without /proc/stat) and the CPU count."""
+    (load_before, jiffies_before), (load_after, jiffies_after) = before, after
+    steal = None
+    if jiffies_before and jiffies_after and jiffies_after[1] > jiffies_before[1]:
+        steal = 100.0 * (jiffies_after[0] - jiffies_before[0]) / (jiffies_after[1] - jiffies_before[1])
+    return {"load_before": load_before, "load_after": load_after, "steal_pct": steal,
+            "cpus": cpus or os.cpu_count()}
+
+
 # ---------------------------------------------------------------- entry point
 
 def _profile(kind, name, system, threads, facts, cuda, warnings=()):

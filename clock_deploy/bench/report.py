@@ -3,7 +3,10 @@
 One row per model x backend that ran; backends that could not run are listed
 with the reason, so a missing number is never mistaken for a silent skip.
 COCO AP is stored as the evaluator returns it (0..1) and shown in percent,
-like KITTI AP (R40), so both read on one scale.
+like KITTI AP (R40), so both read on one scale (clock_deploy/eval/units.py).
+The first table (terminal and bench.md) is the README's; bench.md then lists
+every column, with the latency spread and the machine load around each
+measurement, and warns when the machine was busy.
 """
 import csv
 import dataclasses
@@ -14,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_text
 
 
@@ -43,6 +47,13 @@ class BenchRow:
     kitti_moderate: Optional[float]
     kitti_hard: Optional[float]
     metrics: dict = field(default_factory=dict)  # everything the evaluator returned
+    arch: str = ""                # model.arch and learnable parameters, for the row label
+    params: int = 0
+    method: str = ""              # distill.method the model was trained with ("none": not distilled)
+    load_before: Optional[float] = None  # 1-minute load average before / after the timed runs
+    load_after: Optional[float] = None
+    steal_pct: Optional[float] = None    # CPU time the hypervisor took during them (%; None: unknown)
+    cpus: Optional[int] = None           # logical CPUs of the machine (what the load is relative to)
 
 
 @dataclass
@@ -61,33 +72,51 @@ def _fixed(digits):
     return lambda v: f"{v:.{digits}f}"
 
 
-def _percent(v):
-    return f"{100 * v:.1f}"
+def _ap(key):
+    return lambda v: ap_text(key, v)
 
 
-# (row key, title, display format); CSV and JSON keep the raw values
+# (row key, title, display format); CSV and JSON keep the raw values. "label" and "latency_spread"
+# are derived from the row (see values()).
 COLUMNS = [
-    ("model", "model", _text),
+    ("label", "model", _text),
     ("backend", "backend", _text),
     ("size_mb", "size MB", _fixed(1)),
     ("latency_mean", "mean ms", _fixed(2)),
     ("latency_p50", "p50 ms", _fixed(2)),
     ("latency_p90", "p90 ms", _fixed(2)),
     ("latency_p99", "p99 ms", _fixed(2)),
+    ("latency_spread", "p99/p50", _fixed(2)),
     ("throughput", "img/s", _fixed(1)),
     ("peak_rss_mb", "peak RSS MB", _fixed(0)),
     ("gpu_mem_mb", "GPU MB", _fixed(0)),
-    ("mAP", "mAP", _percent),
-    ("AP50", "AP50", _percent),
-    ("AP75", "AP75", _percent),
-    ("kitti_easy", "KITTI easy", _fixed(1)),
-    ("kitti_moderate", "KITTI mod", _fixed(1)),
-    ("kitti_hard", "KITTI hard", _fixed(1)),
+    ("mAP", "mAP", _ap("mAP")),
+    ("AP50", "AP50", _ap("AP50")),
+    ("AP75", "AP75", _ap("AP75")),
+    ("kitti_easy", "KITTI easy", _ap("kitti")),
+    ("kitti_moderate", "KITTI mod", _ap("kitti")),
+    ("kitti_hard", "KITTI hard", _ap("kitti")),
+    ("load_before", "load before", _fixed(1)),
+    ("load_after", "load after", _fixed(1)),
+    ("steal_pct", "steal %", _fixed(1)),
 ]
-CSV_FIELDS = [key for key, _, _ in COLUMNS] + ["latency_min", "latency_max", "runs", "batch", "images", "artifact"]
+# the summary: the terminal's table and the first one of bench.md, in the README's layout;
+# GPU memory joins it when it was measured
+SUMMARY_KEYS = ("label", "backend", "size_mb", "latency_p50", "latency_p99", "throughput", "peak_rss_mb",
+                "gpu_mem_mb", "mAP", "AP50", "kitti_easy", "kitti_moderate", "kitti_hard")
+SUMMARY_FORMATS = {"latency_p50": _fixed(1), "latency_p99": _fixed(1)}
+CSV_FIELDS = (["model"] + [key for key, _, _ in COLUMNS if key != "label"]
+              + ["cpus", "latency_min", "latency_max", "runs", "batch", "images", "artifact", "arch", "params", "method"])
 UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images (ms); mAP / AP50 / AP75: "
               "COCO AP in %; KITTI: AP R40 in %, mean over the KITTI classes with ground truth; "
               "-: not measured (GPU memory on a CPU) or no ground truth at that difficulty.")
+LOAD_NOTE = ("p99/p50: latency spread (1.0 = every run alike); load before / after: the machine's 1-minute "
+             "load average around the timed runs (the bench itself adds up to its thread count); steal %: "
+             "CPU time a hypervisor took from this machine during them.")
+ARCH_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
+METHOD_NAMES = {"clock": "CLoCK", "kd_detr": "KD-DETR", "fgd": "FGD"}
+BUSY_STEAL_PCT = 5.0   # more stolen CPU time than this: a noisy virtual machine
+UNSTEADY_SPREAD = 2.0  # p99 above this multiple of p50: latency was unsteady
 
 
 def as_dict(row):
@@ -107,11 +136,75 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def cells(row, columns=None):
-    """Display strings of one row, '-' where a value is missing (GPU memory on a CPU, KITTI AP
-    of a difficulty without ground truth)."""
+def model_label(row):
+    """'teacher (DINO, 4.4 M params)', '+ CLoCK' for a distilled model; the name alone when unknown."""
     row = as_dict(row)
+    if not row.get("arch"):
+        return row["model"]
+    parts = [ARCH_NAMES.get(row["arch"], row["arch"]), f"{row.get('params', 0) / 1e6:.1f} M params"]
+    if row.get("method") not in (None, "", "none"):
+        parts.append(METHOD_NAMES.get(row["method"], row["method"]))
+    return f"{row['model']} ({', '.join(parts)})"
+
+
+def values(rows):
+    """The rows as dicts with the derived display values: `label` (the model's description on its
+    first row, its name on the next ones) and `latency_spread` (p99 / p50)."""
+    out, seen = [], set()
+    for row in map(as_dict, rows):
+        p50, p99 = row.get("latency_p50"), row.get("latency_p99")
+        spread = p99 / p50 if not _missing(p50) and not _missing(p99) and p50 > 0 else None
+        out.append({**row, "label": row["model"] if row["model"] in seen else model_label(row),
+                    "latency_spread": spread})
+        seen.add(row["model"])
+    return out
+
+
+def summary_columns(rows):
+    """The README's columns (+ GPU MB when some row measured it), one decimal for latency."""
+    gpu = any(not _missing(as_dict(r).get("gpu_mem_mb")) for r in rows)
+    return [(key, title, SUMMARY_FORMATS.get(key, fmt)) for key, title, fmt in COLUMNS
+            if key in SUMMARY_KEYS and (gpu or key != "gpu_mem_mb")]
+
+
+def cells(row, columns=None):
+    """Display strings of one row (a dict from values(), or a BenchRow), '-' where a value is missing
+    (GPU memory on a CPU, KITTI AP of a difficulty without ground truth)."""
+    row = as_dict(row)
+    if "label" not in row:
+        row = values([row])[0]
     return [("-" if _missing(row.get(key)) else fmt(row[key])) for key, _, fmt in columns or COLUMNS]
+
+
+def load_warnings(rows):
+    """Warnings for measurements taken on a busy machine or with unsteady latency, for the reader
+    to judge the numbers by."""
+    rows = values(rows)
+    warnings = []
+    busy = [r for r in rows if _busy(r)]
+    if busy:
+        loads = [v for r in busy for v in (r.get("load_before"), r.get("load_after")) if not _missing(v)]
+        steals = [r["steal_pct"] for r in busy if not _missing(r.get("steal_pct"))]
+        cpus = max((r["cpus"] for r in busy if r.get("cpus")), default="?")
+        detail = f"1-minute load average up to {max(loads, default=0):.1f} on {cpus} CPUs"
+        if steals and max(steals) >= BUSY_STEAL_PCT:
+            detail += f", CPU steal up to {max(steals):.0f}%"
+        warnings.append(f"the machine was not quiet during {len(busy)} of {len(rows)} measurements ({detail}): "
+                        "their latencies are likely inflated; measure again on an idle machine")
+    unsteady = [r for r in rows if not _missing(r["latency_spread"]) and r["latency_spread"] > UNSTEADY_SPREAD]
+    if unsteady:
+        worst = max(r["latency_spread"] for r in unsteady)
+        warnings.append(f"p99 latency is more than {UNSTEADY_SPREAD:g}x p50 in {len(unsteady)} of {len(rows)} "
+                        f"measurements (up to {worst:.1f}x): latency was unsteady")
+    return warnings
+
+
+def _busy(row):
+    """Other work ran beside the measurement: a load average above the CPU count (the bench's own
+    threads never exceed it) or a hypervisor stealing CPU time."""
+    loads = [v for v in (row.get("load_before"), row.get("load_after")) if not _missing(v)]
+    overloaded = bool(loads and row.get("cpus") and max(loads) > row["cpus"])
+    return overloaded or (not _missing(row.get("steal_pct")) and row["steal_pct"] >= BUSY_STEAL_PCT)
 
 
 def describe_not_run(item):
@@ -137,7 +230,13 @@ def markdown(rows, not_run, profile, settings, plot_name=None):
     parts += ["## Settings", "", _md_table(["", ""], [(k, v) for k, v in settings.items()]), "",
               "## Results", ""]
     if rows:
-        parts += [_md_table([title for _, title, _ in COLUMNS], [cells(r) for r in rows]), "", UNITS_NOTE, ""]
+        shown, summary = values(rows), summary_columns(rows)
+        parts += [_md_table([title for _, title, _ in summary], [cells(r, summary) for r in shown]), "",
+                  UNITS_NOTE, ""]
+        warnings = load_warnings(rows)
+        parts += [f"> **warning:** {w}" for w in warnings] + ([""] if warnings else [])
+        parts += ["### Every measurement", "",
+                  _md_table([title for _, title, _ in COLUMNS], [cells(r) for r in shown]), "", LOAD_NOTE, ""]
     else:
         parts += ["No model x backend combination ran.", ""]
     parts += ["## Not run", ""]
@@ -152,8 +251,8 @@ def csv_text(rows):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if _missing(v) else v) for k, v in as_dict(row).items()})
+    for row in values(rows):
+        writer.writerow({k: ("" if _missing(v) else v) for k, v in row.items()})
     return buffer.getvalue()
 
 
@@ -225,19 +324,17 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
 
 # ---------------------------------------------------------------- terminal + all files
 
-# the terminal gets the main columns; bench.md / bench.csv have all of them
-TERMINAL_COLUMNS = [c for c in COLUMNS if c[0] not in ("latency_mean", "latency_p90", "kitti_easy", "kitti_hard")]
-
-
 def rich_table(rows, title=None):
+    """The summary table (README layout) for the terminal; bench.md / bench.csv have every column."""
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=Text(title) if title else None)
-    for key, header, _ in TERMINAL_COLUMNS:
-        table.add_column(header, justify="left" if key in ("model", "backend") else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(Text(c) for c in cells(row, TERMINAL_COLUMNS)))  # Text: "a[b]" is not rich markup
+    columns = summary_columns(rows)
+    for key, header, _ in columns:
+        table.add_column(header, justify="left" if key in ("label", "backend") else "right", no_wrap=True)
+    for row in values(rows):
+        table.add_row(*(Text(c) for c in cells(row, columns)))  # Text: "a[b]" is not rich markup
     return table
 
 
@@ -257,7 +354,7 @@ def print_report(rows, not_run, profile, console=None):
     finally:
         console.width = width
     console.print(UNITS_NOTE, style="dim", markup=False)
-    for warning in profile.warnings:
+    for warning in profile.warnings + load_warnings(rows):
         console.print(f"warning: {warning}", style="bold yellow", markup=False)
     for item in not_run:  # reasons hold "[trt]" etc.: print them as plain text, not markup
         console.print(f"not run: {describe_not_run(item)}", style="yellow", markup=False)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from clock_deploy.bench.devices import detect
+from clock_deploy.bench.devices import detect, load_during, load_sample
 from clock_deploy.bench.latency import measure
 from clock_deploy.bench.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError
@@ -225,10 +225,11 @@ def run_job(job):
     # latency: one call on a fixed, already decoded and preprocessed batch
     images = [load_image(paths[i % len(paths)]) for i in range(job["batch"])]
     batch, _ = preprocess(images, detector.meta["input"])
+    before = load_sample()
     stats = measure(lambda: detector.infer(batch), job["warmup"], job["runs"], batch=job["batch"],
                     cuda_events=gpu and job["runtime"] == "torch")
     result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
-              "gpu_mem_mb": memory.used_mb() if memory else None}
+              "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
     result["metrics"] = evaluate(detector, job["data"], paths, job["batch"], progress=job.get("progress", False))
     result["images"] = len(paths)
     return result
@@ -266,15 +267,16 @@ def run_isolated(job, work_dir):
         return json.load(f)
 
 
-def make_row(name, backend, artifact, size_mb, result):
+def make_row(model, backend, artifact, size_mb, result):
     lat, m = result["latency"], result["metrics"]
     return BenchRow(
-        model=name, backend=backend.name, artifact=artifact, size_mb=size_mb, images=result["images"],
+        model=model.name, backend=backend.name, artifact=artifact, size_mb=size_mb, images=result["images"],
         runs=lat["runs"], batch=lat["batch"], latency_mean=lat["mean"], latency_p50=lat["p50"],
         latency_p90=lat["p90"], latency_p99=lat["p99"], latency_min=lat["min"], latency_max=lat["max"],
         throughput=lat["throughput"], peak_rss_mb=result["peak_rss_mb"], gpu_mem_mb=result["gpu_mem_mb"],
         mAP=m["mAP"], AP50=m["AP50"], AP75=m["AP75"], kitti_easy=m.get("kitti_easy"),
-        kitti_moderate=m.get("kitti_moderate"), kitti_hard=m.get("kitti_hard"), metrics=m)
+        kitti_moderate=m.get("kitti_moderate"), kitti_hard=m.get("kitti_hard"), metrics=m,
+        arch=model.arch, params=model.params, method=model.method, **result.get("load", {}))
 
 
 # ---------------------------------------------------------------- artifacts
@@ -286,6 +288,12 @@ class Model:
     checkpoint: str
     data: dict          # format / classes of its training data (the root and split come from the bench)
     weights_mb: float   # tensors the torch backend loads (a checkpoint file also holds optimizer state)
+    arch: str = ""      # model.arch, for the report's row labels
+    params: int = 0     # learnable parameters (the state without normalization statistics)
+    method: str = ""    # distill.method the checkpoint was trained with ("none": plain training)
+
+
+NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def read_model(name, path):
@@ -295,7 +303,9 @@ def read_model(name, path):
     cfg = checkpoint_config(ckpt, path)
     state = ckpt["ema"] if "ema" in ckpt else ckpt["model"]  # the weights runtime.load_model uses
     size = sum(t.numel() * t.element_size() for t in state.values())
-    return Model(name, os.fspath(path), {"format": cfg.data.format, "classes": cfg.data.classes}, size / 2**20)
+    params = sum(t.numel() for k, t in state.items() if not k.endswith(NOT_PARAMETERS))
+    return Model(name, os.fspath(path), {"format": cfg.data.format, "classes": cfg.data.classes}, size / 2**20,
+                 cfg.model.arch, params, cfg.distill.method)
 
 
 def artifact_path(artifacts_dir, model, backend):
@@ -449,7 +459,7 @@ def run_bench(models, backends=DEFAULT_BACKENDS, device="cpu", data_root="data/s
                 not_run.append(NotRun(b.name, f"failed: {_one_line(e)}", model.name))
             else:
                 size = model.weights_mb if b.runtime == "torch" else os.path.getsize(artifact) / 2**20
-                rows.append(make_row(model.name, b, artifact, size, result))
+                rows.append(make_row(model, b, artifact, size, result))
             bar.update(1)
     bar.close()
     settings = {"data": os.fspath(data_root), "split": split, "max images": max_images or "all",
