@@ -284,11 +284,17 @@ MARKERS = "osD^vPX*<>"
 
 
 def write_pareto_png(path, rows, title="latency vs accuracy"):
-    """Scatter of p50 latency vs COCO mAP (colour = model, marker = backend) with the Pareto front."""
+    """Scatter of p50 latency (log axis) vs COCO mAP with the Pareto front.
+
+    Colour = model, marker = backend, keyed by a legend outside the axes: points of one model
+    cluster (torch / onnx often within a few percent), where text labels would overlap.
+    """
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     from matplotlib import pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     # COCO reports -1 when the split has no ground truth: such a row has no place on the accuracy axis
     rows = [r for r in map(as_dict, rows) if not _missing(r["mAP"]) and r["mAP"] >= 0]
@@ -298,24 +304,32 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
     points = [(r["latency_p50"], 100 * r["mAP"]) for r in rows]
 
     fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
-    for r, (x, y) in zip(rows, points):
-        ax.scatter(x, y, s=60, color=colours(models.index(r["model"]) % 10),
-                   marker=MARKERS[backends.index(r["backend"]) % len(MARKERS)], zorder=3)
-        ax.annotate(f"{r['model']}/{r['backend']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = [points[i] for i in pareto_front(points)]
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
                 linewidth=1, zorder=2)
-    handles = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=m) for i, m in enumerate(models)]
-    handles += [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], linestyle="", label=b)
+    for r, (x, y) in zip(rows, points):
+        ax.scatter(x, y, s=70, color=colours(models.index(r["model"]) % 10), edgecolors="white", linewidths=0.8,
+                   marker=MARKERS[backends.index(r["backend"]) % len(MARKERS)], alpha=0.9, zorder=3)
+    # latency spans orders of magnitude (TensorRT INT8 vs a PyTorch teacher): a log axis keeps every
+    # point readable; plain numbers on the ticks, not 10^x
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(4.0, 6.0, 7.0, 8.0, 9.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.08, y=0.1)
+    handles = [Patch(color=colours(i % 10), label=m) for i, m in enumerate(models)]
+    handles += [Line2D([], [], color="dimgrey", marker=MARKERS[i % len(MARKERS)], linestyle="", markersize=8, label=b)
                 for i, b in enumerate(backends)]
     handles.append(Line2D([], [], color="grey", linestyle="--", label="Pareto front"))
-    ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_xlabel("latency p50 (ms)")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              title="colour: model\nmarker: backend", title_fontsize=8, alignment="left")
+    ax.set_xlabel("latency p50 (ms, log scale)")
     ax.set_ylabel("COCO mAP (%)")
     ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.margins(x=0.12, y=0.08)  # room for the point labels
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
     fig.tight_layout()
     with atomic_path(path) as tmp:  # a fixed canvas size: no bbox_inches="tight"
         fig.savefig(tmp, format="png", dpi=PLOT_DPI)
