@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clock_deploy.export.onnx import expected_tracing_notes_silenced
 from clock_deploy.models.deform_attn import MSDeformAttn, _sample_gather, ms_deform_attn
 
 SHAPES = [(5, 7), (3, 4), (1, 2)]
@@ -110,8 +111,9 @@ def test_onnx_export_matches_onnxruntime(sampling):
     example = (torch.randn(1, 4, 16), torch.rand(1, 4, 3, 2), torch.randn(1, total, 16))
     f = io.BytesIO()
     names = ["query", "ref", "value"]
-    torch.onnx.export(_Wrapped(module), example, f, dynamo=False, opset_version=17, input_names=names,
-                      output_names=["out"], dynamic_axes={n: {0: "batch"} for n in names + ["out"]})
+    with expected_tracing_notes_silenced():
+        torch.onnx.export(_Wrapped(module), example, f, dynamo=False, opset_version=17, input_names=names,
+                          output_names=["out"], dynamic_axes={n: {0: "batch"} for n in names + ["out"]})
     ops = {node.op_type for node in __import__("onnx").load_from_string(f.getvalue()).graph.node}
     assert ("GridSample" in ops) == (sampling == "grid_sample")
     session = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])

@@ -14,6 +14,7 @@ from clock_deploy.engine.checkpoint import save_checkpoint
 from clock_deploy.engine.commands import load_teacher
 from clock_deploy.engine.trainer import TrainStep
 from clock_deploy.errors import UserError
+from clock_deploy.export.onnx import expected_tracing_notes_silenced
 from clock_deploy.models.build import build_criterion, build_model
 
 ARCHS = ["dab_detr", "deformable_detr", "dino"]
@@ -205,8 +206,9 @@ class Predictions(nn.Module):
 
 def onnx_summary(model):
     buffer = io.BytesIO()
-    torch.onnx.export(Predictions(model).eval(), torch.randn(1, 3, 64, 96), buffer, dynamo=False,
-                      opset_version=17, input_names=["images"], output_names=["logits", "boxes"])
+    with expected_tracing_notes_silenced():
+        torch.onnx.export(Predictions(model).eval(), torch.randn(1, 3, 64, 96), buffer, dynamo=False,
+                          opset_version=17, input_names=["images"], output_names=["logits", "boxes"])
     graph = onnx.load_from_string(buffer.getvalue()).graph
     return {"bytes": len(buffer.getvalue()), "ops": [n.op_type for n in graph.node],
             "initializers": sorted(tuple(t.dims) for t in graph.initializer)}

@@ -7,6 +7,7 @@ the TorchScript exporter (torch.onnx.export(dynamo=False)), checked with onnx.ch
 and optionally simplified with onnxslim; the simplified graph is kept only if it gives
 the same detections as the traced one on a random input.
 """
+import contextlib
 import warnings
 
 import numpy as np
@@ -53,14 +54,23 @@ def model_sampling(model):
     return modes.pop() if len(modes) == 1 else None
 
 
-def _trace(wrapper, path, batch, height, width, opset, dynamic):
-    example = torch.randn(batch, 3, height, width)
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+@contextlib.contextmanager
+def expected_tracing_notes_silenced():
+    """Silence the notes torch prints on every TorchScript ONNX export of these models, so that
+    an unexpected warning stands out; every torch.onnx.export here (and in the tests) runs in it."""
     with warnings.catch_warnings():
-        # shape arithmetic on Python ints is intended: spatial sizes are fixed per export
+        # shape arithmetic on Python ints is intended: spatial sizes (and the image size the boxes
+        # are scaled to) are fixed per export, so the tracer's "treated as a constant" notes are expected
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still supported
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # strided slices stay in the graph
+        yield
+
+
+def _trace(wrapper, path, batch, height, width, opset, dynamic):
+    example = torch.randn(batch, 3, height, width)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+    with expected_tracing_notes_silenced():
         torch.onnx.export(wrapper, (example,), path, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
 
