@@ -395,6 +395,8 @@ def test_eval_command_reads_label_and_detection_folders(tmp_path):
     assert result.exit_code == 0, result.output
     assert "46 frames, 45 detection files" in result.output
     assert "Car" in result.output and "R11" in result.output and "AP50" in result.output
+    # one unit on screen: KITTI and COCO AP both in percent with one decimal (the JSON keeps raw values)
+    assert "97.5" in result.output and "AP 97.0" in result.output and "0.97" not in result.output
     report = json.loads(out.read_text())
     car = report["kitti"]["Car"]
     assert car["num_gt"]["moderate"] == 46

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from clock_deploy.errors import UserError
+from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
 
 SAMPLING_CHOICES = ("grid_sample", "gather")
@@ -211,7 +212,8 @@ def _describe(path, report):
             f"images: scores max abs {report['scores_max_abs']:.2g}, boxes max abs {report['boxes_max_abs']:.2g} px, "
             f"{report['queries_changed']}/{report['queries']} queries beyond tolerance")
     if "mAP_diff" in report:
-        text += f", mAP {report['mAP']:.4f} vs {report['mAP_ref']:.4f} ({report['map_images']} val images)"
+        text += (f", mAP {ap_text('mAP', report['mAP'])} vs {ap_text('mAP', report['mAP_ref'])} % "
+                 f"({report['map_images']} val images)")
     if "passed" in report:
         text += ", OK" if report["passed"] else ", FAILED"
     return text
