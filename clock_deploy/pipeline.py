@@ -80,12 +80,12 @@ class Pipeline:
         marker = os.path.join(cfg_data.root, MARKER)
         written = read_json(marker) if os.path.exists(marker) else {}
         differ = [f"{k} {written[k]} (config: {v})" for k, v in params.items() if k in written and written[k] != v]
-        self.echo(f"{cfg_data.root} exists ({self.describe_splits(cfg_data)}): skipped" + (
+        self.echo(f"{cfg_data.root} exists (scenes: {self.describe_splits(cfg_data)}): skipped" + (
             f"; it was generated with {', '.join(differ)}: --force data regenerates it" if differ else ""))
 
     @staticmethod
     def describe_splits(cfg_data):
-        """'400 train + 200 val scenes' for a KITTI-layout root."""
+        """'train 400, val 200' for a KITTI-layout root (COCO data: its format only)."""
         from clock_deploy.data.kitti import read_split
 
         if cfg_data.format != "kitti":
@@ -93,10 +93,10 @@ class Pipeline:
         counts = []
         for split in (cfg_data.train_split, cfg_data.val_split):
             try:
-                counts.append(f"{len(read_split(cfg_data.root, split))} {split}")
+                counts.append(f"{split} {len(read_split(cfg_data.root, split))}")
             except UserError:
                 counts.append(f"no {split} split")
-        return " + ".join(counts) + " scenes"
+        return ", ".join(counts)
 
     def train(self, name, cfg):
         from clock_deploy.engine.checkpoint import read_checkpoint

@@ -48,7 +48,7 @@ def test_markdown_has_device_header_results_and_not_run_reasons(tmp_path):
     assert "| split | val |" in md
     # the summary, in the README's layout (GPU MB because one row measured it)
     assert ("| model | backend | size MB | p50 ms | p99 ms | img/s | peak RSS MB | GPU MB | mAP | AP50 "
-            "| KITTI easy | KITTI mod | KITTI hard |") in md
+            "| KITTI easy | KITTI mod | KITTI hard |\n|---|---|" + "|".join(["---:"] * 11) + "|") in md
     assert "| teacher | torch | 12.3 | 40.0 | 42.0 | 24.7 | 512 | - | 50.0 | 60.0 | 81.2 | 70.0 | 65.5 |" in md
     # every column: mAP 0.5 -> 50.0 %, missing GPU memory / KITTI / load -> '-'
     assert ("| model | backend | size MB | mean ms | p50 ms | p90 ms | p99 ms | p99/p50 | img/s | peak RSS MB "

@@ -64,6 +64,9 @@ def test_every_stage_writes_its_output(tiny_pipeline):
     assert "TensorRT" in result.not_run[0].reason
     assert set(result.files) == {"md", "csv", "json", "png"}
     assert any(line.startswith("CLoCK distillation: mAP") for line in lines)
+    data_root = tmp / "data" / "synth_kitti"  # the data stage says where the scenes are and how many
+    assert f"wrote 12 scenes to {data_root} (train 9, val 3)" in lines
+    assert f"{data_root} exists (scenes: train 9, val 3): skipped" in lines
 
 
 def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):

@@ -105,6 +105,7 @@ COLUMNS = [
 SUMMARY_KEYS = ("label", "backend", "size_mb", "latency_p50", "latency_p99", "throughput", "peak_rss_mb",
                 "gpu_mem_mb", "mAP", "AP50", "kitti_easy", "kitti_moderate", "kitti_hard")
 SUMMARY_FORMATS = {"latency_p50": _fixed(1), "latency_p99": _fixed(1)}
+TEXT_KEYS = ("label", "backend")  # left-aligned; every other column is a number
 CSV_FIELDS = (["model"] + [key for key, _, _ in COLUMNS if key != "label"]
               + ["cpus", "latency_min", "latency_max", "runs", "batch", "images", "artifact", "arch", "params", "method"])
 UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images (ms); mAP / AP50 / AP75: "
@@ -221,6 +222,13 @@ def _md_table(header, body):
     return "\n".join(lines)
 
 
+def _results_table(rows, columns):
+    """A results table with its numbers right-aligned, as in the README."""
+    lines = _md_table([title for _, title, _ in columns], [cells(r, columns) for r in rows]).split("\n")
+    lines[1] = "|" + "|".join("---" if key in TEXT_KEYS else "---:" for key, _, _ in columns) + "|"
+    return "\n".join(lines)
+
+
 def markdown(rows, not_run, profile, settings, plot_name=None):
     parts = ["# clock-deploy bench", "", "## Device", "",
              _md_table(["", ""], profile.header()), ""]
@@ -231,12 +239,12 @@ def markdown(rows, not_run, profile, settings, plot_name=None):
               "## Results", ""]
     if rows:
         shown, summary = values(rows), summary_columns(rows)
-        parts += [_md_table([title for _, title, _ in summary], [cells(r, summary) for r in shown]), "",
+        parts += [_results_table(shown, summary), "",
                   UNITS_NOTE, ""]
         warnings = load_warnings(rows)
         parts += [f"> **warning:** {w}" for w in warnings] + ([""] if warnings else [])
         parts += ["### Every measurement", "",
-                  _md_table([title for _, title, _ in COLUMNS], [cells(r) for r in shown]), "", LOAD_NOTE, ""]
+                  _results_table(shown, COLUMNS), "", LOAD_NOTE, ""]
     else:
         parts += ["No model x backend combination ran.", ""]
     parts += ["## Not run", ""]
@@ -346,7 +354,7 @@ def rich_table(rows, title=None):
     table = Table(title=Text(title) if title else None)
     columns = summary_columns(rows)
     for key, header, _ in columns:
-        table.add_column(header, justify="left" if key in ("label", "backend") else "right", no_wrap=True)
+        table.add_column(header, justify="left" if key in TEXT_KEYS else "right", no_wrap=True)
     for row in values(rows):
         table.add_row(*(Text(c) for c in cells(row, columns)))  # Text: "a[b]" is not rich markup
     return table
