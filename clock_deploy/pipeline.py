@@ -20,7 +20,7 @@ from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_json
 
 STAGES = ("data", "teacher", "student", "distill", "export", "bench")
-DEPLOY_PRECISIONS = ("onnx", "onnx-int8")  # what the export stage writes (bench backend names)
+DEPLOY_BACKENDS = ("onnx", "onnx-int8")  # the bench backends the export stage's files serve
 
 
 class Pipeline:
@@ -139,7 +139,7 @@ class Pipeline:
         else:
             Exporter(checkpoint, self.export_dir, "last").run("int8", calib=self.cfg.calib, batch=1, dynamic=True)
         model = read_model("distilled", checkpoint)
-        for name in DEPLOY_PRECISIONS:
+        for name in DEPLOY_BACKENDS:
             backend = parse_backend(name)
             source = os.path.join(self.export_dir, f"last.{backend.suffix}")
             target = artifact_path(self.artifacts_dir, model, backend)
@@ -185,7 +185,12 @@ class Pipeline:
                            out_dir=self.bench_dir, names=["teacher", "student", "distilled"],
                            calib=self.cfg.calib, warmup=b.warmup, runs=b.runs, threads=b.threads or None,
                            max_images=b.max_images or None)
-        write_json(stamp, self.bench_inputs(cfg_data))  # after the run: it adds the artifacts it exported
+        failed = [item for item in result.not_run if item.reason.startswith(("failed", "export failed"))]
+        if failed:  # not stamped: the next run measures again
+            if os.path.exists(stamp):
+                os.remove(stamp)
+        else:
+            write_json(stamp, self.bench_inputs(cfg_data))  # after the run: it adds the artifacts it exported
         print_report(result.rows, result.not_run, result.profile)
         return result
 

@@ -1,16 +1,20 @@
 """The end-to-end pipeline on tiny models: every stage runs, a re-run skips them all (the bench
 too), and README section 5's snippet runs on what it leaves behind."""
+import dataclasses
 import json
 import os
 import re
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from clock_deploy.bench.report import NotRun
 from clock_deploy.data.kitti import read_split
 from clock_deploy.errors import UserError
 from clock_deploy.export.calibration import choose_calibration_set, write_manifest
 from clock_deploy.pipeline import Pipeline
+from clock_deploy.pipeline import pipeline as pipeline_command
 from engine_helpers import TINY_MODEL
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -102,11 +106,21 @@ def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypa
     assert calls == [2, 3]
     Pipeline(cfg, echo=lambda _: None).bench(data)  # the stamp now records runs=3: measured again
     assert calls == [2, 3, 2]
+    Pipeline(cfg, echo=lambda _: None).bench(data)
+    assert calls == [2, 3, 2]  # unchanged: skipped
+
+    failing = dataclasses.replace(first, not_run=first.not_run + [NotRun("onnx", "failed: killed", "teacher")])
+    monkeypatch.setattr("clock_deploy.bench.runner.run_bench", lambda *a, **k: calls.append("x") or failing)
+    Pipeline(cfg, echo=lambda _: None, force=["bench"]).bench(data)
+    Pipeline(cfg, echo=lambda _: None).bench(data)
+    assert calls[-2:] == ["x", "x"]  # a bench with a failed measurement is not stamped: measured again
 
 
 def test_force_names_a_stage(tiny_pipeline):
     with pytest.raises(UserError, match="--force: unknown stage"):
         Pipeline(tiny_pipeline[0], force=["train"])
+    result = CliRunner().invoke(pipeline_command, ["--cfg", tiny_pipeline[0], "--force", "train"])
+    assert result.exit_code == 2 and "'train' is not one of 'data', 'teacher'" in result.output
 
 
 def readme_snippet():
