@@ -70,6 +70,13 @@ class DenoisingConfig:
 
 
 @dataclass
+class DabConfig:
+    """DAB-DETR only; the defaults are IDEA-Research/DAB-DETR's."""
+    activation: str = choice("prelu", "relu")  # transformer FFN activation (--transformer_activation)
+    pos_temperature: float = 20.0  # sine position embedding of the feature map (--pe_temperatureH/W)
+
+
+@dataclass
 class ModelConfig:
     arch: str = choice("dino", "dab_detr", "deformable_detr")
     num_classes: int = 3
@@ -87,6 +94,7 @@ class ModelConfig:
     box_refine: bool = True       # Deformable DETR iterative box refinement
     two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
     dn: DenoisingConfig = field(default_factory=DenoisingConfig)
+    dab: DabConfig = field(default_factory=DabConfig)
 
 
 @dataclass

@@ -2,8 +2,12 @@
 
 Each decoder layer derives the positional query from the current anchor (sine embedding ->
 MLP), modulates the cross-attention positional part by the anchor width / height, and refines
-the anchor (iterative box refinement). The encoder is a standard transformer encoder over the
-last backbone level.
+the anchor (iterative box refinement). The encoder is a transformer encoder over the last
+backbone level whose position embedding is rescaled from the content in every layer.
+
+Numerically equal to IDEA-Research/DAB-DETR (and HF transformers' DabDetr) with the default
+settings: PReLU FFNs, position temperature 20, the next anchor refined from the un-normed
+decoder output (the LayerNorm only feeds the reported class and box).
 """
 import torch
 from torch import nn
@@ -16,21 +20,42 @@ from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention,
                                                    unflatten_dim)
 
 
+# inverse_sigmoid clamp of DAB-DETR's util/misc.py (HF transformers uses 1e-5: equal unless a box
+# coordinate is within 1e-3 of 0 or 1)
+ANCHOR_EPS = 1e-3
+
+
 class EncoderLayer(nn.Module):
     """Self-attention with position added to queries / keys, FFN; post-norm (DETR)."""
 
-    def __init__(self, d_model, nheads, ffn_dim, dropout):
+    def __init__(self, d_model, nheads, ffn_dim, dropout, activation):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, nheads, dropout)
         self.dropout = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, ffn_dim, dropout)
+        self.ffn = FFN(d_model, ffn_dim, dropout, activation)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos):
         q = k = src + pos
         src = self.norm1(src + self.dropout(self.self_attn(q, k, src)))
         return self.norm2(src + self.ffn(src))
+
+
+class DABEncoder(nn.Module):
+    """Encoder layers; before each one the position embedding is scaled element-wise by an MLP
+    of the current content (DAB-DETR's TransformerEncoder.query_scale)."""
+
+    def __init__(self, d_model, nheads, ffn_dim, dropout, num_layers, activation):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(d_model, nheads, ffn_dim, dropout, activation)
+                                    for _ in range(num_layers))
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+
+    def forward(self, src, pos):
+        for layer in self.layers:
+            src = layer(src, pos * self.query_scale(src))
+        return src
 
 
 def _concat_heads(a, b, nheads):
@@ -42,7 +67,7 @@ class DABDecoderLayer(nn.Module):
     """Conditional-DETR style layer: content and position are projected separately; in
     cross-attention the (modulated) sine embedding of the anchor is concatenated per head."""
 
-    def __init__(self, d_model, nheads, ffn_dim, dropout, first_layer):
+    def __init__(self, d_model, nheads, ffn_dim, dropout, first_layer, activation):
         super().__init__()
         self.nheads, self.dropout_p = nheads, dropout
         self.sa_qcontent_proj = nn.Linear(d_model, d_model)
@@ -63,7 +88,7 @@ class DABDecoderLayer(nn.Module):
         self.ca_out_proj = nn.Linear(d_model, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-        self.ffn = FFN(d_model, ffn_dim, dropout)
+        self.ffn = FFN(d_model, ffn_dim, dropout, activation)
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
@@ -92,10 +117,10 @@ class DABDecoderLayer(nn.Module):
 class DABDecoder(nn.Module):
     """Decoder with anchor-derived positional queries and iterative anchor refinement."""
 
-    def __init__(self, d_model, nheads, ffn_dim, dropout, num_layers):
+    def __init__(self, d_model, nheads, ffn_dim, dropout, num_layers, activation):
         super().__init__()
         self.d_model = d_model
-        self.layers = nn.ModuleList(DABDecoderLayer(d_model, nheads, ffn_dim, dropout, i == 0)
+        self.layers = nn.ModuleList(DABDecoderLayer(d_model, nheads, ffn_dim, dropout, i == 0, activation)
                                     for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -103,13 +128,13 @@ class DABDecoder(nn.Module):
         self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)  # shared by all layers (DAB default)
-        init_box_head(self.bbox_embed)
 
     def forward(self, tgt, anchors, memory, memory_pos, attn_mask=None):
         """tgt: [B, T, D] content; anchors: [B, T, 4] unsigmoided cxcywh.
         Returns lists over layers of normed outputs [B, T, D] and boxes [B, T, 4] (sigmoid)."""
         half = self.d_model // 2
         ref = anchors.sigmoid()
+        prev = ref  # the anchor a layer's box is reported against; not detached (as the original)
         out = tgt
         hidden, boxes = [], []
         for i, layer in enumerate(self.layers):
@@ -123,10 +148,12 @@ class DABDecoder(nn.Module):
                               sine[..., half:] * (ref_hw[..., 0] / ref[..., 2])[..., None]], dim=-1)
             out = layer(out, memory, memory_pos, query_pos, sine, attn_mask)
             normed = self.norm(out)
-            new_ref = (self.bbox_embed(normed) + inverse_sigmoid(ref)).sigmoid()
             hidden.append(normed)
-            boxes.append(new_ref)
-            ref = new_ref.detach()
+            boxes.append((self.bbox_embed(normed) + inverse_sigmoid(prev, ANCHOR_EPS)).sigmoid())
+            if i < len(self.layers) - 1:
+                # the next anchor is refined from the un-normed output
+                prev = (self.bbox_embed(out) + inverse_sigmoid(ref, ANCHOR_EPS)).sigmoid()
+                ref = prev.detach()
         return hidden, boxes
 
 
@@ -142,12 +169,29 @@ class DABDETR(nn.Module):
         self.backbone = build_backbone(cfg.backbone)
         self.strides = [self.backbone.strides[-1]]
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, 1)
-        self.position = PositionEmbeddingSine(d // 2)
-        self.encoder = nn.ModuleList(EncoderLayer(d, cfg.nheads, cfg.ffn_dim, cfg.dropout)
-                                     for _ in range(cfg.enc_layers))
-        self.decoder = DABDecoder(d, cfg.nheads, cfg.ffn_dim, cfg.dropout, cfg.dec_layers)
+        self.position = PositionEmbeddingSine(d // 2, temperature=cfg.dab.pos_temperature)
+        act = cfg.dab.activation
+        self.encoder = DABEncoder(d, cfg.nheads, cfg.ffn_dim, cfg.dropout, cfg.enc_layers, act)
+        self.decoder = DABDecoder(d, cfg.nheads, cfg.ffn_dim, cfg.dropout, cfg.dec_layers, act)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
         self.class_embed = nn.Linear(d, cfg.num_classes)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        """DAB-DETR's init: Xavier for the transformer's matrices, zero attention biases (as
+        nn.MultiheadAttention), zero last box layer, focal prior on the class bias."""
+        for module in (self.encoder, self.decoder):
+            for name, p in module.named_parameters():
+                if p.dim() > 1 and not name.startswith("bbox_embed."):
+                    nn.init.xavier_uniform_(p)
+        for layer in self.encoder.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                         layer.self_attn.out_proj):
+                nn.init.zeros_(proj.bias)
+        for layer in self.decoder.layers:
+            nn.init.zeros_(layer.sa_out_proj.bias)
+            nn.init.zeros_(layer.ca_out_proj.bias)
+        init_box_head(self.decoder.bbox_embed)
         init_class_head(self.class_embed)
 
     def forward(self, images, targets=None, groups=None):
@@ -158,8 +202,7 @@ class DABDETR(nn.Module):
         batch = src.shape[0]
         memory = src.flatten(2).transpose(1, 2)
         memory_pos = pos.flatten(2).transpose(1, 2)
-        for layer in self.encoder:
-            memory = layer(memory, memory_pos)
+        memory = self.encoder(memory, memory_pos)
 
         # matching queries: zero content (DAB default) on learned anchors; groups follow them
         anchors = [self.refpoint_embed.weight[None].expand(batch, -1, -1)]

@@ -58,15 +58,19 @@ def init_box_head(mlp):
 class FFN(nn.Module):
     """Position-wise feed-forward block (without the residual / norm around it)."""
 
-    def __init__(self, d_model, ffn_dim, dropout):
+    def __init__(self, d_model, ffn_dim, dropout, activation="relu"):
         super().__init__()
+        if activation not in ("relu", "prelu"):
+            raise ValueError(f"activation must be relu or prelu, got {activation}")
         self.linear1 = nn.Linear(d_model, ffn_dim)
+        # PReLU (DAB-DETR's default) learns one slope per block; ReLU holds no weights
+        self.activation = nn.PReLU() if activation == "prelu" else nn.ReLU()
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x)))))
+        return self.dropout2(self.linear2(self.dropout1(self.activation(self.linear1(x)))))
 
 
 def attention(q, k, v, num_heads, attn_mask=None, dropout=0.0, training=False):

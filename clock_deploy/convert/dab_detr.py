@@ -1,0 +1,290 @@
+"""DAB-DETR checkpoints -> this project's DABDETR: HF transformers folders and official .pth files.
+
+Both converters return (overrides for the config's `model` section, project state dict). Every
+source key is renamed by one rule table; a key no rule knows, a project key left unfilled, a
+shape that does not fit or a setting the project does not implement is a UserError naming it.
+"""
+import math
+import re
+
+import torch
+
+from clock_deploy.errors import UserError
+
+ARCH = "dab_detr"
+
+
+# ---------------------------------------------------------------- renaming
+
+def _projections(prefix):
+    """The decoder's separately projected query / key parts: HF names -> project names."""
+    parts = {"query_content": "qcontent", "query_pos": "qpos", "key_content": "kcontent", "key_pos": "kpos",
+             "value": "v", "query_pos_sine": "qpos_sine"}
+    return [(rf"{prefix}\.self_attn\.self_attn_{hf}_proj\.", rf"decoder.layers.\1.sa_{own}_proj.")
+            for hf, own in parts.items() if hf != "query_pos_sine"] + \
+           [(rf"{prefix}\.cross_attn\.cross_attn_{hf}_proj\.", rf"decoder.layers.\1.ca_{own}_proj.")
+            for hf, own in parts.items()]
+
+
+_HF_RESNET = r"model\.backbone\.conv_encoder\.model\."
+HF_RULES = [
+    # timm ResNet (the hub's checkpoints): torchvision names under _backbone
+    (_HF_RESNET + r"(?:_backbone\.)?((?:conv1|bn1|layer\d)\.)", r"backbone.\1"),
+    # transformers' own ResNet (use_timm_backbone=False)
+    (_HF_RESNET + r"embedder\.embedder\.convolution\.", "backbone.conv1."),
+    (_HF_RESNET + r"embedder\.embedder\.normalization\.", "backbone.bn1."),
+    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.convolution\.",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.normalization\.",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.convolution\.",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.normalization\.",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+    (r"model\.input_projection\.", "input_proj."),
+    (r"model\.query_refpoint_embeddings\.", "refpoint_embed."),
+    (r"model\.encoder\.query_scale\.", "encoder.query_scale."),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
+    (r"model\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
+    (r"model\.encoder\.layers\.(\d+)\.fc(\d)\.", r"encoder.layers.\1.ffn.linear\2."),
+    (r"model\.encoder\.layers\.(\d+)\.activation_fn\.", r"encoder.layers.\1.ffn.activation."),
+    *_projections(r"model\.decoder\.layers\.(\d+)"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn\.output_proj\.", r"decoder.layers.\1.sa_out_proj."),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
+    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn\.output_proj\.", r"decoder.layers.\1.ca_out_proj."),
+    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.activation_fn\.", r"decoder.layers.\1.ffn.activation."),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
+    (r"model\.decoder\.layernorm\.", "decoder.norm."),
+    (r"model\.decoder\.(query_scale|ref_point_head|ref_anchor_head|bbox_embed)\.", r"decoder.\1."),
+    (r"bbox_predictor\.", "decoder.bbox_embed."),  # tied to model.decoder.bbox_embed
+    (r"class_embed\.", "class_embed."),
+]
+
+OFFICIAL_RULES = [
+    (r"backbone\.0\.body\.", "backbone."),
+    (r"(input_proj|refpoint_embed|class_embed)\.", r"\1."),
+    (r"(?:transformer\.decoder\.)?bbox_embed\.", "decoder.bbox_embed."),  # one MLP, registered twice
+    (r"transformer\.encoder\.query_scale\.", "encoder.query_scale."),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),  # after the q/k/v split
+    (r"transformer\.encoder\.layers\.(\d+)\.linear(\d)\.", r"encoder.layers.\1.ffn.linear\2."),
+    (r"transformer\.encoder\.layers\.(\d+)\.activation\.", r"encoder.layers.\1.ffn.activation."),
+    (r"transformer\.encoder\.layers\.(\d+)\.(norm\d)\.", r"encoder.layers.\1.\2."),
+    (r"transformer\.decoder\.layers\.(\d+)\.((?:sa|ca)_\w+_proj)\.", r"decoder.layers.\1.\2."),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"decoder.layers.\1.sa_out_proj."),
+    (r"transformer\.decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"decoder.layers.\1.ca_out_proj."),
+    (r"transformer\.decoder\.layers\.(\d+)\.linear(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
+    (r"transformer\.decoder\.layers\.(\d+)\.activation\.", r"decoder.layers.\1.ffn.activation."),
+    (r"transformer\.decoder\.layers\.(\d+)\.(norm\d)\.", r"decoder.layers.\1.\2."),
+    (r"transformer\.decoder\.(norm|query_scale|ref_point_head|ref_anchor_head)\.", r"decoder.\1."),
+]
+
+
+def _rename(state, rules, source):
+    """Apply the first matching prefix rule to every key; tied copies must hold equal tensors."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # BatchNorm bookkeeping; the project's backbone norms are frozen
+        for pattern, target in rules:
+            m = re.match(pattern, key)
+            if m:
+                prefix = target(m) if callable(target) else m.expand(target)
+                new = prefix + key[m.end():]
+                if new in out and not torch.equal(out[new], value):
+                    raise UserError(f"{source}: '{key}' should be a tied copy of another key for '{new}' "
+                                    f"but holds different values (separate heads per layer are not supported)")
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} keys this converter does not know: {_some(unknown)}")
+    return out
+
+
+def _some(keys, n=4):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _check_against_model(overrides, state, source):
+    """Every project key filled with the right shape, nothing left over (model built on `meta`)."""
+    from clock_deploy.config import ModelConfig, from_dict
+    from clock_deploy.models.build import build_model
+
+    cfg = from_dict(overrides, cls=ModelConfig, where=source)
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = [f"{len(keys)} {what}: {_some(keys)}" for what, keys in
+                (("missing keys", missing), ("keys the model does not have", unexpected), ("wrong shapes", wrong))
+                if keys]
+    if problems:
+        raise UserError(f"{source}: does not fit a DAB-DETR built from its config: " + "; ".join(problems))
+    return {k: state[k].contiguous() for k in expected}
+
+
+# ---------------------------------------------------------------- backbones
+
+def _resnet_depth(block, counts, source):
+    from clock_deploy.models.backbone import ARCHS
+
+    for depth, (cls, arch_counts) in ARCHS.items():
+        if cls.__name__ == block and tuple(counts) == tuple(arch_counts):
+            return depth
+    raise UserError(f"{source}: backbone with {block} blocks {list(counts)} is not ResNet-18/34/50")
+
+
+def _resnet_name_depth(name, source):
+    m = re.fullmatch(r"(?:timm/)?resnet(18|34|50)(?:\.\w+)?", str(name))
+    if not m:
+        raise UserError(f"{source}: backbone '{name}' is not supported (ResNet-18/34/50 only)")
+    return int(m[1])
+
+
+def _hf_backbone(hf_config, source):
+    """HF backbone settings -> the project's `model.backbone` section."""
+    bb = hf_config.get("backbone_config") or {}
+    if hf_config.get("dilation") or bb.get("output_stride") == 16:
+        raise UserError(f"{source}: dilation (DC5) backbones are not supported")
+    if bb.get("model_type") == "resnet":
+        if bb.get("downsample_in_first_stage") or bb.get("downsample_in_bottleneck"):
+            raise UserError(f"{source}: ResNet with downsample_in_first_stage / downsample_in_bottleneck "
+                            f"is not the torchvision layout the project builds")
+        block = {"basic": "BasicBlock", "bottleneck": "Bottleneck"}.get(bb.get("layer_type"), bb.get("layer_type"))
+        depth = _resnet_depth(block, bb.get("depths", []), source)
+        width = int(bb["embedding_size"])
+        expansion = 4 if block == "Bottleneck" else 1
+        if list(bb.get("hidden_sizes", [])) != [width * expansion * 2 ** i for i in range(4)]:
+            raise UserError(f"{source}: ResNet hidden_sizes {bb.get('hidden_sizes')} do not double from "
+                            f"embedding_size {width} like a torchvision ResNet")
+    else:  # timm backbone: named in backbone_config (transformers 5) or at the top level (4.x)
+        name = bb.get("backbone") if bb.get("model_type") == "timm_backbone" else hf_config.get("backbone")
+        depth, width = _resnet_name_depth(name, source), 64
+    return {"depth": depth, "width": width, "return_levels": [3], "weights": None}
+
+
+def _official_backbone(state, args, source):
+    """Backbone settings of an official checkpoint: from its args, checked against its keys."""
+    prefix = "backbone.0.body."
+    if prefix + "conv1.weight" not in state:
+        raise UserError(f"{source}: no '{prefix}conv1.weight': not a DAB-DETR ResNet checkpoint")
+    block = "Bottleneck" if prefix + "layer1.0.conv3.weight" in state else "BasicBlock"
+    counts = [len({k.split(".")[4] for k in state if k.startswith(f"{prefix}layer{i}.")}) for i in range(1, 5)]
+    depth = _resnet_depth(block, counts, source)
+    if args and args.get("backbone") and _resnet_name_depth(args["backbone"], source) != depth:
+        raise UserError(f"{source}: args say backbone={args['backbone']} but the weights are ResNet-{depth}")
+    if args and args.get("dilation"):
+        raise UserError(f"{source}: dilation (DC5) backbones are not supported")
+    return {"depth": depth, "width": int(state[prefix + "conv1.weight"].shape[0]), "return_levels": [3],
+            "weights": None}
+
+
+# ---------------------------------------------------------------- converters
+
+def _layer_count(state, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def _unsupported(settings, source):
+    """settings: {name: (value, supported value)}; raise naming the first that differs."""
+    for name, (value, want) in settings.items():
+        if value != want:
+            raise UserError(f"{source}: {name}={value!r} is not supported (the project implements {name}={want!r})")
+
+
+def hf_to_project(hf_state: dict, hf_config: dict) -> tuple[dict, dict]:
+    """transformers DabDetrForObjectDetection (model.safetensors + config.json contents) ->
+    (model-config overrides, project state dict)."""
+    source = "DAB-DETR (transformers) checkpoint"
+    if hf_config.get("model_type") != "dab-detr":
+        raise UserError(f"{source}: config.json has model_type={hf_config.get('model_type')!r}, "
+                        f"expected 'dab-detr'")
+    get = hf_config.get
+    _unsupported({
+        "query_dim": (get("query_dim", 4), 4), "keep_query_pos": (get("keep_query_pos", False), False),
+        "num_patterns": (get("num_patterns", 0), 0), "normalize_before": (get("normalize_before", False), False),
+        "decoder_ffn_dim": (get("decoder_ffn_dim", 2048), get("encoder_ffn_dim", 2048)),
+        "decoder_attention_heads": (get("decoder_attention_heads", 8), get("encoder_attention_heads", 8)),
+        "temperature_width": (get("temperature_width", 20), get("temperature_height", 20)),
+    }, source)
+    scale = get("sine_position_embedding_scale")
+    if scale is not None and not math.isclose(scale, 2 * math.pi):
+        raise UserError(f"{source}: sine_position_embedding_scale={scale} is not supported (2*pi)")
+    activation = get("activation_function", "prelu")
+    if activation not in ("relu", "prelu"):
+        raise UserError(f"{source}: activation_function={activation!r} is not supported (relu, prelu)")
+    if "class_embed.weight" not in hf_state:
+        raise UserError(f"{source}: no 'class_embed.weight' (a DabDetrModel without the detection head?)")
+    overrides = {
+        "arch": ARCH,
+        "num_classes": int(hf_state["class_embed.weight"].shape[0]),
+        "hidden_dim": int(get("hidden_size", 256)),
+        "num_queries": int(get("num_queries", 300)),
+        "nheads": int(get("encoder_attention_heads", 8)),
+        "enc_layers": int(get("encoder_layers", 6)),
+        "dec_layers": int(get("decoder_layers", 6)),
+        "ffn_dim": int(get("encoder_ffn_dim", 2048)),
+        "backbone": _hf_backbone(hf_config, source),
+        "dab": {"activation": activation, "pos_temperature": float(get("temperature_height", 20))},
+    }
+    state = _rename(hf_state, HF_RULES, source)
+    if overrides["dec_layers"] == 1:  # a single layer never rescales its positional query
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.query_scale.")}
+    return overrides, _check_against_model(overrides, state, source)
+
+
+def _split_in_proj(state):
+    """nn.MultiheadAttention's packed in_proj_{weight,bias} -> q_proj / k_proj / v_proj keys."""
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.*)\.in_proj_(weight|bias)", key)
+        if m:
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{m[1]}.{name}_proj.{m[2]}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+def official_to_project(state: dict, args: dict | None) -> tuple[dict, dict]:
+    """IDEA-Research/DAB-DETR checkpoint (its ['model'] state dict and ['args'] as a dict, or None)
+    -> (model-config overrides, project state dict). Without args the settings come from the
+    weights' shapes, and nheads (not visible in shapes) from the DAB-DETR default 8."""
+    source = "DAB-DETR (official) checkpoint"
+    args = dict(args or {})
+    if args.get("modelname", ARCH) != ARCH:
+        raise UserError(f"{source}: modelname={args['modelname']!r}; only dab_detr (single scale) converts here")
+    _unsupported({"num_patterns": (args.get("num_patterns", 0), 0), "pre_norm": (args.get("pre_norm", False), False),
+                  "pe_temperatureW": (args.get("pe_temperatureW", 20), args.get("pe_temperatureH", 20)),
+                  "position_embedding": (args.get("position_embedding", "sine"), "sine")}, source)
+    for key in ("input_proj.weight", "refpoint_embed.weight", "class_embed.weight",
+                "transformer.encoder.layers.0.linear1.weight"):
+        if key not in state:
+            raise UserError(f"{source}: no '{key}': not a DAB-DETR checkpoint")
+    has_prelu = any(k.endswith(".activation.weight") for k in state)
+    activation = args.get("transformer_activation", "prelu" if has_prelu else "relu")
+    if activation not in ("relu", "prelu"):
+        raise UserError(f"{source}: transformer_activation={activation!r} is not supported (relu, prelu)")
+    overrides = {
+        "arch": ARCH,
+        "num_classes": int(state["class_embed.weight"].shape[0]),
+        "hidden_dim": int(state["input_proj.weight"].shape[0]),
+        "num_queries": int(state["refpoint_embed.weight"].shape[0]),
+        "nheads": int(args.get("nheads", 8)),
+        "enc_layers": _layer_count(state, "transformer.encoder.layers."),
+        "dec_layers": _layer_count(state, "transformer.decoder.layers."),
+        "ffn_dim": int(state["transformer.encoder.layers.0.linear1.weight"].shape[0]),
+        "backbone": _official_backbone(state, args, source),
+        "dab": {"activation": activation, "pos_temperature": float(args.get("pe_temperatureH", 20))},
+    }
+    renamed = _rename(_split_in_proj(state), OFFICIAL_RULES, source)
+    if overrides["dec_layers"] == 1:
+        renamed = {k: v for k, v in renamed.items() if not k.startswith("decoder.query_scale.")}
+    return overrides, _check_against_model(overrides, renamed, source)

@@ -1,0 +1,151 @@
+"""DAB-DETR equals the reference: HF transformers' DabDetrForObjectDetection with random weights,
+converted by clock_deploy.convert.dab_detr, gives the same logits and boxes (<= 1e-4)."""
+import pytest
+import torch
+
+from clock_deploy.config import ModelConfig, from_dict
+from clock_deploy.convert.dab_detr import hf_to_project, official_to_project
+from clock_deploy.errors import UserError
+from clock_deploy.models.build import build_model
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def hf_config(num_labels=3, layer_type="basic", **overrides):
+    """A small DAB-DETR on transformers' own ResNet (no timm, nothing downloaded)."""
+    width, expansion = 8, 4 if layer_type == "bottleneck" else 1
+    backbone = transformers.ResNetConfig(
+        embedding_size=width, hidden_sizes=[width * expansion * 2 ** i for i in range(4)],
+        depths=[2, 2, 2, 2] if layer_type == "basic" else [3, 4, 6, 3], layer_type=layer_type,
+        out_features=["stage4"])
+    settings = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                    hidden_size=32, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12, num_labels=num_labels)
+    settings.update(overrides)
+    return transformers.DabDetrConfig(**settings)
+
+
+def random_hf_model(config, seed=0):
+    """Every weight perturbed (zero-initialized box heads included) so each term of the forward counts."""
+    torch.manual_seed(seed)
+    model = transformers.DabDetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point():
+                noise = torch.randn_like(t) * 0.1
+                t.copy_(t + (noise.abs() if name.endswith("running_var") else noise))
+    return model
+
+
+def state_and_config(model):
+    return dict(model.state_dict()), model.config.to_dict()
+
+
+def project_model(overrides, state):
+    model = build_model(from_dict(overrides, cls=ModelConfig))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def max_diffs(hf_model, model, images):
+    with torch.no_grad():
+        ref = hf_model(pixel_values=images)
+        out = model(images).stages[-1]
+    return (ref.logits - out.logits).abs().max().item(), (ref.pred_boxes - out.boxes).abs().max().item()
+
+
+@pytest.mark.parametrize("num_labels,layer_type", [(1, "basic"), (3, "basic"), (3, "bottleneck")])
+def test_dab_detr_matches_transformers(num_labels, layer_type):
+    hf_model = random_hf_model(hf_config(num_labels, layer_type))
+    overrides, state = hf_to_project(*state_and_config(hf_model))
+    assert overrides["backbone"]["depth"] == (18 if layer_type == "basic" else 50)
+    assert overrides["dab"] == {"activation": "prelu", "pos_temperature": 20.0}
+    model = project_model(overrides, state)
+    images = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    logits_diff, boxes_diff = max_diffs(hf_model, model, images)
+    assert logits_diff <= TOL and boxes_diff <= TOL, (logits_diff, boxes_diff)
+    # the comparison can fail: the project's former position temperature (10000) is far off
+    model.position.temperature = 10000
+    assert max(max_diffs(hf_model, model, images)) > 10 * TOL
+
+
+def test_relu_and_other_temperature_convert():
+    hf_model = random_hf_model(hf_config(activation_function="relu", temperature_height=10000,
+                                         temperature_width=10000, decoder_layers=1))
+    overrides, state = hf_to_project(*state_and_config(hf_model))
+    assert overrides["dab"] == {"activation": "relu", "pos_temperature": 10000.0}
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    assert max(max_diffs(hf_model, project_model(overrides, state), images)) <= TOL
+
+
+def test_saved_folder_with_tied_box_head_converts(tmp_path):
+    """save_pretrained stores the tied box head once (bbox_predictor)."""
+    from safetensors.torch import load_file
+    import json
+
+    hf_model = random_hf_model(hf_config())
+    hf_model.save_pretrained(tmp_path)
+    hf_state = load_file(tmp_path / "model.safetensors")
+    assert not any(k.startswith("model.decoder.bbox_embed.") for k in hf_state)
+    overrides, state = hf_to_project(hf_state, json.loads((tmp_path / "config.json").read_text()))
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    assert max(max_diffs(hf_model, project_model(overrides, state), images)) <= TOL
+
+
+def test_unknown_missing_and_unsupported_are_user_errors():
+    state, config = state_and_config(random_hf_model(hf_config()))
+    with pytest.raises(UserError, match="does not know: model.extra.weight"):
+        hf_to_project({**state, "model.extra.weight": torch.zeros(1)}, config)
+    with pytest.raises(UserError, match="1 missing keys: encoder.query_scale.layers.0.weight"):
+        hf_to_project({k: v for k, v in state.items() if k != "model.encoder.query_scale.layers.0.weight"}, config)
+    with pytest.raises(UserError, match="keep_query_pos=True is not supported"):
+        hf_to_project(state, {**config, "keep_query_pos": True})
+    with pytest.raises(UserError, match="model_type='deformable_detr'"):
+        hf_to_project(state, {**config, "model_type": "deformable_detr"})
+    with pytest.raises(UserError, match="wrong shapes: refpoint_embed.weight"):
+        hf_to_project(state, {**config, "num_queries": 7})
+
+
+# ---------------------------------------------------------------- official checkpoint names
+
+def to_official(project_state):
+    """Project keys -> IDEA-Research/DAB-DETR's (written from its models/DAB_DETR/*.py): torchvision
+    backbone under backbone.0.body, nn.MultiheadAttention's packed in_proj in the encoder, the shared
+    box MLP registered twice."""
+    import re
+    out = {}
+    for key, value in project_state.items():
+        new = re.sub(r"^backbone\.", "backbone.0.body.", key)
+        new = re.sub(r"^(encoder|decoder)\.", r"transformer.\1.", new)
+        new = re.sub(r"\.ffn\.(linear\d|activation)\.", r".\1.", new)
+        new = re.sub(r"(decoder\.layers\.\d+)\.sa_out_proj\.", r"\1.self_attn.out_proj.", new)
+        new = re.sub(r"(decoder\.layers\.\d+)\.ca_out_proj\.", r"\1.cross_attn.out_proj.", new)
+        if new.startswith("transformer.decoder.bbox_embed."):
+            out[new[len("transformer.decoder."):]] = value
+        out[new] = value
+    for key in [k for k in out if re.search(r"encoder\.layers\.\d+\.self_attn\.q_proj\.", k)]:
+        base, kind = key.split(".q_proj.")
+        parts = [out.pop(f"{base}.{p}_proj.{kind}") for p in "qkv"]
+        out[f"{base}.in_proj_{kind}"] = torch.cat(parts)
+    return out
+
+
+def test_official_names_convert_to_the_same_model():
+    hf_overrides, state = hf_to_project(*state_and_config(random_hf_model(hf_config(num_labels=91))))
+    official = to_official(state)
+    assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in official
+    assert "transformer.decoder.layers.0.activation.weight" in official and "bbox_embed.layers.2.bias" in official
+    args = {"modelname": "dab_detr", "nheads": 4, "transformer_activation": "prelu", "pe_temperatureH": 20,
+            "pe_temperatureW": 20, "backbone": "resnet18", "num_patterns": 0, "pre_norm": False}
+    overrides, converted = official_to_project(official, args)
+    assert overrides == hf_overrides
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    # without args everything but nheads (default 8) is read from the weights
+    overrides, _ = official_to_project(official, {"nheads": 4})
+    assert overrides == hf_overrides
+    with pytest.raises(UserError, match="num_patterns=3 is not supported"):
+        official_to_project(official, {**args, "num_patterns": 3})
+    with pytest.raises(UserError, match="not a DAB-DETR checkpoint"):
+        official_to_project({"foo": torch.zeros(1)}, None)
