@@ -73,12 +73,14 @@ def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch):
     expected = {"clock": {"loss_mem", "loss_logit_cls", "loss_logit_box"}, "kd_detr": {"loss_kd_cls", "loss_kd_box"},
                 "fgd": {"loss_fgd_focal", "loss_fgd_attn", "loss_fgd_global"}}[method]
     assert set(losses) == expected
+    # not exactly 0: the teacher batches the queries differently (logits agree to ~5e-7), and the
+    # KL's tau^2 = 100 scales that float noise up
     for name, value in losses.items():
-        assert abs(value.item()) < 1e-6, name
+        assert abs(value.item()) < 1e-5, name
     perturb(student)
     _, losses = distill_losses(distiller, student)
     for name, value in losses.items():
-        assert value.item() > 1e-5, name
+        assert value.item() > 1e-4, name
 
 
 def cross_family(student_arch, method):

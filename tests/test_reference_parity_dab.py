@@ -1,5 +1,8 @@
 """DAB-DETR equals the reference: HF transformers' DabDetrForObjectDetection with random weights,
 converted by clock_deploy.convert.dab_detr, gives the same logits and boxes (<= 1e-4)."""
+import json
+import re
+
 import pytest
 import torch
 
@@ -83,7 +86,6 @@ def test_relu_and_other_temperature_convert():
 def test_saved_folder_with_tied_box_head_converts(tmp_path):
     """save_pretrained stores the tied box head once (bbox_predictor)."""
     from safetensors.torch import load_file
-    import json
 
     hf_model = random_hf_model(hf_config())
     hf_model.save_pretrained(tmp_path)
@@ -114,7 +116,6 @@ def to_official(project_state):
     """Project keys -> IDEA-Research/DAB-DETR's (written from its models/DAB_DETR/*.py): torchvision
     backbone under backbone.0.body, nn.MultiheadAttention's packed in_proj in the encoder, the shared
     box MLP registered twice."""
-    import re
     out = {}
     for key, value in project_state.items():
         new = re.sub(r"^backbone\.", "backbone.0.body.", key)
