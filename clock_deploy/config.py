@@ -95,6 +95,10 @@ class ModelConfig:
     two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
     dn: DenoisingConfig = field(default_factory=DenoisingConfig)
     dab: DabConfig = field(default_factory=DabConfig)
+    pretrained: Optional[str] = None  # checkpoint (.pt from train / distill / import) to start training from
+    # target class -> the pretrained checkpoint's class whose class-head row it starts from (null =
+    # random); a class not listed takes the source class of the same name (case-insensitive) if any
+    class_map: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -329,6 +333,13 @@ def _field_types(cls):
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def _check_map_entry(value, key, where):
+    """A table entry (e.g. model.class_map.Car): a name, or null."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be a name or null, got {value!r}")
+    return value
+
+
 def _check_value(value, ftype, f, key, where):
     """Coerce / validate one leaf against its declared type."""
     origin = typing.get_origin(ftype)
@@ -363,6 +374,10 @@ def _check_value(value, ftype, f, key, where):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
         value = list(value)
+    elif ftype is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping of names, got {value!r}")
+        value = {str(k): _check_map_entry(v, f"{key}.{k}", where) for k, v in value.items()}
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -398,6 +413,9 @@ def build(cls, flat):
             if part not in fields:
                 raise _unknown_key(key, known, where)
             ftype = typing.get_type_hints(type(target))[part]
+            if ftype is dict and i < len(parts) - 1:  # one entry of a table (flattened from YAML)
+                getattr(target, part)[".".join(parts[i + 1:])] = _check_map_entry(value, key, where)
+                break
             if i < len(parts) - 1:
                 if not dataclasses.is_dataclass(ftype):
                     raise _unknown_key(key, known, where)

@@ -56,6 +56,11 @@ def run_training(cfg, resume=False, progress=True):
         seed_everything(cfg.seed)
         train_set, val_set = _datasets(cfg)
         model = build_model(cfg.model)
+        if cfg.model.pretrained and not resume:  # a resumed run holds its own weights
+            from clock_deploy.convert.class_head import load_pretrained
+            lines = load_pretrained(model, cfg.model, train_set.classes)
+            if dist.is_main():
+                click.echo("\n".join(lines))
         criterion = build_criterion(cfg.loss, cfg.model)
         distiller = None
         if cfg.distill.method != "none":
