@@ -31,3 +31,14 @@ def test_pipeline_config_points_at_existing_files():
     for stage in (cfg.teacher, cfg.student, cfg.distill):
         assert os.path.exists(os.path.join(ROOT, "configs/demo", stage))
     assert os.path.exists(os.path.join(ROOT, cfg.calib))
+
+
+def test_coco_finetune_recipes_start_from_an_imported_checkpoint():
+    from clock_deploy.data.kitti import class_names
+
+    paths = [p for p in RECIPES if p.endswith("_coco_finetune.yaml")]
+    assert len(paths) >= 2
+    for path in paths:
+        cfg = load_config(os.path.join(ROOT, path))
+        assert cfg.model.pretrained and cfg.model.backbone.weights is None, path
+        assert set(class_names("kitti3")) <= set(cfg.model.class_map), path

@@ -1,5 +1,6 @@
 """DAB-DETR equals the reference: HF transformers' DabDetrForObjectDetection with random weights,
 converted by clock_deploy.convert.dab_detr, gives the same logits and boxes (<= 1e-4)."""
+import argparse
 import json
 import re
 
@@ -143,9 +144,9 @@ def test_official_names_convert_to_the_same_model():
     overrides, converted = official_to_project(official, args)
     assert overrides == hf_overrides
     assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
-    # without args everything but nheads (default 8) is read from the weights
-    overrides, _ = official_to_project(official, {"nheads": 4})
-    assert overrides == hf_overrides
+    # args as the .pth stores them; without args everything but nheads (default 8) is read from the weights
+    assert official_to_project(official, argparse.Namespace(**args))[0] == hf_overrides
+    assert official_to_project(official, {"nheads": 4})[0] == hf_overrides
     with pytest.raises(UserError, match="num_patterns=3 is not supported"):
         official_to_project(official, {**args, "num_patterns": 3})
     with pytest.raises(UserError, match="not a DAB-DETR checkpoint"):

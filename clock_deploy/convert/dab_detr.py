@@ -254,11 +254,11 @@ def _split_in_proj(state):
 
 
 def official_to_project(state: dict, args: dict | None) -> tuple[dict, dict]:
-    """IDEA-Research/DAB-DETR checkpoint (its ['model'] state dict and ['args'] as a dict, or None)
+    """IDEA-Research/DAB-DETR checkpoint (its ['model'] state dict and ['args'], dict / Namespace / None)
     -> (model-config overrides, project state dict). Without args the settings come from the
     weights' shapes, and nheads (not visible in shapes) from the DAB-DETR default 8."""
     source = "DAB-DETR (official) checkpoint"
-    args = dict(args or {})
+    args = dict(vars(args) if hasattr(args, "__dict__") else args or {})  # the .pth stores an argparse.Namespace
     if args.get("modelname", ARCH) != ARCH:
         raise UserError(f"{source}: modelname={args['modelname']!r}; only dab_detr (single scale) converts here")
     _unsupported({"num_patterns": (args.get("num_patterns", 0), 0), "pre_norm": (args.get("pre_norm", False), False),
