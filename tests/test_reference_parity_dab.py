@@ -151,3 +151,26 @@ def test_official_names_convert_to_the_same_model():
         official_to_project(official, {**args, "num_patterns": 3})
     with pytest.raises(UserError, match="not a DAB-DETR checkpoint"):
         official_to_project({"foo": torch.zeros(1)}, None)
+
+
+@pytest.mark.parametrize("form", ["transformers5", "transformers4"])
+def test_timm_backbone_names_convert(form):
+    """The hub's DAB-DETR folders use a timm ResNet: torchvision names under ..._backbone."""
+    from clock_deploy.models.backbone import ResNetBackbone
+
+    state, config = state_and_config(random_hf_model(hf_config()))
+    state = {k: v for k, v in state.items() if ".backbone." not in k}
+    resnet = ResNetBackbone(18, 64, [3]).state_dict()
+    state.update({f"model.backbone.conv_encoder.model._backbone.{k}": v for k, v in resnet.items()})
+    state["model.input_projection.weight"] = torch.randn(32, 512, 1, 1)  # ResNet-18's 512 channels
+    if form == "transformers5":
+        config["backbone_config"] = {"model_type": "timm_backbone", "backbone": "resnet18", "out_indices": [1, 2, 3, 4]}
+    else:
+        config.update(backbone_config=None, use_timm_backbone=True, backbone="resnet18")
+    overrides, converted = hf_to_project(state, config)
+    assert overrides["backbone"] == {"depth": 18, "width": 64, "return_levels": [3], "weights": None}
+    assert all(torch.equal(converted[f"backbone.{k}"], v) for k, v in resnet.items())
+    config["backbone_config"] = {"model_type": "timm_backbone", "backbone": "efficientnet_b0"}
+    config["backbone"] = "efficientnet_b0"
+    with pytest.raises(UserError, match="backbone 'efficientnet_b0' is not supported"):
+        hf_to_project(state, config)
