@@ -174,3 +174,59 @@ def test_timm_backbone_names_convert(form):
     config["backbone"] = "efficientnet_b0"
     with pytest.raises(UserError, match="backbone 'efficientnet_b0' is not supported"):
         hf_to_project(state, config)
+
+
+def official_dab_r50_params(d=256, ffn=2048, layers=6, queries=300, classes=91):
+    """(name, shape) of every tensor in an official DAB-DETR-R50 checkpoint, written from
+    IDEA-Research/DAB-DETR models/DAB_DETR/{DABDETR,transformer,attention}.py and main.py defaults
+    (transformer_activation=prelu: one nn.PReLU per layer; the decoder's MultiheadAttention has only
+    out_proj; ca_qpos_proj only in layer 0; the box MLP is also transformer.decoder.bbox_embed)."""
+    from clock_deploy.models.backbone import ResNetBackbone
+
+    def linear(name, out_dim, in_dim):
+        return [(f"{name}.weight", (out_dim, in_dim)), (f"{name}.bias", (out_dim,))]
+
+    def mlp(name, dims):
+        return sum((linear(f"{name}.layers.{i}", b, a) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))), [])
+
+    def norm(name):
+        return [(f"{name}.weight", (d,)), (f"{name}.bias", (d,))]
+
+    params = [(f"backbone.0.body.{k}", tuple(v.shape))  # torchvision names, checked in test_models
+              for k, v in ResNetBackbone(50, 64, [0, 1, 2, 3]).state_dict().items()]
+    params += [("input_proj.weight", (d, 2048, 1, 1)), ("input_proj.bias", (d,)),
+               ("refpoint_embed.weight", (queries, 4))] + linear("class_embed", classes, d)
+    params += mlp("bbox_embed", [d, d, d, 4]) + mlp("transformer.decoder.bbox_embed", [d, d, d, 4])
+    params += mlp("transformer.encoder.query_scale", [d, d, d])
+    for i in range(layers):
+        p = f"transformer.encoder.layers.{i}."
+        params += [(p + "self_attn.in_proj_weight", (3 * d, d)), (p + "self_attn.in_proj_bias", (3 * d,))]
+        params += linear(p + "self_attn.out_proj", d, d) + linear(p + "linear1", ffn, d)
+        params += linear(p + "linear2", d, ffn) + norm(p + "norm1") + norm(p + "norm2")
+        params += [(p + "activation.weight", (1,))]
+    for i in range(layers):
+        p = f"transformer.decoder.layers.{i}."
+        projs = ["sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",
+                 "self_attn.out_proj", "ca_qcontent_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj",
+                 "ca_qpos_sine_proj", "cross_attn.out_proj"] + (["ca_qpos_proj"] if i == 0 else [])
+        params += sum((linear(p + name, d, d) for name in projs), [])
+        params += linear(p + "linear1", ffn, d) + linear(p + "linear2", d, ffn)
+        params += norm(p + "norm1") + norm(p + "norm2") + norm(p + "norm3") + [(p + "activation.weight", (1,))]
+    params += norm("transformer.decoder.norm") + mlp("transformer.decoder.query_scale", [d, d, d])
+    params += mlp("transformer.decoder.ref_point_head", [2 * d, d, d])
+    params += mlp("transformer.decoder.ref_anchor_head", [d, d, 2])
+    return params
+
+
+def test_every_official_dab_r50_parameter_maps_with_its_shape():
+    params = official_dab_r50_params()
+    state = {name: torch.zeros(shape) for name, shape in params}
+    assert len(state) == len(params)  # no name written twice
+    overrides, converted = official_to_project(state, None)
+    assert overrides == {"arch": "dab_detr", "num_classes": 91, "hidden_dim": 256, "num_queries": 300, "nheads": 8,
+                         "enc_layers": 6, "dec_layers": 6, "ffn_dim": 2048,
+                         "backbone": {"depth": 50, "width": 64, "return_levels": [3], "weights": None},
+                         "dab": {"activation": "prelu", "pos_temperature": 20.0}}
+    # the project has every tensor once: in_proj splits into 3, the duplicate box MLP merges
+    in_proj = sum(name.endswith("in_proj_weight") or name.endswith("in_proj_bias") for name, _ in params)
+    assert len(converted) == len(params) + 2 * in_proj - 6
