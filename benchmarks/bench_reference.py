@@ -225,15 +225,18 @@ def main():
                               onnx_check("transformers", hf_model, height, width, folder)))
 
     import transformers
+    models = ("tiny models (smoke run)" if args.small
+              else "ResNet-50, hidden 256, 6 + 6 layers, 300 queries, 91 classes")
     lines = ["# Project models vs transformers\n",
              f"`python {' '.join(sys.argv)}`; {platform.processor() or platform.machine()}, {threads} torch "
              f"threads, torch {torch.__version__}, transformers {transformers.__version__}, load average "
              f"{os.getloadavg()[0]:.1f} at the end. Random weights (transformer and head tensors perturbed), "
-             f"{'tiny models (smoke run)' if args.small else 'ResNet-50, hidden 256, 6 + 6 layers, 300 queries, 91 classes'}"
+             f"{models}"
              f"; batch 1; latency = median of {args.runs} interleaved forwards; memory = peak RSS growth during "
              f"the first forward in a fresh process. Deformable DETR is the box-refine variant.\n",
-             "| architecture | input | max abs diff logits | max abs diff boxes | project ms | transformers ms | "
-             "latency project / transformers | project peak MB | transformers peak MB | memory transformers / project |",
+             "| architecture | input | max abs diff logits | max abs diff boxes | project ms | transformers ms "
+             "| latency project / transformers | project peak MB | transformers peak MB "
+             "| memory transformers / project |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arch, params, size, dl, db, times, memory in rows:
         lines.append(f"| {arch} ({params / 1e6:.1f} M) | {size} | {dl:.1e} | {db:.1e} | {times['project'] * 1e3:.1f} | "

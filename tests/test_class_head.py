@@ -90,7 +90,8 @@ def test_class_map_is_a_table_in_the_config(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("model:\n  class_map:\n    Pedestrian: person\n    Van: car\n")
     child = tmp_path / "child.yaml"
-    child.write_text("_base_: base.yaml\nmodel:\n  pretrained: coco.pt\n  class_map:\n    Van: null\n    Cyclist: bicycle\n")
+    child.write_text("_base_: base.yaml\nmodel:\n  pretrained: coco.pt\n"
+                     "  class_map:\n    Van: null\n    Cyclist: bicycle\n")
     cfg = load_config(str(child), ["model.class_map.Tram=train"])
     assert cfg.model.class_map == {"Pedestrian": "person", "Van": None, "Cyclist": "bicycle", "Tram": "train"}
     assert from_dict(to_dict(cfg)).model.class_map == cfg.model.class_map

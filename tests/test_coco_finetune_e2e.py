@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from clock_deploy.config import Config, from_dict
 from clock_deploy.convert.dab_detr import hf_to_project
