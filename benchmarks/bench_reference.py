@@ -177,7 +177,8 @@ def onnx_check(impl, model, height, width, folder):
         got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     except Exception as e:  # noqa: BLE001
         return f"exports; onnxruntime fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return f"ok (max diff to eager {np.abs(got - expected.numpy()).max():.1e})"
+    diff = np.abs(got - expected.numpy()).max()
+    return f"ok (max diff to eager {diff:.1e})" if diff <= 1e-3 else f"runs, but differs from eager by {diff:.1e}"
 
 
 # ---------------------------------------------------------------- report
