@@ -137,28 +137,31 @@ class TrainConfig:
 
 @dataclass
 class LcmdConfig:
-    alpha: float = 5e-5           # weight of foreground (inside GT) pixels
-    beta: float = 1e-7            # weight of background pixels
-    normalize: bool = False       # divide squared errors by channels (then raise alpha/beta)
-    pos_embed: bool = True        # enrich both memories with the same sine position embedding
+    alpha: float = 2.0            # weight of foreground (inside GT) pixels, normalized form
+    beta: float = 1.0             # weight of background pixels (global context), normalized form
+    normalize: bool = True        # squared errors divided by channels (the form alpha / beta above are for)
+    pos_embed: str = choice("model", "sine", "none")  # position added to both memories before the adapter:
+                                  # each model's own memory_pos (sine + level embedding), a plain sine grid, or none
+    learn_adapter: bool = True    # a 1x1 conv adapter even when the widths agree (identity at start)
 
 
 @dataclass
 class TcldConfig:
-    tau: float = 10.0
-    cls_loss: str = choice("kl", "bce")
+    tau: float = 10.0             # temperature of the softmax "kl" kind (unused by "bce")
+    cls_loss: str = choice("bce", "kl")  # per-class binary KL of sigmoid probabilities, or softmax KL
+    w_cls: float = 1.0
     w_l1: float = 5.0
     w_giou: float = 2.0
-    repeats: int = 3              # copies of the GT query set
-    box_noise: float = 0.0        # relative jitter of the GT anchors
+    repeats: int = 3              # noisy copies of the GT query set
+    box_noise: float = 0.4        # DN-DETR noise of the GT anchors: centre shift and scale, relative to the box size
     random_queries: int = 100     # extra uniformly sampled anchors ("general sampling")
 
 
 @dataclass
 class KdDetrConfig:
-    random_queries: int = 100     # shared random queries sent through teacher and student
-    teacher_queries: int = 100    # the teacher's most confident predictions, also sent through both
-    tau: float = 1.0
+    random_queries: int = 100     # shared random anchors (nn.Embedding(n, 4)-style, redrawn every step)
+    teacher_anchors: bool = True  # the teacher's own query anchors with zero content, answered by its matching queries
+    tau: float = 10.0
     w_cls: float = 1.0
     w_l1: float = 5.0
     w_giou: float = 2.0
@@ -181,6 +184,8 @@ class DistillConfig:
     lambda_logit: float = 1.0
     use_mem: bool = True          # CLoCK ablations: LCMD on/off
     use_logit: bool = True        # CLoCK ablations: TCLD on/off
+    teacher_dtype: str = choice("fp32", "bf16", "fp16")  # teacher forward under autocast (bf16: CPU, fp16: CUDA)
+    grad_share_every: int = 50    # log every loss term's share of the student gradient norm every N iterations (0 = off)
     mem: LcmdConfig = field(default_factory=LcmdConfig)
     logit: TcldConfig = field(default_factory=TcldConfig)
     kd_detr: KdDetrConfig = field(default_factory=KdDetrConfig)

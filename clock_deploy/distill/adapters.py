@@ -25,15 +25,21 @@ def pair_levels(teacher_maps, student_maps, image_hw):
 
 
 class LevelAdapters(nn.Module):
-    """One 1x1 conv per paired stride (identity when the widths already agree)."""
+    """One 1x1 conv per paired stride. When the widths already agree it is the identity, or, with
+    `learnable`, a conv that starts as the identity (so a loss term can still shape it)."""
 
-    def __init__(self, strides, student_channels, teacher_channels):
+    def __init__(self, strides, student_channels, teacher_channels, learnable=False):
         super().__init__()
         self.strides = list(strides)
         same = student_channels == teacher_channels
         self.convs = nn.ModuleDict({
-            str(s): nn.Identity() if same else nn.Conv2d(student_channels, teacher_channels, 1)
+            str(s): nn.Identity() if same and not learnable else nn.Conv2d(student_channels, teacher_channels, 1)
             for s in self.strides})
+        if same:
+            for conv in self.convs.values():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.dirac_(conv.weight)
+                    nn.init.zeros_(conv.bias)
 
     def forward(self, student_map, stride, teacher_hw):
         """Student map at `stride` in teacher channels and at the teacher's map size."""

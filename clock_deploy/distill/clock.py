@@ -1,24 +1,30 @@
 """The CLoCK losses (docs clock_method.md): LCMD on encoder memory, TCLD on decoder queries.
 
-LCMD  L_mem = sum_levels mean_batch [ alpha * sum_p M_p S_p ||A_T,p - phi(A_S,p)||^2
-                                     + beta * sum_p (1 - M_p) S_p ||A_T,p - phi(A_S,p)||^2 ]
+LCMD  L_mem = sum_levels mean_batch [ alpha * sum_p M_p S_p e_p + beta * sum_p (1 - M_p) S_p e_p ],
+      e_p = ||(A_T,p + P_T,p) - phi(A_S,p + P_S,p)||^2 (divided by the teacher's channels when normalized)
       M_p: pixel p touches a GT box; S_p: 1 / (h*w) of the smallest such box, 1 / N_bg outside boxes.
-      Position enrichment: the sine embedding of the grid (clock_deploy.models.position) is added to
-      the teacher memory at the teacher's width and to the student memory at the student's width
-      *before* the adapter phi. Adding one embedding after phi would cancel in the difference; added
-      before, it makes phi map the student's position code onto the teacher's, so the adapter cannot
-      trade location for content. With equal widths phi is the identity and the embedding cancels.
+      Position enrichment P, added *before* the adapter phi: "model" = each model's own memory_pos
+      (sine grid + its learned level embedding, detached), "sine" = a plain sine grid at each width.
+      Added after phi it would cancel in the difference; added before, phi must map the student's
+      position code onto the teacher's, so it cannot trade location for content. With equal widths
+      the sine grids agree, so the enrichment acts through the level embeddings (which differ
+      between models) and through phi, which stays a learnable 1x1 conv (learn_adapter, identity
+      at start) instead of the identity.
 
 TCLD  per student stage s, paired with a teacher stage t(s), slot i to slot i (no matching):
       w_i = max_c sigmoid(z^T_i) (detached, 0 for padding)
       L_cls = sum_i w_i * KD(z^T_i, z^S_i) / sum_i w_i
       L_box = sum_i w_i * (w_l1 * |b^S_i - b^T_i|_1 + w_giou * (1 - GIoU(b^S_i, b^T_i))) / sum_i w_i
-      KD = tau^2 KL(softmax(z^T / tau) || softmax(z^S / tau))  ("kl"), or the binary KL per class
-      between sigmoid(z^T) and sigmoid(z^S) ("bce": the BCE with soft targets minus the target's
-      entropy, so the gradient is the BCE's and a perfect copy scores 0; tau is not used).
+      KD = the binary KL per class between sigmoid(z^T) and sigmoid(z^S) ("bce", default: the BCE
+      with soft targets minus the target's entropy, so the gradient is the BCE's and a perfect copy
+      scores 0; it sees objectness, a shift of all logits), or tau^2 KL(softmax(z^T / tau) ||
+      softmax(z^S / tau)) ("kl": blind to a shift of all logits).
       L_logit = sum_s (L_cls^s + L_box^s). Stage pairing: "consistent" pairs the student's stage s of
       L_S with the teacher's stage ceil((s + 1) * L_T / L_S) - 1 (identity when depths agree, last with
       last always); "last" pairs every student stage with the teacher's last stage (KD-DETR).
+      The student answers its extra query group `student_group`; the teacher its group
+      `teacher_group`, or its own matching queries when teacher_group is None (KD-DETR's teacher
+      anchors).
 """
 import torch
 import torch.nn.functional as F
@@ -76,21 +82,25 @@ def weighted_fg_bg_sum(error, fg, scale, alpha, beta):
 class LcmdLoss(nn.Module):
     """Location-and-context-aware memory distillation; `adapters` are the trainable phi."""
 
-    def __init__(self, adapters, student_dim, teacher_dim, alpha=5e-5, beta=1e-7, normalize=False,
-                 pos_embed=True, weight=1.0):
+    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, pos_embed="model", weight=1.0):
         super().__init__()
         self.adapters = adapters
         self.alpha, self.beta, self.normalize, self.weight = alpha, beta, normalize, weight
-        self.pos_student = PositionEmbeddingSine(student_dim // 2) if pos_embed else None
-        self.pos_teacher = PositionEmbeddingSine(teacher_dim // 2) if pos_embed else None
+        self.pos_embed = pos_embed
+
+    def positions(self, out, index, memory):
+        """Position code added to one model's memory map before the comparison."""
+        if self.pos_embed == "model":
+            return out.memory_pos[index].detach().to(memory.dtype)
+        return PositionEmbeddingSine(memory.shape[1] // 2)(memory)
 
     def forward(self, student_out, teacher_out, targets, image_hw):
         total = student_out.memory[0].new_zeros(())
         for stride, ti, si in self.adapters.pairs(teacher_out.memory, student_out.memory, image_hw):
             teacher_map, student_map = teacher_out.memory[ti], student_out.memory[si]
-            if self.pos_student is not None:
-                teacher_map = teacher_map + self.pos_teacher(teacher_map)
-                student_map = student_map + self.pos_student(student_map)
+            if self.pos_embed != "none":
+                teacher_map = teacher_map + self.positions(teacher_out, ti, teacher_map)
+                student_map = student_map + self.positions(student_out, si, student_map)
             height, width = teacher_map.shape[-2:]
             adapted = self.adapters(student_map, stride, (height, width))
             error = (teacher_map.float() - adapted.float()).pow(2).sum(1)  # [B, H, W]
@@ -125,18 +135,22 @@ def classification_kd(student_logits, teacher_logits, tau, kind):
 class QueryDistillLoss(nn.Module):
     """Slot-to-slot logit + box distillation over the stages of an extra query group (TCLD, KD-DETR)."""
 
-    def __init__(self, tau=10.0, cls_loss="kl", w_cls=1.0, w_l1=5.0, w_giou=2.0, stages="consistent",
-                 weight=1.0, prefix="loss_logit"):
+    def __init__(self, tau=10.0, cls_loss="bce", w_cls=1.0, w_l1=5.0, w_giou=2.0, stages="consistent",
+                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0):
         super().__init__()
         self.tau, self.cls_loss, self.stages = tau, cls_loss, stages
         self.w_cls, self.w_l1, self.w_giou, self.weight, self.prefix = w_cls, w_l1, w_giou, weight, prefix
+        self.student_group, self.teacher_group = student_group, teacher_group
 
     def forward(self, student_out, teacher_out, pad_mask=None):
-        """Losses on the first extra group; zero when there is none (no GT and no random queries)."""
+        """Losses on the student's group `student_group`; zero when it is absent (no GT, no random queries).
+        pad_mask [B, G] marks that group's padding slots."""
         cls_total = student_out.pred_logits.new_zeros(())
         box_total = cls_total.clone()
-        student_stages = student_out.groups[0] if student_out.groups else []
-        teacher_stages = teacher_out.groups[0] if teacher_out.groups else []
+        student_stages, teacher_stages = [], []
+        if self.student_group < len(student_out.groups):
+            student_stages = student_out.groups[self.student_group]
+            teacher_stages = teacher_out.stages if self.teacher_group is None else teacher_out.groups[self.teacher_group]
         for s, t in stage_pairs(len(student_stages), len(teacher_stages), self.stages):
             cls, box = self.stage_loss(student_stages[s], teacher_stages[t], pad_mask)
             cls_total, box_total = cls_total + cls, box_total + box

@@ -5,56 +5,95 @@
 
 The student is passed in at every call and never modified or wrapped, so a distilled
 student exports exactly like a plainly trained one. The teacher is a frozen submodule
-(eval mode even when the trainer calls .train(), no grad). The only trainable weights
-are the adapters (and FGD's relation blocks); `trainable_state()` holds exactly them.
+(eval mode even when the trainer calls .train()) and runs once per step under
+torch.inference_mode, optionally in bf16 / fp16 autocast (distill.teacher_dtype). The only
+trainable weights are the adapters (and FGD's relation blocks); `trainable_state()` holds
+exactly them.
 """
+import dataclasses
+
 import torch
 from torch import nn
 
 from clock_deploy.distill.adapters import LevelAdapters, pair_levels
 from clock_deploy.distill.baselines import FgdLoss
 from clock_deploy.distill.clock import LcmdLoss, QueryDistillLoss
-from clock_deploy.distill.queries import QueryEncoder, TargetQuerySampler, TeacherQuerySampler
+from clock_deploy.distill.queries import RandomAnchorSampler, TargetQuerySampler, class_free, query_group, teacher_anchors
 from clock_deploy.errors import UserError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ordinary_float(x):
+    """A copy of a (nested) model output as float32 tensors usable by autograd.
+
+    Tensors made under inference_mode cannot be saved for backward, and the losses save
+    the teacher's targets; the copy is cheap next to the teacher forward.
+    """
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(ordinary_float(v) for v in x)
+    if isinstance(x, dict):
+        return {k: ordinary_float(v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x):
+        return type(x)(**{f.name: ordinary_float(getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
 
 
 class Distiller(nn.Module):
-    """Teacher + loss terms on feature maps (`map_terms`) and on an extra query group (`query_terms`).
+    """Teacher + loss terms on feature maps (`map_terms`) and on extra query groups (`query_terms`).
 
-    `sampler(images, targets, teacher)` returns the QuerySpec both decoders answer (or None);
-    `teacher_queries` / `student_queries` are the frozen encoders into each model's hidden size.
+    `sampler(images, targets)` returns the QuerySpec both models answer (or None), encoded per
+    model by `query_group` (`own_content`: from the model's own label embedding, else zero).
+    `teacher_anchor_queries`: the student also answers the teacher's own query anchors (KD-DETR),
+    placed before the shared group; the teacher's matching queries give the targets.
+    Query terms get the padding mask of the student group they read.
     """
 
-    def __init__(self, teacher, map_terms=None, query_terms=None, sampler=None, teacher_queries=None,
-                 student_queries=None):
+    def __init__(self, teacher, map_terms=None, query_terms=None, sampler=None, own_content=True,
+                 teacher_anchor_queries=False, teacher_dtype="fp32"):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.map_terms = nn.ModuleDict(map_terms or {})
         self.query_terms = nn.ModuleDict(query_terms or {})
-        self.sampler = sampler
-        self.teacher_queries, self.student_queries = teacher_queries, student_queries
+        self.sampler, self.own_content = sampler, own_content
+        self.teacher_anchor_queries, self.teacher_dtype = teacher_anchor_queries, teacher_dtype
 
     def train(self, mode=True):
         super().train(mode)
         self.teacher.eval()  # the teacher always predicts as at inference
         return self
 
+    def run_teacher(self, images, spec):
+        """The teacher's one forward of the step (inference mode, optional autocast) as float32 outputs."""
+        device_type = images.device.type
+        dtype = AUTOCAST_DTYPES.get(self.teacher_dtype)
+        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            groups = [query_group(self.teacher, spec, self.own_content)] if spec is not None else None
+            out = self.teacher(images, groups=groups)
+        return ordinary_float(out)
+
     def forward(self, student, images, targets):
         image_hw = tuple(images.shape[-2:])
-        spec = self.sampler(images, targets, self.teacher) if self.sampler is not None else None
-        with torch.no_grad():
-            teacher_out = self.teacher(images, groups=[self.teacher_queries(spec)] if spec else None)
-        student_out = student(images, targets, groups=[self.student_queries(spec)] if spec else None)
+        spec = self.sampler(images, targets) if self.sampler is not None else None
+        teacher_out = self.run_teacher(images, spec)
+        specs = [spec] if spec is not None else []
+        if self.teacher_anchor_queries:
+            specs.insert(0, class_free(teacher_anchors(self.teacher, teacher_out).detach(), student.num_classes))
+        groups = [query_group(student, s, self.own_content) for s in specs]
+        student_out = student(images, targets, groups=groups or None)
 
         losses = {}
         for term in self.map_terms.values():
             losses.update(term(student_out, teacher_out, targets, image_hw))
         for term in self.query_terms.values():
-            losses.update(term(student_out, teacher_out, spec.pad_mask if spec else None))
+            pad_mask = specs[term.student_group].pad_mask if term.student_group < len(specs) else None
+            losses.update(term(student_out, teacher_out, pad_mask))
         return student_out, losses
 
     def trainable_state(self):
-        """Adapter weights (the teacher and the frozen query encoders are rebuilt, not stored)."""
+        """Adapter weights (the teacher is rebuilt from its checkpoint, not stored)."""
         return self.map_terms.state_dict()
 
     def load_trainable_state(self, state):
@@ -76,7 +115,7 @@ def probe(model, image_hw):
     return out
 
 
-def level_adapters(teacher_maps, student_maps, image_hw, what):
+def level_adapters(teacher_maps, student_maps, image_hw, what, learnable=False):
     """Adapters for every stride both models have; a clear error when they share none."""
     pairs = pair_levels(teacher_maps, student_maps, image_hw)
     if not pairs:
@@ -84,7 +123,7 @@ def level_adapters(teacher_maps, student_maps, image_hw, what):
                         f"{[tuple(m.shape[-2:]) for m in teacher_maps]}, student maps "
                         f"{[tuple(m.shape[-2:]) for m in student_maps]} for input {image_hw}); "
                         f"align model.backbone.return_levels / model.num_feature_levels")
-    return LevelAdapters([s for s, _, _ in pairs], student_maps[0].shape[1], teacher_maps[0].shape[1])
+    return LevelAdapters([s for s, _, _ in pairs], student_maps[0].shape[1], teacher_maps[0].shape[1], learnable)
 
 
 def build_distiller(cfg, teacher, student):
@@ -95,13 +134,11 @@ def build_distiller(cfg, teacher, student):
     if teacher.num_classes != student.num_classes:
         raise UserError(f"distill: the teacher predicts {teacher.num_classes} classes, the student "
                         f"{student.num_classes} (model.num_classes)")
+    if dc.teacher_dtype == "fp16" and next(teacher.parameters()).device.type != "cuda":
+        raise UserError("distill.teacher_dtype=fp16 needs a CUDA device; use bf16 on a CPU")
     image_hw = tuple(cfg.data.img_size)
     teacher_probe, student_probe = probe(teacher, image_hw), probe(student, image_hw)
     num_classes = student.num_classes
-
-    def query_encoders():
-        return dict(teacher_queries=QueryEncoder(num_classes, teacher.hidden_dim),
-                    student_queries=QueryEncoder(num_classes, student.hidden_dim))
 
     if dc.method == "clock":
         if not (dc.use_mem or dc.use_logit):
@@ -109,26 +146,42 @@ def build_distiller(cfg, teacher, student):
                             "use distill.method=none for plain training")
         map_terms = {}
         if dc.use_mem:
-            adapters = level_adapters(teacher_probe.memory, student_probe.memory, image_hw, "encoder memories")
-            map_terms["lcmd"] = LcmdLoss(adapters, student_probe.memory[0].shape[1],
-                                         teacher_probe.memory[0].shape[1], dc.mem.alpha, dc.mem.beta,
-                                         dc.mem.normalize, dc.mem.pos_embed, weight=dc.lambda_mem)
+            mc = dc.mem
+            adapters = level_adapters(teacher_probe.memory, student_probe.memory, image_hw, "encoder memories",
+                                      learnable=mc.learn_adapter)
+            map_terms["lcmd"] = LcmdLoss(adapters, alpha=mc.alpha, beta=mc.beta, normalize=mc.normalize,
+                                         pos_embed=mc.pos_embed, weight=dc.lambda_mem)
         if not dc.use_logit:
-            return Distiller(teacher, map_terms)
+            return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit
-        tcld = QueryDistillLoss(lc.tau, lc.cls_loss, 1.0, lc.w_l1, lc.w_giou, "consistent",
-                                weight=dc.lambda_logit, prefix="loss_logit")
+        if lc.repeats > 1 and lc.box_noise <= 0:
+            raise UserError(f"distill.logit.repeats={lc.repeats} with box_noise=0 asks the same query "
+                            f"{lc.repeats} times; set distill.logit.box_noise > 0 (e.g. 0.4) or repeats=1")
+        tcld = QueryDistillLoss(tau=lc.tau, cls_loss=lc.cls_loss, w_cls=lc.w_cls, w_l1=lc.w_l1, w_giou=lc.w_giou,
+                                stages="consistent", weight=dc.lambda_logit, prefix="loss_logit")
         sampler = TargetQuerySampler(num_classes, lc.repeats, lc.box_noise, lc.random_queries)
-        return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, **query_encoders())
+        return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, teacher_dtype=dc.teacher_dtype)
 
     if dc.method == "kd_detr":
         kc = dc.kd_detr
-        term = QueryDistillLoss(kc.tau, "kl", kc.w_cls, kc.w_l1, kc.w_giou, "last", weight=dc.lambda_logit,
-                                prefix="loss_kd")
-        sampler = TeacherQuerySampler(num_classes, kc.teacher_queries, kc.random_queries)
-        return Distiller(teacher, query_terms={"kd_detr": term}, sampler=sampler, **query_encoders())
+        if not (kc.teacher_anchors or kc.random_queries):
+            raise UserError("distill.method=kd_detr with kd_detr.teacher_anchors=false and random_queries=0 "
+                            "distills nothing")
+        terms = {}
+
+        def term(prefix, student_group, teacher_group):
+            return QueryDistillLoss(tau=kc.tau, cls_loss="kl", w_cls=kc.w_cls, w_l1=kc.w_l1, w_giou=kc.w_giou,
+                                    stages="last", weight=dc.lambda_logit, prefix=prefix,
+                                    student_group=student_group, teacher_group=teacher_group)
+        if kc.teacher_anchors:
+            terms["anchors"] = term("loss_kd_anchor", 0, None)
+        if kc.random_queries:
+            terms["random"] = term("loss_kd_random", int(kc.teacher_anchors), 0)
+        return Distiller(teacher, query_terms=terms, sampler=RandomAnchorSampler(num_classes, kc.random_queries),
+                         own_content=False, teacher_anchor_queries=kc.teacher_anchors,
+                         teacher_dtype=dc.teacher_dtype)
 
     # fgd
     adapters = level_adapters(teacher_probe.features, student_probe.features, image_hw, "backbone features")
     return Distiller(teacher, map_terms={"fgd": FgdLoss(adapters, teacher_probe.features[0].shape[1], dc.fgd,
-                                                        weight=dc.lambda_mem)})
+                                                        weight=dc.lambda_mem)}, teacher_dtype=dc.teacher_dtype)

@@ -1,16 +1,24 @@
-"""Extra decoder queries shared by teacher and student (CLoCK target-aware queries, KD-DETR sampling).
+"""Extra decoder queries asked of teacher and student (CLoCK target-aware queries, KD-DETR points).
 
-A QuerySpec says *what* to ask both decoders (a class hint and an anchor box per
-slot) independently of any model; a frozen QueryEncoder per model turns it into
-that model's QueryGroup (its hidden size). Teacher and student therefore get
-the same boxes and the same class hints, so their answers can be compared slot
-by slot.
+A QuerySpec says *what* to ask (a class hint and an anchor box per slot) independently of
+any model; `query_group(model, spec)` turns it into that model's QueryGroup in the model's
+own language, so teacher and student get the same boxes and the same class hints and their
+answers can be compared slot by slot:
+
+  content  DINO: its own denoising label embedding `label_enc(c)` (the teacher's for the
+           teacher, the student's for the student); class-free slots get zero content, as
+           DINO's padded denoising slots do. DAB-DETR / Deformable DETR: zero content (their
+           matching queries start from zero / learned pattern content, never from a class).
+  anchor   the box; DAB-DETR / DINO use it as their 4-D anchor, Deformable DETR takes its
+           centre as the reference point and the sine embedding of the whole box (centre
+           and size) as the positional query.
 """
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from clock_deploy.models.contract import QueryGroup
 
 # the anchor given to padding slots: any valid box works, padding is masked out of every loss
@@ -29,27 +37,28 @@ class QuerySpec:
         return self.boxes.shape[1]
 
 
-def clamp_boxes(boxes):
-    """Keep cxcywh boxes valid: size in [MIN_SIZE, 1], centre inside the image."""
-    wh = boxes[..., 2:].clamp(MIN_SIZE, 1.0)
-    cxcy = boxes[..., :2].clamp(MIN_SIZE, 1.0 - MIN_SIZE)
-    return torch.cat([cxcy, wh], dim=-1)
+def clip_to_image(boxes):
+    """cxcywh boxes cut to the image: corners in [0, 1], sides at least MIN_SIZE."""
+    x0, y0, x1, y1 = box_cxcywh_to_xyxy(boxes).unbind(-1)
+    x0, y0 = x0.clamp(0.0, 1.0 - MIN_SIZE), y0.clamp(0.0, 1.0 - MIN_SIZE)
+    x1, y1 = torch.maximum(x1.clamp(max=1.0), x0 + MIN_SIZE), torch.maximum(y1.clamp(max=1.0), y0 + MIN_SIZE)
+    return box_xyxy_to_cxcywh(torch.stack([x0, y0, x1, y1], -1))
 
 
-def jitter_boxes(boxes, noise):
-    """Move the centre by up to noise * size / 2 and scale the size by up to 1 +- noise (uniform)."""
+def noisy_anchors(boxes, noise):
+    """DN-DETR box noise: centre moved by up to noise * size / 2, sides scaled by 1 +- noise (uniform)."""
     if noise <= 0 or boxes.numel() == 0:
-        return boxes
+        return clip_to_image(boxes)
     wh = boxes[..., 2:]
     shift = (torch.rand_like(boxes[..., :2]) * 2 - 1) * noise * wh / 2
     scale = 1 + (torch.rand_like(wh) * 2 - 1) * noise
-    return clamp_boxes(torch.cat([boxes[..., :2] + shift, wh * scale], dim=-1))
+    return clip_to_image(torch.cat([boxes[..., :2] + shift, wh * scale], dim=-1))
 
 
 def ground_truth_queries(targets, num_classes, repeats, box_noise):
-    """Every GT box `repeats` times (each copy jittered independently), padded to the largest image."""
+    """Every GT box `repeats` times (each copy with its own noise), padded to the largest image."""
     device = targets[0]["boxes"].device
-    per_image = [(t["labels"].repeat(repeats), jitter_boxes(t["boxes"].repeat(repeats, 1), box_noise))
+    per_image = [(t["labels"].repeat(repeats), noisy_anchors(t["boxes"].float().repeat(repeats, 1), box_noise))
                  for t in targets]
     size = max(len(labels) for labels, _ in per_image)
     labels = torch.full((len(targets), size), num_classes, dtype=torch.long, device=device)
@@ -57,28 +66,46 @@ def ground_truth_queries(targets, num_classes, repeats, box_noise):
     pad_mask = torch.ones(len(targets), size, dtype=torch.bool, device=device)
     for i, (lab, box) in enumerate(per_image):
         labels[i, :len(lab)] = lab
-        boxes[i, :len(lab)] = clamp_boxes(box.float())
+        boxes[i, :len(lab)] = box
         pad_mask[i, :len(lab)] = False
     return QuerySpec(labels, boxes, pad_mask)
 
 
+def class_free(boxes, num_classes):
+    """A spec of class-free anchors [B, G, 4] without padding."""
+    labels = torch.full(boxes.shape[:2], num_classes, dtype=torch.long, device=boxes.device)
+    return QuerySpec(labels, boxes, torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device))
+
+
 def random_queries(batch, count, num_classes, device):
-    """General sampling: class-free anchors with centres uniform in the image, sides uniform in [0.05, 0.5]."""
+    """CLoCK general sampling: centres uniform in the image, sides uniform in [0.05, 0.5], per image."""
     centre = torch.rand(batch, count, 2, device=device)
     size = 0.05 + 0.45 * torch.rand(batch, count, 2, device=device)
-    labels = torch.full((batch, count), num_classes, dtype=torch.long, device=device)
-    pad_mask = torch.zeros(batch, count, dtype=torch.bool, device=device)
-    return QuerySpec(labels, clamp_boxes(torch.cat([centre, size], dim=-1)), pad_mask)
+    return class_free(clip_to_image(torch.cat([centre, size], dim=-1)), num_classes)
 
 
-def prediction_queries(stage, count):
-    """The `count` most confident predictions of one decoder stage as queries (class hint = predicted class)."""
-    scores, labels = stage.logits.detach().sigmoid().max(-1)
-    count = min(count, scores.shape[1])
-    top = scores.topk(count, dim=1).indices
-    boxes = stage.boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
-    pad_mask = torch.zeros_like(top, dtype=torch.bool)
-    return QuerySpec(labels.gather(1, top), clamp_boxes(boxes.float()), pad_mask)
+def embedding_anchors(batch, count, num_classes, device):
+    """KD-DETR random points: sigmoid of a freshly drawn nn.Embedding(count, 4) weight (N(0, 1)),
+    the same anchors for every image of the batch."""
+    boxes = torch.randn(count, 4, device=device).sigmoid()
+    return class_free(boxes[None].expand(batch, -1, -1), num_classes)
+
+
+def teacher_anchors(teacher, teacher_out):
+    """The anchors the teacher's matching queries start from, [B, Q, 4] cxcywh.
+
+    Two-stage models (DINO, Deformable two-stage): the selected encoder proposals. DAB-DETR: its
+    learned anchor embedding. One-stage Deformable DETR: its learned reference points (centres)
+    with the size its first decoder layer gives them (the 2-D reference has no size of its own).
+    """
+    batch = teacher_out.stages[0].boxes.shape[0]
+    if teacher_out.encoder is not None:
+        return teacher_out.encoder.boxes
+    if hasattr(teacher, "refpoint_embed"):
+        return teacher.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)
+    query_pos = teacher.query_embed.weight[:, :teacher.hidden_dim]
+    centres = teacher.reference_points(query_pos).sigmoid()[None].expand(batch, -1, -1)
+    return torch.cat([centres, teacher_out.stages[0].boxes[..., 2:]], dim=-1)
 
 
 def concat(*specs):
@@ -91,55 +118,38 @@ def concat(*specs):
 
 
 class TargetQuerySampler:
-    """CLoCK TCLD queries: GT boxes x repeats (optionally jittered) + random general anchors."""
+    """CLoCK TCLD queries: GT boxes x repeats with DN-DETR noise + random general anchors."""
 
-    def __init__(self, num_classes, repeats=3, box_noise=0.0, random_count=100):
+    def __init__(self, num_classes, repeats=3, box_noise=0.4, random_count=100):
         self.num_classes, self.repeats = num_classes, repeats
         self.box_noise, self.random_count = box_noise, random_count
 
-    def __call__(self, images, targets, teacher=None):
+    def __call__(self, images, targets):
         gt = ground_truth_queries(targets, self.num_classes, self.repeats, self.box_noise) if self.repeats else None
         general = random_queries(len(targets), self.random_count, self.num_classes, images.device)
         return concat(gt, general)
 
 
-class TeacherQuerySampler:
-    """KD-DETR queries: shared random anchors + the teacher's own most confident last-stage predictions."""
+class RandomAnchorSampler:
+    """KD-DETR's shared random points (nn.Embedding(n, 4)-style anchors, zero content)."""
 
-    def __init__(self, num_classes, teacher_count=100, random_count=100):
-        self.num_classes, self.teacher_count, self.random_count = num_classes, teacher_count, random_count
+    def __init__(self, num_classes, count=100):
+        self.num_classes, self.count = num_classes, count
 
-    @torch.no_grad()
-    def __call__(self, images, targets, teacher):
-        own = prediction_queries(teacher(images).stages[-1], self.teacher_count) if self.teacher_count else None
-        general = random_queries(len(images), self.random_count, self.num_classes, images.device)
-        return concat(own, general)
+    def __call__(self, images, targets):
+        if not self.count:
+            return None
+        return embedding_anchors(len(images), self.count, self.num_classes, images.device)
 
 
-class QueryEncoder(nn.Module):
-    """Frozen QuerySpec -> QueryGroup for one model.
-
-    content = [label embedding e(c) (hidden_dim - 1 channels), indicator (1 when the slot carries a class)]
-    pos     = MLP(box), used by models whose query position is not derived from the anchor (Deformable DETR).
-    Weights come from a fixed seed, so a resumed run rebuilds exactly the same encoder without storing it.
-    """
-
-    def __init__(self, num_classes, hidden_dim, seed=0):
-        super().__init__()
-        self.num_classes = num_classes
-        with torch.random.fork_rng(devices=[]):  # building it leaves the training RNG stream unchanged
-            self.label_embed = nn.Embedding(num_classes + 1, hidden_dim - 1)
-            self.pos_mlp = nn.Sequential(nn.Linear(4, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.label_embed.weight.copy_(torch.randn(self.label_embed.weight.shape, generator=generator))
-            for layer in (self.pos_mlp[0], self.pos_mlp[2]):
-                bound = layer.in_features ** -0.5
-                layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)
-                layer.bias.zero_()
-        self.requires_grad_(False)
-
-    def forward(self, spec):
-        hint = (spec.labels < self.num_classes).unsqueeze(-1).to(self.label_embed.weight.dtype)
-        content = torch.cat([self.label_embed(spec.labels), hint], dim=-1)
-        return QueryGroup(content=content, boxes=spec.boxes, pos=self.pos_mlp(spec.boxes), pad_mask=spec.pad_mask)
+def query_group(model, spec, own_content=True):
+    """QuerySpec -> the model's QueryGroup: content from the model's own label embedding when it
+    has one (`label_enc`, DINO's denoising embedding) and own_content is set, else zero content."""
+    batch, count = spec.labels.shape
+    label_enc = getattr(model, "label_enc", None) if own_content else None
+    if label_enc is None:
+        content = spec.boxes.new_zeros(batch, count, model.hidden_dim)
+    else:
+        has_class = spec.labels < model.num_classes
+        content = label_enc(spec.labels.clamp(max=model.num_classes - 1)) * has_class[..., None]
+    return QueryGroup(content=content, boxes=spec.boxes, pad_mask=spec.pad_mask)

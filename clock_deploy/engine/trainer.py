@@ -44,8 +44,27 @@ class TrainStep(nn.Module):
         else:
             outputs, extra = self.distiller(self.model, images, targets)
         losses = self.criterion(outputs, targets)
+        self.distill_keys = tuple(extra)  # which terms came from the distiller (gradient shares)
         losses.update(extra)
         return losses
+
+
+def gradient_shares(losses, distill_keys, params):
+    """Each distillation term's and the detection loss's gradient norm over `params`, and its share
+    of their sum: {"grad_norm_<term>": ..., "grad_share_<term>": ...} ("detection" = all other terms).
+
+    One extra backward pass per term (the graph is kept for the real backward), so it runs every
+    distill.grad_share_every iterations only.
+    """
+    terms = {"detection": sum(v for k, v in losses.items() if k.startswith("loss") and k not in distill_keys)}
+    terms.update({k: losses[k] for k in distill_keys})
+    norms = {}
+    for name, loss in terms.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else []
+        norms[name] = float(sum(g.pow(2).sum() for g in grads if g is not None) ** 0.5) if grads else 0.0
+    total = sum(norms.values()) or 1.0
+    return {**{f"grad_norm_{k}": round(v, 6) for k, v in norms.items()},
+            **{f"grad_share_{k}": round(v / total, 4) for k, v in norms.items()}}
 
 
 def lr_factor(iteration, iters_per_epoch, cfg_train):
@@ -183,6 +202,10 @@ class Trainer:
                 losses = self.runner(images, targets)
             total = sum(v for k, v in losses.items() if k.startswith("loss"))
             self._check_finite(total, losses)
+            if self._log_gradient_shares():
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.log({"epoch": self.epoch, "iteration": self.iteration + 1,
+                          **gradient_shares(losses, self.step_module.distill_keys, params)})
 
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
@@ -202,6 +225,12 @@ class Trainer:
                 self.log({"epoch": self.epoch, "iteration": self.iteration, "loss": loss_value,
                           "lr": self.optimizer.param_groups[0]["lr"],
                           **{k: round(float(v.detach()), 6) for k, v in losses.items()}})
+
+    def _log_gradient_shares(self):
+        """Every distill.grad_share_every iterations (first one included) when distilling, single process."""
+        every = self.cfg.distill.grad_share_every
+        return (self.step_module.distiller is not None and every > 0 and self.iteration % every == 0
+                and not dist.is_distributed())
 
     def _check_finite(self, total, losses):
         bad = torch.tensor(0.0 if torch.isfinite(total) else 1.0, device=self.device)
