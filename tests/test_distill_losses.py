@@ -8,10 +8,12 @@ from clock_deploy.distill.adapters import LevelAdapters, level_stride, pair_leve
 from clock_deploy.distill.baselines import FgdLoss, attention_maps
 from clock_deploy.distill.clock import (LcmdLoss, QueryDistillLoss, classification_kd, location_weights,
                                         stage_pairs)
-from clock_deploy.distill.queries import (QueryEncoder, TargetQuerySampler, ground_truth_queries,
-                                          jitter_boxes, prediction_queries)
+from clock_deploy.distill.queries import (TargetQuerySampler, clip_to_image, embedding_anchors,
+                                          ground_truth_queries, noisy_anchors)
 from clock_deploy.config import FgdConfig
+from clock_deploy.models.box_ops import box_cxcywh_to_xyxy
 from clock_deploy.models.contract import DetrOutput, StageOutput
+from clock_deploy.models.position import PositionEmbeddingSine
 
 
 def target(boxes, labels):
@@ -56,31 +58,56 @@ def lcmd_outputs(student_value, teacher_value, channels=2):
     return student, teacher
 
 
+def lcmd(adapters, **kwargs):
+    """LcmdLoss with the hand-checkable un-normalized form and no position unless asked."""
+    kwargs = {"normalize": False, "pos_embed": "none", **kwargs}
+    return LcmdLoss(adapters, **kwargs)
+
+
 def test_lcmd_by_hand():
     # error per pixel = C * 1^2 = 2; fg scale sums to 1 (6 px x 1/6), bg scale sums to 1 (18 px x 1/18)
     student, teacher = lcmd_outputs(1.0, 0.0)
-    loss = LcmdLoss(LevelAdapters([16], 2, 2), 2, 2, alpha=3.0, beta=0.5, pos_embed=False, weight=2.0)
+    loss = lcmd(LevelAdapters([16], 2, 2), alpha=3.0, beta=0.5, weight=2.0)
     targets = [target([[0.25, 0.5, 0.5, 0.5]], [0])]
     value = loss(student, teacher, targets, (64, 96))["loss_mem"]
     assert value.item() == pytest.approx(2.0 * (3.0 * 2 + 0.5 * 2))
-    normalized = LcmdLoss(LevelAdapters([16], 2, 2), 2, 2, 3.0, 0.5, normalize=True, pos_embed=False)
+    normalized = lcmd(LevelAdapters([16], 2, 2), alpha=3.0, beta=0.5, normalize=True)
     assert normalized(student, teacher, targets, (64, 96))["loss_mem"].item() == pytest.approx(3.0 + 0.5)
 
 
-def test_lcmd_zero_for_equal_memory_and_position_embedding_acts_through_the_adapter():
+def test_lcmd_zero_for_equal_memory_and_sine_position_acts_through_the_adapter():
     targets = [target([[0.25, 0.5, 0.5, 0.5]], [0])]
     student, teacher = lcmd_outputs(0.3, 0.3, channels=4)
-    assert LcmdLoss(LevelAdapters([16], 4, 4), 4, 4)(student, teacher, targets, (64, 96))["loss_mem"] == 0
+    assert lcmd(LevelAdapters([16], 4, 4), pos_embed="sine")(student, teacher, targets, (64, 96))["loss_mem"] == 0
     # different widths: a zero adapter maps the student to 0, so only the teacher's embedding remains
     student, teacher = lcmd_outputs(0.0, 0.0, channels=4)
     student.memory = [torch.zeros(1, 8, 4, 6)]
     adapters = LevelAdapters([16], 8, 4)
     torch.nn.init.zeros_(adapters.convs["16"].weight)
     torch.nn.init.zeros_(adapters.convs["16"].bias)
-    with_pos = LcmdLoss(adapters, 8, 4, alpha=1.0, beta=1.0)(student, teacher, targets, (64, 96))["loss_mem"]
-    without = LcmdLoss(adapters, 8, 4, alpha=1.0, beta=1.0, pos_embed=False)(student, teacher, targets,
-                                                                               (64, 96))["loss_mem"]
+    with_pos = lcmd(adapters, alpha=1.0, beta=1.0, pos_embed="sine")(student, teacher, targets, (64, 96))["loss_mem"]
+    without = lcmd(adapters, alpha=1.0, beta=1.0)(student, teacher, targets, (64, 96))["loss_mem"]
     assert without == 0 and with_pos > 0.1
+
+
+def test_lcmd_model_position_changes_the_loss_at_equal_widths():
+    # the same memories and widths; the models' own position maps differ by their level embeddings
+    targets = [target([[0.25, 0.5, 0.5, 0.5]], [0])]
+    student, teacher = lcmd_outputs(0.3, 0.3, channels=4)
+    grid = PositionEmbeddingSine(2)(teacher.memory[0])
+    teacher.memory_pos = [grid + torch.tensor([0.5, -0.5, 0.2, 0.0])[None, :, None, None]]
+    student.memory_pos = [grid + torch.tensor([-0.1, 0.3, 0.0, 0.4])[None, :, None, None]]
+    adapters = LevelAdapters([16], 4, 4, learnable=True)
+    assert isinstance(adapters.convs["16"], torch.nn.Conv2d)  # learnable although the widths agree ...
+    x = torch.randn(1, 4, 4, 6)
+    assert torch.allclose(adapters(x, 16, (4, 6)), x)          # ... and the identity at the start
+    with_pos = lcmd(adapters, pos_embed="model")(student, teacher, targets, (64, 96))["loss_mem"]
+    without = lcmd(adapters)(student, teacher, targets, (64, 96))["loss_mem"]
+    assert without == 0 and with_pos > 0.1
+    # the student's position map is a target of the adapter, not trained by this loss
+    student.memory_pos[0].requires_grad_(True)
+    lcmd(adapters, pos_embed="model")(student, teacher, targets, (64, 96))["loss_mem"].backward()
+    assert student.memory_pos[0].grad is None and adapters.convs["16"].bias.grad.abs().sum() > 0
 
 
 def test_level_pairing_by_stride_and_resize():
@@ -122,6 +149,16 @@ def test_kl_and_bce_by_hand():
     assert torch.allclose(zs_grad.grad, zs.sigmoid() - zt.sigmoid())
 
 
+def test_class_term_zero_for_identical_logits_and_sees_an_objectness_shift():
+    logits = torch.tensor([[-6.0, 1.0, 0.5]])
+    for kind in ("bce", "kl"):
+        assert classification_kd(logits, logits, 10.0, kind).item() == pytest.approx(0.0, abs=1e-6)
+    teacher, student = torch.full((1, 3), -6.0), torch.full((1, 3), 3.0)  # same softmax, other objectness
+    assert classification_kd(student, teacher, 10.0, "bce").item() > 9.0
+    assert classification_kd(student, teacher, 10.0, "kl").item() == pytest.approx(0.0, abs=1e-6)
+    assert QueryDistillLoss().cls_loss == "bce"  # the default for sigmoid / focal detectors
+
+
 def test_query_distill_by_hand_with_padding():
     # two slots; the second is padding and holds garbage that must not count
     teacher_stage = StageOutput(logits=torch.tensor([[[0.0, 0.0, 0.0], [9.0, -9.0, 3.0]]]),
@@ -129,7 +166,7 @@ def test_query_distill_by_hand_with_padding():
     student_stage = StageOutput(logits=torch.tensor([[[1.0, 0.0, 0.0], [-9.0, 9.0, 0.0]]]),
                                 boxes=torch.tensor([[[0.6, 0.5, 0.2, 0.2], [0.9, 0.9, 0.3, 0.3]]]))
     pad = torch.tensor([[False, True]])
-    loss = QueryDistillLoss(tau=1.0, w_l1=5.0, w_giou=2.0, weight=1.0)
+    loss = QueryDistillLoss(tau=1.0, cls_loss="kl", w_l1=5.0, w_giou=2.0, weight=1.0)
     student, teacher = output(groups=[[student_stage]]), output(groups=[[teacher_stage]])
     terms = loss(student, teacher, pad)
     # slot 0: teacher uniform over 3 classes; KL(u || softmax([1, 0, 0]))
@@ -162,7 +199,7 @@ def test_ground_truth_queries_layout():
     spec = ground_truth_queries(targets, num_classes=3, repeats=3, box_noise=0.0)
     assert spec.boxes.shape == (2, 6, 4)
     assert spec.labels[0].tolist() == [1, 2, 1, 2, 1, 2] and spec.labels[1].tolist() == [3] * 6
-    assert torch.equal(spec.boxes[0, 2:4], targets[0]["boxes"])
+    assert torch.allclose(spec.boxes[0, 2:4], targets[0]["boxes"])
     assert not spec.pad_mask[0].any() and spec.pad_mask[1].all()
 
     torch.manual_seed(0)
@@ -173,32 +210,35 @@ def test_ground_truth_queries_layout():
     shift = (spec.boxes[0, :6, :2] - gt[:, :2]).abs()
     assert (shift <= 0.2 * gt[:, 2:] + 1e-6).all() and (shift > 0).all()
     # images without GT and no random queries: nothing to ask
-    assert TargetQuerySampler(3, 3, 0.0, 0)(torch.zeros(1, 3, 8, 8), [target([], [])]) is None
+    assert TargetQuerySampler(3, 3, 0.4, 0)(torch.zeros(1, 3, 8, 8), [target([], [])]) is None
 
 
-def test_jitter_keeps_boxes_valid():
+def test_noisy_anchors_stay_inside_the_image_and_differ_across_repeats():
     torch.manual_seed(0)
-    boxes = jitter_boxes(torch.tensor([[0.001, 0.999, 0.5, 0.002]]).repeat(100, 1), 1.0)
-    assert boxes.min() >= 1e-3 and boxes.max() <= 1
+    # boxes at the borders and corners, large and tiny
+    gt = target([[0.02, 0.5, 0.04, 0.3], [0.97, 0.97, 0.06, 0.06], [0.5, 0.5, 1.0, 1.0], [0.3, 0.01, 0.002, 0.02]],
+                [0, 1, 2, 0])
+    spec = ground_truth_queries([gt], num_classes=3, repeats=5, box_noise=0.4)
+    corners = box_cxcywh_to_xyxy(spec.boxes[0])
+    assert corners.min() >= 0 and corners.max() <= 1 + 1e-6
+    assert (spec.boxes[0, :, 2:] >= 1e-3 - 1e-7).all()
+    copies = spec.boxes[0].reshape(5, 4, 4)  # repeat r of GT j at slot r * 4 + j
+    for j in range(4):
+        assert len({tuple(copies[r, j].tolist()) for r in range(5)}) == 5
+    # the noise is DN-DETR's: centre within noise * size / 2, sides within 1 +- noise (before clipping)
+    inner = noisy_anchors(torch.tensor([[0.5, 0.5, 0.2, 0.1]]).repeat(200, 1), 0.4)
+    assert ((inner[:, :2] - 0.5).abs() <= 0.4 * torch.tensor([0.2, 0.1]) / 2 + 1e-6).all()
+    assert ((inner[:, 2:] / torch.tensor([0.2, 0.1]) - 1).abs() <= 0.4 + 1e-5).all()
+    assert torch.allclose(clip_to_image(torch.tensor([[0.0, 0.5, 0.4, 0.2]])), torch.tensor([[0.1, 0.5, 0.2, 0.2]]))
 
 
-def test_prediction_queries_pick_the_most_confident():
-    stage = StageOutput(logits=torch.tensor([[[-5.0, -5.0], [3.0, -1.0], [-2.0, 4.0]]]),
-                        boxes=torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3]]]))
-    spec = prediction_queries(stage, 2)
-    assert spec.labels.tolist() == [[1, 0]] and torch.allclose(spec.boxes[0, :, 0], torch.tensor([0.3, 0.2]))
-
-
-def test_query_encoder_is_frozen_deterministic_and_leaves_global_rng_alone():
-    state = torch.get_rng_state()
-    a, b = QueryEncoder(3, 32), QueryEncoder(3, 32)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert not any(p.requires_grad for p in a.parameters())
-    spec = ground_truth_queries([target([[0.5, 0.5, 0.2, 0.2]], [2])], 3, 1, 0.0)
-    group = a(spec)
-    assert group.content.shape == (1, 1, 32) and group.pos.shape == (1, 1, 32)
-    assert group.content[0, 0, -1] == 1 and torch.equal(group.content[0, 0, :-1], a.label_embed.weight[2])
+def test_kd_detr_random_anchors_are_embedding_style_and_shared_by_the_batch():
+    torch.manual_seed(0)
+    spec = embedding_anchors(3, 100, 3, "cpu")
+    assert spec.boxes.shape == (3, 100, 4) and torch.equal(spec.boxes[0], spec.boxes[2])
+    assert spec.labels.eq(3).all() and not spec.pad_mask.any()
+    torch.manual_seed(0)
+    assert torch.allclose(spec.boxes[0], torch.randn(100, 4).sigmoid())
 
 
 # ---------------------------------------------------------------- FGD

@@ -281,3 +281,154 @@ def test_demo_distill_configs_build(name, method):
     adapters = [n for n, _ in distiller.named_parameters() if n.endswith("weight") and "adapters" in n]
     # student and teacher both keep strides 8, 16, 32; widths 64 -> 128 need a conv per level
     assert len(adapters) == (0 if method == "kd_detr" else 3)
+
+
+# ---------------------------------------------------------------- queries in each model's own language
+
+def same_family(arch, method="clock", **overrides):
+    """Student (hidden 32, 2 layers) and a wider, deeper teacher of the same family (hidden 48, 3 layers)."""
+    cfg = tiny_config(arch, method=method)
+    for key, value in overrides.items():
+        setattr(cfg.model, key, value)
+    teacher_cfg = tiny_config(arch, hidden=48, dec_layers=3)
+    for key, value in overrides.items():
+        setattr(teacher_cfg.model, key, value)
+    teacher, student = tiny_model(teacher_cfg, seed=5), tiny_model(cfg).train()
+    return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_query_content_comes_from_each_models_own_embedding(arch):
+    cfg, teacher, student, distiller = same_family(arch)
+    images, targets = batch()
+    torch.manual_seed(4)
+    spec = distiller.sampler(images, targets)
+    has_class = spec.labels < cfg.model.num_classes
+    assert has_class.any() and (~has_class).any()
+    for model in (teacher, student):
+        content = query_group(model, spec).content
+        assert content.shape == (*spec.labels.shape, model.hidden_dim)
+        if arch == "dino":  # DINO's own denoising label embedding; class-free slots get zero, as DINO pads
+            assert torch.equal(content[has_class], model.label_enc.weight[spec.labels[has_class]])
+            assert not content[~has_class].any()
+        else:  # DAB-DETR / Deformable DETR queries start from zero content
+            assert not content.any()
+    if arch == "dino":  # and the distiller asks the teacher in the teacher's words, the student in its own
+        calls = []
+        for name, model in (("teacher", teacher), ("student", student)):
+            model.label_enc.register_forward_hook(lambda m, args, out, name=name: calls.append(name))
+        distill_losses(distiller, student)
+        assert "teacher" in calls and "student" in calls
+
+
+def test_deformable_group_position_carries_box_size():
+    from clock_deploy.distill.queries import class_free
+    cfg = tiny_config("deformable_detr")  # one-stage: the reference point is only the centre
+    model = tiny_model(cfg).eval()
+    perturb(model, 0.2)  # Deformable DETR starts with zero sampling-offset / attention weights
+    images, _ = batch()
+    boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.6, 0.4]]]).expand(2, -1, -1)
+    with torch.no_grad():
+        out = model(images, groups=[query_group(model, class_free(boxes, 3))])
+    first = out.groups[0][0]
+    assert not torch.allclose(first.logits[:, 0], first.logits[:, 1])
+    assert not torch.allclose(first.boxes[:, 0, 2:], first.boxes[:, 1, 2:])
+
+
+# ---------------------------------------------------------------- KD-DETR as published
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(out), with_kwargs=True)
+    return calls
+
+
+def student_groups(model):
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("groups")), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_kd_detr_anchors_come_from_the_teacher_queries_and_the_teacher_runs_once(arch, two_stage):
+    cfg, teacher, student, distiller = same_family(arch, "kd_detr", two_stage=two_stage)
+    teacher_calls, groups = count_forwards(teacher), student_groups(student)
+    _, losses = distill_losses(distiller, student)
+    assert len(teacher_calls) == 1  # one teacher forward per step, random points included
+    assert set(losses) == {"loss_kd_anchor_cls", "loss_kd_anchor_box", "loss_kd_random_cls", "loss_kd_random_box"}
+    anchors, random = groups[0]
+    teacher_out = teacher_calls[0]
+    assert anchors.boxes.shape[1] == teacher.num_queries and random.boxes.shape[1] == 5
+    if arch == "dab_detr":  # the learned anchor embedding
+        expected = teacher.refpoint_embed.weight.sigmoid()[None].expand(2, -1, -1)
+    elif arch == "dino" or two_stage:  # the encoder proposals the matching queries start from
+        expected = teacher_out.encoder.boxes
+    else:  # learned reference points (centres) with the size the first layer gives them
+        centres = teacher.reference_points(teacher.query_embed.weight[:, :teacher.hidden_dim]).sigmoid()
+        expected = torch.cat([centres[None].expand(2, -1, -1), teacher_out.stages[0].boxes[..., 2:]], -1)
+    torch.testing.assert_close(anchors.boxes, expected.float())
+    assert not anchors.content.any() and not random.content.any()  # zero content, as in KD-DETR
+    assert torch.equal(random.boxes[0], random.boxes[1])  # one nn.Embedding(n, 4) draw for the batch
+    assert distiller.query_terms["anchors"].tau == 10
+
+
+def test_teacher_runs_under_inference_mode_and_optional_bf16():
+    cfg, teacher, student, distiller = same_family("dino")
+    calls = []
+    teacher.register_forward_hook(lambda m, args, out: calls.append(
+        (torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"))))
+    _, fp32 = distill_losses(distiller, student)
+    cfg.distill.teacher_dtype = "bf16"
+    bf16_distiller = build_distiller(cfg, teacher, student).train()
+    del calls[1:]  # building probes the teacher once
+    _, bf16 = distill_losses(bf16_distiller, student)
+    assert calls == [(True, False), (True, True)]
+    sum(bf16.values()).backward()
+    for key in fp32:
+        assert torch.isfinite(bf16[key]) and bf16[key].dtype == torch.float32
+        assert bf16[key].item() == pytest.approx(fp32[key].item(), rel=0.1, abs=1e-3)
+    cfg.distill.teacher_dtype = "fp16"
+    with pytest.raises(UserError, match="CUDA"):
+        build_distiller(cfg, teacher, student)
+
+
+def test_repeats_without_noise_is_a_user_error():
+    cfg = tiny_config("dab_detr", method="clock")
+    cfg.distill.logit.box_noise = 0.0
+    with pytest.raises(UserError, match="box_noise"):
+        build_distiller(cfg, tiny_model(cfg), tiny_model(cfg))
+
+
+# ---------------------------------------------------------------- gradient shares
+
+def test_gradient_shares_by_hand():
+    from clock_deploy.engine.trainer import gradient_shares
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = {"loss_ce": (3 * w).sum(), "loss_mem": (w * w).sum(), "class_error": torch.tensor(5.0)}
+    shares = gradient_shares(losses, ("loss_mem",), [w])
+    # |d det| = |(3, 3)| = 4.243, |d mem| = |(2, 4)| = 4.472
+    assert shares["grad_norm_detection"] == pytest.approx(18 ** 0.5, rel=1e-5)
+    assert shares["grad_norm_loss_mem"] == pytest.approx(20 ** 0.5, rel=1e-5)
+    assert shares["grad_share_loss_mem"] == pytest.approx(20 ** 0.5 / (18 ** 0.5 + 20 ** 0.5), abs=1e-4)
+    assert w.grad is None  # nothing accumulated: the real backward is still to come
+
+
+def test_distill_run_logs_gradient_shares(tmp_path):
+    import json
+    from engine_helpers import tiny_config as run_config, tiny_data
+    from clock_deploy.engine.commands import run_training
+    data = tiny_data(tmp_path / "data", num_images=4)
+    teacher_cfg = run_config(data, str(tmp_path / "teacher"), extra=["train.max_iters=1", "train.eval_every=-1"])
+    run_training(teacher_cfg, progress=False)
+    cfg = run_config(data, str(tmp_path / "distill"), extra=[
+        "distill.method=clock", f"distill.teacher={tmp_path / 'teacher' / 'last.pt'}", "distill.grad_share_every=2",
+        "distill.logit.random_queries=5", "train.epochs=3", "train.eval_every=-1"])
+    run_training(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "distill" / "log.jsonl").read_text().splitlines()]
+    shares = [r for r in records if "grad_share_detection" in r]
+    assert [r["iteration"] for r in shares] == [1, 3]
+    for r in shares:
+        keys = {"detection", "loss_mem", "loss_logit_cls", "loss_logit_box"}
+        assert {f"grad_share_{k}" for k in keys} <= set(r)
+        assert sum(r[f"grad_share_{k}"] for k in keys) == pytest.approx(1.0, abs=1e-3)
