@@ -1,58 +1,74 @@
 """Distillation: cost per training step and accuracy gain, each measured side by side in one run.
 
-(a) Step time of distillation / plain training for every student family (same batch, same
-    student, same teacher; full step = forward, backward, optimizer step; steps of all methods
-    interleaved, median of --steps). Goal for CLoCK: <= 1.3. The teacher is built from the
-    teacher config with random weights (the cost does not depend on them).
-(b) A/B on the synthetic KITTI data with a fixed budget and seeds: baseline student vs CLoCK,
-    KD-DETR, FGD, LCMD-only and TCLD-only, each trained with the real `run_training`; COCO mAP and
-    KITTI Moderate AP (R40) on the validation split. Reuses the teacher checkpoint at --teacher
-    (default <teacher output_dir>/last.pt; trained with the teacher config when missing) and
-    continues interrupted runs from their last.pt.
+(a) Step cost for every student family, with a teacher of its own family (teacher.yaml with
+    model.arch set: wider and deeper than the student; random weights, the cost does not depend on
+    them): plain student step, teacher forward (inference mode) per dtype, and the step of every
+    distiller (forward + backward + AdamW step; all interleaved, median of --steps). Goal:
+    CLoCK step / (plain step + teacher forward) <= 1.15.
+(b) A/B on synthetic KITTI: per family a teacher of its own family, students trained with the real
+    `run_training` for a fixed budget (--epochs, --train-images), paired seeds (every variant of a
+    seed starts from the same student initialization and sees the same data order). CLoCK's
+    coefficients are chosen on the tuning split (the validation part of the training data) with
+    separate tuning seeds; every reported number is on the test split, generated with another seed.
+    Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
+    and is reused when its hash still matches, so the A/B resumes after an interruption and on
+    another machine without checkpoints; an interrupted run continues from its last.pt.
 
     python benchmarks/bench_distill.py --part a [--steps 10]
-    python benchmarks/bench_distill.py --part b [--seeds 0 1] [--epochs N]
+    python benchmarks/bench_distill.py --part b [--families dino ...] [--seeds N] [--epochs E] [--train-images N]
+    python benchmarks/bench_distill.py --part b --report-only     # rewrite the table from the run files
 
 Each part rewrites its own section of benchmarks/results/distill.md.
 """
 import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-from clock_deploy.config import load_config
+from clock_deploy.config import load_config, to_dict
 from clock_deploy.distill import build_distiller
 from clock_deploy.engine.trainer import TrainStep
-from clock_deploy.io import write_text
+from clock_deploy.io import read_json, write_json, write_text
 from clock_deploy.models.build import build_criterion, build_model
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
 
 DEMO = "configs/demo"
 RESULTS = "benchmarks/results/distill.md"
-ARCHS = ["dab_detr", "deformable_detr", "dino"]
-# (a) timed variants: name -> (demo config, overrides); the configs the A/B trains with
+RUNS = "benchmarks/results/distill_runs"
+FAMILIES = ["dino", "deformable_detr", "dab_detr"]
+SEEDS = {"dino": 8, "deformable_detr": 6, "dab_detr": 6}   # paired seeds per family (test seeds 0..N-1)
+TUNING_SEEDS = [100, 101]                                  # never used for a reported number
+# variant -> (demo config, overrides, families it runs for)
+VARIANTS = {
+    "baseline": ("student.yaml", [], FAMILIES),
+    "clock": ("distill.yaml", [], FAMILIES),
+    "kd_detr": ("distill_kd_detr.yaml", [], FAMILIES),
+    "tcld_only": ("distill.yaml", ["distill.use_mem=false"], ["dino"]),
+    "lcmd_only": ("distill.yaml", ["distill.use_logit=false"], ["dino"]),
+    "fgd": ("distill_fgd.yaml", [], ["dino"]),
+    "clock_kl": ("distill.yaml", ["distill.logit.cls_loss=kl"], ["dino"]),
+}
+TUNED = {"clock", "tcld_only", "lcmd_only", "clock_kl"}  # take the coefficients chosen on the tuning split
+# candidates tried on the tuning split (DINO, TUNING_SEEDS), one coefficient moved at a time
+TUNING_GRID = [[], ["distill.lambda_mem=0.3"], ["distill.lambda_mem=3.0"], ["distill.lambda_logit=2.0"]]
+# (a) timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
-                 "clock_gt_only": ("distill.yaml", ["distill.logit.random_queries=0"]),
+                 "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
                  "kd_detr": ("distill_kd_detr.yaml", []),
                  "fgd": ("distill_fgd.yaml", [])}
-# (name, run folder, config, overrides): the A/B variants of part (b)
-VARIANTS = [
-    ("baseline", "baseline", "student.yaml", []),
-    ("CLoCK", "clock_lmem1", "distill.yaml", []),
-    ("KD-DETR", "kddetr", "distill_kd_detr.yaml", []),
-    ("FGD", "fgd", "distill_fgd.yaml", []),
-    ("LCMD only", "lcmd_only_lmem1", "distill.yaml", ["distill.use_logit=false"]),
-    ("TCLD only", "tcld_only", "distill.yaml", ["distill.use_mem=false"]),
-    ("CLoCK, lambda_mem=50", "clock", "distill.yaml", ["distill.lambda_mem=50"]),
-    ("LCMD only, lambda_mem=50", "lcmd_only", "distill.yaml", ["distill.use_logit=false", "distill.lambda_mem=50"]),
-]
 
 
-# ---------------------------------------------------------------- (a) step time
+# ---------------------------------------------------------------- (a) step cost
 
 def training_step(step_module, lr):
     """A closure running one full training step of `step_module` on a fixed batch."""
@@ -65,6 +81,14 @@ def training_step(step_module, lr):
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+    return run
+
+
+def teacher_forward(teacher, dtype):
+    """A closure running the teacher as the Distiller does (inference mode, optional autocast)."""
+    def run(images, targets):
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            teacher(images)
     return run
 
 
@@ -81,147 +105,301 @@ def time_steps(runners, images, targets, steps, warmup=2):
 
 
 def part_a(args):
-    teacher_cfg = load_config(os.path.join(args.configs, "teacher.yaml"))
-    torch.manual_seed(0)
-    teacher = build_model(teacher_cfg.model).eval()
+    low = "fp16" if torch.cuda.is_available() else "bf16"
+    low_dtype = torch.float16 if low == "fp16" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for arch in ARCHS:
+    for arch in args.families:
+        teacher_cfg = load_config(os.path.join(args.configs, "teacher.yaml"), [f"model.arch={arch}"])
         cfg = load_config(os.path.join(args.configs, "student.yaml"), [f"model.arch={arch}"])
         torch.manual_seed(0)
-        student = build_model(cfg.model).train()
+        teacher = build_model(teacher_cfg.model).to(device).eval()
+        student = build_model(cfg.model).to(device).train()
         criterion = build_criterion(cfg.loss, cfg.model)
         images, targets = random_batch(cfg, torch.Generator().manual_seed(0))
+        images = images.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         runners = {"plain": training_step(TrainStep(student, criterion), cfg.train.lr),
-                   "teacher": torch.no_grad()(lambda images, targets: teacher(images))}
+                   "teacher_fp32": teacher_forward(teacher, None),
+                   f"teacher_{low}": teacher_forward(teacher, low_dtype)}
         for name, (config, overrides) in STEP_VARIANTS.items():
+            overrides = [o.replace("bf16", low) for o in overrides]
             method_cfg = load_config(os.path.join(args.configs, config), [f"model.arch={arch}"] + overrides)
             distiller = build_distiller(method_cfg, teacher, student)
             runners[name] = training_step(TrainStep(student, criterion, distiller).train(), cfg.train.lr)
         medians = time_steps(runners, images, targets, args.steps)
         rows.append((arch, medians))
-        ratios = " ".join(f"{m}={medians[m] / medians['plain']:.2f}" for m in STEP_VARIANTS)
-        print(f"{arch}: plain {medians['plain'] * 1000:.0f} ms/step, teacher forward "
-              f"{medians['teacher'] * 1000:.0f} ms; distill/plain {ratios}", flush=True)
+        print(f"{arch}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in medians.items()), flush=True)
 
-    lines = [f"Teacher: {teacher_cfg.model.arch} (hidden {teacher_cfg.model.hidden_dim}, ResNet-"
-             f"{teacher_cfg.model.backbone.depth} width {teacher_cfg.model.backbone.width}), students from "
-             f"{args.configs}/student.yaml with model.arch set per row; batch {cfg.train.batch_size} x "
-             f"{cfg.data.img_size[0]}x{cfg.data.img_size[1]}, median of {args.steps} interleaved steps "
-             f"(forward + backward + AdamW step), {machine()}.", "",
-             "| student | plain ms/step | teacher fwd ms | " + " | ".join(f"{m} ms/step" for m in STEP_VARIANTS)
-             + " | " + " | ".join(f"{m} / plain" for m in STEP_VARIANTS) + " | CLoCK beyond the teacher fwd / plain |",
-             "|---" * (4 + 2 * len(STEP_VARIANTS)) + "|"]
-    for arch, medians in rows:
-        plain = medians["plain"]
-        lines.append(f"| {arch} | {plain * 1000:.0f} | {medians['teacher'] * 1000:.0f} | "
-                     + " | ".join(f"{medians[m] * 1000:.0f}" for m in STEP_VARIANTS) + " | "
-                     + " | ".join(f"{medians[m] / plain:.2f}" for m in STEP_VARIANTS)
-                     + f" | {(medians['clock'] - medians['teacher']) / plain:.2f} |")
-    lines += ["", "Goal: CLoCK / plain <= 1.3. The teacher forward is a floor no distiller avoids; the last "
-              "column is the step without it (student with the extra query group + the losses). Variants run "
-              "the demo configs (distill.yaml, distill_kd_detr.yaml, distill_fgd.yaml); clock_gt_only drops "
-              "CLoCK's general random queries (distill.logit.random_queries=0) and keeps the GT queries."]
+    names = list(STEP_VARIANTS)
+    lines = [f"Teachers: {args.configs}/teacher.yaml, students: {args.configs}/student.yaml, model.arch set per row "
+             f"(teacher of the student's own family); batch {cfg.train.batch_size} x {cfg.data.img_size[0]}x"
+             f"{cfg.data.img_size[1]}, median of {args.steps} interleaved steps (forward + backward + AdamW step), "
+             f"{device}, {machine()}.", "",
+             f"| student | plain ms/step | teacher fwd fp32 ms | teacher fwd {low} ms | "
+             + " | ".join(f"{m} ms/step" for m in names)
+             + f" | clock / (plain + teacher fp32) | clock_{low}_teacher / (plain + teacher {low}) | clock / plain |",
+             "|---" * (7 + len(names)) + "|"]
+    for arch, m in rows:
+        plain, fp32, lowms = m["plain"], m["teacher_fp32"], m[f"teacher_{low}"]
+        lines.append(f"| {arch} | {plain * 1000:.0f} | {fp32 * 1000:.0f} | {lowms * 1000:.0f} | "
+                     + " | ".join(f"{m[n] * 1000:.0f}" for n in names)
+                     + f" | {m['clock'] / (plain + fp32):.2f} | {m['clock_bf16_teacher'] / (plain + lowms):.2f}"
+                     f" | {m['clock'] / plain:.2f} |")
+    lines += ["", "Goal: CLoCK step / (plain step + teacher forward) <= 1.15: the teacher forward is a floor no "
+              f"distiller avoids, the rest is CLoCK's own cost. clock_bf16_teacher runs the teacher in {low} "
+              f"autocast (distill.teacher_dtype={low}); on a CPU without native bf16 this can be slower than fp32."]
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- (b) A/B
+# ---------------------------------------------------------------- (b) A/B: data, teachers, runs
 
-def ensure_data(cfg):
-    """Generate the synthetic KITTI data the demo configs point at, once."""
-    if os.path.isdir(cfg.data.root):
-        return
+def data_roots(args):
+    """(training + tuning data root, test data root): generated once per budget, another seed for the test."""
+    base = os.path.join(args.out, "data")
+    return (os.path.join(base, f"synth_train{args.train_images}_val{args.tuning_images}_s0"),
+            os.path.join(base, f"synth_test{args.test_images}_s1"))
+
+
+def ensure_data(args, img_cfg):
     from clock_deploy.data.synthetic import generate
-    s = cfg.data.synth
-    generate(cfg.data.root, s.num_images, seed=s.seed, height=s.height, width=s.width,
-             val_fraction=s.val_fraction, max_objects=s.max_objects)
+    train_root, test_root = data_roots(args)
+    s = img_cfg.data.synth
+    total = args.train_images + args.tuning_images
+    for root, num, seed, fraction in ((train_root, total, 0, args.tuning_images / total),
+                                      (test_root, args.test_images + 1, 1, args.test_images / (args.test_images + 1))):
+        if not os.path.isdir(root):  # the test scenes are all "val" but one (a split must keep a training image)
+            generate(root, num, seed=seed, height=s.height, width=s.width, val_fraction=fraction,
+                     max_objects=s.max_objects, progress=False)
+
+
+def base_overrides(args, family, epochs, drop):
+    train_root, _ = data_roots(args)
+    extra = [f"model.arch={family}", f"data.root={train_root}", f"train.epochs={epochs}",
+             f"train.lr_drop_epochs=[{drop}]", "train.eval_every=0"]
+    return extra + ([f"train.max_iters={args.max_iters}"] if args.max_iters else [])
+
+
+def code_hash():
+    """Fingerprint of the code a run depends on: a change there makes old run files stale."""
+    digest = hashlib.sha256()
+    for folder in ("models", "distill", "engine", "data", "eval"):
+        for path in sorted(glob.glob(os.path.join("clock_deploy", folder, "*.py"))):
+            digest.update(path.encode())
+            digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(cfg, teacher_hash=None):
+    """Hash of everything that decides a run's result (not where it is written)."""
+    data = to_dict(cfg)
+    data.pop("output_dir")
+    data.pop("device")
+    data["distill"]["teacher"] = teacher_hash
+    text = json.dumps({"config": data, "code": code_hash()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def versions():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+            "code_hash": code_hash()}
 
 
 def train(cfg):
-    """run_training, continuing (or just reading back) the run in cfg.output_dir if it exists."""
+    """run_training, continuing the run in cfg.output_dir if it was interrupted."""
     from clock_deploy.engine.commands import run_training
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
     return run_training(cfg, resume=resume, progress=False)
 
 
-def teacher_checkpoint(args):
-    cfg = load_config(os.path.join(args.configs, "teacher.yaml"))
-    path = args.teacher or os.path.join(cfg.output_dir, "last.pt")
-    if not os.path.isfile(path):
-        print(f"no teacher at {path}: training it with {args.configs}/teacher.yaml", flush=True)
-        ensure_data(cfg)
-        cfg.output_dir = os.path.dirname(path) or "."
-        cfg.train.eval_every = cfg.train.epochs
-        train(cfg)
-    return path, teacher_metrics(path, cfg)
-
-
-def teacher_metrics(path, cfg):
-    """The teacher's arch and validation metrics (evaluated here when its checkpoint has none)."""
+def test_metrics(args, checkpoint, cfg):
     from clock_deploy.data.dataset import build_dataset
     from clock_deploy.engine.checkpoint import load_model
     from clock_deploy.engine.evaluate import evaluate
-    model, teacher_cfg, ckpt = load_model(path)
-    metrics = ckpt.get("metrics", {})
-    if "mAP" not in metrics:
-        ensure_data(cfg)
-        metrics = evaluate(model, build_dataset(cfg.data, cfg.data.val_split, train=False),
-                           batch_size=cfg.train.batch_size, topk=cfg.export.topk, progress=False)
-    return {"arch": teacher_cfg.model.arch, "metrics": metrics}
+    model, _, _ = load_model(checkpoint)
+    data_cfg = dataclasses.replace(cfg.data, root=data_roots(args)[1])
+    return evaluate(model, build_dataset(data_cfg, "val", train=False), batch_size=cfg.train.batch_size,
+                    topk=cfg.export.topk, progress=False)
+
+
+def finished_run(path, expected_hash):
+    """The stored record of a run if it is there and still matches its config and code."""
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path)
+    if record.get("config_hash") == expected_hash:
+        return record
+    print(f"{path}: config or code changed since it ran (hash {record.get('config_hash')} != {expected_hash}); "
+          f"running it again", flush=True)
+    return None
+
+
+def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
+    """Train one (family, variant, seed) or reuse its record; returns the record."""
+    run_dir = os.path.join(args.out, "runs", f"{family}-{name}-{seed}")
+    extra = base_overrides(args, family, epochs, drop) + list(overrides) + [f"seed={seed}", f"output_dir={run_dir}"]
+    if teacher is not None:
+        extra.append(f"distill.teacher={teacher['checkpoint']}")
+    cfg = load_config(os.path.join(args.configs, config), extra)
+    key = config_hash(cfg, teacher["config_hash"] if teacher else None)
+    path = os.path.join(args.runs_dir, f"{family}-{name}-{seed}.json")
+    record = finished_run(path, key)
+    if record is not None:
+        return record
+    if args.report_only:
+        return None
+    start = time.time()
+    tuning = train(cfg)
+    record = {"family": family, "variant": name, "seed": seed, "config": config, "overrides": list(overrides),
+              "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
+              "metrics": {"tuning": metric_subset(tuning),
+                          "test": metric_subset(test_metrics(args, os.path.join(run_dir, "last.pt"), cfg))},
+              "seconds": round(time.time() - start, 1), "config_hash": key,
+              "teacher_hash": teacher["config_hash"] if teacher else None, "versions": versions()}
+    write_json(path, record)
+    print(f"{family} {name} seed {seed}: test mAP {record['metrics']['test']['mAP']:.4f}, KITTI Mod "
+          f"{record['metrics']['test']['kitti_moderate']:.2f} ({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def metric_subset(metrics):
+    keys = ("mAP", "AP50", "AP75", "kitti_easy", "kitti_moderate", "kitti_hard")
+    return {k: round(float(metrics[k]), 6) for k in keys if k in metrics}
+
+
+def family_teacher(args, family):
+    """Train (or reuse) the family's teacher: teacher.yaml with model.arch = family, seed 0."""
+    name = "teacher"
+    run_dir = os.path.join(args.out, "runs", f"{family}-{name}")
+    drop = max(1, round(args.teacher_epochs * 10 / 12))  # teacher.yaml drops at epoch 10 of 12
+    cfg = load_config(os.path.join(args.configs, "teacher.yaml"),
+                      base_overrides(args, family, args.teacher_epochs, drop) + [f"output_dir={run_dir}"])
+    key = config_hash(cfg)
+    path = os.path.join(args.runs_dir, f"{family}-{name}.json")
+    checkpoint = os.path.join(run_dir, "last.pt")
+    record = finished_run(path, key)
+    if record is not None and (os.path.isfile(checkpoint) or args.report_only):
+        return {**record, "checkpoint": checkpoint}
+    if args.report_only:
+        return None
+    tuning = train(cfg)
+    record = {"family": family, "variant": name, "config": "teacher.yaml",
+              "budget": {"epochs": args.teacher_epochs, "train_images": args.train_images, "max_iters": args.max_iters},
+              "metrics": {"tuning": metric_subset(tuning), "test": metric_subset(test_metrics(args, checkpoint, cfg))},
+              "config_hash": key, "versions": versions(),
+              "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
+    write_json(path, record)
+    return {**record, "checkpoint": checkpoint}
+
+
+def choose_coefficients(args, teacher):
+    """The TUNING_GRID candidate with the best mean tuning-split mAP of CLoCK on DINO (tuning seeds)."""
+    scores = []
+    for index, candidate in enumerate(TUNING_GRID):
+        records = [run_once(args, f"clock_tune{index}", "dino", "distill.yaml", candidate, seed, args.epochs,
+                            args.epochs - 1, teacher) for seed in TUNING_SEEDS]
+        records = [r for r in records if r is not None]
+        if records:
+            scores.append((statistics.mean(r["metrics"]["tuning"]["mAP"] for r in records), index, len(records)))
+    if not scores:
+        return [], []
+    best = max(scores, key=lambda s: (s[0], -s[1]))  # a tie keeps the earlier candidate (the defaults first)
+    return TUNING_GRID[best[1]], scores
 
 
 def part_b(args):
-    teacher_path, teacher = teacher_checkpoint(args)
+    img_cfg = load_config(os.path.join(args.configs, "student.yaml"))
+    if not args.report_only:
+        ensure_data(args, img_cfg)
+    teachers = {family: family_teacher(args, family) for family in args.families}
+    chosen, scores = [], []
+    if args.tune and "dino" in teachers and teachers["dino"] is not None:
+        chosen, scores = choose_coefficients(args, teachers["dino"])
+        print(f"coefficients chosen on the tuning split: {chosen or 'the defaults'}", flush=True)
     results = {}
-    for name, folder, config, overrides in VARIANTS:
-        for seed in args.seeds:
-            run_dir = os.path.join(args.out, f"{folder}_s{seed}")
-            extra = [f"seed={seed}", f"output_dir={run_dir}", f"distill.teacher={teacher_path}"] + overrides
-            if args.epochs:
-                extra += [f"train.epochs={args.epochs}"]
-            if args.max_iters:
-                extra += [f"train.max_iters={args.max_iters}"]
-            cfg = load_config(os.path.join(args.configs, config), extra)
-            cfg.train.eval_every = cfg.train.epochs  # evaluate once, at the end of the budget
-            ensure_data(cfg)
-            metrics = train(cfg)
-            results.setdefault(name, []).append(metrics)
-            print(f"{name} seed {seed}: mAP {metrics.get('mAP', float('nan')):.4f} "
-                  f"KITTI Mod {metrics.get('kitti_moderate', float('nan')):.2f}", flush=True)
+    for family in args.families:
+        seeds = range(args.seeds or SEEDS[family])
+        for seed in seeds:  # seed-major: after any interruption the finished seeds are complete pairs
+            for name, (config, overrides, families) in VARIANTS.items():
+                if family not in families or name not in args.variants:
+                    continue
+                teacher = teachers[family] if name != "baseline" else None
+                if name != "baseline" and teacher is None:
+                    continue
+                extra = overrides + (chosen if name in TUNED else [])
+                record = run_once(args, name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher)
+                if record is not None:
+                    results.setdefault(family, {}).setdefault(name, {})[seed] = record
+    return report_b(args, teachers, results, chosen, scores)
 
-    budget = cfg.train.epochs
-    tm = teacher["metrics"]
-    lines = [f"Synthetic KITTI ({cfg.data.root}, {cfg.data.img_size[0]}x{cfg.data.img_size[1]}), "
-             f"student {cfg.model.arch} from {args.configs}/student.yaml, {budget} epochs per run, "
-             f"seeds {args.seeds}; teacher {teacher['arch']} {teacher_path} "
-             f"(mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod {tm.get('kitti_moderate', float('nan')):.2f}). "
-             f"{machine()}.", "",
-             "| variant | mAP (COCO) | delta +- sd | AP50 | KITTI Moderate AP (R40) | delta +- sd | mAP per seed | "
-             "KITTI Mod per seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, runs in results.items():
-        m, mod = mean(runs, "mAP"), mean(runs, "kitti_moderate")
-        delta_map = paired_delta(runs, results["baseline"], "mAP", "{:+.4f}")
-        delta_mod = paired_delta(runs, results["baseline"], "kitti_moderate", "{:+.2f}")
-        seed_map = ", ".join(f"{r.get('mAP', float('nan')):.3f}" for r in runs)
-        seed_mod = ", ".join(f"{r.get('kitti_moderate', float('nan')):.1f}" for r in runs)
-        lines.append(f"| {name} | {m:.4f} | {delta_map} | {mean(runs, 'AP50'):.4f} | {mod:.2f} | "
-                     f"{delta_mod} | {seed_map} | {seed_mod} |")
-    lines += ["", "delta +- sd: mean and standard deviation over seeds of (variant - baseline of the same seed; "
-              "same student initialization and data order)."]
+
+# ---------------------------------------------------------------- (b) statistics and report
+
+def paired_stats(deltas):
+    """Mean, sd, 95% CI (t) and two-sided paired t-test p-value of per-seed deltas."""
+    from scipy import stats
+    n = len(deltas)
+    mean = statistics.mean(deltas)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": float("nan"), "ci": (float("nan"), float("nan")), "p": float("nan")}
+    sd = statistics.stdev(deltas)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    p = float(stats.ttest_1samp(deltas, 0.0).pvalue) if sd > 0 else (0.0 if mean else 1.0)
+    return {"n": n, "mean": mean, "sd": sd, "ci": (mean - half, mean + half), "p": p}
+
+
+def report_b(args, teachers, results, chosen, scores):
+    lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
+             f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
+             f"student{f' (max {args.max_iters} iterations: a smoke run, not a result)' if args.max_iters else ''}; "
+             f"students {args.configs}/student.yaml, teachers {args.configs}/teacher.yaml ({args.teacher_epochs} epochs), "
+             f"model.arch set per family. {machine()}.", ""]
+    lines.append("Every number below is on the **test split**. Coefficients: " + (
+        f"chosen on the tuning split with seeds {TUNING_SEEDS} (DINO CLoCK, best mean tuning mAP of "
+        + ", ".join(f"{TUNING_GRID[i] or 'defaults'}: {s:.4f} ({n} seeds)" for s, i, n in scores)
+        + f") -> {chosen or 'defaults'}, applied to {sorted(TUNED)}." if scores else
+        "the defaults of clock_deploy/config.py (no tuning run)."))
+    for family in args.families:
+        teacher = teachers.get(family)
+        runs = results.get(family, {})
+        lines += ["", f"### {family}", ""]
+        if teacher is not None:
+            tm = teacher["metrics"]["test"]
+            lines.append(f"Teacher: mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod "
+                         f"{tm.get('kitti_moderate', float('nan')):.2f}.")
+        baseline = runs.get("baseline", {})
+        if baseline:
+            values = [r["metrics"]["test"]["mAP"] for r in baseline.values()]
+            spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+            lines.append(f"Baseline mAP over {len(values)} seeds: {statistics.mean(values):.4f} +- {spread:.4f} (sd).")
+        lines += ["", "| variant | seeds | mAP | delta mAP (mean +- sd) | 95% CI | p | KITTI Mod | delta Mod (mean +- sd) "
+                  "| 95% CI | p |", "|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+        for name, per_seed in runs.items():
+            row = [name, str(len(per_seed))]
+            for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
+                row.append(fmt.format(statistics.mean(r["metrics"]["test"][key] for r in per_seed.values())))
+                paired = [s for s in per_seed if s in baseline]
+                if name == "baseline" or not paired:
+                    row += ["", "", ""]
+                    continue
+                st = paired_stats([per_seed[s]["metrics"]["test"][key] - baseline[s]["metrics"]["test"][key]
+                                   for s in paired])
+                row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
+                        f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]", f"{st['p']:.3f}"]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "delta: variant minus the baseline of the same seed (same student initialization and data order; "
+              "flip augmentation draws from the global RNG, which the distillers also use, so flips can differ). "
+              "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. Per-run files: "
+              f"{args.runs_dir}/<family>-<variant>-<seed>.json."]
     return "\n".join(lines)
 
 
-def paired_delta(runs, baseline, key, fmt):
-    deltas = [r.get(key, float("nan")) - b.get(key, float("nan")) for r, b in zip(runs, baseline)]
-    spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(deltas))} +- {fmt.format(spread)[1:]}"
-
-
-def mean(runs, key):
-    return statistics.mean(r.get(key, float("nan")) for r in runs)
-
-
-# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- report file
 
 def machine():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -229,8 +407,8 @@ def machine():
             f"{torch.get_num_threads()} threads, load average {load:.1f}")
 
 
-SECTIONS = {"a": "## (a) Step time: distillation / plain training",
-            "b": "## (b) Accuracy on synthetic KITTI, fixed budget"}
+SECTIONS = {"a": "## (a) Step cost: distillation vs plain training + teacher forward",
+            "b": "## (b) Accuracy A/B on synthetic KITTI (paired seeds, test split)"}
 
 
 def update_report(path, part, body):
@@ -255,12 +433,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["a", "b"], required=True)
     parser.add_argument("--configs", default=DEMO, help="folder with teacher.yaml, student.yaml, distill*.yaml")
-    parser.add_argument("--steps", type=int, default=10, help="(a) timed steps per method")
-    parser.add_argument("--teacher", default=None, help="(b) teacher checkpoint to reuse")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="(b) seeds of every variant")
-    parser.add_argument("--epochs", type=int, default=0, help="(b) budget; default: student.yaml train.epochs")
+    parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
+    parser.add_argument("--steps", type=int, default=10, help="(a) timed steps per runner")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=0, help="(b) seeds per family (default: 8 DINO, 6 others)")
+    parser.add_argument("--epochs", type=int, default=12, help="(b) student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=24, help="(b) teacher epochs")
+    parser.add_argument("--train-images", type=int, default=800, help="(b) synthetic training images")
+    parser.add_argument("--tuning-images", type=int, default=200, help="(b) tuning (validation) images")
+    parser.add_argument("--test-images", type=int, default=400, help="(b) test images (another seed)")
+    parser.add_argument("--no-tune", dest="tune", action="store_false", help="(b) skip the tuning runs")
     parser.add_argument("--max-iters", type=int, default=0, help="(b) stop every run after N iterations (smoke test)")
-    parser.add_argument("--out", default="bench_out/distill", help="(b) run folders")
+    parser.add_argument("--report-only", action="store_true", help="(b) only rewrite the table from the run files")
+    parser.add_argument("--out", default="bench_out/distill", help="(b) data and run folders (checkpoints)")
+    parser.add_argument("--runs-dir", default=RUNS, help="(b) one json per finished run (commit these)")
     parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     body = part_a(args) if args.part == "a" else part_b(args)
