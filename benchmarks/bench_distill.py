@@ -438,7 +438,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=0, help="(b) seeds per family (default: 8 DINO, 6 others)")
     parser.add_argument("--epochs", type=int, default=12, help="(b) student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=24, help="(b) teacher epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=16, help="(b) teacher epochs")
     parser.add_argument("--train-images", type=int, default=800, help="(b) synthetic training images")
     parser.add_argument("--tuning-images", type=int, default=200, help="(b) tuning (validation) images")
     parser.add_argument("--test-images", type=int, default=400, help="(b) test images (another seed)")
