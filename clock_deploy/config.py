@@ -185,7 +185,7 @@ class DistillConfig:
     use_mem: bool = True          # CLoCK ablations: LCMD on/off
     use_logit: bool = True        # CLoCK ablations: TCLD on/off
     teacher_dtype: str = choice("fp32", "bf16", "fp16")  # teacher forward under autocast (bf16: CPU, fp16: CUDA)
-    grad_share_every: int = 50    # log every loss term's share of the student gradient norm every N iterations (0 = off)
+    grad_share_every: int = 50    # log each loss term's share of the student gradient norm every N iters (0 = off)
     mem: LcmdConfig = field(default_factory=LcmdConfig)
     logit: TcldConfig = field(default_factory=TcldConfig)
     kd_detr: KdDetrConfig = field(default_factory=KdDetrConfig)

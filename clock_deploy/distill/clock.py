@@ -150,7 +150,8 @@ class QueryDistillLoss(nn.Module):
         student_stages, teacher_stages = [], []
         if self.student_group < len(student_out.groups):
             student_stages = student_out.groups[self.student_group]
-            teacher_stages = teacher_out.stages if self.teacher_group is None else teacher_out.groups[self.teacher_group]
+            teacher_stages = (teacher_out.stages if self.teacher_group is None
+                              else teacher_out.groups[self.teacher_group])
         for s, t in stage_pairs(len(student_stages), len(teacher_stages), self.stages):
             cls, box = self.stage_loss(student_stages[s], teacher_stages[t], pad_mask)
             cls_total, box_total = cls_total + cls, box_total + box

@@ -18,7 +18,8 @@ from torch import nn
 from clock_deploy.distill.adapters import LevelAdapters, pair_levels
 from clock_deploy.distill.baselines import FgdLoss
 from clock_deploy.distill.clock import LcmdLoss, QueryDistillLoss
-from clock_deploy.distill.queries import RandomAnchorSampler, TargetQuerySampler, class_free, query_group, teacher_anchors
+from clock_deploy.distill.queries import (RandomAnchorSampler, TargetQuerySampler, class_free, query_group,
+                                          teacher_anchors)
 from clock_deploy.errors import UserError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

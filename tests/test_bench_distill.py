@@ -1,0 +1,38 @@
+"""The A/B statistics and run bookkeeping of benchmarks/bench_distill.py (no training here)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_distill  # noqa: E402
+
+from clock_deploy.config import load_config  # noqa: E402
+
+
+def test_paired_stats_by_hand():
+    st = bench_distill.paired_stats([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, 2) = 4.3027, half width 4.3027 / sqrt(3); t = 2 / (1 / sqrt(3)) = 3.464 -> p = 0.0742
+    assert st["n"] == 3 and st["mean"] == 2 and st["sd"] == 1
+    assert st["ci"] == pytest.approx((2 - 4.3027 / 3 ** 0.5, 2 + 4.3027 / 3 ** 0.5), abs=1e-3)
+    assert st["p"] == pytest.approx(0.0742, abs=1e-3)
+    assert bench_distill.paired_stats([0.5])["sd"] != bench_distill.paired_stats([0.5])["sd"]  # nan: one seed
+
+
+def test_config_hash_ignores_where_a_run_is_written_but_not_what_it_runs():
+    a = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "seed=1"])
+    b = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/b", "seed=1", "device=cpu"])
+    c = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "seed=2"])
+    d = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "seed=1", "distill.lambda_mem=3"])
+    assert bench_distill.config_hash(a, "t1") == bench_distill.config_hash(b, "t1")
+    assert len({bench_distill.config_hash(x, "t1") for x in (a, c, d)}) == 3
+    assert bench_distill.config_hash(a, "t1") != bench_distill.config_hash(a, "t2")  # another teacher
+
+
+def test_stale_run_file_is_not_reused(tmp_path):
+    from clock_deploy.io import write_json
+    path = tmp_path / "dino-clock-0.json"
+    write_json(path, {"config_hash": "old", "metrics": {}})
+    assert bench_distill.finished_run(str(path), "new") is None
+    assert bench_distill.finished_run(str(path), "old")["config_hash"] == "old"
+    assert bench_distill.finished_run(str(tmp_path / "missing.json"), "old") is None
