@@ -264,12 +264,23 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
               "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
               "metrics": {"tuning": metric_subset(tuning),
                           "test": metric_subset(test_metrics(args, os.path.join(run_dir, "last.pt"), cfg))},
-              "seconds": round(time.time() - start, 1), "config_hash": key,
+              "grad_shares": gradient_shares(run_dir), "seconds": round(time.time() - start, 1), "config_hash": key,
               "teacher_hash": teacher["config_hash"] if teacher else None, "versions": versions()}
     write_json(path, record)
     print(f"{family} {name} seed {seed}: test mAP {record['metrics']['test']['mAP']:.4f}, KITTI Mod "
           f"{record['metrics']['test']['kitti_moderate']:.2f} ({record['seconds']:.0f} s)", flush=True)
     return record
+
+
+def gradient_shares(run_dir):
+    """Mean of every grad_share_* the run logged (distill.grad_share_every), {} when it logged none."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        records = [r for r in map(json.loads, f) if any(k.startswith("grad_share_") for k in r)]
+    keys = sorted({k for r in records for k in r if k.startswith("grad_share_")})
+    return {k[len("grad_share_"):]: round(statistics.mean(r[k] for r in records if k in r), 4) for k in keys}
 
 
 def metric_subset(metrics):
@@ -358,6 +369,14 @@ def paired_stats(deltas):
     return {"n": n, "mean": mean, "sd": sd, "ci": (mean - half, mean + half), "p": p}
 
 
+def mean_shares(records):
+    per_term = {}
+    for record in records:
+        for term, share in record.get("grad_shares", {}).items():
+            per_term.setdefault(term, []).append(share)
+    return {term: statistics.mean(values) for term, values in per_term.items()}
+
+
 def report_b(args, teachers, results, chosen, scores):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
@@ -401,6 +420,12 @@ def report_b(args, teachers, results, chosen, scores):
                 row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
                         f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]", f"{st['p']:.3f}"]
             lines.append("| " + " | ".join(row) + " |")
+        shares = [(name, mean_shares(per_seed.values())) for name, per_seed in runs.items()]
+        shares = [(name, s) for name, s in shares if s]
+        if shares:
+            lines += ["", "Share of the student's gradient norm per loss term (mean over the logged steps and seeds; "
+                      "distill.grad_share_every): " + "; ".join(
+                          f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for name, s in shares) + "."]
     lines += ["", "delta: variant minus the baseline of the same seed (same student initialization and data order; "
               "flip augmentation draws from the global RNG, which the distillers also use, so flips can differ). "
               "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. Per-run files: "
