@@ -7,7 +7,8 @@
     CLoCK step / (plain step + teacher forward) <= 1.15.
 (b) A/B on synthetic KITTI: per family a teacher of its own family, students trained with the real
     `run_training` for a fixed budget (--epochs, --train-images), paired seeds (every variant of a
-    seed starts from the same student initialization and sees the same data order). CLoCK's
+    seed starts from the same student initialization and sees the same data order, flips and DINO
+    denoising noise: teacher loading, distiller building and query sampling leave the global RNG alone). CLoCK's
     coefficients are chosen on the tuning split (the validation part of the training data) with
     separate tuning seeds; every reported number is on the test split, generated with another seed.
     Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
@@ -426,8 +427,8 @@ def report_b(args, teachers, results, chosen, scores):
             lines += ["", "Share of the student's gradient norm per loss term (mean over the logged steps and seeds; "
                       "distill.grad_share_every): " + "; ".join(
                           f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for name, s in shares) + "."]
-    lines += ["", "delta: variant minus the baseline of the same seed (same student initialization and data order; "
-              "flip augmentation draws from the global RNG, which the distillers also use, so flips can differ). "
+    lines += ["", "delta: variant minus the baseline of the same seed (same student initialization, data order, flips "
+              "and denoising noise: the distillers draw their random queries from a side stream). "
               "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. Per-run files: "
               f"{args.runs_dir}/<family>-<variant>-<seed>.json."]
     return "\n".join(lines)

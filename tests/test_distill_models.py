@@ -257,7 +257,9 @@ def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
     teacher_cfg.model.num_classes, teacher_cfg.data.classes = 3, "kitti3"
     save_checkpoint(tmp_path / "t3.pt", build_model(teacher_cfg.model), teacher_cfg, class_names("kitti3"), 1, 10)
     cfg.distill.teacher = str(tmp_path / "t3.pt")
+    state = torch.get_rng_state()
     teacher = load_teacher(cfg, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # a distilled run draws what the plain run draws
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert build_distiller(cfg, teacher, build_model(cfg.model)) is not None
 
@@ -432,3 +434,21 @@ def test_distill_run_logs_gradient_shares(tmp_path):
         keys = {"detection", "loss_mem", "loss_logit_cls", "loss_logit_box"}
         assert {f"grad_share_{k}" for k in keys} <= set(r)
         assert sum(r[f"grad_share_{k}"] for k in keys) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["clock", "kd_detr", "fgd"])
+def test_distilling_leaves_the_global_rng_stream_as_plain_training(method):
+    # paired A/B: a distilled run of a seed must see the same flips and denoising noise as the plain run
+    cfg, teacher, student, _ = same_family("dino", method)
+    images, targets = batch()
+    torch.manual_seed(11)
+    student(images, targets)
+    plain = torch.get_rng_state()
+    torch.manual_seed(11)
+    distiller = build_distiller(cfg, teacher, student).train()
+    groups = student_groups(student)
+    distiller(student, images, targets)
+    assert torch.equal(torch.get_rng_state(), plain)
+    if method != "fgd":  # the random queries still change from step to step (the side stream follows the global state)
+        distiller(student, images, targets)
+        assert not torch.equal(groups[0][-1].boxes, groups[1][-1].boxes)

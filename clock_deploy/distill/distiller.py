@@ -10,7 +10,9 @@ torch.inference_mode, optionally in bf16 / fp16 autocast (distill.teacher_dtype)
 trainable weights are the adapters (and FGD's relation blocks); `trainable_state()` holds
 exactly them.
 """
+import contextlib
 import dataclasses
+import hashlib
 
 import torch
 from torch import nn
@@ -40,6 +42,23 @@ def ordinary_float(x):
     if dataclasses.is_dataclass(x):
         return type(x)(**{f.name: ordinary_float(getattr(x, f.name)) for f in dataclasses.fields(x)})
     return x
+
+
+@contextlib.contextmanager
+def side_rng(images):
+    """Random draws inside come from a side stream and leave the global RNG as it was.
+
+    The global stream also drives data augmentation and DINO's denoising noise, so a distilled
+    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B). The
+    side stream is seeded from the global state and the batch: it changes every step, and it
+    resumes exactly because the global state is checkpointed.
+    """
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    digest.update(repr(float(images.float().sum())).encode())
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        yield
 
 
 class Distiller(nn.Module):
@@ -77,7 +96,10 @@ class Distiller(nn.Module):
 
     def forward(self, student, images, targets):
         image_hw = tuple(images.shape[-2:])
-        spec = self.sampler(images, targets) if self.sampler is not None else None
+        spec = None
+        if self.sampler is not None:
+            with side_rng(images):
+                spec = self.sampler(images, targets)
         teacher_out = self.run_teacher(images, spec)
         specs = [spec] if spec is not None else []
         if self.teacher_anchor_queries:
@@ -128,7 +150,17 @@ def level_adapters(teacher_maps, student_maps, image_hw, what, learnable=False):
 
 
 def build_distiller(cfg, teacher, student):
-    """The Distiller for cfg.distill.method ("clock", "kd_detr", "fgd"); None for "none"."""
+    """The Distiller for cfg.distill.method ("clock", "kd_detr", "fgd"); None for "none".
+
+    Built on a forked RNG (adapters seeded by cfg.seed), so building it leaves the training RNG
+    stream exactly as in plain training.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _build_distiller(cfg, teacher, student)
+
+
+def _build_distiller(cfg, teacher, student):
     dc = cfg.distill
     if dc.method == "none":
         return None

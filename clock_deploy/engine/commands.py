@@ -30,13 +30,17 @@ def _datasets(cfg):
 
 
 def load_teacher(cfg, device):
-    """The frozen teacher for distillation, checked against the student's classes."""
+    """The frozen teacher for distillation, checked against the student's classes.
+
+    Loading it leaves the training RNG stream as in plain training (paired A/B runs of a seed).
+    """
     from clock_deploy.engine.checkpoint import load_model
     from clock_deploy.data.kitti import class_names
 
     if not cfg.distill.teacher:
         raise UserError("distill.method needs a teacher: set distill.teacher to a checkpoint from `clock-deploy train`")
-    teacher, teacher_cfg, ckpt = load_model(cfg.distill.teacher, map_location=device)
+    with torch.random.fork_rng(devices=[]):  # building the model draws its (then overwritten) init
+        teacher, teacher_cfg, ckpt = load_model(cfg.distill.teacher, map_location=device)
     if ckpt["classes"] != class_names(cfg.data.classes):
         raise UserError(f"{cfg.distill.teacher}: teacher was trained on classes {ckpt['classes']} but the student "
                         f"uses data.classes={cfg.data.classes} {class_names(cfg.data.classes)}")
