@@ -335,8 +335,9 @@ def part_b(args):
         ensure_data(args, img_cfg)
     teachers = {family: family_teacher(args, family) for family in args.families}
     chosen, scores = [], []
-    if args.tune and "dino" in teachers and teachers["dino"] is not None:
-        chosen, scores = choose_coefficients(args, teachers["dino"])
+    dino_teacher = (teachers.get("dino") or family_teacher(args, "dino")) if args.tune else None
+    if dino_teacher is not None:  # chosen on DINO for every family, also when --families leaves DINO out
+        chosen, scores = choose_coefficients(args, dino_teacher)
         print(f"coefficients chosen on the tuning split: {chosen or 'the defaults'}", flush=True)
     results = {}
     for family in args.families:
