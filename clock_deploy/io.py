@@ -1,21 +1,79 @@
-"""Atomic file writes: a crash never leaves a half-written checkpoint or report."""
+"""Atomic file writes: a crash never leaves a half-written checkpoint or report.
+
+A write goes to `<name>.<pid>-<random>.tmp` next to the target, is fsynced and renamed onto
+it. The file gets the usual permissions (0666 minus the umask, e.g. 0644), so artifacts can be
+copied to another machine and read there. A temporary file left by a killed process (its pid
+is gone) is removed the next time the same target is written.
+"""
 import contextlib
+import errno
+import glob
 import json
 import os
-import tempfile
+import secrets
+
+from clock_deploy.errors import UserError
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove_stale_tmp(path):
+    """Delete `<path>.<pid>-*.tmp` files whose writer process no longer exists."""
+    for tmp in glob.glob(glob.escape(path) + ".*-*.tmp"):
+        pid = tmp[len(path) + 1:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some file systems cannot fsync a directory; the file itself must be synced
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_error(path, e):
+    """UserError for a failed write of `path` (permission denied, disk full, ...)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = " (is the disk full?)" if getattr(e, "errno", None) == errno.ENOSPC else ""
+    return UserError(f"cannot write {path}: {reason}{hint}")
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; fsync it and rename it onto `path` only if the block
+    succeeds. OS errors (unwritable folder, disk full) become a UserError naming `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _remove_stale_tmp(path)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode follows the umask
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(folder, directory=True)
+    except OSError as e:
+        if e.filename not in (None, tmp, path, folder):  # the block failed on another file: not ours to word
+            raise
+        raise write_error(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -34,20 +92,27 @@ def write_json(path, data):
 def torch_save(obj, path):
     import torch
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's "[enforce fail at inline_container.cc] ... file write failed"
+            if "write" not in str(e):
+                raise
+            raise UserError(f"cannot write {path}: writing the checkpoint failed (is the disk full?)") from None
 
 
 def read_json(path):
     """Parse a JSON file; a missing, binary or malformed file is a UserError naming it (and the line)."""
-    from clock_deploy.errors import UserError
-
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a JSON file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not valid JSON (not a text file)") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise UserError(f"{path}: not valid JSON (not a text file or nested too deeply)") from None

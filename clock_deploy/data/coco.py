@@ -12,10 +12,12 @@ a false positive.
 Objects of other classes (e.g. Truck with the 3-class map) are dropped: a detection on them is a
 false positive, as in KITTI.
 """
+import math
 import os
 
 import numpy as np
 
+from clock_deploy.data.kitti import MAX_COORDINATE, check_frame_id
 from clock_deploy.errors import UserError
 from clock_deploy.io import read_json
 
@@ -84,4 +86,52 @@ def load_coco(path):
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise UserError(f"{path}: COCO json lacks {missing}")
+    _check_coco(data, path)
     return data
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_entries(data, key, path, required):
+    """data[key] is a list of objects that each have the `required` {field: check} fields."""
+    if not isinstance(data[key], list):
+        raise UserError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    for i, entry in enumerate(data[key]):
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: {key}[{i}] must be an object, got {type(entry).__name__}")
+        for name, (check, expected) in required.items():
+            if name not in entry or not check(entry[name]):
+                raise UserError(f"{path}: {key}[{i}].{name} must be {expected}, got {entry.get(name)!r}")
+
+
+def _is_box(box):
+    return (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and abs(v) <= MAX_COORDINATE for v in box)
+            and box[2] >= 0 and box[3] >= 0)
+
+
+def _check_coco(data, path):
+    """Types and ranges of every field the datasets and evaluators read, so bad input stops here."""
+    _check_entries(data, "images", path, {"id": (_is_int, "an integer"),
+                                          "file_name": (lambda v: isinstance(v, str), "a string")})
+    _check_entries(data, "categories", path, {"id": (_is_int, "an integer"),
+                                              "name": (lambda v: isinstance(v, str), "a string")})
+    _check_entries(data, "annotations", path, {"image_id": (_is_int, "an integer"),
+                                               "category_id": (_is_int, "an integer"),
+                                               "bbox": (_is_box, f"[x, y, w, h] with w, h >= 0, |v| <= {MAX_COORDINATE:g}")})
+    seen = set()
+    for i, image in enumerate(data["images"]):
+        # images are read from root/images/<file_name> and detections written as <stem>.txt
+        stem, _ = os.path.splitext(image["file_name"])
+        check_frame_id(stem, f"{path}: images[{i}].file_name")
+        if image["id"] in seen:
+            raise UserError(f"{path}: images[{i}].id {image['id']} appears twice")
+        seen.add(image["id"])
+        for key in ("height", "width"):
+            if key in image and not (_is_int(image[key]) and image[key] > 0):
+                raise UserError(f"{path}: images[{i}].{key} must be a positive integer, got {image[key]!r}")

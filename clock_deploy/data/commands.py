@@ -44,14 +44,12 @@ def synth(out, num_images, seed, height, width, val_fraction, max_objects):
 @click.option("--classes", default="kitti3", show_default=True, type=click.Choice(sorted(kitti.CLASS_MAPS)))
 def convert(kitti_root, split, out, classes):
     """Convert a KITTI split to COCO json (DontCare and neighbour classes become crowd regions)."""
-    from PIL import Image
-
     from clock_deploy.data.coco import kitti_to_coco
+    from clock_deploy.data.images import image_size
     from clock_deploy.io import write_json
     frames = []
     for frame_id in kitti.read_split(kitti_root, split):
-        with Image.open(kitti.image_path(kitti_root, frame_id)) as image:
-            width, height = image.size
+        height, width = image_size(kitti.image_path(kitti_root, frame_id), verify=True)
         frames.append((frame_id, height, width, kitti.read_label(kitti.label_path(kitti_root, frame_id))))
     coco = kitti_to_coco(frames, kitti.class_names(classes))
     write_json(out, coco)
@@ -73,7 +71,8 @@ def _read_labels(root, split):
         folder = os.path.join(root, "training", "label_2")
         if not os.path.isdir(folder):
             raise UserError(f"{folder} not found; is {root} a KITTI root?")
-        frame_ids = sorted(os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".txt"))
+        frame_ids = sorted(kitti.check_frame_id(f[:-4], os.path.join(folder, f))
+                           for f in os.listdir(folder) if f.endswith(".txt"))
     return [kitti.read_label(kitti.label_path(root, f)) for f in frame_ids]
 
 

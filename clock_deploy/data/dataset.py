@@ -23,11 +23,10 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
-
 from clock_deploy.config import DataConfig
 from clock_deploy.data import kitti
 from clock_deploy.data.coco import load_coco
+from clock_deploy.data.images import image_size, read_rgb
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Normalize, ToTensor, build_transforms
 from clock_deploy.errors import UserError
 
@@ -44,12 +43,10 @@ class _Detection(torch.utils.data.Dataset):
 
     def image_size(self, i):
         """(H, W) of image i, read from the file header only."""
-        with Image.open(self.image_path(i)) as image:
-            return image.height, image.width
+        return image_size(self.image_path(i))
 
     def __getitem__(self, i):
-        with Image.open(self.image_path(i)) as image:
-            image = image.convert("RGB")
+        image = read_rgb(self.image_path(i))
         boxes, labels = self._objects(i)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # no degenerate boxes
         target = {

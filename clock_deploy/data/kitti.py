@@ -21,6 +21,7 @@ Pedestrian (detections on them are neither true nor false positives), and
 ignores DontCare regions.
 """
 import os
+import re
 
 import numpy as np
 
@@ -44,6 +45,13 @@ DIFFICULTIES = {
 
 GT_COLUMNS = 15
 DET_COLUMNS = 16
+
+# A frame id names files inside the dataset (and detection files inside --det), so it must be one
+# plain file name: no folders, no leading dot ("..", hidden files), nothing a shell would mangle.
+FRAME_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}\Z")
+# Box corners / sizes / locations beyond this are not pixels or metres but broken files (1e30 ...)
+MAX_COORDINATE = 1e6
+MAX_OCCLUSION = 3  # KITTI: 0 fully visible, 1 partly, 2 largely occluded, 3 unknown
 
 
 def class_names(map_name):
@@ -70,24 +78,63 @@ def empty_annos(with_score=False):
     return annos
 
 
-def _parse_line(fields, where):
+def check_frame_id(frame_id, where="frame id"):
+    """`frame_id` if it is a plain file name stem (000123); else a UserError starting with `where`.
+
+    Every reader of split files / manifests and every writer of per-frame files checks ids here,
+    so no id can read or write outside its dataset or output folder."""
+    if not isinstance(frame_id, str) or not FRAME_ID.match(frame_id):
+        raise UserError(f"{where}: invalid frame id {frame_id!r} (expected a file name such as 000123: "
+                        "letters, digits, '_', '-', '.', no folders, no leading dot)")
+    return frame_id
+
+
+def _parse_line(fields, where, detection=False):
+    """(name, 15 or 16 floats) of one label line. Detections are read as the official devkit reads
+    them: the class name in any case (returned capitalized as in KITTI_CLASSES) and y2 < y1 allowed
+    (it uses the absolute height); the caller counts those and warns once."""
     name = fields[0]
+    if detection and name not in LABEL_NAMES:
+        name = _NAME_OF_LOWER.get(name.lower(), name)
     if name not in LABEL_NAMES:
-        raise UserError(f"{where}: unknown object type '{name}' (expected one of {KITTI_CLASSES + ['DontCare']})")
+        raise UserError(f"{where}: unknown object type {name!r} (expected one of {KITTI_CLASSES + ['DontCare']})")
     try:
         values = [float(v) for v in fields[1:]]
     except ValueError:
         bad = next(v for v in fields[1:] if not _is_number(v))
-        raise UserError(f"{where}: non-numeric field '{bad}'") from None
+        raise UserError(f"{where}: non-numeric field {bad!r}") from None
     if not all(np.isfinite(values)):
         raise UserError(f"{where}: field is not a finite number")
+    if any(abs(v) > MAX_COORDINATE for v in values[:14]):
+        raise UserError(f"{where}: value out of range (|value| > {MAX_COORDINATE:g}): "
+                        f"{next(f for f, v in zip(fields[1:], values) if abs(v) > MAX_COORDINATE)}")
     occluded = values[1]
-    if occluded != int(occluded):
-        raise UserError(f"{where}: occluded must be an integer level, got {fields[2]}")
+    if occluded != int(occluded) or not -1 <= occluded <= MAX_OCCLUSION:
+        raise UserError(f"{where}: occluded must be an integer level -1..{MAX_OCCLUSION}, got {fields[2]}")
     x1, y1, x2, y2 = values[3:7]
-    if x2 < x1 or y2 < y1:
+    if x2 < x1 or (y2 < y1 and not detection):
         raise UserError(f"{where}: negative box size (x1={x1}, y1={y1}, x2={x2}, y2={y2})")
     return name, values
+
+
+_NAME_OF_LOWER = {n.lower(): n for n in LABEL_NAMES}
+
+
+def read_text_lines(path, what="file"):
+    """Lines of a UTF-8 text file (a BOM is skipped); unreadable, binary or missing files are a
+    UserError naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a {what}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a {what}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _is_number(text):
@@ -105,13 +152,15 @@ def read_label(path):
     location [n,3], rotation_y, and score only when the file has 16 columns (detections).
     Blank lines are skipped; any malformed line is a UserError naming file:line.
     """
+    return read_label_counted(path)[0]
+
+
+def read_label_counted(path):
+    """(read_label(path), lines the devkit leniency accepted): detection files are read as the
+    official devkit reads them (see `_parse_line`), and the caller warns once about the count."""
     path = os.fspath(path)
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"label file not found: {path}") from None
-    names, rows, ncols = [], [], None
+    lines = read_text_lines(path, "label file")
+    names, rows, ncols, fixes = [], [], None, 0
     for lineno, line in enumerate(lines, 1):
         fields = line.split()
         if not fields:
@@ -124,11 +173,12 @@ def read_label(path):
             raise UserError(f"{where}: {len(fields)} columns but earlier lines have {ncols}; "
                             "ground truth and detections cannot be mixed in one file")
         ncols = len(fields)
-        name, values = _parse_line(fields, where)
+        name, values = _parse_line(fields, where, detection=ncols == DET_COLUMNS)
+        fixes += name != fields[0] or values[5] < values[4]
         names.append(name)
         rows.append(values)
     if not rows:
-        return empty_annos()
+        return empty_annos(), 0
     table = np.array(rows, dtype=np.float64)
     annos = {
         "name": np.array(names),
@@ -142,7 +192,7 @@ def read_label(path):
     }
     if ncols == DET_COLUMNS:
         annos["score"] = table[:, 14]
-    return annos
+    return annos, fixes
 
 
 def format_label(annos):
@@ -170,28 +220,38 @@ def read_split(root, split):
     path = os.path.join(os.fspath(root), "ImageSets", f"{split}.txt")
     if not os.path.isfile(path):
         raise UserError(f"split file not found: {path} (expected one frame id per line)")
+    return read_split_file(path)
+
+
+def read_split_file(path):
+    """Frame ids of a split file (one per line, blank lines skipped); each one checked."""
     frame_ids = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 1:
-                raise UserError(f"{path}:{lineno}: expected one frame id, got '{line.strip()}'")
-            frame_ids.append(fields[0])
+    for lineno, line in enumerate(read_text_lines(path, "split file"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 1:
+            raise UserError(f"{path}:{lineno}: expected one frame id, got {line.strip()!r}")
+        frame_ids.append(check_frame_id(fields[0], f"{path}:{lineno}"))
     return frame_ids
 
 
 def write_split(root, split, frame_ids):
-    write_text(os.path.join(os.fspath(root), "ImageSets", f"{split}.txt"), "".join(f + "\n" for f in frame_ids))
+    text = "".join(check_frame_id(f) + "\n" for f in frame_ids)
+    write_text(os.path.join(os.fspath(root), "ImageSets", f"{split}.txt"), text)
+
+
+def frame_file(folder, frame_id, suffix):
+    """<folder>/<frame_id><suffix>, for a checked frame id only."""
+    return os.path.join(os.fspath(folder), check_frame_id(frame_id) + suffix)
 
 
 def image_path(root, frame_id):
-    return os.path.join(os.fspath(root), "training", "image_2", f"{frame_id}.png")
+    return frame_file(os.path.join(os.fspath(root), "training", "image_2"), frame_id, ".png")
 
 
 def label_path(root, frame_id):
-    return os.path.join(os.fspath(root), "training", "label_2", f"{frame_id}.txt")
+    return frame_file(os.path.join(os.fspath(root), "training", "label_2"), frame_id, ".txt")
 
 
 def box_heights(annos):

@@ -4,7 +4,8 @@ import os
 import click
 
 from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
-from clock_deploy.data.kitti import CLASS_MAPS, KITTI_CLASSES, class_names, empty_annos, read_label, read_split
+from clock_deploy.data.kitti import (CLASS_MAPS, KITTI_CLASSES, check_frame_id, class_names, empty_annos, read_label,
+                                     read_label_counted, read_split, read_split_file)
 from clock_deploy.errors import UserError
 from clock_deploy.eval.coco import coco_map
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, format_kitti, kitti_eval
@@ -23,10 +24,10 @@ def _label_dir(gt):
 def _frame_ids(gt, label_dir, split):
     """Frames to evaluate: all label files, a split file, or a split name under <root>/ImageSets."""
     if split is None:
-        return sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt"))
+        return sorted(check_frame_id(f[:-4], os.path.join(label_dir, f))
+                      for f in os.listdir(label_dir) if f.endswith(".txt"))
     if os.path.isfile(split):
-        with open(split) as f:
-            return [line.strip() for line in f if line.strip()]
+        return read_split_file(split)
     # a split name: the dataset root is --gt itself or two levels above training/label_2
     roots = [gt, os.path.dirname(os.path.dirname(os.path.abspath(label_dir)))]
     root = next((r for r in roots if os.path.isfile(os.path.join(r, "ImageSets", f"{split}.txt"))), gt)
@@ -45,14 +46,15 @@ def _class_list(classes):
 
 
 def _read_detections(path):
+    """(annos, lines accepted only by the devkit's leniency: lowercase class, y2 < y1)."""
     if not os.path.isfile(path):
-        return empty_annos(with_score=True)  # no file: the model found nothing in this frame
-    annos = read_label(path)
+        return empty_annos(with_score=True), 0  # no file: the model found nothing in this frame
+    annos, fixes = read_label_counted(path)
     if "score" not in annos:
         if len(annos["name"]):
             raise UserError(f"{path}: detection files need 16 columns (the last one is the score)")
         annos["score"] = empty_annos(with_score=True)["score"]
-    return annos
+    return annos, fixes
 
 
 def _detect(model, label_dir, frame_ids, det, device):
@@ -97,7 +99,10 @@ def eval_cmd(gt, det, model, device, split, classes, with_coco, json_path):
         raise UserError(f"--det: no such folder: {det} (or pass --model to write it)")
     class_list = _class_list(classes)
     gt_annos = [read_label(os.path.join(label_dir, f"{f}.txt")) for f in frame_ids]
-    det_annos = [_read_detections(os.path.join(det, f"{f}.txt")) for f in frame_ids]
+    det_annos, fixes = map(list, zip(*[_read_detections(os.path.join(det, f"{f}.txt")) for f in frame_ids]))
+    if sum(fixes):
+        click.echo(f"warning: {sum(fixes)} detections in {det} have a lowercase class name or y2 < y1; "
+                   "evaluated as the official devkit does (case ignored, box height taken as |y2 - y1|)", err=True)
     found = sum(os.path.isfile(os.path.join(det, f"{f}.txt")) for f in frame_ids)
     click.echo(f"{len(frame_ids)} frames, {found} detection files (a missing file means no detections)")
 

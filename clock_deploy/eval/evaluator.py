@@ -1,10 +1,9 @@
 """Collect a model's detections frame by frame, then report COCO mAP and KITTI AP in one dict."""
-import os
 
 import numpy as np
 
 from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
-from clock_deploy.data.kitti import write_label
+from clock_deploy.data.kitti import frame_file, write_label
 from clock_deploy.eval.coco import coco_map
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, DIFFICULTIES, kitti_eval
 
@@ -81,4 +80,4 @@ def write_kitti_detections(out_dir, frame_ids, dets, classes):
 
 def _write_annos(out_dir, frame_ids, all_annos):
     for frame_id, annos in zip(frame_ids, all_annos):
-        write_label(os.path.join(out_dir, f"{frame_id}.txt"), annos)
+        write_label(frame_file(out_dir, frame_id, ".txt"), annos)

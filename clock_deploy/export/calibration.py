@@ -15,10 +15,10 @@ per-stratum counts; the quantizer reads the images back from it (precision.py).
 import os
 
 import numpy as np
-from PIL import Image
 
 from clock_deploy import __version__
 from clock_deploy.data import kitti
+from clock_deploy.data.images import image_size
 from clock_deploy.errors import UserError
 from clock_deploy.io import read_json, write_json
 
@@ -79,12 +79,7 @@ def choose_calibration_set(root, split, num, seed=0):
     strata = []
     for frame_id in frame_ids:
         annos = kitti.read_label(kitti.label_path(root, frame_id))
-        path = kitti.image_path(root, frame_id)
-        try:
-            with Image.open(path) as image:
-                height = image.height
-        except FileNotFoundError:
-            raise UserError(f"image not found: {path}") from None
+        height, _ = image_size(kitti.image_path(root, frame_id), verify=True)
         strata.append(frame_strata(annos, height))
     picked = greedy_select(strata, num, seed)
     return {
@@ -135,8 +130,14 @@ def read_manifest(path):
     for key in ("dataset_root", "split", "frame_ids"):
         if key not in manifest:
             raise UserError(f"{path}: missing key '{key}'")
+    if not isinstance(manifest["dataset_root"], str):
+        raise UserError(f"{path}: dataset_root must be a string, got {manifest['dataset_root']!r}")
+    if not isinstance(manifest["frame_ids"], list):
+        raise UserError(f"{path}: frame_ids must be a list of frame ids, got {type(manifest['frame_ids']).__name__}")
     if not manifest["frame_ids"]:
         raise UserError(f"{path}: lists no images")
+    for i, frame_id in enumerate(manifest["frame_ids"]):
+        kitti.check_frame_id(frame_id, f"{path}: frame_ids[{i}]")
     return manifest
 
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from clock_deploy.data.images import read_rgb
 from clock_deploy.data.resize import resize
 from clock_deploy.errors import UserError
 
@@ -18,11 +19,7 @@ from clock_deploy.errors import UserError
 def load_image(image):
     """A path, a PIL image or an HxWx3 uint8 RGB array -> HxWx3 uint8 RGB array."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as pil:
-                return np.asarray(pil.convert("RGB"))
-        except (FileNotFoundError, OSError) as e:
-            raise UserError(f"{image}: cannot read image ({e})") from None
+        return np.asarray(read_rgb(image))
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
