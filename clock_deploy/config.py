@@ -8,6 +8,7 @@ ConfigError naming the key, the file and the line it came from.
 """
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Optional
 import yaml
 
 from clock_deploy.errors import UserError
+from clock_deploy.io import write_text
 
 
 class ConfigError(UserError, ValueError):
@@ -27,6 +29,16 @@ class ConfigError(UserError, ValueError):
 def choice(default, *choices):
     """A string field restricted to `choices`."""
     return field(default=default, metadata={"choices": (default,) + choices})
+
+
+def at_least(default, low):
+    """A number field that must be >= `low`."""
+    return field(default=default, metadata={"min": low})
+
+
+def positive(default):
+    """A number field that must be > 0."""
+    return field(default=default, metadata={"min": 0, "exclusive": True})
 
 
 @dataclass
@@ -48,7 +60,7 @@ class DataConfig:
     val_split: str = "val"
     img_size: list = field(default_factory=lambda: [192, 640])  # network input H, W
     hflip: float = 0.5
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
     synth: SynthConfig = field(default_factory=SynthConfig)  # used when `root` does not exist yet
 
 
@@ -116,22 +128,22 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 4
-    lr: float = 1e-4
-    lr_backbone_mult: float = 0.1
-    weight_decay: float = 1e-4
-    warmup_iters: int = 0
+    epochs: int = positive(12)
+    batch_size: int = positive(4)
+    lr: float = positive(1e-4)
+    lr_backbone_mult: float = at_least(0.1, 0)
+    weight_decay: float = at_least(1e-4, 0)
+    warmup_iters: int = at_least(0, 0)
     lr_drop_epochs: list = field(default_factory=lambda: [11])
-    lr_drop_factor: float = 0.1
-    clip_max_norm: float = 0.1
+    lr_drop_factor: float = at_least(0.1, 0)
+    clip_max_norm: float = at_least(0.1, 0)
     amp: bool = True              # only used on CUDA
     ema: bool = False
-    ema_decay: float = 0.9997
-    eval_every: int = 1           # epochs; 0 = after the last epoch only, -1 = never
-    ckpt_every: int = 1           # epochs
-    log_every: int = 10           # iterations
-    max_iters: int = 0            # stop after this many iterations (0 = no limit); for smoke tests
+    ema_decay: float = at_least(0.9997, 0)
+    eval_every: int = at_least(1, -1)  # epochs; 0 = after the last epoch only, -1 = never
+    ckpt_every: int = positive(1)      # epochs
+    log_every: int = positive(10)      # iterations
+    max_iters: int = at_least(0, 0)    # stop after this many iterations (0 = no limit); for smoke tests
     score_threshold: float = 0.0  # detections kept for evaluation
 
 
@@ -253,6 +265,9 @@ def _construct_mapping(loader, node, deep=False):
     mapping = yaml.SafeLoader.construct_mapping(loader, node, deep=True)
     lines = {}
     for key_node, _ in node.value:
+        if key_node.value in lines:  # YAML keeps the last one silently; a typo'd copy is a bug
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key_node.value}' "
+                                                    f"(first on line {lines[key_node.value]})", key_node.start_mark)
         lines[key_node.value] = key_node.start_mark.line + 1
     return _Located(mapping, lines)
 
@@ -268,14 +283,30 @@ class _Located(dict):
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _yaml_error(path, e):
+    """One line: file:line and what the YAML parser found wrong."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else path
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return ConfigError(f"{where}: invalid YAML: {problem}")
+
+
 def _read_yaml(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_LineLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; expected a YAML config") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in a _base_ name
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise _yaml_error(path, e) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -306,6 +337,9 @@ def load_flat(path, _seen=()):
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        line = getattr(data, "lines", {}).get("_base_")
+        raise ConfigError(f"{path}:{line}: _base_ must be a file name or a list of file names, got {bases!r}")
     flat = {}
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), base)
@@ -370,6 +404,8 @@ def _check_value(value, ftype, f, key, where):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
     elif ftype is str:
         if not isinstance(value, str):
             value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
@@ -383,6 +419,10 @@ def _check_value(value, ftype, f, key, where):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping of names, got {value!r}")
         value = {str(k): _check_map_entry(v, f"{key}.{k}", where) for k, v in value.items()}
+    low = f.metadata.get("min")
+    if low is not None and (value < low or (value == low and f.metadata.get("exclusive"))):
+        bound = f"greater than {low}" if f.metadata.get("exclusive") else f"at least {low}"
+        raise ConfigError(f"{where}: '{key}' must be {bound}, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -451,5 +491,4 @@ def from_dict(data, cls=Config, where="checkpoint"):
 
 
 def dump(cfg, path):
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -70,11 +70,11 @@ def run_training(cfg, resume=False, progress=True):
         if cfg.distill.method != "none":
             from clock_deploy.distill import build_distiller
             distiller = build_distiller(cfg, load_teacher(cfg, device), model)
-        if dist.is_main():
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            dump(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        # the checkpoint is checked against the config (Trainer) before config.yaml is replaced
         trainer = Trainer(cfg, model, criterion, train_set, val_set, distiller=distiller, device=device,
                           resume=resume, progress=progress)
+        if dist.is_main():
+            dump(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         return trainer.fit()
     finally:
         dist.cleanup()

@@ -59,6 +59,15 @@ def all_reduce_mean(value: torch.Tensor):
     return value
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. the metrics only rank 0 computes)."""
+    if is_distributed():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ from clock_deploy.engine.ema import ModelEMA
 from clock_deploy.engine.evaluate import evaluate
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
-from clock_deploy.io import write_json
+from clock_deploy.io import write_error, write_json
 from clock_deploy.models.build import param_groups
 
 
@@ -102,7 +102,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.ema = ModelEMA(self.model, tc.ema_decay) if tc.ema else None
 
-        self.epoch, self.iteration, self.best_map = 0, 0, -1.0
+        self.epoch, self.iteration, self.best_map, self.best_epoch = 0, 0, -1.0, None
         self.metrics = {}
         if resume:
             self._resume(resume if isinstance(resume, str) else self.last_path)
@@ -152,7 +152,12 @@ class Trainer:
         if ckpt["arch"] != self.cfg.model.arch:
             raise UserError(f"--resume: {path} holds a {ckpt['arch']} model but the config builds "
                             f"{self.cfg.model.arch}")
-        self.model.load_state_dict(ckpt["model"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # same architecture, other sizes (hidden_dim, queries, layers ...)
+            raise UserError(f"--resume: {path} does not fit the configured {self.cfg.model.arch} model "
+                            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                            "resume with the config it was trained with") from None
         if self.step_module.distiller is not None and "distiller" in ckpt:
             self.step_module.distiller.load_trainable_state(ckpt["distiller"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -164,25 +169,56 @@ class Trainer:
         self.epoch, self.iteration = ckpt["epoch"], ckpt["iteration"]
         self.metrics = ckpt.get("metrics", {})
         self.best_map = ckpt.get("best_map", -1.0)
+        # checkpoints written before best_epoch existed: the saved epoch was the best if its mAP is
+        self.best_epoch = ckpt.get("best_epoch", self.epoch if self.metrics.get("mAP") == self.best_map else None)
         set_rng_state(ckpt["rng"])
         self.log({"event": "resume", "from": path, "epoch": self.epoch, "iteration": self.iteration})
 
     # ------------------------------------------------------------------ loop
     def fit(self):
-        """Train until cfg.train.epochs (or max_iters); return the last evaluation metrics."""
+        """Train until cfg.train.epochs (or max_iters); return the last evaluation metrics.
+
+        Crash safety: an epoch is saved to last.pt before it is evaluated, and last.pt records an
+        evaluation only after best.pt and metrics.json are written. A resumed run therefore finds
+        any evaluation a crash (or an evaluation error) left undone and finishes it first.
+        """
         tc = self.cfg.train
         start = time.time()
+        if self.epoch > 0:  # resumed: redo what a crash interrupted, repair missing outputs
+            self._finish_epoch(resumed=True)
         while self.epoch < tc.epochs and not self._reached_max_iters():
             self._train_one_epoch()
             self.epoch += 1
-            last = self.epoch == tc.epochs or self._reached_max_iters()
-            if self.val_set is not None and (last or (tc.eval_every > 0 and self.epoch % tc.eval_every == 0)):
-                self._evaluate()
-            if last or self.epoch % tc.ckpt_every == 0:
-                self._save()
+            if self._is_last_epoch() or self.epoch % tc.ckpt_every == 0:
+                self._save_last()
+            self._finish_epoch()
         self.log({"event": "done", "epochs": self.epoch, "iterations": self.iteration,
                   "seconds": round(time.time() - start, 1), **self.metrics})
         return self.metrics
+
+    def _is_last_epoch(self):
+        return self.epoch == self.cfg.train.epochs or self._reached_max_iters()
+
+    def _eval_due(self):
+        tc = self.cfg.train
+        return self.val_set is not None and (
+            self._is_last_epoch() or (tc.eval_every > 0 and self.epoch % tc.eval_every == 0))
+
+    def _finish_epoch(self, resumed=False):
+        """Evaluate the epoch if due, then write best.pt, metrics.json and last.pt, in that order.
+        On resume the evaluation runs only if a crash interrupted it, and missing outputs are rewritten."""
+        evaluated = self._eval_due() and self.metrics.get("epoch") != self.epoch
+        if evaluated:
+            self._evaluate()
+        if not (evaluated or resumed):
+            return
+        if dist.is_main():
+            self._write_best(check_existing=not evaluated)
+            if self.metrics:
+                write_json(os.path.join(self.output_dir, "metrics.json"), {"epoch": self.epoch, **self.metrics})
+        dist.barrier()
+        if evaluated and (self._is_last_epoch() or self.epoch % self.cfg.train.ckpt_every == 0):
+            self._save_last()  # now last.pt records the evaluation
 
     def _reached_max_iters(self):
         return 0 < self.cfg.train.max_iters <= self.iteration
@@ -248,37 +284,54 @@ class Trainer:
                                     topk=self.cfg.export.topk, progress=self.progress)
             self.metrics["epoch"] = self.epoch
             self.log({"event": "eval", **self.metrics})
+        self.metrics = dist.broadcast_object(self.metrics)
+        if self.metrics.get("mAP", -1.0) > self.best_map:
+            self.best_map, self.best_epoch = self.metrics["mAP"], self.epoch
+
+    def _state(self):
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else None,
+            "distiller": (self.step_module.distiller.trainable_state()
+                          if self.step_module.distiller is not None else None),
+        }
+
+    def _save_last(self):
+        if dist.is_main():
+            save_checkpoint(self.last_path, self.model, self.cfg, self.classes, self.epoch, self.iteration,
+                            self.metrics, best_map=self.best_map, best_epoch=self.best_epoch, **self._state())
         dist.barrier()
 
-    def _save(self):
-        if dist.is_main():
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.use_amp else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "ema_updates": self.ema.updates if self.ema is not None else None,
-                "distiller": (self.step_module.distiller.trainable_state()
-                              if self.step_module.distiller is not None else None),
-            }
-            current = self.metrics.get("mAP", -1.0)
-            is_best = current > self.best_map
-            self.best_map = max(self.best_map, current)
-            save_checkpoint(self.last_path, self.model, self.cfg, self.classes, self.epoch, self.iteration,
-                            self.metrics, best_map=self.best_map, **state)
-            if is_best:
-                save_checkpoint(self.best_path, self.model, self.cfg, self.classes, self.epoch, self.iteration,
-                                self.metrics, best_map=self.best_map,
-                                ema=state["ema"], ema_updates=state["ema_updates"])
-            write_json(os.path.join(self.output_dir, "metrics.json"), {"epoch": self.epoch, **self.metrics})
-        dist.barrier()
+    def _write_best(self, check_existing=False):
+        """best.pt when this epoch is the best so far; on resume only if best.pt is missing or older."""
+        if self.best_epoch != self.epoch:
+            if check_existing and self.best_epoch is not None and not os.path.isfile(self.best_path):
+                self.log({"event": "warning", "message": f"best.pt of epoch {self.best_epoch} is missing"})
+            return
+        if check_existing and os.path.isfile(self.best_path):
+            try:
+                if read_checkpoint(self.best_path)["epoch"] == self.epoch:
+                    return
+            except UserError:
+                pass  # unreadable: rewrite it
+        state = self._state()
+        save_checkpoint(self.best_path, self.model, self.cfg, self.classes, self.epoch, self.iteration,
+                        self.metrics, best_map=self.best_map, best_epoch=self.best_epoch,
+                        ema=state["ema"], ema_updates=state["ema_updates"])
 
     def log(self, record):
         """Append one JSON line to <output_dir>/log.jsonl (rank 0 only)."""
         if not dist.is_main():
             return
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        path = os.path.join(self.output_dir, "log.jsonl")
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError as e:
+            raise write_error(path, e) from None
         if record.get("event") == "eval" and self.progress:
             tqdm.write(f"eval epoch {record['epoch']}: {metrics_text(record)}")
