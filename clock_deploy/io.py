@@ -8,6 +8,7 @@ is gone) is removed the next time the same target is written.
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -98,6 +99,14 @@ def torch_save(obj, path):
             if "write" not in str(e):
                 raise
             raise UserError(f"cannot write {path}: writing the checkpoint failed (is the disk full?)") from None
+
+
+def file_sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path):

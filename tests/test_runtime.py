@@ -121,13 +121,20 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
             shutil.copy(good, path)
         else:
             path.write_bytes(data)
-        shutil.copy(good + ".json", str(path) + ".json")
+        write_metadata(path, read_metadata(good))  # a sidecar that records this file's sha256
         return str(path)
 
     with open(good, "rb") as f:
         truncated = copy("truncated.onnx", f.read()[:5000])
     with pytest.raises(UserError, match="truncated.onnx: onnxruntime cannot load it"):
         Detector.load(truncated)
+
+    # a model beside another model's sidecar (e.g. a re-export killed between the two files)
+    swapped = tmp_path / "swapped.onnx"
+    swapped.write_bytes(open(truncated, "rb").read())
+    shutil.copy(good + ".json", str(swapped) + ".json")
+    with pytest.raises(UserError, match=r"swapped.onnx.json: describes another file than .*swapped.onnx"):
+        Detector.load(swapped)
 
     no_sidecar = tmp_path / "alone.onnx"
     shutil.copy(good, no_sidecar)

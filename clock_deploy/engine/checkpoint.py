@@ -3,8 +3,8 @@
 A checkpoint holds only tensors and plain Python containers, so loading it never
 runs code from the file.
 """
-import hashlib
 import os
+import pickle
 import random
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from clock_deploy import __version__
 from clock_deploy.config import ConfigError, from_dict, to_dict
 from clock_deploy.errors import UserError
-from clock_deploy.io import torch_save
+from clock_deploy.io import file_sha256, torch_save  # noqa: F401  file_sha256 is used by export
 
 FORMAT = "clock-deploy-checkpoint-v1"
 
@@ -66,14 +66,27 @@ def read_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: not a readable checkpoint (empty file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt zip, pickle with code, truncated file ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a class reference: just garbage
+            raise UserError(f"{path}: not a readable checkpoint (corrupt data)") from None
+        # torch's own message suggests weights_only=False, which must never be done for untrusted files
+        raise UserError(f"{path}: not a readable checkpoint (it holds Python objects other than tensors and "
+                        "plain containers; refused because loading them could run code)") from None
+    except Exception as e:  # corrupt zip, truncated file, folder ...
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy checkpoint (expected a file written by "
                         f"`clock-deploy train` / `distill`)")
     return ckpt
+
+
+def _first_line(e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
 
 
 def checkpoint_config(ckpt, path="checkpoint"):
@@ -102,11 +115,3 @@ def load_model(path, map_location="cpu", use_ema=True):
                         f"{str(e).splitlines()[0]}") from None
     model.eval()
     return model, cfg, ckpt
-
-
-def file_sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()

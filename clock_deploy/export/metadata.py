@@ -7,11 +7,12 @@ versions, calibration manifest, parity results). This module is torch-free becau
 the runtime reads it.
 """
 import datetime
+import math
 import os
 
 from clock_deploy import __version__
 from clock_deploy.errors import UserError
-from clock_deploy.io import read_json, write_json
+from clock_deploy.io import file_sha256, read_json, write_json
 
 FORMAT = "clock-deploy-artifact-v1"
 
@@ -95,7 +96,40 @@ def build_metadata(*, kind, arch, classes, height, width, mean, std, precision, 
 
 
 def write_metadata(artifact, meta):
-    write_json(sidecar_path(artifact), meta)
+    """Write the sidecar of `artifact` (written first), with the artifact's own sha256 so the pair
+    cannot silently come apart (a re-export that crashed between the two files, a copy mix-up)."""
+    write_json(sidecar_path(artifact), {**meta, "artifact_sha256": file_sha256(artifact)})
+
+
+def _is_number(value, low=None):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (low is None or value > low)
+
+
+def _check_fields(meta, path):
+    """Types of the fields a runtime uses, so a damaged sidecar fails here and not mid-inference."""
+    inp, batch = meta["input"], meta["batch"]
+    checks = {
+        "classes": isinstance(meta["classes"], list) and meta["classes"] and all(isinstance(c, str) for c in meta["classes"]),
+        "input": isinstance(inp, dict) and all(k in inp for k in ("height", "width", "mean", "std", "divisor")),
+        "topk": isinstance(meta["topk"], int) and not isinstance(meta["topk"], bool) and meta["topk"] > 0,
+        "batch": isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) > 0
+                                                for k in ("min", "opt", "max")),
+        "precision": meta["precision"] in PRECISIONS,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise UserError(f"{path}: invalid '{bad[0]}' entry: {meta[bad[0]]!r}"[:300])
+    for key in ("height", "width"):
+        if not (isinstance(inp[key], int) and not isinstance(inp[key], bool) and 0 < inp[key] <= 1 << 16):
+            raise UserError(f"{path}: input.{key} must be a positive integer, got {inp[key]!r}")
+    if not _is_number(inp["divisor"], 0):
+        raise UserError(f"{path}: input.divisor must be a positive number, got {inp['divisor']!r}")
+    for key in ("mean", "std"):
+        values = inp[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v, 0 if key == "std" else None)
+                                                                     for v in values)):
+            raise UserError(f"{path}: input.{key} must be 3 numbers, got {values!r}"[:300])
 
 
 def read_metadata(artifact):
@@ -110,7 +144,9 @@ def read_metadata(artifact):
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise UserError(f"{path}: missing keys {missing}")
-    for key in ("height", "width", "mean", "std", "divisor"):
-        if key not in meta["input"]:
-            raise UserError(f"{path}: input.{key} is missing")
+    _check_fields(meta, path)
+    # sidecars written before artifact_sha256 existed cannot be checked
+    if "artifact_sha256" in meta and os.path.isfile(artifact) and file_sha256(artifact) != meta["artifact_sha256"]:
+        raise UserError(f"{path}: describes another file than {artifact} (sha256 differs); the model was "
+                        "replaced or re-exported without its sidecar: export again")
     return meta

@@ -107,6 +107,9 @@ class Detector:
         for s, l, b, size in zip(scores, labels, boxes, sizes):
             keep = s >= threshold
             l = l[keep].astype(np.int64)
+            if len(l) and not 0 <= l.min() <= l.max() < len(self.classes):
+                raise UserError(f"the model returned class {int(l.max())} but its metadata lists only "
+                                f"{len(self.classes)} classes {self.classes}; model and metadata do not match")
             results.append(Detections(boxes=boxes_to_original(b[keep].astype(np.float32), self.input_hw, size),
                                       scores=s[keep].astype(np.float32), labels=l,
                                       names=[self.classes[i] for i in l]))
