@@ -4,7 +4,9 @@ Sub-commands live next to the code they drive and are imported only when
 called, so `clock-deploy --help` is instant and the runtime path never needs torch.
 """
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -50,8 +52,15 @@ def main(argv=None):
     run(cli, argv)
 
 
+def _exit_on_sigterm(signum, frame):
+    # unwind like Ctrl-C: `finally` blocks remove temporary files and kill child processes
+    raise SystemExit(128 + signum)
+
+
 def run(command, argv=None):
     """Run a click command; user errors become one red line and exit code 2, not a traceback."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
@@ -66,6 +75,9 @@ def run(command, argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 
 from clock_deploy.errors import UserError
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -30,9 +31,17 @@ def _remove_stale_tmp(path):
     """Delete `<path>.<pid>-*.tmp` files whose writer process no longer exists."""
     for tmp in glob.glob(glob.escape(path) + ".*-*.tmp"):
         pid = tmp[len(path) + 1:].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+
+
+def remove_stale_folders(parent, prefix):
+    """Delete `<parent>/<prefix><pid>-*` folders whose process is gone (left by a kill -9)."""
+    for folder in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*-*")):
+        pid = os.path.basename(folder)[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fsync(path, directory=False):

@@ -26,10 +26,11 @@ from clock_deploy.bench.devices import detect, load_during, load_sample
 from clock_deploy.bench.latency import measure
 from clock_deploy.bench.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError
-from clock_deploy.io import write_json
+from clock_deploy.io import remove_stale_folders, write_json
 
 DEFAULT_BACKENDS = ("torch", "onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")
 BACKEND_PATTERN = re.compile(r"^(torch|onnx(?:-(fp16|int8))?|trt-(fp32|fp16|int8)(?:-dla(\d))?)$")
+WORK_DIR_PREFIX = "clock-deploy-bench-"  # + pid of the bench: a later bench removes those of killed ones
 TRT_HINT = "TensorRT not installed (pip install clock-deploy[trt]; on Jetson: sudo apt install python3-libnvinfer)"
 
 
@@ -235,9 +236,26 @@ def run_job(job):
     return result
 
 
+def _die_with_parent():
+    """Linux: have the kernel kill this measuring process when the bench that started it dies,
+    even by kill -9 (other systems: the parent's SIGTERM handling still stops it)."""
+    parent = os.environ.get("CLOCK_DEPLOY_BENCH_PARENT")
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the bench died before prctl took effect
+        os._exit(1)
+
+
 def _job_main(argv):
     """`python -m clock_deploy.bench.runner JOB.json RESULT.json`: run one job, write its result."""
     job_path, result_path = argv
+    _die_with_parent()
     with open(job_path) as f:
         job = json.load(f)
     try:
@@ -256,7 +274,8 @@ def run_isolated(job, work_dir):
     job_path = os.path.join(work_dir, "job.json")
     result_path = os.path.join(work_dir, "result.json")
     write_json(job_path, job)
-    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))  # OpenMP / MKL pools follow --threads too
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]),  # OpenMP / MKL pools follow --threads too
+               CLOCK_DEPLOY_BENCH_PARENT=str(os.getpid()))
     done = subprocess.run([sys.executable, "-m", "clock_deploy.bench.runner", job_path, result_path],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -451,7 +470,8 @@ def run_bench(models, backends=DEFAULT_BACKENDS, device="cpu", data_root="data/s
                    "max_images": max_images, "data": {**model.data, "root": os.fspath(data_root), "split": split}}
             try:
                 if isolate:
-                    with tempfile.TemporaryDirectory(prefix="clock-deploy-bench-") as work_dir:
+                    remove_stale_folders(tempfile.gettempdir(), WORK_DIR_PREFIX)
+                    with tempfile.TemporaryDirectory(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-") as work_dir:
                         result = run_isolated(job, work_dir)
                 else:
                     result = run_job(job)
