@@ -1,0 +1,441 @@
+"""Reliability: no path escapes, readable artifacts, crash-safe training, one-line errors.
+
+Each test is a probe a careful user or a QA engineer ran against an earlier version (issue 14):
+hostile split files and manifests, umask 022, kill -9 during training, broken images, labels,
+configs, checkpoints and sidecars. They must give correct behaviour or one UserError line naming
+the file. The property-based fuzz tests of the readers are in test_fuzz_inputs.py.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from clock_deploy import io
+from clock_deploy.cli import cli, run
+from clock_deploy.config import load_config
+from clock_deploy.data import kitti
+from clock_deploy.engine.checkpoint import read_checkpoint
+from clock_deploy.engine.commands import run_training
+from clock_deploy.errors import UserError
+from clock_deploy.eval.commands import eval_cmd
+from clock_deploy.eval.evaluator import write_kitti_detections
+from clock_deploy.export.calibration import read_manifest
+from engine_helpers import tiny_config, tiny_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAR = "Car 0.00 0 -1.58 587.01 173.33 614.12 200.12 1.65 1.67 3.64 -0.65 1.71 46.70 -1.59"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("synth"))
+
+
+def one_line(e):
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+# ---------------------------------------------------------------- path traversal
+
+@pytest.mark.parametrize("bad", ["../../x", "/abs/path", "..", ".hidden", "a/b", "a\\b", "x\x00y", "$(rm)"])
+def test_split_ids_that_leave_the_dataset_are_refused_with_file_and_line(tmp_path, bad):
+    root = tmp_path / "kitti"
+    (root / "ImageSets").mkdir(parents=True)
+    (root / "ImageSets" / "val.txt").write_text(f"000001\n{bad}\n")
+    with pytest.raises(UserError) as e:
+        kitti.read_split(root, "val")
+    assert one_line(e).startswith(f"{root / 'ImageSets' / 'val.txt'}:2: invalid frame id")
+
+
+def test_eval_with_a_hostile_split_file_writes_nothing_outside_det(tmp_path, data_root):
+    victim = tmp_path / "notes"
+    victim.with_suffix(".txt").write_text("my notes\n")
+    split = tmp_path / "split.txt"
+    split.write_text(f"000000\n{victim}\n")
+    det = tmp_path / "det"
+    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split),
+                                           "--model", __file__])  # never run: the split fails first
+    assert isinstance(result.exception, UserError)
+    assert f"{split}:2: invalid frame id" in str(result.exception)
+    assert victim.with_suffix(".txt").read_text() == "my notes\n"
+    with pytest.raises(UserError, match="invalid frame id '../x'"):
+        write_kitti_detections(str(det), ["../x"], [None], ["Car"])
+    assert not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.parametrize("frame_ids, message", [
+    (["000001", "../../etc/passwd"], r"frame_ids\[1\]: invalid frame id"),
+    (["/abs/path"], r"frame_ids\[0\]: invalid frame id"),
+    ("000001", "frame_ids must be a list"),  # a string would be read letter by letter
+    ([1, 2], r"frame_ids\[0\]: invalid frame id 1"),
+])
+def test_calibration_manifest_ids_are_checked(tmp_path, frame_ids, message):
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"format": "clock-deploy-calibration-v1", "dataset_root": "data",
+                                "split": "train", "frame_ids": frame_ids}))
+    with pytest.raises(UserError, match=f"{path}: {message}"):
+        read_manifest(path)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_atomic_writes_follow_the_umask_and_fsync(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    old = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "a.json", {"a": 1})
+        io.torch_save({"x": torch.zeros(2)}, tmp_path / "b.pt")
+        with io.atomic_path(tmp_path / "sub" / "c.onnx") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"model")
+        os.umask(0o077)
+        io.write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.pt", "sub/c.onnx"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name
+    assert os.stat(tmp_path / "private.txt").st_mode & 0o777 == 0o600
+    assert len(synced) >= 8  # each of the 4 files and its folder
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_synthetic_dataset_and_checkpoints_are_world_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        root = tiny_data(tmp_path / "synth", num_images=2)
+    finally:
+        os.umask(old)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
+
+
+def test_tmp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "last.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"last.pt.{int(dead.stdout)}-0123abcd.tmp"
+    live = tmp_path / f"last.pt.{os.getppid()}-0123abcd.tmp"  # a concurrent writer that is still running
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"x")
+    io.write_text(target, "new")
+    assert target.read_text() == "new" and not stale.exists() and live.exists()
+
+
+def test_unwritable_output_and_full_disk_are_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError) as e:
+        io.write_json(blocker / "out" / "report.json", {})
+    assert one_line(e).startswith(f"cannot write {blocker / 'out' / 'report.json'}: ")
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*last.pt: writing the checkpoint failed \(is the disk full\?\)"):
+        io.torch_save({}, tmp_path / "last.pt")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- training crash windows
+
+def _train_script(data_root, out):
+    return (f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'tests')!r}]\n"
+            "import torch; torch.set_num_threads(1)\n"
+            "from engine_helpers import tiny_config\n"
+            "from clock_deploy.engine.commands import run_training\n"
+            f"run_training(tiny_config({data_root!r}, {str(out)!r}, extra={KILL_RUN!r}), progress=False)\n")
+
+
+KILL_RUN = ["train.epochs=4", "train.eval_every=1", "train.lr_drop_epochs=[3]"]
+
+
+def _json(metrics):
+    return json.dumps(metrics, sort_keys=True)  # NaN (no ground truth) compares equal as text
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data_root):
+    straight = tmp_path / "straight"
+    run_training(tiny_config(data_root, str(straight), extra=KILL_RUN), progress=False)
+
+    # kill -9 a training process at a random moment after its training started (a new moment on
+    # every run of the suite: epochs, evaluations and checkpoint writes all get hit over time)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(data_root, killed)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    delay = random.uniform(0.0, 1.5)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    resumed = os.path.isfile(killed / "last.pt")
+    run_training(tiny_config(data_root, str(killed), extra=KILL_RUN), resume=resumed, progress=False)
+
+    why = f"killed {delay:.2f} s after training started, exit code {proc.returncode}"
+    for name in ("last.pt", "best.pt"):
+        a, b = read_checkpoint(straight / name), read_checkpoint(killed / name)
+        assert (a["epoch"], a["iteration"], _json(a["metrics"])) == (b["epoch"], b["iteration"], _json(b["metrics"])), \
+            (name, why)
+        assert _same_weights(a["model"], b["model"]), (name, why)
+    assert (straight / "metrics.json").read_text() == (killed / "metrics.json").read_text(), why
+    assert not [f for f in os.listdir(killed) if f.endswith(".tmp")], why
+
+
+def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, data_root, monkeypatch):
+    import clock_deploy.engine.trainer as trainer
+    out = tmp_path / "run"
+    cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(OSError("eval crashed")))
+    with pytest.raises(OSError):
+        run_training(cfg, progress=False)
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1  # the epoch was saved before evaluating
+    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(trainer, "evaluate", real)
+    run_training(cfg, resume=True, progress=False)
+    assert read_checkpoint(out / "best.pt")["epoch"] == 1
+    assert json.loads((out / "metrics.json").read_text())["epoch"] == 1
+    assert read_checkpoint(out / "last.pt")["metrics"]["epoch"] == 1
+
+
+def test_resume_of_a_finished_run_repairs_missing_best_and_metrics(tmp_path, data_root):
+    out = tmp_path / "run"
+    cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
+    run_training(cfg, progress=False)
+    expected = (out / "metrics.json").read_text()
+    os.remove(out / "best.pt")
+    (out / "metrics.json").write_text("{}")  # stale
+    run_training(cfg, resume=True, progress=False)
+    assert read_checkpoint(out / "best.pt")["epoch"] == 1
+    assert (out / "metrics.json").read_text() == expected
+
+
+def test_resume_with_another_width_is_one_line_and_keeps_config_yaml(tmp_path, data_root):
+    out = tmp_path / "run"
+    run_training(tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=-1"]), progress=False)
+    saved = (out / "config.yaml").read_text()
+    wider = tiny_config(data_root, str(out), extra=["train.epochs=2", "train.eval_every=-1", "model.ffn_dim=128"])
+    with pytest.raises(UserError) as e:
+        run_training(wider, resume=True, progress=False)
+    assert one_line(e).startswith(f"--resume: {out / 'last.pt'} does not fit the configured dino model")
+    assert (out / "config.yaml").read_text() == saved
+
+
+@pytest.mark.parametrize("value, message", [
+    ("train.epochs=-2", "'train.epochs' must be greater than 0, got -2"),
+    ("train.batch_size=-4", "'train.batch_size' must be greater than 0, got -4"),
+    ("train.lr=-1", "'train.lr' must be greater than 0"),
+    ("train.lr=.nan", "'train.lr' must be a finite number"),
+])
+def test_out_of_range_training_numbers_are_refused(value, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [value])
+
+
+# ---------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: 1.0\n  lr: 2.0\n", r"c.yaml:3: invalid YAML: duplicate key 'lr' \(first on line 2\)"),
+    ("_base_: [x.yaml, 5]\n", r"c.yaml:1: _base_ must be a file name or a list of file names"),
+    ("_base_: sub\n", r"sub: is a folder, expected a YAML config file"),
+    (b"\xff\xfe\x00binary\x00", r"c.yaml: not a UTF-8 text file"),
+])
+def test_broken_configs_are_one_line(tmp_path, text, message):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert __import__("re").search(message, one_line(e))
+
+
+# ---------------------------------------------------------------- labels
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xd8\xff\xe0 binary", "not a UTF-8 text file"),
+    ((CAR.replace("587.01", "1e30") + "\n").encode(), r":1: value out of range"),
+    ((CAR.replace("587.01", "1e300") + "\n").encode(), r":1: value out of range"),
+    ((CAR.replace(" 0 -1.58", " 1e20 -1.58") + "\n").encode(), r":1: value out of range .*: 1e20"),
+    ((CAR.replace(" 0 -1.58", " 7 -1.58") + "\n").encode(), r":1: occluded must be an integer level -1..3"),
+])
+def test_broken_label_files_are_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "000001.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        kitti.read_label(path)
+    assert str(path) in one_line(e) and __import__("re").search(message, str(e.value))
+
+
+def test_label_reader_accepts_a_bom_and_names_a_folder(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(("\ufeff" + CAR + "\n").encode())
+    assert list(kitti.read_label(path)["name"]) == ["Car"]
+    with pytest.raises(UserError, match=f"{tmp_path}: is a folder, expected a label file"):
+        kitti.read_label(tmp_path)
+
+
+def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tmp_path, data_root):
+    det = tmp_path / "det"
+    det.mkdir()
+    gt = kitti.read_label(kitti.label_path(data_root, "000000"))
+    flipped = gt["bbox"][:1].copy()
+    flipped[:, [1, 3]] = flipped[:, [3, 1]]  # y2 < y1
+    lines = kitti.format_label({**{k: v[:1] for k, v in gt.items()}, "bbox": flipped, "score": np.ones(1)})
+    lower = kitti.format_label({**gt, "score": np.ones(len(gt["name"]))}).replace(gt["name"][0], gt["name"][0].lower())
+    (det / "000000.txt").write_text(lines + lower)
+    split = tmp_path / "split.txt"
+    split.write_text("000000\n")
+    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split)])
+    assert result.exit_code == 0, result.output
+    count = 1 + sum(n == gt["name"][0] for n in gt["name"])
+    assert f"warning: {count} detections in {det} have a lowercase class name or y2 < y1" in result.output
+    with pytest.raises(UserError, match="negative box size"):
+        path = tmp_path / "gt.txt"
+        path.write_text(lines.rsplit(" ", 1)[0] + "\n")  # the same line as ground truth (15 columns)
+        kitti.read_label(path)
+
+
+# ---------------------------------------------------------------- images
+
+def _break_image(path, kind):
+    data = open(path, "rb").read()
+    os.remove(path)
+    if kind == "truncated":
+        open(path, "wb").write(data[:len(data) // 2])
+    elif kind == "garbage":
+        open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    else:
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "directory"])
+def test_broken_images_are_one_line_in_train_convert_and_calibrate(tmp_path, kind, capsys):
+    root = tiny_data(tmp_path / "synth")
+    image = kitti.image_path(root, kitti.read_split(root, "train")[0])
+    _break_image(image, kind)
+    expected = f"{image}: " if kind != "directory" else f"{image}"
+    for argv in (["data", "convert", "--kitti", root, "--split", "train", "--out", str(tmp_path / "c.json")],
+                 ["calibrate", "--data", root, "--split", "train", "--num", "2", "--out", str(tmp_path / "m.json")]):
+        with pytest.raises(SystemExit) as e:
+            run(cli, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    cfg = tiny_config(root, str(tmp_path / "run"), extra=["train.epochs=1", "train.eval_every=-1"])
+    with pytest.raises(UserError) as e:
+        run_training(cfg, progress=False)
+    assert expected in one_line(e)
+
+
+# ---------------------------------------------------------------- checkpoints and sidecars
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"not a readable checkpoint \(empty file\)"),
+    (os.urandom(64), r"not a readable checkpoint"),
+])
+def test_corrupt_checkpoints_are_one_line_without_the_weights_only_hint(tmp_path, content, message):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        read_checkpoint(path)
+    assert "weights_only" not in one_line(e)
+
+
+def test_a_checkpoint_with_python_objects_is_refused_without_the_weights_only_hint(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "clock-deploy-checkpoint-v1", "obj": random.Random()}, path)
+    with pytest.raises(UserError, match="refused because loading them could run code") as e:
+        read_checkpoint(path)
+    assert "weights_only" not in one_line(e)
+
+
+def test_a_sidecar_with_fewer_classes_than_the_model_outputs_is_one_line():
+    from clock_deploy.runtime.detector import Detector
+
+    class TwoLabels:  # a backend whose model predicts class 2
+        max_batch, static = 1, False
+
+        def __call__(self, batch):
+            return np.ones((1, 1), np.float32), np.full((1, 1), 2), np.zeros((1, 1, 4), np.float32)
+
+    meta = {"classes": ["Car", "Pedestrian"], "input": {"height": 8, "width": 8, "mean": [0, 0, 0],
+                                                       "std": [1, 1, 1], "divisor": 255.0}}
+    with pytest.raises(UserError, match=r"returned class 2 but its metadata lists only 2 classes"):
+        Detector(TwoLabels(), meta)(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_path):
+    from clock_deploy.bench.runner import is_fresh
+    from clock_deploy.export.metadata import batch_spec, build_metadata, write_metadata
+
+    artifact = tmp_path / "m.onnx"
+    artifact.write_bytes(b"old model")
+    write_metadata(artifact, build_metadata(kind="onnx", arch="dino", classes=["Car"], height=8, width=8,
+                                            mean=[0, 0, 0], std=[1, 1, 1], precision="fp32", topk=10,
+                                            batch=batch_spec(True, 1)))
+    assert is_fresh(str(artifact), [], batch=1)
+    artifact.write_bytes(b"new model, crash before its sidecar")
+    assert not is_fresh(str(artifact), [], batch=1)
+
+
+# ---------------------------------------------------------------- leftovers of a killed bench
+
+def test_a_measuring_child_dies_with_its_killed_bench(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    child = (f"import sys, os, time; sys.path.insert(0, {REPO!r}); "
+             "from clock_deploy.bench.runner import _die_with_parent; _die_with_parent(); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = ("import os, subprocess, sys, time; "
+              "env = dict(os.environ, CLOCK_DEPLOY_BENCH_PARENT=str(os.getpid())); "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(60)")
+    bench = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.time() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    bench.kill()
+    bench.wait()
+    deadline = time.time() + 10
+    while io.pid_alive(child_pid) and time.time() < deadline:
+        time.sleep(0.05)
+        with __import__("contextlib").suppress(ChildProcessError):
+            os.waitpid(child_pid, os.WNOHANG)  # not our child: only reaped by init
+    assert not io.pid_alive(child_pid) or _is_zombie(child_pid)
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_work_folders_of_killed_benches_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"clock-deploy-bench-{int(dead.stdout)}-abc"
+    mine = tmp_path / f"clock-deploy-bench-{os.getpid()}-abc"
+    for folder in (stale, mine):
+        folder.mkdir()
+        (folder / "job.json").write_text("{}")
+    io.remove_stale_folders(str(tmp_path), "clock-deploy-bench-")
+    assert not stale.exists() and mine.exists()
+    shutil.rmtree(mine)
