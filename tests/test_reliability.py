@@ -5,11 +5,12 @@ hostile split files and manifests, umask 022, kill -9 during training, broken im
 configs, checkpoints and sidecars. They must give correct behaviour or one UserError line naming
 the file. The property-based fuzz tests of the readers are in test_fuzz_inputs.py.
 """
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from engine_helpers import tiny_config, tiny_data
 
 from clock_deploy import io
 from clock_deploy.cli import cli, run
@@ -29,7 +31,6 @@ from clock_deploy.errors import UserError
 from clock_deploy.eval.commands import eval_cmd
 from clock_deploy.eval.evaluator import write_kitti_detections
 from clock_deploy.export.calibration import read_manifest
-from engine_helpers import tiny_config, tiny_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAR = "Car 0.00 0 -1.58 587.01 173.33 614.12 200.12 1.65 1.67 3.64 -0.65 1.71 46.70 -1.59"
@@ -201,7 +202,7 @@ def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_pa
 
 
 def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, data_root, monkeypatch):
-    import clock_deploy.engine.trainer as trainer
+    from clock_deploy.engine import trainer
     out = tmp_path / "run"
     cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
     real = trainer.evaluate
@@ -265,7 +266,7 @@ def test_broken_configs_are_one_line(tmp_path, text, message):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(UserError) as e:
         load_config(str(path))
-    assert __import__("re").search(message, one_line(e))
+    assert re.search(message, one_line(e))
 
 
 # ---------------------------------------------------------------- labels
@@ -282,7 +283,7 @@ def test_broken_label_files_are_one_line_naming_the_file(tmp_path, content, mess
     path.write_bytes(content)
     with pytest.raises(UserError) as e:
         kitti.read_label(path)
-    assert str(path) in one_line(e) and __import__("re").search(message, str(e.value))
+    assert str(path) in one_line(e) and re.search(message, str(e.value))
 
 
 def test_label_reader_accepts_a_bom_and_names_a_folder(tmp_path):
@@ -416,7 +417,7 @@ def test_a_measuring_child_dies_with_its_killed_bench(tmp_path):
     deadline = time.time() + 10
     while io.pid_alive(child_pid) and time.time() < deadline:
         time.sleep(0.05)
-        with __import__("contextlib").suppress(ChildProcessError):
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(child_pid, os.WNOHANG)  # not our child: only reaped by init
     assert not io.pid_alive(child_pid) or _is_zombie(child_pid)
 

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 import torch
+
 from clock_deploy.config import DataConfig
 from clock_deploy.data import kitti
 from clock_deploy.data.coco import load_coco
