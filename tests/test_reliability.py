@@ -305,7 +305,7 @@ def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tm
     (det / "000000.txt").write_text(lines + lower)
     split = tmp_path / "split.txt"
     split.write_text("000000\n")
-    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split)])
+    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split), "--coco"])
     assert result.exit_code == 0, result.output
     count = 1 + sum(n == gt["name"][0] for n in gt["name"])
     assert f"warning: {count} detections in {det} have a lowercase class name or y2 < y1" in result.output
