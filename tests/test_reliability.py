@@ -305,10 +305,19 @@ def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tm
     (det / "000000.txt").write_text(lines + lower)
     split = tmp_path / "split.txt"
     split.write_text("000000\n")
-    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split), "--coco"])
+    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split), "--coco",
+                                           "--json", str(tmp_path / "lower.json")])
     assert result.exit_code == 0, result.output
     count = 1 + sum(n == gt["name"][0] for n in gt["name"])
     assert f"warning: {count} detections in {det} have a lowercase class name or y2 < y1" in result.output
+    # case is ignored: the same detections with KITTI's capitalization give the same metrics
+    proper = tmp_path / "proper"
+    proper.mkdir()
+    (proper / "000000.txt").write_text(lines + kitti.format_label({**gt, "score": np.ones(len(gt["name"]))}))
+    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(proper), "--split", str(split), "--coco",
+                                           "--json", str(tmp_path / "proper.json")])
+    assert "warning: 1 detections" in result.output
+    assert (tmp_path / "lower.json").read_text() == (tmp_path / "proper.json").read_text()
     with pytest.raises(UserError, match="negative box size"):
         path = tmp_path / "gt.txt"
         path.write_text(lines.rsplit(" ", 1)[0] + "\n")  # the same line as ground truth (15 columns)

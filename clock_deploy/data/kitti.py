@@ -52,6 +52,7 @@ FRAME_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}\Z")
 # Box corners / sizes / locations beyond this are not pixels or metres but broken files (1e30 ...)
 MAX_COORDINATE = 1e6
 MAX_OCCLUSION = 3  # KITTI: 0 fully visible, 1 partly, 2 largely occluded, 3 unknown
+_NAME_OF_LOWER = {n.lower(): n for n in LABEL_NAMES}  # the devkit ignores the case of detection names
 
 
 def class_names(map_name):
@@ -117,9 +118,6 @@ def _parse_line(fields, where, detection=False):
     return name, values
 
 
-_NAME_OF_LOWER = {n.lower(): n for n in LABEL_NAMES}
-
-
 def read_text_lines(path, what="file"):
     """Lines of a UTF-8 text file (a BOM is skipped); unreadable, binary or missing files are a
     UserError naming the file."""
@@ -174,7 +172,7 @@ def read_label_counted(path):
                             "ground truth and detections cannot be mixed in one file")
         ncols = len(fields)
         name, values = _parse_line(fields, where, detection=ncols == DET_COLUMNS)
-        fixes += name != fields[0] or values[5] < values[4]
+        fixes += name != fields[0] or values[6] < values[4]  # y2 < y1
         names.append(name)
         rows.append(values)
     if not rows:
