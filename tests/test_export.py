@@ -7,10 +7,11 @@ import onnx
 import pytest
 
 from clock_deploy.cli import cli, run
-from clock_deploy.engine.checkpoint import file_sha256, save_checkpoint
+from clock_deploy.engine.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.export.onnx import ExportWrapper, export_onnx, set_sampling
 from clock_deploy.export.parity import ParityError, check_parity, parity_report, run_onnx, run_torch
+from clock_deploy.io import file_sha256
 from test_export_utils import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
 
 FAMILIES = [("dab_detr", "grid_sample"), ("deformable_detr", "grid_sample"), ("deformable_detr", "gather"),

@@ -155,9 +155,9 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # same architecture, other sizes (hidden_dim, queries, layers ...)
+            first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]  # line 0 only names the class
             raise UserError(f"--resume: {path} does not fit the configured {self.cfg.model.arch} model "
-                            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                            "resume with the config it was trained with") from None
+                            f"({first}); resume with the config it was trained with") from None
         if self.step_module.distiller is not None and "distiller" in ckpt:
             self.step_module.distiller.load_trainable_state(ckpt["distiller"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -52,7 +52,8 @@ class Exporter:
     """One export run: the loaded checkpoint, its settings and the artifacts written so far."""
 
     def __init__(self, ckpt_path, out_dir=None, name=None, echo=click.echo):
-        from clock_deploy.engine.checkpoint import file_sha256, load_model
+        from clock_deploy.engine.checkpoint import load_model
+        from clock_deploy.io import file_sha256
 
         self.ckpt_path = os.fspath(ckpt_path)
         self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
@@ -170,7 +171,7 @@ class Exporter:
         self.summary[meta["precision"]] = path
 
     def calibration_images(self, manifest, root, limit):
-        from clock_deploy.engine.checkpoint import file_sha256
+        from clock_deploy.io import file_sha256
         from clock_deploy.export.calibration import manifest_images, read_manifest
 
         if not manifest:
