@@ -57,8 +57,12 @@ def _fsync(path, directory=False):
 
 def write_error(path, e):
     """UserError for a failed write of `path` (permission denied, disk full, ...)."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
-    hint = " (is the disk full?)" if getattr(e, "errno", None) == errno.ENOSPC else ""
+    code = getattr(e, "errno", None)
+    if code in (errno.EEXIST, errno.ENOTDIR):  # makedirs through a file
+        reason = "a part of its folder path is a file, not a folder"
+    else:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = " (is the disk full?)" if code == errno.ENOSPC else ""
     return UserError(f"cannot write {path}: {reason}{hint}")
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from clock_deploy.data import kitti
 from clock_deploy.errors import UserError
-from clock_deploy.io import atomic_path, write_text
+from clock_deploy.io import atomic_path, write_error, write_text
 
 CAMERA_HEIGHT = 1.65      # m, KITTI camera above the road
 REFERENCE_HEIGHT = 188    # image height the pixel sizes below are chosen for
@@ -455,7 +455,10 @@ def _prepare_root(root, frame_ids):
     keep = set(frame_ids)
     for folder, ext in (("image_2", ".png"), ("label_2", ".txt")):
         path = os.path.join(root, "training", folder)
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise write_error(path, e) from None
         for name in os.listdir(path):  # frames of an earlier, larger run would be stale
             stem, file_ext = os.path.splitext(name)
             if file_ext == ext and stem not in keep:
