@@ -52,6 +52,15 @@ def main(argv=None):
     run(cli, argv)
 
 
+def _message(error):
+    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line is the original message."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def _exit_on_sigterm(signum, frame):
     # unwind like Ctrl-C: `finally` blocks remove temporary files and kill child processes
     raise SystemExit(128 + signum)
@@ -70,7 +79,7 @@ def run(command, argv=None):
         e.show()
         sys.exit(e.exit_code)
     except UserError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
+        click.secho(f"error: {_message(e)}", fg="red", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

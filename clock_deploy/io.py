@@ -44,15 +44,18 @@ def remove_stale_folders(parent, prefix):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fsync(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        if not directory:  # some file systems cannot fsync a directory; the file itself must be synced
-            raise
     finally:
         os.close(fd)
+
+
+def _fsync_folder(folder):
+    """Make a rename durable; best effort, as some systems cannot open or sync a folder."""
+    with contextlib.suppress(OSError):
+        _fsync(folder)
 
 
 def write_error(path, e):
@@ -83,7 +86,7 @@ def atomic_path(path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(folder, directory=True)
+        _fsync_folder(folder)
     except OSError as e:
         if e.filename not in (None, tmp, path, folder):  # the block failed on another file: not ours to word
             raise

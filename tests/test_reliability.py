@@ -23,7 +23,7 @@ from engine_helpers import tiny_config, tiny_data
 
 from clock_deploy import io
 from clock_deploy.cli import cli, run
-from clock_deploy.config import load_config
+from clock_deploy.config import dump, load_config
 from clock_deploy.data import kitti
 from clock_deploy.engine.checkpoint import read_checkpoint
 from clock_deploy.engine.commands import run_training
@@ -353,6 +353,13 @@ def test_broken_images_are_one_line_in_train_convert_and_calibrate(tmp_path, kin
     with pytest.raises(UserError) as e:
         run_training(cfg, progress=False)
     assert expected in one_line(e)
+    # with DataLoader workers the error travels through a worker process and still ends as one line
+    cfg.data.num_workers = 1
+    dump(cfg, tmp_path / "workers.yaml")
+    with pytest.raises(SystemExit):
+        run(cli, ["train", "--cfg", str(tmp_path / "workers.yaml")])
+    err = capsys.readouterr().err  # the progress bar, then the error
+    assert err.splitlines()[-1].startswith(f"error: {expected}") and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------- checkpoints and sidecars
