@@ -105,6 +105,10 @@ class ModelConfig:
     sampling: str = choice("grid_sample", "gather")  # deformable attention sampling implementation
     box_refine: bool = True       # Deformable DETR iterative box refinement
     two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
+    # Deformable DETR two-stage query selection: first_class = the original (encoder proposals
+    # trained class-agnostic as class 0 and ranked by it); max_class = DINO's rule (trained on the
+    # real labels, ranked by the best class). DINO always uses max_class.
+    proposal_rank: str = choice("first_class", "max_class")
     dn: DenoisingConfig = field(default_factory=DenoisingConfig)
     dab: DabConfig = field(default_factory=DabConfig)
     pretrained: Optional[str] = None  # checkpoint (.pt from train / distill / import) to start training from

@@ -41,8 +41,10 @@ def build_criterion(cfg_loss, cfg_model):
     """SetCriterion with the Hungarian matcher, weights from LossConfig."""
     matcher = HungarianMatcher(cfg_loss.match_cls, cfg_loss.match_l1, cfg_loss.match_giou,
                                cfg_loss.focal_alpha, cfg_loss.focal_gamma)
+    # Deformable DETR ranks its two-stage proposals by class 0, so it trains them class-agnostic
+    agnostic_encoder = cfg_model.arch == "deformable_detr" and cfg_model.proposal_rank == "first_class"
     return SetCriterion(cfg_model.num_classes, matcher, cfg_loss.cls, cfg_loss.l1, cfg_loss.giou,
-                        cfg_loss.focal_alpha, cfg_loss.focal_gamma, cfg_loss.aux)
+                        cfg_loss.focal_alpha, cfg_loss.focal_gamma, cfg_loss.aux, agnostic_encoder)
 
 
 def param_groups(model, lr, lr_backbone_mult, weight_decay):

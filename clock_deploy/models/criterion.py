@@ -40,13 +40,15 @@ class SetCriterion(nn.Module):
 
     Keys: loss_cls / loss_bbox / loss_giou for the last stage, the same with suffix _{i} for
     earlier decoder stage i (when aux), _enc for two-stage proposals, _dn and _dn_{i} for the
-    denoising stages. The total loss is the sum of all values.
+    denoising stages. The total loss is the sum of all values. With `agnostic_encoder` the
+    encoder proposals learn every GT as class 0 (Deformable DETR's two-stage objectness).
     """
 
     def __init__(self, num_classes, matcher, weight_cls=2.0, weight_l1=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, aux=True):
+                 focal_alpha=0.25, focal_gamma=2.0, aux=True, agnostic_encoder=False):
         super().__init__()
         self.num_classes, self.matcher, self.aux = num_classes, matcher, aux
+        self.agnostic_encoder = agnostic_encoder
         self.weight_cls, self.weight_l1, self.weight_giou = weight_cls, weight_l1, weight_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
@@ -58,7 +60,10 @@ class SetCriterion(nn.Module):
             if i == last or self.aux:
                 losses.update(self.matched_losses(stage, targets, num_boxes, "" if i == last else f"_{i}"))
         if outputs.encoder is not None:
-            losses.update(self.matched_losses(outputs.encoder, targets, num_boxes, "_enc"))
+            enc_targets = targets
+            if self.agnostic_encoder:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update(self.matched_losses(outputs.encoder, enc_targets, num_boxes, "_enc"))
         if outputs.denoising is not None:
             dn_stages, meta = outputs.denoising.stages, outputs.denoising.meta
             last = len(dn_stages) - 1

@@ -16,6 +16,7 @@ from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_clas
 
 class DeformableDETR(MultiScaleDetrBase):
     arch = "deformable_detr"
+    position_embedding = {"temperature": 10000, "centred": True}  # (i + 0.5) / H, as Deformable DETR
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -31,7 +32,7 @@ class DeformableDETR(MultiScaleDetrBase):
             init_box_head(box_head)
 
         if cfg.two_stage:
-            self.proposals = TwoStageProposals(d, cfg.num_classes, cfg.num_queries)
+            self.proposals = TwoStageProposals(d, cfg.num_classes, cfg.num_queries, cfg.proposal_rank)
             # sine embedding of a proposal -> (query_pos, content)
             self.pos_trans = nn.Linear(2 * d, 2 * d)
             self.pos_trans_norm = nn.LayerNorm(2 * d)

@@ -14,6 +14,9 @@ from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention,
                                                    unflatten_dim)
 
 
+PROPOSAL_RANKS = ("max_class", "first_class")
+
+
 def _group_norm(channels):
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
@@ -25,7 +28,7 @@ class MultiScaleNeck(nn.Module):
     the first on the last backbone map, the next ones on the previous extra level.
     """
 
-    def __init__(self, backbone_channels, backbone_strides, hidden_dim, num_levels):
+    def __init__(self, backbone_channels, backbone_strides, hidden_dim, num_levels, position):
         super().__init__()
         projections = [nn.Sequential(nn.Conv2d(ch, hidden_dim, 1), _group_norm(hidden_dim))
                        for ch in backbone_channels]
@@ -35,7 +38,7 @@ class MultiScaleNeck(nn.Module):
                                              _group_norm(hidden_dim)))
             in_ch = hidden_dim
         self.input_proj = nn.ModuleList(projections)
-        self.position = PositionEmbeddingSine(hidden_dim // 2)
+        self.position = position
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
         self.strides = list(backbone_strides) + [backbone_strides[-1] * 2 ** (i + 1)
                                                   for i in range(num_levels - len(backbone_channels))]
@@ -99,11 +102,17 @@ def encoder_proposals(memory, spatial_shapes):
 
 class TwoStageProposals(nn.Module):
     """Two-stage query selection: score every encoder token as a detection around its proposal
-    box and keep the `num_queries` best (max over classes) as the decoder's initial boxes."""
+    box and keep the `num_queries` best as the decoder's initial boxes.
 
-    def __init__(self, d_model, num_classes, num_queries):
+    `rank`: "max_class" ranks by the best class score (DINO); "first_class" by the score of
+    class 0 (Deformable DETR, whose encoder head is trained class-agnostic on class 0).
+    """
+
+    def __init__(self, d_model, num_classes, num_queries, rank="max_class"):
         super().__init__()
-        self.num_queries = num_queries
+        if rank not in PROPOSAL_RANKS:
+            raise ValueError(f"unknown proposal rank '{rank}', expected one of {PROPOSAL_RANKS}")
+        self.num_queries, self.rank = num_queries, rank
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.class_embed = nn.Linear(d_model, num_classes)
@@ -121,7 +130,8 @@ class TwoStageProposals(nn.Module):
         if self.num_queries > logits.shape[1]:
             raise UserError(f"model.num_queries ({self.num_queries}) exceeds the {logits.shape[1]} encoder tokens "
                             "of this input size (data.img_size)")
-        topk = torch.topk(logits.max(-1)[0], self.num_queries, dim=1)[1]
+        scores = logits[..., 0] if self.rank == "first_class" else logits.max(-1)[0]
+        topk = torch.topk(scores, self.num_queries, dim=1)[1]
         coords = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
         logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         return StageOutput(logits=logits, boxes=coords.sigmoid()), coords.detach()
@@ -184,7 +194,10 @@ class DeformableDecoderLayer(nn.Module):
 
 class MultiScaleDetrBase(nn.Module):
     """Backbone -> multi-scale neck -> deformable encoder, and the decoder layers, as Deformable DETR
-    and DINO both build them. Subclasses add their query scheme, heads and `forward`."""
+    and DINO both build them. Subclasses add their query scheme, heads and `forward`, and set the
+    neck's sine position embedding as their original does (`position_embedding`: kwargs of
+    PositionEmbeddingSine)."""
+    position_embedding = {}
 
     def __init__(self, cfg):
         super().__init__()
@@ -192,8 +205,9 @@ class MultiScaleDetrBase(nn.Module):
         self.hidden_dim, self.num_classes = cfg.hidden_dim, cfg.num_classes
         self.num_queries, self.dec_layers = cfg.num_queries, cfg.dec_layers
         self.backbone = build_backbone(cfg.backbone)
+        position = PositionEmbeddingSine(cfg.hidden_dim // 2, **self.position_embedding)
         self.neck = MultiScaleNeck(self.backbone.num_channels, self.backbone.strides, cfg.hidden_dim,
-                                   cfg.num_feature_levels)
+                                   cfg.num_feature_levels, position)
         self.strides = self.neck.strides
         layer_kwargs = dict(d_model=cfg.hidden_dim, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
                             n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, n_points=cfg.n_points,

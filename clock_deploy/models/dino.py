@@ -72,6 +72,7 @@ def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matchin
 
 class DINO(MultiScaleDetrBase):
     arch = "dino"
+    position_embedding = {"temperature": 20, "centred": False}  # DINO's PositionEmbeddingSineHW at its config
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -126,24 +127,24 @@ class DINO(MultiScaleDetrBase):
         )
 
     def _decode(self, tgt, anchors, memory, spatial_shapes, mask):
-        """Decoder with look-forward-twice refinement; returns per-layer logits and boxes.
+        """Decoder with look-forward-twice refinement, as DINO; returns per-layer logits and boxes.
 
-        Layer i predicts box_i = sigmoid(delta_i + logit(ref_i)) where ref_i is the previous
-        layer's box *with* its gradient (so delta_{i-1} is also trained by layer i's loss), while
-        the attention of layer i only sees the detached ref_i.
+        After layer i, the box head on the raw layer output refines the reference:
+        ref_{i+1} = sigmoid(head(out_i) + logit(ref_i)); the next layer attends around it detached.
+        The reported box of layer i applies the head to the LayerNormed output on top of ref_i *with*
+        its gradient, so delta_{i-1} is also trained by layer i's loss (look forward twice).
         """
         ref_input = anchors.sigmoid()       # detached reference that the attention uses
         ref_prev = ref_input                # same values, carrying one step of gradient
         logits, boxes = [], []
         out = tgt
-        for layer in self.decoder:
+        for i, layer in enumerate(self.decoder):
             query_pos = self.ref_point_head(gen_sineembed_for_position(ref_input, self.hidden_dim // 2))
             out = layer(out, query_pos, ref_input, memory, spatial_shapes, mask)
             hidden = self.decoder_norm(out)
-            delta = self.bbox_embed(hidden)
-            box = (delta + inverse_sigmoid(ref_prev)).sigmoid()
             logits.append(self.class_embed(hidden))
-            boxes.append(box)
-            ref_prev = (delta + inverse_sigmoid(ref_input)).sigmoid()
-            ref_input = box.detach()
+            boxes.append((self.bbox_embed(hidden) + inverse_sigmoid(ref_prev)).sigmoid())
+            if i < len(self.decoder) - 1:
+                ref_prev = (self.bbox_embed(out) + inverse_sigmoid(ref_input)).sigmoid()
+                ref_input = ref_prev.detach()
         return logits, boxes

@@ -22,23 +22,25 @@ def _interleave_sin_cos(angles):
 class PositionEmbeddingSine(nn.Module):
     """DETR sine embedding of the (y, x) grid of a [B, C, H, W] map -> [B, 2 * num_pos_feats, H, W].
 
-    Coordinates are normalized to (0, 2*pi] like DETR's normalize=True. The project feeds
+    Row i of H sits at (i + 1) / H * scale like DETR's normalize=True (also DAB-DETR and DINO),
+    or at the cell centre (i + 0.5) / H with `centred` (Deformable DETR). The project feeds
     fixed-size batches without padding, so there is no mask: every image gets the same grid.
     """
 
-    def __init__(self, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    def __init__(self, num_pos_feats=128, temperature=10000, scale=2 * math.pi, centred=False):
         super().__init__()
         if num_pos_feats % 2:
             raise ValueError(f"num_pos_feats must be even, got {num_pos_feats}")
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        self.offset = 0.5 if centred else 1.0
 
     def forward(self, x):
         batch, _, height, width = x.shape
         eps = 1e-6
-        y = (torch.arange(height, dtype=torch.float32, device=x.device) + 1) / (height + eps) * self.scale
-        x_pos = (torch.arange(width, dtype=torch.float32, device=x.device) + 1) / (width + eps) * self.scale
+        y = (torch.arange(height, dtype=torch.float32, device=x.device) + self.offset) / (height + eps) * self.scale
+        x_pos = (torch.arange(width, dtype=torch.float32, device=x.device) + self.offset) / (width + eps) * self.scale
         freqs = _frequencies(self.num_pos_feats, self.temperature, x.device)
         pos_y = _interleave_sin_cos(y[:, None] / freqs)      # [H, F]
         pos_x = _interleave_sin_cos(x_pos[:, None] / freqs)  # [W, F]
