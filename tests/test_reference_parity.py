@@ -1,0 +1,108 @@
+"""The project's models against reference implementations, through the importer.
+
+Deformable DETR: transformers' DeformableDetrForObjectDetection at a small config with random
+weights, saved with save_pretrained, imported, run on the same image: logits and boxes must agree
+to 1e-4. DINO (not in transformers) and the original Deformable-DETR `.pth` layout: every parameter
+name of the official model (tests/fixtures/*_official_params.json, see official_params.py) must
+map onto the project model with its shape.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from clock_deploy.convert import deformable, dino
+from clock_deploy.convert.importer import Imported, build_imported_model, import_checkpoint
+from clock_deploy.errors import UserError
+from tests.fixtures.official_params import FIXTURES, fixture
+
+transformers = pytest.importorskip("transformers")
+
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def random_hf_deformable(folder, num_labels, box_refine, two_stage, seed=0):
+    """A small transformers Deformable DETR with every weight perturbed, saved to `folder`."""
+    torch.manual_seed(seed)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[2, 2, 2, 2],
+                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=backbone,
+        d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, two_stage_num_proposals=20,
+        num_labels=num_labels, with_box_refine=box_refine, two_stage=two_stage)
+    model = transformers.DeformableDetrForObjectDetection(config).eval()
+    with torch.no_grad():  # zero-initialized heads and offsets would hide mapping mistakes
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def max_diffs(hf_model, project_model, image):
+    with torch.no_grad():
+        ref, own = hf_model(pixel_values=image), project_model(image)
+    return ((ref.logits - own.pred_logits).abs().max().item(), (ref.pred_boxes - own.pred_boxes).abs().max().item())
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+@pytest.mark.parametrize("box_refine,two_stage", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "box_refine", "two_stage"])
+def test_deformable_detr_matches_transformers(tmp_path, num_labels, box_refine, two_stage):
+    hf_model = random_hf_deformable(tmp_path, num_labels, box_refine, two_stage)
+    imported = import_checkpoint(tmp_path)
+    cfg, model = build_imported_model(imported, str(tmp_path))
+    assert (cfg.model.box_refine, cfg.model.two_stage, cfg.model.num_classes) == (box_refine, two_stage, num_labels)
+    image = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    logits_diff, boxes_diff = max_diffs(hf_model, model, image)
+    assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)
+
+
+def test_two_stage_ranking_rule_is_what_makes_three_classes_match(tmp_path):
+    """DINO's max-over-classes ranking selects other proposals than Deformable DETR's class 0."""
+    hf_model = random_hf_deformable(tmp_path, 3, True, True)
+    imported = import_checkpoint(tmp_path)
+    imported.overrides["proposal_rank"] = "max_class"
+    _, model = build_imported_model(imported, str(tmp_path))
+    logits_diff, _ = max_diffs(hf_model, model, torch.randn(1, 3, 64, 96))
+    assert logits_diff > 1e-2
+
+
+def official_state(name):
+    """Zero tensors under every official name and shape of fixture `name` (aliases are equal)."""
+    with open(os.path.join(FIXTURE_DIR, name)) as f:
+        data = json.load(f)
+    return data, {key: torch.zeros(shape) for key, shape in data["params"]}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_fixture_is_what_the_generator_writes(name):
+    with open(os.path.join(FIXTURE_DIR, name)) as f:
+        assert json.load(f) == json.loads(json.dumps(fixture(FIXTURES[name])))
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_every_official_name_maps_with_its_shape(name):
+    data, state = official_state(name)
+    convert = dino.official_to_project if data["config"]["arch"] == "dino" else deformable.official_to_project
+    overrides, converted, notes = convert(state, None, name)
+    imported = Imported(data["config"]["arch"], "official", overrides, converted, [], len(state), notes)
+    cfg, _ = build_imported_model(imported, name)  # raises on any missing, extra or misshaped weight
+    m, c = cfg.model, data["config"]
+    assert (m.hidden_dim, m.ffn_dim, m.enc_layers, m.dec_layers, m.num_queries, m.num_classes) == \
+        (c["hidden_dim"], c["ffn"], c["enc_layers"], c["dec_layers"], c["num_queries"], c["num_classes"])
+    assert (m.backbone.depth, m.backbone.return_levels, m.num_feature_levels) == (50, [1, 2, 3], 4)
+
+
+def test_unknown_and_missing_official_names_are_one_clear_error():
+    _, state = official_state("dino_official_params.json")
+    with pytest.raises(UserError, match="unknown keys.*transformer.mystery_head.weight"):
+        dino.official_to_project({**state, "transformer.mystery_head.weight": torch.zeros(3)}, None, "x.pth")
+    del state["transformer.decoder.layers.5.norm3.bias"]
+    overrides, converted, notes = dino.official_to_project(state, None, "x.pth")
+    with pytest.raises(UserError, match="1 project weights missing.*decoder.5.norm3.bias"):
+        build_imported_model(Imported("dino", "official", overrides, converted, [], len(state), notes), "x.pth")
