@@ -18,6 +18,8 @@ COMMANDS = {
     "eval": ("clock_deploy.eval.commands", "eval_cmd", "KITTI AP (R40/R11) and COCO mAP of detection files."),
     "train": ("clock_deploy.engine.commands", "train", "Train a teacher or a baseline student."),
     "distill": ("clock_deploy.engine.commands", "distill", "Distill a student from a teacher (CLoCK, KD-DETR, FGD)."),
+    "import": ("clock_deploy.convert.commands", "import_cmd",
+               "Convert a pretrained DETR (transformers folder, official .pth) into a checkpoint."),
     "export": ("clock_deploy.export.commands", "export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT."),
     "engine": ("clock_deploy.export.commands", "engine", "Build a TensorRT engine from an exported ONNX, on the device."),
     "calibrate": ("clock_deploy.export.commands", "calibrate", "Choose an INT8 calibration set and write its manifest."),

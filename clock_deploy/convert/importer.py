@@ -9,6 +9,7 @@ The converted weights must fill the project model built from the derived config 
 an unknown source key, a missing project weight or a wrong shape is one UserError.
 """
 import argparse
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 
 from clock_deploy.config import Config, ConfigError, from_dict
 from clock_deploy.convert import deformable, dino
+from clock_deploy.convert.common import args_dict
 from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.io import read_json
@@ -40,12 +42,15 @@ class Imported:
 
 
 def _dab_converters():
+    """DAB-DETR's converters (clock_deploy/convert/dab_detr.py), wrapped to report like the others."""
     try:
-        from clock_deploy.convert import dab_detr
-    except ImportError:
+        dab_detr = importlib.import_module("clock_deploy.convert.dab_detr")
+    except ModuleNotFoundError as e:
+        if e.name != "clock_deploy.convert.dab_detr":
+            raise
         raise UserError("DAB-DETR import not available in this version of clock-deploy") from None
-    return (lambda s, c, where: (*dab_detr.hf_to_project(s, c), []),
-            lambda s, a, where: (*dab_detr.official_to_project(s, a), []))
+    return (lambda state, config, where: (*dab_detr.hf_to_project(state, config), []),
+            lambda state, args, where: (*dab_detr.official_to_project(state, args_dict(args) or None), []))
 
 
 def _converter(arch, source):
@@ -59,13 +64,17 @@ def _converter(arch, source):
     return dino.official_to_project
 
 
+def _first_line(error):
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def _load_torch(path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or a pickle holding code / foreign objects
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 
 
 def read_hf_folder(folder):
@@ -77,8 +86,7 @@ def read_hf_folder(folder):
             from safetensors.torch import load_file
             state = load_file(weights)
         except Exception as e:
-            raise UserError(f"{weights}: not a readable safetensors file ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{weights}: not a readable safetensors file ({_first_line(e)})") from None
     elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         state = _load_torch(os.path.join(folder, "pytorch_model.bin"))
     else:
