@@ -78,7 +78,7 @@ class BackboneConfig:
 class DenoisingConfig:
     num_queries: int = 100        # total denoising queries (DINO dn_number)
     label_noise: float = 0.5
-    box_noise: float = 1.0
+    box_noise: float = 0.4        # DINO_4scale.py dn_box_noise_scale
 
 
 @dataclass

@@ -11,7 +11,7 @@ from clock_deploy.data.kitti import class_names
 from clock_deploy.engine.checkpoint import load_model, read_checkpoint
 from clock_deploy.engine.commands import load_teacher
 from clock_deploy.runtime import Detector
-from fixtures.official_params import DEFORMABLE_R50_TWO_STAGE, deformable_params
+from official_params import DEFORMABLE_R50_TWO_STAGE, deformable_params
 from test_reference_parity import random_hf_deformable
 
 pytest.importorskip("transformers")

@@ -13,6 +13,11 @@ from clock_deploy.convert.common import (args_dict, drop_unused_stages, hf_resne
 from clock_deploy.errors import UserError
 
 
+HF_CONFIG_KEYS = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                  "encoder_ffn_dim", "decoder_ffn_dim", "encoder_n_points", "decoder_n_points", "num_queries",
+                  "two_stage_num_proposals")
+
+
 def head_rules(alias, dec_layers, box_refine, two_stage):
     """Class / box heads stored as class_embed.{i} (and again under `alias`, where the original
     ties them into the decoder). Head i < dec_layers belongs to decoder layer i (all share head 0
@@ -69,6 +74,9 @@ def _finish(state, dropped, overrides, where):
 
 def hf_to_project(hf_state, hf_config, where="transformers checkpoint"):
     """transformers Deformable DETR (legacy key names as saved, or the 5.x in-memory names)."""
+    missing = [k for k in HF_CONFIG_KEYS if k not in hf_config]
+    if missing:
+        raise UserError(f"{where}: config.json lacks {', '.join(missing)}: not a transformers Deformable DETR config")
     c = hf_config
     for key, want in (("activation_function", "relu"), ("position_embedding_type", "sine"), ("dilation", False)):
         if c.get(key, want) != want:
@@ -80,7 +88,8 @@ def hf_to_project(hf_state, hf_config, where="transformers checkpoint"):
                             "the project uses one value for encoder and decoder")
     box_refine, two_stage = bool(c.get("with_box_refine")), bool(c.get("two_stage"))
     dec_layers = c["decoder_layers"]
-    backbone_prefixes = ("model.backbone.conv_encoder.model.", "model.backbone.model.")
+    backbone_prefixes = ("model.backbone.conv_encoder.model.", "model.backbone.conv_encoder.model._backbone.",
+                         "model.backbone.model.")
     rules = []
     for prefix in backbone_prefixes:
         rules += (torchvision_backbone_rules(prefix) if c.get("use_timm_backbone", True)

@@ -26,8 +26,18 @@ ARCHS = ("deformable_detr", "dab_detr", "dino")
 HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr"}
 
 # COCO as the original DETR-family heads index it (91 slots by category id; "N/A" ids are unused)
-COCO91 = ["N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic_light", "fire_hydrant", "N/A", "stop_sign", "parking_meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball", "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket", "bottle", "N/A", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair", "couch", "potted_plant", "bed", "N/A", "dining_table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier", "toothbrush"]
-COCO91 = [name.replace("_", " ") if name != "N/A" else f"N/A {i}" for i, name in enumerate(COCO91)]
+COCO91 = [
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A",
+    "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "N/A",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
+    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush"]
+COCO91 = [name if name != "N/A" else f"N/A {i}" for i, name in enumerate(COCO91)]  # unique names
 
 
 @dataclass
@@ -140,7 +150,10 @@ def import_checkpoint(src, arch=None):
         arch, source = arch or detect_official_arch(state, src), "official"
     else:
         raise UserError(f"not found: {src} (expected a transformers folder or an official .pth file)")
-    overrides, project_state, notes = _converter(arch, source)(state, extra, src)
+    try:
+        overrides, project_state, notes = _converter(arch, source)(state, extra, src)
+    except KeyError as e:  # a weight the model config is read from (names after renaming)
+        raise UserError(f"{src}: no weight for '{e.args[0]}': an incomplete {arch} checkpoint") from None
     num_classes = overrides["num_classes"]
     classes = _class_names(extra if source == "transformers" else None, num_classes)
     return Imported(arch, source, overrides, project_state, classes, len(state), notes)
