@@ -164,3 +164,19 @@ def test_denoising_and_encoder_losses():
     doubled = dict(meta, num_groups=2)
     half = criterion().denoising_losses(dn.stages[0], doubled, 1.0)
     assert half["loss_bbox_dn"].item() == pytest.approx(5 * 0.1 / 2, rel=1e-5)
+
+
+def test_deformable_two_stage_proposals_learn_every_object_as_class_0():
+    """Deformable DETR ranks its proposals by class 0 (model.proposal_rank=first_class), so their loss
+    is class-agnostic; with max_class, and in DINO, they learn the real labels."""
+    encoder = StageOutput(logits=torch.tensor([[[2.0, -1.0], [0.0, 0.5]]]), boxes=shifted_stage().boxes)
+    out = DetrOutput(memory=[], memory_pos=[], stages=[shifted_stage()], encoder=encoder)
+    as_class_0 = [{**one_gt()[0], "labels": torch.tensor([0])}]
+
+    def enc_loss(targets, **model):
+        cfg = ModelConfig(num_classes=2, two_stage=True, **{"arch": "deformable_detr", **model})
+        return build_criterion(LossConfig(), cfg)(out, targets)["loss_cls_enc"]
+
+    assert enc_loss(one_gt()) == pytest.approx(enc_loss(as_class_0, proposal_rank="max_class").item())
+    assert enc_loss(one_gt(), proposal_rank="max_class") != pytest.approx(enc_loss(as_class_0).item())
+    assert enc_loss(one_gt(), arch="dino") == pytest.approx(enc_loss(one_gt(), proposal_rank="max_class").item())

@@ -158,6 +158,13 @@ def test_position_embedding_sine_hand_values():
     torch.testing.assert_close(pos[2, :, 0, 1], torch.tensor([0.0, 1.0, 0.0, 1.0]), atol=1e-5, rtol=0)
 
 
+def test_position_embedding_sine_centred_as_deformable_detr():
+    pos = PositionEmbeddingSine(num_pos_feats=2, centred=True)(torch.zeros(1, 5, 1, 2))
+    # y = 0.5 / 1 * 2pi = pi; x = (0.5/2, 1.5/2) * 2pi = (pi/2, 3pi/2); channels (sin y, cos y, sin x, cos x)
+    torch.testing.assert_close(pos[0, :, 0, 0], torch.tensor([0.0, -1.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pos[0, :, 0, 1], torch.tensor([0.0, -1.0, -1.0, 0.0]), atol=1e-5, rtol=0)
+
+
 def test_gen_sineembed_hand_values():
     emb = gen_sineembed_for_position(torch.tensor([[0.25, 0.5]]), num_feats=2)
     # order (y, x): y = pi -> (0, -1); x = pi / 2 -> (1, 0)
@@ -454,3 +461,25 @@ def test_tiny_deformable_detr_overfits_synthetic_rectangles():
         for j, cls in enumerate(target["labels"]):
             found = (iou[j] > 0.5) & (prob[:, cls] > 0.3)
             assert found.any(), f"image {b}: object {j} (class {int(cls)}) not detected"
+
+
+def test_dino_refines_the_next_reference_from_the_un_normed_decoder_output():
+    """As DINO's decoder: ref_1 = sigmoid(bbox_embed(out_0) + logit(ref_0)) with the raw layer output;
+    the LayerNormed output only gives the reported box."""
+    from clock_deploy.models.transformer_utils import inverse_sigmoid
+
+    model = tiny_model("dino").eval()
+    with torch.no_grad():  # non-trivial head and norm, so normed and raw outputs predict different boxes
+        for p in [*model.bbox_embed.parameters(), *model.decoder_norm.parameters()]:
+            p.add_(torch.randn_like(p) * 0.3)
+    seen = {}
+    model.proposals.register_forward_hook(lambda m, args, out: seen.update(ref0=out[1].sigmoid()))
+    model.decoder[0].register_forward_hook(lambda m, args, out: seen.update(out0=out))
+    model.decoder[1].cross_attn.register_forward_pre_hook(lambda m, args: seen.update(ref1=args[1][:, :, 0]))
+    with torch.no_grad():
+        result = model(torch.randn(1, 3, H, W))
+        raw = (model.bbox_embed(seen["out0"]) + inverse_sigmoid(seen["ref0"])).sigmoid()
+        normed = (model.bbox_embed(model.decoder_norm(seen["out0"])) + inverse_sigmoid(seen["ref0"])).sigmoid()
+    torch.testing.assert_close(seen["ref1"], raw)
+    torch.testing.assert_close(result.stages[0].boxes, normed)
+    assert (raw - normed).abs().max() > 1e-3
