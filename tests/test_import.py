@@ -30,7 +30,7 @@ def test_hf_folder_imports_exports_and_loads(tmp_path, capsys):
     teacher = load_teacher(Config(distill=DistillConfig(method="clock", teacher=str(ckpt))), "cpu")
     assert not any(p.requires_grad for p in teacher.parameters())
 
-    model, cfg, _ = load_model(ckpt)
+    model, _, _ = load_model(ckpt)
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert (model(image).pred_logits - hf_model(pixel_values=image).logits).abs().max() <= 1e-4
