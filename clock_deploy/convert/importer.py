@@ -194,8 +194,10 @@ def report(imported, cfg):
     """Lines telling what was mapped, re-initialized and left out, and the derived model config."""
     m = cfg.model
     shape = (f"hidden_dim={m.hidden_dim} enc/dec layers={m.enc_layers}/{m.dec_layers} queries={m.num_queries} "
-             f"classes={m.num_classes} levels={m.num_feature_levels} backbone=ResNet-{m.backbone.depth}"
-             f"(width {m.backbone.width}, levels {m.backbone.return_levels})")
+             f"classes={m.num_classes} backbone=ResNet-{m.backbone.depth}(width {m.backbone.width}, "
+             f"levels {m.backbone.return_levels})")
+    if m.arch != "dab_detr":  # DAB-DETR is single-scale
+        shape += f" levels={m.num_feature_levels}"
     if m.arch == "deformable_detr":
         shape += f" box_refine={m.box_refine} two_stage={m.two_stage}"
     return [f"{imported.source} {m.arch}: {shape}",
