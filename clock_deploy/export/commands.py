@@ -15,6 +15,9 @@ from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
 
 SAMPLING_CHOICES = ("grid_sample", "gather")
+BUILDER_CHOICES = ("tensorrt", "tensorrt-rtx")  # tensorrt.BUILDERS, without importing it for --help
+BATCH_HELP = ("Batch sizes: MIN,OPT,MAX (TensorRT profile) or N (1..N, tuned for N; the batch of a static model) "
+              "[default: dynamic 1,1,8; static 1].")
 
 
 def parse_imgsz(text):
@@ -110,8 +113,11 @@ class Exporter:
             raise
         return report
 
-    def run(self, precision, trt=False, calib=None, calib_root=None, batch=1, dynamic=True, exclude_nodes=(),
-            sensitivity=False, sensitivity_images=4, parity_images=4, map_images=32, timing_cache=None):
+    def run(self, precision, trt=False, calib=None, calib_root=None, batch=None, dynamic=True, exclude_nodes=(),
+            sensitivity=False, sensitivity_images=4, parity_images=4, map_images=32, timing_cache=None,
+            builder=None):
+        """batch: N or (MIN, OPT, MAX) (metadata.batch_spec; None = 1..8 dynamic, 1 static).
+        builder: "tensorrt" | "tensorrt-rtx" for the engine (default the first installed)."""
         from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from clock_deploy.export.metadata import batch_spec, input_spec
         from clock_deploy.export.onnx import export_onnx
@@ -123,7 +129,7 @@ class Exporter:
         if trt:
             from clock_deploy.export.onnx import model_sampling
             from clock_deploy.export.tensorrt import import_tensorrt
-            import_tensorrt()
+            import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 self.echo("note: deformable attention samples with GridSample, which TensorRT has been reported "
                           "to miscompile; --sampling gather avoids it")
@@ -131,6 +137,7 @@ class Exporter:
         if precision == "int8" or sensitivity:
             images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)
         self.batch = batch_spec(dynamic, batch)
+        trace_batch = self.batch["opt"] if dynamic else self.batch["max"]
         height, width = self.cfg.data.img_size
         self.input_spec = input_spec(height, width, IMAGENET_MEAN, IMAGENET_STD)
         self.dataset = _val_dataset(self.cfg)
@@ -139,7 +146,7 @@ class Exporter:
 
         fp32 = self.path(".onnx")
         info = export_onnx(self.model, fp32, height=height, width=width, topk=exp.topk, opset=exp.opset,
-                           dynamic=dynamic, batch=batch, simplify=exp.simplify)
+                           dynamic=dynamic, batch=trace_batch, simplify=exp.simplify)
         self.finish(fp32, self.metadata("onnx", "fp32", export=info), parity_images, map_images)
 
         if sensitivity:
@@ -154,19 +161,20 @@ class Exporter:
             from clock_deploy.export.precision import quantize_int8
             artifact = self.path(".int8.onnx")
             paths, calibration = images
-            info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else batch,
+            info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
                                  nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
             self.finish(artifact, self.metadata("onnx", "int8", calibration={**calibration, **info}),
                         parity_images, map_images)
         if trt:
-            self.engine(artifact, precision, timing_cache)
+            self.engine(artifact, precision, timing_cache, builder)
         return self.summary
 
     def finish(self, path, meta, parity_images, map_images):
-        """Check parity, then write the sidecar that makes the artifact loadable."""
-        from clock_deploy.export.metadata import write_metadata
+        """Check parity, then write the sidecar that makes the artifact loadable (and embed it in the ONNX)."""
+        from clock_deploy.export.metadata import embed_metadata, write_metadata
 
         meta["parity"] = self.check(path, meta, parity_images, map_images)
+        embed_metadata(path, meta)
         write_metadata(path, meta)
         self.summary[meta["precision"]] = path
 
@@ -196,16 +204,15 @@ class Exporter:
         self.echo(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
         self.summary["sensitivity"] = path
 
-    def engine(self, onnx_path, precision, timing_cache):
+    def engine(self, onnx_path, precision, timing_cache, builder=None):
         from clock_deploy.export.metadata import read_metadata
-        from clock_deploy.export.tensorrt import engine_from_onnx
+        from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
 
         exp = self.cfg.export
         engine = engine_from_onnx(onnx_path, precision, self.path(f".{precision}.engine"),
-                                  workspace_gb=exp.workspace_gb, dla_core=exp.dla_core,
+                                  workspace_gb=exp.workspace_gb, dla_core=exp.dla_core, builder=builder,
                                   timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"))
-        build = read_metadata(engine)["tensorrt"]
-        self.echo(f"wrote {engine} (TensorRT {build['version']} on {build['device']})")
+        self.echo(describe_build(engine, read_metadata(engine)["tensorrt"]))
         self.summary["engine"] = engine
 
 def _describe(path, report):
@@ -223,14 +230,17 @@ def _describe(path, report):
 @click.command()
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to export.")
 @click.option("--onnx", "onnx_flag", is_flag=True, help="Write ONNX (always done; the default output).")
-@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and an NVIDIA GPU).")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and an NVIDIA GPU, "
+              "or tensorrt-rtx, which also builds without a GPU).")
+@click.option("--builder", type=click.Choice(BUILDER_CHOICES), default=None,
+              help="Engine builder [default: tensorrt if installed, else tensorrt-rtx].")
 @click.option("--fp16", "precision", flag_value="fp16", help="Also write the FP16 ONNX (and engine).")
 @click.option("--int8", "precision", flag_value="int8", help="Also write the INT8 Q/DQ ONNX (needs --calib).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None, help="Calibration manifest (INT8).")
 @click.option("--calib-root", default=None, help="Dataset root overriding the one in the manifest.")
 @click.option("--calib-images", type=int, default=None, help="Use the first N manifest images (0 = all).")
 @click.option("--exclude-node", multiple=True, help="ONNX node kept in float for INT8 (repeatable).")
-@click.option("--batch", default=1, show_default=True, help="Max batch (dynamic) or the batch (static).")
+@click.option("--batch", default=None, help=BATCH_HELP)
 @click.option("--dynamic/--static", default=None, help="Dynamic batch axis [default: export.dynamic_batch].")
 @click.option("--imgsz", default=None, help="Network input HEIGHTxWIDTH [default: the checkpoint's data.img_size].")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: export.opset, 17].")
@@ -248,7 +258,7 @@ def _describe(path, report):
 @click.option("--workspace-gb", type=float, default=None, help="TensorRT workspace [default: export.workspace_gb].")
 @click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson), GPU fallback on.")
 @click.option("--timing-cache", default=None, help="TensorRT timing cache file [default: <out>/timing.cache].")
-def export(ckpt, onnx_flag, trt, precision, calib, calib_root, calib_images, exclude_node, batch, dynamic, imgsz,
+def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_images, exclude_node, batch, dynamic, imgsz,
            opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
            map_images, workspace_gb, dla_core, timing_cache):
     """Export a checkpoint to ONNX (FP32 + FP16 / INT8) and optionally TensorRT, with parity checks."""
@@ -271,7 +281,7 @@ def export(ckpt, onnx_flag, trt, precision, calib, calib_root, calib_images, exc
                            dynamic=cfg.export.dynamic_batch if dynamic is None else dynamic,
                            exclude_nodes=exclude_node, sensitivity=sensitivity,
                            sensitivity_images=sensitivity_images, parity_images=parity_images,
-                           map_images=map_images, timing_cache=timing_cache)
+                           map_images=map_images, timing_cache=timing_cache, builder=builder)
     for key, path in summary.items():
         click.echo(f"{key}: {path}")
 
@@ -302,13 +312,17 @@ def calibrate(root, split, num, out, seed):
 @click.option("--workspace-gb", default=2.0, show_default=True)
 @click.option("--dla-core", default=-1, show_default=True, help="DLA core (Jetson), GPU fallback on; -1 = GPU only.")
 @click.option("--timing-cache", default=None, help="Timing cache file, loaded when present and saved after the build.")
-def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cache):
+@click.option("--batch", default=None, help="Engine profile MIN,OPT,MAX or N [default: the ONNX's sidecar].")
+@click.option("--builder", type=click.Choice(BUILDER_CHOICES), default=None,
+              help="tensorrt or tensorrt-rtx [default: tensorrt if installed, else tensorrt-rtx].")
+def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cache, batch, builder):
     """Build a TensorRT engine from an exported ONNX (and its sidecar) on the device that will run it.
 
     Needs no torch and no checkpoint: copy the .onnx and its .onnx.json to the Jetson and run this there.
     """
-    from clock_deploy.export.tensorrt import engine_from_onnx
+    from clock_deploy.export.metadata import read_metadata
+    from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
 
     path = engine_from_onnx(onnx_path, precision, engine_path, workspace_gb=workspace_gb, dla_core=dla_core,
-                            timing_cache=timing_cache)
-    click.echo(f"wrote {path}")
+                            timing_cache=timing_cache, batch=batch, builder=builder)
+    click.echo(describe_build(path, read_metadata(path)["tensorrt"]))

@@ -3,8 +3,9 @@
 It is everything a runtime needs to use the artifact without the training code: the
 input size and normalization, the class names, the precision and batch profile, and
 where the file came from (checkpoint sha256, toolkit / opset / onnxruntime / TensorRT
-versions, calibration manifest, parity results). This module is torch-free because
-the runtime reads it.
+versions, calibration manifest, parity results). An ONNX also carries the same JSON in
+its metadata_props, so a lone .onnx still loads; an engine cannot, so its sidecar must
+travel with it. This module is torch-free because the runtime reads it.
 """
 import datetime
 import math
@@ -26,6 +27,7 @@ OUTPUT_DOC = {
 }
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = ("format", "classes", "input", "topk", "batch", "precision")
+EMBEDDED_KEY = "clock_deploy"  # ONNX metadata_props key holding the sidecar's JSON
 
 
 def sidecar_path(artifact):
@@ -35,7 +37,7 @@ def sidecar_path(artifact):
 def package_versions():
     """Versions of the export toolchain that are importable here (absent ones are left out)."""
     versions = {"clock_deploy": __version__}
-    for name in ("torch", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
+    for name in ("torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "tensorrt_rtx"):
         try:
             module = __import__(name)
         except ImportError:
@@ -60,12 +62,52 @@ def input_spec(height, width, mean, std):
     }
 
 
-def batch_spec(dynamic, batch):
-    """Batch sizes an artifact accepts. Dynamic: 1..batch (TensorRT profile min 1, opt = max = batch)."""
-    batch = int(batch)
-    if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
-    return {"dynamic": bool(dynamic), "min": 1 if dynamic else batch, "opt": batch, "max": batch}
+DEFAULT_DYNAMIC_BATCH = (1, 1, 8)  # TensorRT profile (min, opt, max) of a dynamic-batch model
+
+
+def parse_batch(value):
+    """--batch value -> (min, opt, max) or one int: 'MIN,OPT,MAX', 'N', N, a 3-sequence or None."""
+    if value is None or isinstance(value, int):
+        return value
+    parts = str(value).split(",") if isinstance(value, str) else list(value)
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 3) or min(numbers) < 1:
+        raise UserError(f"--batch must be N or MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got '{value}'")
+    if len(numbers) == 3 and not numbers[0] <= numbers[1] <= numbers[2]:
+        raise UserError(f"--batch {value}: needs MIN <= OPT <= MAX")
+    return numbers[0] if len(numbers) == 1 else tuple(numbers)
+
+
+def batch_spec(dynamic, batch=None):
+    """Batch sizes an artifact accepts, and its TensorRT optimization profile.
+
+    Dynamic: MIN,OPT,MAX as given; N means 1..N tuned for N; none means 1..8 tuned for 1.
+    Static: one batch size (default 1).
+    """
+    batch = parse_batch(batch)
+    if not dynamic:
+        if isinstance(batch, tuple) and len(set(batch)) > 1:
+            raise UserError(f"--batch {','.join(map(str, batch))}: a static-batch model takes one batch size "
+                            "(export with --dynamic for a range)")
+        size = batch[0] if isinstance(batch, tuple) else (batch or 1)
+        return {"dynamic": False, "min": size, "opt": size, "max": size}
+    low, opt, high = (DEFAULT_DYNAMIC_BATCH if batch is None else
+                      (1, batch, batch) if isinstance(batch, int) else batch)
+    return {"dynamic": True, "min": low, "opt": opt, "max": high}
+
+
+def engine_batch(onnx_batch, request, onnx_path):
+    """The engine's batch spec: the ONNX's, or `request` (--batch) where the ONNX's batch axis allows it."""
+    if request is None:
+        return onnx_batch
+    spec = batch_spec(onnx_batch["dynamic"], request)
+    if not onnx_batch["dynamic"] and spec["max"] != onnx_batch["max"]:
+        raise UserError(f"{onnx_path}: static batch of {onnx_batch['max']}, so --batch {request} cannot be built; "
+                        "export it with --dynamic for other batch sizes")
+    return spec
 
 
 def build_metadata(*, kind, arch, classes, height, width, mean, std, precision, topk, batch,
@@ -132,13 +174,49 @@ def _check_fields(meta, path):
             raise UserError(f"{path}: input.{key} must be 3 numbers, got {values!r}"[:300])
 
 
+def embed_metadata(onnx_path, meta):
+    """Store `meta` as JSON under metadata_props[EMBEDDED_KEY] of the ONNX file (rewritten atomically)."""
+    import json
+
+    import onnx
+
+    from clock_deploy.io import atomic_path
+
+    model = onnx.load(os.fspath(onnx_path))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        EMBEDDED_KEY: json.dumps(meta, default=str)})
+    with atomic_path(onnx_path) as tmp:
+        onnx.save(model, tmp)
+
+
+def embedded_metadata(onnx_path):
+    """The metadata embedded in an ONNX file, or None."""
+    import json
+
+    import onnx
+
+    try:
+        model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    except Exception as e:  # not an ONNX file: say so rather than pretending the metadata is absent
+        raise UserError(f"{onnx_path}: cannot be read as ONNX ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[EMBEDDED_KEY]) if EMBEDDED_KEY in props else None
+
+
 def read_metadata(artifact):
-    """Read and check the sidecar of `artifact`; every problem is a UserError naming the file."""
+    """Read and check the sidecar of `artifact` (for an ONNX without one, the copy embedded in it);
+    every problem is a UserError naming the file."""
     path = sidecar_path(artifact)
-    if not os.path.isfile(path):
-        raise UserError(f"{artifact}: metadata sidecar {path} is missing; it is written by "
+    embedded = None
+    if not os.path.isfile(path) and os.fspath(artifact).endswith(".onnx") and os.path.isfile(artifact):
+        embedded = embedded_metadata(artifact)
+        path = f"{artifact} (embedded metadata)"
+    if not os.path.isfile(path) and embedded is None:
+        room = (" (an engine has no room for embedded metadata)" if not os.fspath(artifact).endswith(".onnx")
+                else "")
+        raise UserError(f"{artifact}: metadata sidecar {path} is missing{room}; it is written by "
                         "`clock-deploy export` next to the model and must travel with it")
-    meta = read_json(path)
+    meta = read_json(path) if embedded is None else embedded
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy metadata file (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED_KEYS if k not in meta]

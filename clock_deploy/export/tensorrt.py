@@ -1,7 +1,11 @@
-"""ONNX -> TensorRT engine with the TensorRT Python API (TensorRT 10 and 11).
+"""ONNX -> TensorRT engine with the TensorRT Python API (TensorRT 10 and 11, TensorRT-RTX).
 
-tensorrt is imported only when an engine is built or run, so everything else works
-without it. Precision comes from the ONNX wherever possible:
+The builder is stock TensorRT (`tensorrt`: data-center, Jetson) or TensorRT-RTX
+(`tensorrt_rtx`: RTX GPUs; it also builds ahead of time on a machine without a GPU,
+which is how the tests check every exported graph). It is imported only when an
+engine is built or run, so everything else works without it. TensorRT-RTX has
+TensorRT 11's API (strongly typed only, no precision builder flags, no DLA, timing
+cache calls are no-ops). Precision comes from the ONNX wherever possible:
 
 - TensorRT 11 builds strongly typed networks only (the precision builder flags and
   implicit INT8 calibration are gone): the FP16 engine is built from the FP16 ONNX
@@ -17,26 +21,44 @@ import os
 from dataclasses import dataclass, field
 
 from clock_deploy.errors import UserError
+from clock_deploy.export.engine_report import LAYER_LISTING_HEADER
 from clock_deploy.export.metadata import INPUT_NAME, build_metadata, read_metadata, write_metadata
 from clock_deploy.io import atomic_path
 
 INSTALL_HINT = ("install it with `pip install clock-deploy[trt]` on x86 with an NVIDIA GPU, "
-                "or `sudo apt install python3-libnvinfer` (JetPack) on Jetson")
+                "`sudo apt install python3-libnvinfer` (JetPack) on Jetson, "
+                "or `pip install clock-deploy[rtx]` (TensorRT-RTX) for RTX GPUs")
+BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # --builder name -> Python module
 
 
 class TensorRTUnavailable(UserError):
     """TensorRT or a usable NVIDIA GPU is missing; the message says what to install."""
 
 
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTUnavailable(f"TensorRT is not installed: {INSTALL_HINT}") from None
-    return tensorrt
+def import_tensorrt(builder=None):
+    """The builder's module: `builder` ("tensorrt" | "tensorrt-rtx"), or the first one installed."""
+    import importlib
+
+    if builder is not None and builder not in BUILDERS:
+        raise UserError(f"--builder must be one of {list(BUILDERS)}, got '{builder}'")
+    for name in [builder] if builder else list(BUILDERS):
+        try:
+            return importlib.import_module(BUILDERS[name])
+        except ImportError:
+            continue
+    what = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}.get(builder, "TensorRT")
+    raise TensorRTUnavailable(f"{what} is not installed: {INSTALL_HINT}")
+
+
+def builder_name(trt):
+    """"tensorrt" or "tensorrt-rtx" for an imported builder module."""
+    return "tensorrt-rtx" if getattr(trt, "__name__", "").split(".")[0] == "tensorrt_rtx" else "tensorrt"
 
 
 def major_version(trt):
+    """The TensorRT API generation: TensorRT-RTX (1.x) has TensorRT 11's strongly typed API."""
+    if builder_name(trt) == "tensorrt-rtx":
+        return 11
     return int(str(trt.__version__).split(".")[0])
 
 
@@ -87,6 +109,31 @@ def _parser_errors(parser):
     return "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors)) or "unknown error"
 
 
+def _make_logger(trt):
+    """A logger that prints warnings and errors like trt.Logger(WARNING) and keeps the builder's
+    verbose layer listing (the precision report's source where the engine cannot be deserialized)."""
+    import sys
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.layer_listing = None
+            self.printed = set()
+
+        def log(self, severity, msg):
+            if msg.startswith(LAYER_LISTING_HEADER):
+                self.layer_listing = msg
+            elif int(severity) <= int(trt.ILogger.Severity.WARNING) and msg not in self.printed:
+                self.printed.add(msg)  # e.g. one "Converting conv weight scales to fp32" per convolution
+                print(f"[TRT] [{str(severity).rsplit('.', 1)[-1][0]}] {msg}", file=sys.stderr)
+
+    if not hasattr(trt, "ILogger"):  # stand-in modules in tests
+        return trt.Logger(trt.Logger.WARNING)
+    logger = Logger()
+    logger.min_severity = trt.ILogger.Severity.VERBOSE
+    return logger
+
+
 def _make_builder(trt, logger):
     try:
         builder = trt.Builder(logger)
@@ -101,12 +148,19 @@ def _make_builder(trt, logger):
 
 
 def _load_timing_cache(config, path):
+    """Give the build the cache at `path`; a cache from another TensorRT / GPU is dropped with one warning."""
+    import warnings
+
     data = b""
     if path and os.path.isfile(path):
         with open(path, "rb") as f:
             data = f.read()
-    cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return
+    warnings.warn(f"{path}: timing cache was made by another TensorRT version or GPU; starting a fresh one",
+                  stacklevel=3)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise UserError(f"TensorRT refused a fresh timing cache; pass --timing-cache to another file than {path}")
 
 
 def _save_timing_cache(config, path):
@@ -116,47 +170,63 @@ def _save_timing_cache(config, path):
 
 
 def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, width, batch,
-                 workspace_gb=2.0, timing_cache=None, dla_core=-1, trt=None):
+                 workspace_gb=2.0, timing_cache=None, dla_core=-1, trt=None, builder=None):
     """Build and write `engine_path` from `onnx_path`; returns the `tensorrt` sidecar section.
 
     batch: metadata.batch_spec dict; a dynamic batch gets one optimization profile (min, opt, max).
-    timing_cache: file loaded when present and written after the build (speeds up rebuilds).
-    trt: the tensorrt module (tests pass a stand-in); imported when None.
+    timing_cache: file loaded when present and written after the build (speeds up rebuilds;
+    TensorRT-RTX has none).
+    trt: the builder module (tests pass a stand-in); else imported from `builder`
+    ("tensorrt" | "tensorrt-rtx", default the first installed).
     """
-    trt = trt or import_tensorrt()
+    import time
+
+    from clock_deploy.export.engine_report import layer_precisions
+
+    trt = trt or import_tensorrt(builder)
+    name = builder_name(trt)
     plan = plan_build(major_version(trt), onnx_precision, precision, dla_core)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _make_logger(trt)
     builder = _make_builder(trt, logger)
     network = builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
-        raise UserError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: {_parser_errors(parser)}")
+        raise UserError(f"{onnx_path}: {name} {trt.__version__} cannot parse it: {_parser_errors(parser)}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    for name in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
+    if hasattr(trt, "ProfilingVerbosity"):  # layer names, types and precisions for the precision report
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if batch["dynamic"]:
         profile = builder.create_optimization_profile()
         profile.set_shape(INPUT_NAME, *profile_shapes(batch, height, width))
         config.add_optimization_profile(profile)
     if dla_core >= 0:
+        if name == "tensorrt-rtx":
+            raise UserError("--dla-core: TensorRT-RTX has no DLA; build Jetson DLA engines with TensorRT")
         if dla_core >= builder.num_DLA_cores:
             raise UserError(f"--dla-core {dla_core}: this device has {builder.num_DLA_cores} DLA cores")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
+    timing_cache = None if name == "tensorrt-rtx" else timing_cache  # its timing cache calls are no-ops
     if timing_cache:
         _load_timing_cache(config, timing_cache)
 
+    start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
     if serialized is None:
-        raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+        raise UserError(f"{onnx_path}: {name} failed to build an engine (see the TensorRT log above)")
+    serialized = bytes(serialized)
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(bytes(serialized))
+            f.write(serialized)
     if timing_cache:
         _save_timing_cache(config, timing_cache)
     return {
+        "builder": name,
         "version": str(trt.__version__),
         "device": cuda_device_name(),
         "strongly_typed": plan.strongly_typed,
@@ -166,6 +236,8 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
         "dla_core": dla_core,
         "profile": [list(s) for s in profile_shapes(batch, height, width)],
         "onnx": os.path.basename(os.fspath(onnx_path)),
+        "build_seconds": round(seconds, 2),
+        "layers": layer_precisions(trt, serialized, getattr(logger, "layer_listing", None), onnx_path),
     }
 
 
@@ -183,13 +255,17 @@ def cuda_device_name(index=0):
 
 
 def engine_from_onnx(onnx_path, precision=None, engine_path=None, *, workspace_gb=2.0, timing_cache=None,
-                     dla_core=-1, trt=None):
+                     dla_core=-1, batch=None, builder=None, trt=None):
     """Build the engine of an exported ONNX and write its sidecar; torch-free, for building on the device.
 
     Everything the build needs (input size, batch profile, precision, classes, calibration, parity)
-    comes from the ONNX's own sidecar. precision: defaults to the ONNX's; "fp16" from an FP32 ONNX
-    uses TensorRT 10's FP16 builder flag. Returns the engine path.
+    comes from the ONNX's own sidecar (or, without one, the copy embedded in the ONNX). precision:
+    defaults to the ONNX's; "fp16" from an FP32 ONNX uses TensorRT 10's FP16 builder flag.
+    batch: "MIN,OPT,MAX" or a number overriding the ONNX's profile (metadata.engine_batch).
+    builder: "tensorrt" | "tensorrt-rtx" (default the first installed). Returns the engine path.
     """
+    from clock_deploy.export.metadata import engine_batch
+
     onnx_path = os.fspath(onnx_path)
     onnx_meta = read_metadata(onnx_path)
     onnx_precision = onnx_meta["precision"]
@@ -199,14 +275,24 @@ def engine_from_onnx(onnx_path, precision=None, engine_path=None, *, workspace_g
         stem = stem[:-len("." + onnx_precision)] if stem.endswith("." + onnx_precision) else stem
         engine_path = f"{stem}.{precision}.engine"
     height, width = onnx_meta["input"]["height"], onnx_meta["input"]["width"]
+    batch = engine_batch(onnx_meta["batch"], batch, onnx_path)
     build = build_engine(onnx_path, engine_path, onnx_precision=onnx_precision, precision=precision,
-                         height=height, width=width, batch=onnx_meta["batch"], workspace_gb=workspace_gb,
-                         timing_cache=timing_cache, dla_core=dla_core, trt=trt)
+                         height=height, width=width, batch=batch, workspace_gb=workspace_gb,
+                         timing_cache=timing_cache, dla_core=dla_core, trt=trt, builder=builder)
     # parity was measured on the ONNX the engine is built from (engines need a GPU to run)
     write_metadata(engine_path, build_metadata(
         kind="tensorrt", arch=onnx_meta["arch"], classes=onnx_meta["classes"], height=height, width=width,
         mean=onnx_meta["input"]["mean"], std=onnx_meta["input"]["std"], precision=precision,
-        topk=onnx_meta["topk"], batch=onnx_meta["batch"], source=onnx_meta.get("source"),
+        topk=onnx_meta["topk"], batch=batch, source=onnx_meta.get("source"),
         opset=onnx_meta.get("opset"), sampling=onnx_meta.get("sampling"),
         calibration=onnx_meta.get("calibration"), tensorrt=build, onnx_parity=onnx_meta.get("parity")))
     return engine_path
+
+
+def describe_build(engine_path, build):
+    """One line for the console: what was built, by which builder, where, how long, in which precisions."""
+    from clock_deploy.export.engine_report import describe
+
+    lo, opt, hi = (shape[0] for shape in build["profile"])
+    return (f"wrote {engine_path} ({build.get('builder', 'tensorrt')} {build['version']} on {build['device']}, "
+            f"batch {lo}/{opt}/{hi}, {build.get('build_seconds', 0):.1f} s): {describe(build.get('layers'))}")

@@ -33,9 +33,10 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, path, meta, device="cuda"):
-        trt = import_tensorrt()
+        build = meta.get("tensorrt") or {}
+        trt = import_tensorrt(build.get("builder", "tensorrt"))  # a TensorRT-RTX engine runs on TensorRT-RTX
         path = os.fspath(path)
-        built_with = (meta.get("tensorrt") or {}).get("version")
+        built_with = build.get("version")
         if built_with != trt.__version__:
             raise UserError(f"{path}: engine built with TensorRT {built_with}, this is TensorRT {trt.__version__}; "
                             "engines only run on the version (and GPU) that built them: rebuild it with "
