@@ -85,8 +85,19 @@ def test_int8_graph_is_symmetric_per_channel_qdq_on_weighted_ops(tmp_path, fp32_
     graph = onnx.load(path).graph
     init = {t.name: t for t in graph.initializer}
     dq_outputs = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
-    consumers = {n.op_type for n in graph.node for i in n.input if i in dq_outputs}
-    assert consumers <= {"Conv", "MatMul", "Gemm"}  # post-processing and everything else stay float
+    readers = [n for n in graph.node for i in n.input if i in dq_outputs]
+    assert {"Conv", "MatMul", "Add"} <= {n.op_type for n in readers} <= {"Conv", "MatMul", "Gemm", "Add"}
+    residual_adds = [n.name for n in readers if n.op_type == "Add"]
+    assert residual_adds and all("/backbone/" in name for name in residual_adds)  # ResNet shortcuts only
+    # no orphan Q/DQ pairs: every DequantizeLinear is read, and fewer Q/DQ than onnxruntime wrote
+    assert len(readers) >= len(dq_outputs)
+    qdq = info["qdq"]
+    assert qdq["after"]["QuantizeLinear"] < qdq["before"]["QuantizeLinear"]
+    assert qdq["after"]["DequantizeLinear"] == len(dq_outputs)
+    # the rest is FP16 (opset 19: Q/DQ scales in float16 too), the outputs stay float32
+    assert any(o.domain in ("", "ai.onnx") and o.version == 19 for o in onnx.load(path).opset_import)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    assert {o.type.tensor_type.elem_type for o in graph.output if o.name != "labels"} == {onnx.TensorProto.FLOAT}
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
             zero_point = onnx.numpy_helper.to_array(init[node.input[2]])
@@ -98,7 +109,7 @@ def test_int8_graph_is_symmetric_per_channel_qdq_on_weighted_ops(tmp_path, fp32_
         scale = onnx.numpy_helper.to_array(init[weight_dq.input[1]])
         assert scale.ndim == 1 and scale.size > 1  # one scale per output channel
         if len(conv.input) > 2:
-            assert conv.input[2] in init and init[conv.input[2]].data_type == onnx.TensorProto.FLOAT  # float bias
+            assert conv.input[2] in init and init[conv.input[2]].data_type == onnx.TensorProto.FLOAT16  # float bias
     assert info["quantized_nodes"] == count_quantized(path)
 
     ref, out = run_onnx(fp32_models[arch], images), run_onnx(path, images)

@@ -115,6 +115,9 @@ def summarize(layers, source, onnx_path=None, keep_ops=None):
     reduced-precision layer, its FP32 layers with the reason each is kept (or none)."""
     counts = {p: sum(1 for layer in layers if layer["precision"] == p) for p in PRECISION_ORDER}
     report = {"source": source, "total": len(layers), **counts}
+    if counts["int8"]:  # which kinds of layer run in INT8 (convolutions, GEMMs, quantize steps)
+        kinds = [layer["type"] for layer in layers if layer["precision"] == "int8"]
+        report["int8_types"] = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
     if counts["int8"] + counts["fp16"] == 0:
         return report
     if keep_ops is None:

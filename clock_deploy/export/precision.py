@@ -6,13 +6,21 @@ are cast up and their outputs back down): Sigmoid and TopK of the score ranking,
 normalizations and softmax (reductions that overflow or lose precision in float16), Log
 (inverse sigmoid of the box refinement), sine position embeddings and GridSample.
 
-INT8: explicit quantization in the form TensorRT's explicit-quantization builder expects:
-QuantizeLinear / DequantizeLinear pairs (QDQ), int8 symmetric activations and weights,
-per-channel weights, float bias, only on Conv / MatMul / Gemm inputs, so the rest of the
-graph (post-processing included) stays float and reads float tensors. The activation
-ranges come from calibration images listed in a manifest (calibration.py), preprocessed
-exactly as the runtime does, and are stored in the Q/DQ scales: TensorRT needs no
-calibration cache.
+INT8: explicit quantization in the form TensorRT's explicit-quantization builder expects,
+then FP16 for everything else (TensorRT 11 and TensorRT-RTX are strongly typed: what the
+graph says is what runs). onnxruntime writes QuantizeLinear / DequantizeLinear pairs (QDQ),
+int8 symmetric activations and per-channel weights, float bias, on Conv / MatMul / Gemm
+inputs; the activation ranges come from calibration images listed in a manifest
+(calibration.py), preprocessed exactly as the runtime does, and are stored in the Q/DQ
+scales (TensorRT needs no calibration cache). A post-pass (finish_qdq) then
+- lets only the weighted layers read quantized activations, plus the shortcut input of
+  residual Adds after a convolution, which NVIDIA's Q/DQ placement guide quantizes so the
+  Add fuses into the convolution (ResNet blocks; a downsampling shortcut has no quantized
+  tensor to reuse and stays float);
+- drops the Q/DQ pairs nobody reads any more (onnxruntime also quantizes every Conv / MatMul
+  output: a third of all Q/DQ nodes);
+- converts the rest of the graph to FP16 with the FP16 export's exclusions, at opset 19 so
+  the Q/DQ scales are float16 too (no float32 islands around every quantized layer).
 The sensitivity analysis calibrates once and reuses the ranges for every node it tries.
 """
 import inspect
@@ -154,21 +162,30 @@ def quantize_int8(src, dst, image_paths, input_spec, batch=1, nodes_to_exclude=(
         reader = ImageReader(image_paths, input_spec, batch)
         with atomic_path(dst) as tmp:
             _quantize(pre, tmp, reader, nodes_to_exclude)
-            model = onnx.load(tmp)
-            float_for_other_readers(model.graph)
-            onnx.checker.check_model(model)
+            model, qdq = finish_qdq(onnx.load(tmp))
             onnx.save(model, tmp)
     return {"images": len(reader) * batch, "op_types": INT8_OP_TYPES, "options": INT8_OPTIONS,
-            "nodes_excluded": list(nodes_to_exclude), "quantized_nodes": count_quantized(dst)}
+            "nodes_excluded": list(nodes_to_exclude), "quantized_nodes": count_quantized(dst),
+            "remainder": "fp16", "keep_fp32_ops": list(FP16_KEEP_FP32_OPS), "qdq": qdq}
+
+
+def finish_qdq(model):
+    """onnxruntime's Q/DQ model -> (TensorRT-ready INT8 + FP16 model, Q/DQ node counts before / after)."""
+    before = qdq_counts(model.graph)
+    float_for_other_readers(model.graph)
+    drop_orphan_qdq(model.graph)
+    model = fp16_remainder(model)
+    onnx.checker.check_model(model)
+    return model, {"before": before, "after": qdq_counts(model.graph)}
 
 
 def float_for_other_readers(graph):
-    """Let only Conv / MatMul / Gemm read quantized activations.
+    """Let only Conv / MatMul / Gemm (and residual shortcuts) read quantized activations.
 
     onnxruntime gives a quantized tensor one Q/DQ pair shared by all its readers, so a
-    residual Add or a Shape next to a convolution would read the int8-rounded value too.
-    Rewiring those readers to the float tensor gives TensorRT's recommended placement
-    (Q/DQ at the inputs of the weighted layers only) and keeps their numbers exact.
+    Shape or a transformer's residual Add next to a projection would read the int8-rounded
+    value too. Those readers are rewired to the float tensor; the shortcut input of a
+    residual Add after a convolution keeps its quantized value (module docstring).
     """
     producers = {out: node for node in graph.node for out in node.output}
     float_of = {}
@@ -176,10 +193,78 @@ def float_for_other_readers(graph):
         quantize = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             float_of[node.output[0]] = quantize.input[0]
+    quantized = {value: dq for dq, value in float_of.items()}
+    constants = {t.name for t in graph.initializer}
     for node in graph.node:
-        if node.op_type not in INT8_OP_TYPES:
-            for i, name in enumerate(node.input):
-                node.input[i] = float_of.get(name, name)
+        if node.op_type in INT8_OP_TYPES:
+            continue
+        for i, name in enumerate(node.input):
+            node.input[i] = float_of.get(name, name)
+        shortcut = residual_shortcut(node, producers, constants)
+        if shortcut is not None and node.input[shortcut] in quantized:
+            node.input[shortcut] = quantized[node.input[shortcut]]
+
+
+def residual_shortcut(node, producers, constants):
+    """Index of the shortcut input when `node` is a residual Add of a convolution branch, else None.
+
+    The convolution branch is a Conv output, possibly through a frozen batch norm (Mul / Add
+    with a constant); the other input is the shortcut.
+    """
+    if node.op_type != "Add" or len(node.input) != 2 or any(i in constants for i in node.input):
+        return None
+
+    def from_conv(name):
+        step = producers.get(name)
+        while step is not None and step.op_type in ("Mul", "Add", "DequantizeLinear", "QuantizeLinear"):
+            inputs = [i for i in step.input if i not in constants]
+            if step.op_type in ("Mul", "Add") and len(inputs) != 1:
+                return False
+            step = producers.get(inputs[0]) if inputs else None
+        return step is not None and step.op_type == "Conv"
+
+    branches = [from_conv(name) for name in node.input]
+    if branches.count(True) != 1:
+        return None  # two convolution branches (downsampling shortcut) or none: not a plain residual
+    return branches.index(False)
+
+
+def drop_orphan_qdq(graph):
+    """Remove Q / DQ nodes whose outputs nobody reads (repeatedly: a Q may feed only orphan DQs)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        orphans = [n for n in graph.node
+                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in read for o in n.output)]
+        if not orphans:
+            break
+        for node in orphans:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
+def qdq_counts(graph):
+    return {op: sum(1 for n in graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
+
+
+def fp16_remainder(model, keep_fp32_ops=FP16_KEEP_FP32_OPS):
+    """FP16 copy of a Q/DQ model: everything but the quantized values and the kept ops in float16.
+
+    Q/DQ take float16 scales from opset 19 on, so the model is raised to opset 19 first.
+    """
+    from onnx import version_converter
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 19:
+        model = version_converter.convert_version(model, 19)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
+    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    sort_nodes(fp16.graph)
+    return fp16
 
 
 def count_quantized(path):
