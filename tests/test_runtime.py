@@ -136,10 +136,22 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
     with pytest.raises(UserError, match=r"swapped.onnx.json: describes another file than .*swapped.onnx"):
         Detector.load(swapped)
 
-    no_sidecar = tmp_path / "alone.onnx"
-    shutil.copy(good, no_sidecar)
-    with pytest.raises(UserError, match="alone.onnx: metadata sidecar .*alone.onnx.json is missing"):
-        Detector.load(no_sidecar)
+    # a lone .onnx loads from the metadata the export embedded in it; without that it names the sidecar
+    alone = tmp_path / "alone.onnx"
+    shutil.copy(good, alone)
+    detector = Detector.load(alone, score_threshold=0.0)
+    sidecar = read_metadata(good)
+    sidecar.pop("artifact_sha256")  # the embedded copy is written before the file's final bytes exist
+    assert detector.meta == sidecar and len(detector(artifacts["images"][0])[0]) > 0
+    stripped = onnx.load(good)
+    del stripped.metadata_props[:]
+    onnx.save(stripped, str(tmp_path / "stripped.onnx"))
+    with pytest.raises(UserError, match="stripped.onnx: metadata sidecar .*stripped.onnx.json is missing"):
+        Detector.load(tmp_path / "stripped.onnx")
+    engine = tmp_path / "alone.fp16.engine"
+    engine.write_bytes(b"serialized engine")
+    with pytest.raises(UserError, match=r"alone.fp16.engine: metadata sidecar .* is missing \(an engine has no room"):
+        Detector.load(engine)
 
     broken_json = copy("json.onnx")
     with open(broken_json + ".json", "w") as f:

@@ -12,8 +12,8 @@ import pytest
 
 from clock_deploy.errors import UserError
 from clock_deploy.export.metadata import batch_spec, build_metadata, read_metadata, write_metadata
-from clock_deploy.export.tensorrt import (BuildPlan, TensorRTUnavailable, build_engine, engine_from_onnx,
-                                         import_tensorrt, plan_build)
+from clock_deploy.export.tensorrt import (BuildPlan, TensorRTUnavailable, build_engine, builder_name,
+                                         engine_from_onnx, import_tensorrt, major_version, plan_build)
 
 H, W = 64, 128
 
@@ -21,8 +21,9 @@ H, W = 64, 128
 class FakeTensorRT:
     """Just enough of the tensorrt module for build_engine; `calls` logs what was asked of it."""
 
-    def __init__(self, version="10.3.0", gpu=True, parse_errors=(), build_ok=True, dla_cores=2):
+    def __init__(self, version="10.3.0", gpu=True, parse_errors=(), build_ok=True, dla_cores=2, name="tensorrt"):
         self.__version__ = version
+        self.__name__ = name
         self.calls = []
         major = int(version.split(".")[0])
         fake = self
@@ -62,7 +63,10 @@ class FakeTensorRT:
                 return Cache(bytes(data))
 
             def set_timing_cache(self, cache, ignore_mismatch):
+                if cache.data.startswith(b"stale"):  # made by another TensorRT / GPU
+                    return False
                 self.cache = cache
+                return True
 
             def get_timing_cache(self):
                 return self.cache
@@ -211,12 +215,80 @@ def test_build_errors_are_clear(tmp_path):
     assert not (tmp_path / "model.engine").exists()
 
 
+def _no_builders(monkeypatch):
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import tensorrt` raise ImportError
+
+
 def test_missing_tensorrt_names_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    _no_builders(monkeypatch)
     with pytest.raises(TensorRTUnavailable) as e:
         import_tensorrt()
     message = str(e.value)
     assert "\n" not in message and "pip install clock-deploy[trt]" in message and "python3-libnvinfer" in message
+    assert "clock-deploy[rtx]" in message
+
+
+def test_builder_choice_tensorrt_first_then_tensorrt_rtx(monkeypatch):
+    stock, rtx = FakeTensorRT("10.3.0"), FakeTensorRT("1.7.1", name="tensorrt_rtx")
+    monkeypatch.setitem(sys.modules, "tensorrt", stock)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", rtx)
+    assert import_tensorrt() is stock and import_tensorrt("tensorrt-rtx") is rtx
+    assert builder_name(stock) == "tensorrt" and builder_name(rtx) == "tensorrt-rtx"
+    assert major_version(rtx) == 11  # TensorRT 11's strongly typed API, whatever its own version number
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert import_tensorrt() is rtx
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
+        import_tensorrt("tensorrt")
+    with pytest.raises(UserError, match="--builder must be one of"):
+        import_tensorrt("tensorrt-llm")
+
+
+def test_tensorrt_rtx_build_has_no_dla_no_timing_cache_and_records_the_builder(tmp_path):
+    rtx = FakeTensorRT("1.7.1", name="tensorrt_rtx")
+    cache = tmp_path / "timing.cache"
+    _, info = _build(tmp_path, rtx, "int8", "int8", timing_cache=str(cache))
+    assert info["builder"] == "tensorrt-rtx" and info["version"] == "1.7.1"
+    assert rtx.recorded("network") == [(0,)] and rtx.recorded("flag") == [] and rtx.recorded("cache_in") == []
+    assert not cache.exists()  # TensorRT-RTX's timing cache calls are no-ops
+    with pytest.raises(UserError, match="TensorRT-RTX has no DLA"):
+        _build(tmp_path, rtx, "fp16", "fp16", dla_core=0)
+
+
+def test_stale_timing_cache_warns_once_and_starts_fresh(tmp_path):
+    trt = FakeTensorRT("10.3.0")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"stale timings")
+    with pytest.warns(UserWarning, match="timing cache was made by another TensorRT") as caught:
+        _build(tmp_path, trt, "fp16", "fp16", timing_cache=str(cache))
+    assert len(caught) == 1
+    assert trt.recorded("cache_in") == [(b"stale timings",), (b"",)]
+    assert cache.read_bytes() == b"timings:"  # the fresh cache replaced the stale one
+
+
+def test_batch_profiles_from_the_command_line(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    common = dict(kind="onnx", arch="dino", classes=["Car"], height=H, width=W, mean=[0, 0, 0], std=[1, 1, 1],
+                  precision="fp16", topk=10)
+    write_metadata(onnx_path, build_metadata(**common, batch=batch_spec(True)))
+    assert read_metadata(onnx_path)["batch"] == {"dynamic": True, "min": 1, "opt": 1, "max": 8}  # the default
+    trt = FakeTensorRT("10.3.0")
+    engine = engine_from_onnx(onnx_path, batch="1,4,8", trt=trt)
+    assert trt.recorded("profile") == [(("images", (1, 3, H, W), (4, 3, H, W), (8, 3, H, W)),)]
+    meta = read_metadata(engine)
+    assert meta["batch"] == {"dynamic": True, "min": 1, "opt": 4, "max": 8}
+    assert meta["tensorrt"]["profile"] == [[1, 3, H, W], [4, 3, H, W], [8, 3, H, W]]
+    engine_from_onnx(onnx_path, batch="2", trt=FakeTensorRT("10.3.0"))
+    assert read_metadata(engine)["batch"] == {"dynamic": True, "min": 1, "opt": 2, "max": 2}
+    # a static-batch ONNX builds only its own batch size
+    write_metadata(onnx_path, build_metadata(**common, batch=batch_spec(False, 2)))
+    with pytest.raises(UserError, match=r"m.onnx: static batch of 2, so --batch 4 cannot be built") as e:
+        engine_from_onnx(onnx_path, batch="4", trt=FakeTensorRT("10.3.0"))
+    assert "\n" not in str(e.value)
+    for bad in ("0", "8,4,1", "1,2", "x"):
+        with pytest.raises(UserError, match="--batch"):
+            batch_spec(True, bad)
 
 
 def test_engine_from_onnx_takes_everything_from_the_sidecar(tmp_path):
@@ -252,7 +324,7 @@ def test_engine_command_without_tensorrt_is_one_line(tmp_path, monkeypatch):
     write_metadata(onnx_path, build_metadata(kind="onnx", arch="dino", classes=["Car"], height=H, width=W,
                                              mean=[0, 0, 0], std=[1, 1, 1], precision="fp32", topk=10,
                                              batch=batch_spec(True, 1)))
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    _no_builders(monkeypatch)
     result = CliRunner().invoke(engine, [str(onnx_path), "--fp16"])
     assert isinstance(result.exception, TensorRTUnavailable)
     assert "pip install clock-deploy[trt]" in str(result.exception)

@@ -96,7 +96,7 @@ def test_engine_command_builds_a_batch_profile_with_half_kernels(exported, tmp_p
     result = CliRunner().invoke(engine, [str(path), "--builder", "tensorrt-rtx", "--batch", "1,4,8",
                                          "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "tensorrt-rtx" in result.output and "batch 1/4/8" in result.output and "fp16" in result.output
+    assert "TensorRT-RTX" in result.output and "batch 1/4/8" in result.output and "fp16" in result.output
     meta = read_metadata(out)
     assert meta["batch"] == {"dynamic": True, "min": 1, "opt": 4, "max": 8}
     assert meta["tensorrt"]["profile"] == [[1, 3, HEIGHT, WIDTH], [4, 3, HEIGHT, WIDTH], [8, 3, HEIGHT, WIDTH]]

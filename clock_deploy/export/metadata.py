@@ -207,15 +207,16 @@ def read_metadata(artifact):
     """Read and check the sidecar of `artifact` (for an ONNX without one, the copy embedded in it);
     every problem is a UserError naming the file."""
     path = sidecar_path(artifact)
+    is_onnx = os.fspath(artifact).endswith(".onnx")
     embedded = None
-    if not os.path.isfile(path) and os.fspath(artifact).endswith(".onnx") and os.path.isfile(artifact):
+    if not os.path.isfile(path) and is_onnx and os.path.isfile(artifact):
         embedded = embedded_metadata(artifact)
-        path = f"{artifact} (embedded metadata)"
     if not os.path.isfile(path) and embedded is None:
-        room = (" (an engine has no room for embedded metadata)" if not os.fspath(artifact).endswith(".onnx")
-                else "")
+        room = "" if is_onnx else " (an engine has no room for embedded metadata)"
         raise UserError(f"{artifact}: metadata sidecar {path} is missing{room}; it is written by "
                         "`clock-deploy export` next to the model and must travel with it")
+    if embedded is not None:
+        path = f"{artifact} (embedded metadata)"
     meta = read_json(path) if embedded is None else embedded
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy metadata file (expected format '{FORMAT}')")

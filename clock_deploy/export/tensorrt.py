@@ -29,6 +29,7 @@ INSTALL_HINT = ("install it with `pip install clock-deploy[trt]` on x86 with an 
                 "`sudo apt install python3-libnvinfer` (JetPack) on Jetson, "
                 "or `pip install clock-deploy[rtx]` (TensorRT-RTX) for RTX GPUs")
 BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # --builder name -> Python module
+DISPLAY_NAMES = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
 
 
 class TensorRTUnavailable(UserError):
@@ -46,7 +47,7 @@ def import_tensorrt(builder=None):
             return importlib.import_module(BUILDERS[name])
         except ImportError:
             continue
-    what = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}.get(builder, "TensorRT")
+    what = DISPLAY_NAMES.get(builder, "TensorRT")
     raise TensorRTUnavailable(f"{what} is not installed: {INSTALL_HINT}")
 
 
@@ -114,6 +115,9 @@ def _make_logger(trt):
     verbose layer listing (the precision report's source where the engine cannot be deserialized)."""
     import sys
 
+    if not hasattr(trt, "ILogger"):  # stand-in modules in tests
+        return trt.Logger(trt.Logger.WARNING)
+
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
@@ -127,8 +131,6 @@ def _make_logger(trt):
                 self.printed.add(msg)  # e.g. one "Converting conv weight scales to fp32" per convolution
                 print(f"[TRT] [{str(severity).rsplit('.', 1)[-1][0]}] {msg}", file=sys.stderr)
 
-    if not hasattr(trt, "ILogger"):  # stand-in modules in tests
-        return trt.Logger(trt.Logger.WARNING)
     logger = Logger()
     logger.min_severity = trt.ILogger.Severity.VERBOSE
     return logger
@@ -191,7 +193,8 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
     network = builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
-        raise UserError(f"{onnx_path}: {name} {trt.__version__} cannot parse it: {_parser_errors(parser)}")
+        raise UserError(f"{onnx_path}: {DISPLAY_NAMES[name]} {trt.__version__} cannot parse it: "
+                        f"{_parser_errors(parser)}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -218,7 +221,7 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
-        raise UserError(f"{onnx_path}: {name} failed to build an engine (see the TensorRT log above)")
+        raise UserError(f"{onnx_path}: {DISPLAY_NAMES[name]} failed to build an engine (see the TensorRT log above)")
     serialized = bytes(serialized)
     with atomic_path(engine_path) as tmp:
         with open(tmp, "wb") as f:
@@ -294,5 +297,6 @@ def describe_build(engine_path, build):
     from clock_deploy.export.engine_report import describe
 
     lo, opt, hi = (shape[0] for shape in build["profile"])
-    return (f"wrote {engine_path} ({build.get('builder', 'tensorrt')} {build['version']} on {build['device']}, "
+    name = DISPLAY_NAMES.get(build.get("builder"), "TensorRT")
+    return (f"wrote {engine_path} ({name} {build['version']} on {build['device']}, "
             f"batch {lo}/{opt}/{hi}, {build.get('build_seconds', 0):.1f} s): {describe(build.get('layers'))}")
