@@ -85,7 +85,8 @@ class Exporter:
     def check(self, path, meta, parity_images, map_images):
         """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
         from clock_deploy.export.onnx import ExportWrapper
-        from clock_deploy.export.parity import check_parity, evaluate_detector, map_difference, parity_report
+        from clock_deploy.export.parity import (check_parity, evaluate_detector, judge_map, map_difference,
+                                                parity_report)
         from clock_deploy.export.parity import run_onnx, run_torch
         from clock_deploy.runtime import Detector
         from clock_deploy.runtime.backend_onnx import OnnxBackend
@@ -105,6 +106,7 @@ class Exporter:
             metrics = evaluate_detector(Detector(OnnxBackend(path, meta), meta), self.dataset, map_images)
             report["map_images"] = min(map_images, len(self.dataset))
             report.update(map_difference(self.reference_metrics, metrics))
+            judge_map(report)
         self.echo(_describe(path, report))
         try:
             check_parity(report, path)
@@ -216,15 +218,19 @@ class Exporter:
         self.summary["engine"] = engine
 
 def _describe(path, report):
+    """One parity line: slot-by-slot numbers, matched detections, mAP, and the verdict with its gate."""
+    from clock_deploy.export.parity import verdict
+
     text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} {report['image_source']} "
             f"images: scores max abs {report['scores_max_abs']:.2g}, boxes max abs {report['boxes_max_abs']:.2g} px, "
-            f"{report['queries_changed']}/{report['queries']} queries beyond tolerance")
+            f"{report['queries_changed']}/{report['queries']} queries beyond tolerance; detections >= "
+            f"{report['det_score_threshold']:g}: {report['det_ref']} vs {report['det_out']}, "
+            f"{report['det_matched_fraction']:.0%} matched (boxes within {report['det_box_max_abs']:.2g} px), "
+            f"{report['det_unmatched']} unmatched")
     if "mAP_diff" in report:
-        text += (f", mAP {ap_text('mAP', report['mAP'])} vs {ap_text('mAP', report['mAP_ref'])} % "
+        text += (f"; mAP {ap_text('mAP', report['mAP'])} vs {ap_text('mAP', report['mAP_ref'])} % "
                  f"({report['map_images']} val images)")
-    if "passed" in report:
-        text += ", OK" if report["passed"] else ", FAILED"
-    return text
+    return f"{text} -> {verdict(report)}"
 
 
 @click.command()
