@@ -394,3 +394,16 @@ def test_real_engine_matches_onnxruntime(tmp_path, precision):
     for r, o in zip(ref, out):
         assert len(r) == len(o) == TOPK
         np.testing.assert_allclose(np.sort(o.scores), np.sort(r.scores), atol=tol)
+
+
+def test_bench_layers_column_comes_from_the_engine_sidecar(tmp_path):
+    from clock_deploy.bench.report import COLUMNS
+    from clock_deploy.bench.runner import engine_layers
+
+    engine = _engine_with_sidecar(tmp_path, "10.3.0")
+    assert engine_layers(engine) is None  # built before the precision report existed
+    meta = read_metadata(engine)
+    meta["tensorrt"]["layers"] = {"source": "builder log", "total": 60, "int8": 40, "fp16": 12, "fp32": 5, "other": 3}
+    write_metadata(engine, meta)
+    assert engine_layers(engine) == "40/12/5"
+    assert ("layers", "layers int8/fp16/fp32") in [(key, title) for key, title, _ in COLUMNS]

@@ -54,6 +54,7 @@ class BenchRow:
     load_after: Optional[float] = None
     steal_pct: Optional[float] = None    # CPU time the hypervisor took during them (%; None: unknown)
     cpus: Optional[int] = None           # logical CPUs of the machine (what the load is relative to)
+    layers: Optional[str] = None  # TensorRT engines: layers per precision "int8/fp16/fp32" (engine_report)
 
 
 @dataclass
@@ -99,6 +100,7 @@ COLUMNS = [
     ("load_before", "load before", _fixed(1)),
     ("load_after", "load after", _fixed(1)),
     ("steal_pct", "steal %", _fixed(1)),
+    ("layers", "layers int8/fp16/fp32", _text),
 ]
 # the summary: the terminal's table and the first one of bench.md, in the README's layout;
 # GPU memory joins it when it was measured
@@ -110,7 +112,8 @@ CSV_FIELDS = (["model"] + [key for key, _, _ in COLUMNS if key != "label"]
               + ["cpus", "latency_min", "latency_max", "runs", "batch", "images", "artifact", "arch", "params", "method"])
 UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images (ms); mAP / AP50 / AP75: "
               "COCO AP in %; KITTI: AP R40 in %, mean over the KITTI classes with ground truth; "
-              "-: not measured (GPU memory on a CPU) or no ground truth at that difficulty.")
+              "layers: a TensorRT engine's layers running in INT8 / FP16 / FP32 (its sidecar's precision report); "
+              "-: not measured (GPU memory on a CPU), no ground truth at that difficulty, or not an engine.")
 LOAD_NOTE = ("p99/p50: latency spread (1.0 = every run alike); load before / after: the machine's 1-minute "
              "load average around the timed runs (the bench itself adds up to its thread count); steal %: "
              "CPU time a hypervisor took from this machine during them.")

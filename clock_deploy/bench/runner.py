@@ -295,7 +295,19 @@ def make_row(model, backend, artifact, size_mb, result):
         throughput=lat["throughput"], peak_rss_mb=result["peak_rss_mb"], gpu_mem_mb=result["gpu_mem_mb"],
         mAP=m["mAP"], AP50=m["AP50"], AP75=m["AP75"], kitti_easy=m.get("kitti_easy"),
         kitti_moderate=m.get("kitti_moderate"), kitti_hard=m.get("kitti_hard"), metrics=m,
-        arch=model.arch, params=model.params, method=model.method, **result.get("load", {}))
+        arch=model.arch, params=model.params, method=model.method, **result.get("load", {}),
+        layers=engine_layers(artifact) if backend.runtime == "tensorrt" else None)
+
+
+def engine_layers(engine):
+    """'int8/fp16/fp32' layer counts of a TensorRT engine from its sidecar, or None when not recorded."""
+    from clock_deploy.export.metadata import read_metadata
+
+    try:
+        layers = read_metadata(engine)["tensorrt"]["layers"]
+        return "/".join(str(layers[p]) for p in ("int8", "fp16", "fp32"))
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------- artifacts
