@@ -165,6 +165,11 @@ class Exporter:
             paths, calibration = images
             info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
                                  nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
+            before, after = info["qdq"]["before"], info["qdq"]["after"]
+            self.echo(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
+                      f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
+                      f"{after['QuantizeLinear']}/{after['DequantizeLinear']} (orphan pairs dropped), "
+                      f"the rest in FP16")
             self.finish(artifact, self.metadata("onnx", "int8", calibration={**calibration, **info}),
                         parity_images, map_images)
         if trt:
