@@ -79,7 +79,7 @@ def _check_precisions(layers, precision):
 
 def test_int8_engine_is_int8_with_fp16_remainder(exported):
     path = exported(*DEFAULT, "int8")
-    _, meta, layers = _build(path, "int8")
+    _, _, layers = _build(path, "int8")
     _check_precisions(layers, "int8")
     # INT8 convolutions and GEMMs: the kinds of layer reading int8 tensors
     assert {"correlation", "gemm"} <= set(layers["int8_types"]), layers["int8_types"]

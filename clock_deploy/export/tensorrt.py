@@ -9,7 +9,7 @@ cache calls are no-ops). Precision comes from the ONNX wherever possible:
 
 - TensorRT 11 builds strongly typed networks only (the precision builder flags and
   implicit INT8 calibration are gone): the FP16 engine is built from the FP16 ONNX
-  (`export --fp16`), the INT8 engine from the Q/DQ ONNX (`export --int8`); no network
+  (`export --fp16`), the INT8 engine from the Q/DQ + FP16 ONNX (`export --int8`); no network
   creation flag is passed (strong typing is always on, EXPLICIT_BATCH no longer exists).
 - TensorRT 10 (JetPack 6): the FP16 / Q/DQ ONNX is built as a STRONGLY_TYPED network too;
   an FP32 ONNX asked to run in FP16 gets the weakly typed BuilderFlag.FP16 instead, and so
@@ -189,28 +189,28 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
     name = builder_name(trt)
     plan = plan_build(major_version(trt), onnx_precision, precision, dla_core)
     logger = _make_logger(trt)
-    builder = _make_builder(trt, logger)
-    network = builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, plan.network_flags))
+    trt_builder = _make_builder(trt, logger)
+    network = trt_builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
         raise UserError(f"{onnx_path}: {DISPLAY_NAMES[name]} {trt.__version__} cannot parse it: "
                         f"{_parser_errors(parser)}")
 
-    config = builder.create_builder_config()
+    config = trt_builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if hasattr(trt, "ProfilingVerbosity"):  # layer names, types and precisions for the precision report
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if batch["dynamic"]:
-        profile = builder.create_optimization_profile()
+        profile = trt_builder.create_optimization_profile()
         profile.set_shape(INPUT_NAME, *profile_shapes(batch, height, width))
         config.add_optimization_profile(profile)
     if dla_core >= 0:
         if name == "tensorrt-rtx":
             raise UserError("--dla-core: TensorRT-RTX has no DLA; build Jetson DLA engines with TensorRT")
-        if dla_core >= builder.num_DLA_cores:
-            raise UserError(f"--dla-core {dla_core}: this device has {builder.num_DLA_cores} DLA cores")
+        if dla_core >= trt_builder.num_DLA_cores:
+            raise UserError(f"--dla-core {dla_core}: this device has {trt_builder.num_DLA_cores} DLA cores")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
     timing_cache = None if name == "tensorrt-rtx" else timing_cache  # its timing cache calls are no-ops
@@ -218,7 +218,7 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
         _load_timing_cache(config, timing_cache)
 
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    serialized = trt_builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
         raise UserError(f"{onnx_path}: {DISPLAY_NAMES[name]} failed to build an engine (see the TensorRT log above)")
