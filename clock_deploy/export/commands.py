@@ -329,7 +329,8 @@ def calibrate(root, split, num, out, seed):
 def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cache, batch, builder):
     """Build a TensorRT engine from an exported ONNX (and its sidecar) on the device that will run it.
 
-    Needs no torch and no checkpoint: copy the .onnx and its .onnx.json to the Jetson and run this there.
+    Needs no torch and no checkpoint: copy the .onnx (with its .onnx.json, or alone: the export embeds the
+    same metadata in it) to the Jetson and run this there.
     """
     from clock_deploy.export.metadata import read_metadata
     from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
