@@ -289,6 +289,9 @@ def test_batch_profiles_from_the_command_line(tmp_path):
     for bad in ("0", "8,4,1", "1,2", "x"):
         with pytest.raises(UserError, match="--batch"):
             batch_spec(True, bad)
+    with pytest.raises(UserError, match="a static-batch model takes one batch size"):
+        batch_spec(False, "1,4,8")
+    assert batch_spec(False, "4,4,4") == batch_spec(False, 4) == {"dynamic": False, "min": 4, "opt": 4, "max": 4}
 
 
 def test_engine_from_onnx_takes_everything_from_the_sidecar(tmp_path):
