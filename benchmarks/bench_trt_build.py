@@ -117,6 +117,11 @@ def markdown(rows, command, size):
         "the FP16 conversion keeps in float on purpose (must be 0 for FP16 and INT8). Q/DQ: QuantizeLinear / "
         "DequantizeLinear nodes as onnxruntime writes them -> after the post-pass (orphans dropped).",
         "",
+        "Reading it: a layer that reads or writes an INT8 tensor counts as INT8, so the FP16 work TensorRT fuses "
+        "into quantized convolutions / GEMMs (bias, activation, residual add, the next quantize step) is in the "
+        "INT8 column. The models hold about 1 M parameters (4 MB in FP32), so the engine size is mostly "
+        "compiled kernels, not weights: the INT8 engines are larger than the FP16 ones here.",
+        "",
         "| architecture | sampling | precision | build OK | build s | engine MB | layers INT8 / FP16 / FP32 / other "
         "| FP32 unexplained | Q/DQ |",
         "|---|---|---|---|---|---|---|---|---|",
