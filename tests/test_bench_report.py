@@ -57,7 +57,8 @@ def test_markdown_has_device_header_results_and_not_run_reasons(tmp_path):
     assert ("| teacher | torch | 12.3 | 40.50 | 40.00 | 41.00 | 42.00 | 1.05 | 24.7 | 512 | - | 50.0 | 60.0 | 25.0 "
             "| 81.2 | 70.0 | 65.5 | - | - | - |") in md
     assert "| student | onnx | 12.3 | 10.50 | 10.00 | 11.00 | 12.00 | 1.20 | 95.2 | 512 | 250 | 30.0 |" in md
-    assert "| student | onnx-int8 |" in md and md.count("| - | - | - |") == 3 + 1  # no load: 3 rows; no KITTI: 1
+    assert "| 25.0 | 60.0 | 25.0 | - | - | - | - | - | - | - |" in md  # onnx-int8: no KITTI, no load, not an engine
+    assert md.count("| - | - | - | - |\n") == 3  # no load and no engine layers: 3 rows
     assert "not quiet" not in md
     not_run = md.split("## Not run")[1]
     assert "- trt-fp16 (all models): TensorRT not installed (pip install clock-deploy[trt])" in not_run
