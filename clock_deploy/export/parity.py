@@ -28,8 +28,10 @@ Verdicts, each naming the gate that decided it:
   the encoder's proposals, so a float16 rounding that swaps two near-tied proposals moves a
   detection to another slot (slot-by-slot numbers moved for up to half the queries of a
   correct conversion). The detections scoring >= MATCH_SCORE on each side are matched
-  greedily, best score first, to a detection of the same class on the other side with IoU
-  >= MATCH_IOU (the other side's score may sit FP16_TOLERANCE below the threshold).
+  greedily, highest IoU first, to a detection of the same class on the other side with IoU
+  >= MATCH_IOU (the other side's score may sit FP16_TOLERANCE below the threshold; a detection
+  within twice that of its list's k-th score is not counted, as it may fall out of the other
+  top-k by a near-tie).
   FP16 passes when at least FP16_MIN_MATCHED of the detections of each side are matched and
   the matched boxes are within FP16_BOX_TOL * max(H, W) pixels; with validation data, the
   mAP may also drop by at most MAX_MAP_DROP.
@@ -166,35 +168,38 @@ def compare(ref, out, height, width, score_tol=0.0, box_tol=0.0):
             "topk_common": common_total, "topk_unmatched": unmatched, "label_mismatch": label_mismatch}
 
 
-def _iou(box, boxes):
-    """IoU of one x1y1x2y2 box with each of `boxes` [n, 4]."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
+def _iou_matrix(a, b):
+    """IoU of every x1y1x2y2 box of `a` [n, 4] with every box of `b` [m, 4]."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
 
 
 def _match_one_way(a, b, i, score_threshold, score_tol, iou_threshold):
-    """Greedy matching of image i's detections of `a` (score >= threshold, best first) to those of `b`."""
-    keep_a = np.flatnonzero(a["scores"][i] >= score_threshold)
-    keep_a = keep_a[np.argsort(-a["scores"][i][keep_a], kind="stable")]
-    pool = list(np.flatnonzero(b["scores"][i] >= score_threshold - score_tol))
-    matched, box_err, score_err = 0, 0.0, 0.0
-    for j in keep_a:
-        candidates = [k for k in pool if b["labels"][i][k] == a["labels"][i][j]]
-        if not candidates:
+    """Image i's detections of `a` (score >= threshold) matched to those of `b` of the same class,
+    greedily by IoU, highest first (identical boxes pair up even among near-tied duplicates)."""
+    scores = a["scores"][i]
+    # a detection near-tied with the k-th (last) score may be missing from the other top-k legitimately
+    keep_a = np.flatnonzero((scores >= score_threshold) & (scores > scores.min() + 2 * score_tol))
+    keep_b = np.flatnonzero(b["scores"][i] >= score_threshold - score_tol)
+    boxes_a, boxes_b = a["boxes"][i][keep_a].astype(np.float64), b["boxes"][i][keep_b].astype(np.float64)
+    iou = _iou_matrix(boxes_a, boxes_b)
+    iou[a["labels"][i][keep_a][:, None] != b["labels"][i][keep_b][None, :]] = 0.0
+    used_a, used_b = set(), set()
+    box_err = score_err = 0.0
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        j, k = divmod(int(flat), iou.shape[1])
+        if iou[j, k] < iou_threshold:
+            break
+        if j in used_a or k in used_b:
             continue
-        ious = _iou(a["boxes"][i][j].astype(np.float64), b["boxes"][i][candidates].astype(np.float64))
-        best = int(np.argmax(ious))
-        if ious[best] < iou_threshold:
-            continue
-        k = candidates[best]
-        pool.remove(k)
-        matched += 1
-        box_err = max(box_err, float(np.abs(a["boxes"][i][j].astype(np.float64) - b["boxes"][i][k]).max()))
-        score_err = max(score_err, abs(float(a["scores"][i][j]) - float(b["scores"][i][k])))
-    return len(keep_a), matched, box_err, score_err
+        used_a.add(j)
+        used_b.add(k)
+        box_err = max(box_err, float(np.abs(boxes_a[j] - boxes_b[k]).max()))
+        score_err = max(score_err, abs(float(a["scores"][i][keep_a[j]]) - float(b["scores"][i][keep_b[k]])))
+    return len(keep_a), len(used_a), box_err, score_err
 
 
 def match_detections(ref, out, score_threshold=MATCH_SCORE, score_tol=FP16_TOLERANCE, iou_threshold=MATCH_IOU):
