@@ -104,7 +104,7 @@ def markdown(rows, command, size):
         "",
         f"Machine: {platform.node()} — {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"no GPU; Python {platform.python_version()}, torch {torch.__version__}, TensorRT-RTX {version}. "
-        "The machine was shared with other jobs: build seconds are indicative only.",
+        f"Load average {os.getloadavg()[0]:.1f} at the end (build seconds grow with load).",
         "",
         f"Models: the demo student's size (configs/demo/student.yaml, input {size[0]} x {size[1]}, untrained "
         "weights), exported by the project's own code (export_onnx, convert_fp16, quantize_int8 with 8 random "
