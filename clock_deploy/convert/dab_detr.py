@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from clock_deploy.convert.common import (args_dict, hf_resnet_backbone_rules, layer_count, rename, split_in_proj,
+                                         torchvision_backbone_rules)
 from clock_deploy.errors import UserError
 
 ARCH = "dab_detr"
@@ -20,89 +22,58 @@ def _projections(prefix):
     """The decoder's separately projected query / key parts: HF names -> project names."""
     parts = {"query_content": "qcontent", "query_pos": "qpos", "key_content": "kcontent", "key_pos": "kpos",
              "value": "v", "query_pos_sine": "qpos_sine"}
-    return [(rf"{prefix}\.self_attn\.self_attn_{hf}_proj\.", rf"decoder.layers.\1.sa_{own}_proj.")
+    return [(rf"{prefix}\.self_attn\.self_attn_{hf}_proj\.(.*)", rf"decoder.layers.\1.sa_{own}_proj.\2")
             for hf, own in parts.items() if hf != "query_pos_sine"] + \
-           [(rf"{prefix}\.cross_attn\.cross_attn_{hf}_proj\.", rf"decoder.layers.\1.ca_{own}_proj.")
+           [(rf"{prefix}\.cross_attn\.cross_attn_{hf}_proj\.(.*)", rf"decoder.layers.\1.ca_{own}_proj.\2")
             for hf, own in parts.items()]
 
 
-_HF_RESNET = r"model\.backbone\.conv_encoder\.model\."
+_HF_RESNET = "model.backbone.conv_encoder.model."
 HF_RULES = [
-    # timm ResNet (the hub's checkpoints): torchvision names under _backbone
-    (_HF_RESNET + r"(?:_backbone\.)?((?:conv1|bn1|layer\d)\.)", r"backbone.\1"),
-    # transformers' own ResNet (use_timm_backbone=False)
-    (_HF_RESNET + r"embedder\.embedder\.convolution\.", "backbone.conv1."),
-    (_HF_RESNET + r"embedder\.embedder\.normalization\.", "backbone.bn1."),
-    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.convolution\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
-    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.normalization\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
-    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.convolution\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
-    (_HF_RESNET + r"encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.normalization\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
-    (r"model\.input_projection\.", "input_proj."),
-    (r"model\.query_refpoint_embeddings\.", "refpoint_embed."),
-    (r"model\.encoder\.query_scale\.", "encoder.query_scale."),
-    (r"model\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),
-    (r"model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
-    (r"model\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
-    (r"model\.encoder\.layers\.(\d+)\.fc(\d)\.", r"encoder.layers.\1.ffn.linear\2."),
-    (r"model\.encoder\.layers\.(\d+)\.activation_fn\.", r"encoder.layers.\1.ffn.activation."),
+    # timm ResNet (the hub's checkpoints): torchvision names, under _backbone in transformers 5
+    *torchvision_backbone_rules(_HF_RESNET + "_backbone."),
+    *torchvision_backbone_rules(_HF_RESNET),
+    *hf_resnet_backbone_rules(_HF_RESNET),  # transformers' own ResNet (use_timm_backbone=False)
+    (r"model\.input_projection\.(.*)", r"input_proj.\1"),
+    (r"model\.query_refpoint_embeddings\.(.*)", r"refpoint_embed.\1"),
+    (r"model\.encoder\.query_scale\.(.*)", r"encoder.query_scale.\1"),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn\.(.*)", r"encoder.layers.\1.self_attn.\2"),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.(.*)", r"encoder.layers.\1.norm1.\2"),
+    (r"model\.encoder\.layers\.(\d+)\.final_layer_norm\.(.*)", r"encoder.layers.\1.norm2.\2"),
+    (r"model\.encoder\.layers\.(\d+)\.fc(\d)\.(.*)", r"encoder.layers.\1.ffn.linear\2.\3"),
+    (r"model\.encoder\.layers\.(\d+)\.activation_fn\.(.*)", r"encoder.layers.\1.ffn.activation.\2"),
     *_projections(r"model\.decoder\.layers\.(\d+)"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn\.output_proj\.", r"decoder.layers.\1.sa_out_proj."),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
-    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn\.output_proj\.", r"decoder.layers.\1.ca_out_proj."),
-    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
-    (r"model\.decoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
-    (r"model\.decoder\.layers\.(\d+)\.mlp\.activation_fn\.", r"decoder.layers.\1.ffn.activation."),
-    (r"model\.decoder\.layers\.(\d+)\.mlp\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
-    (r"model\.decoder\.layernorm\.", "decoder.norm."),
-    (r"model\.decoder\.(query_scale|ref_point_head|ref_anchor_head|bbox_embed)\.", r"decoder.\1."),
-    (r"bbox_predictor\.", "decoder.bbox_embed."),  # tied to model.decoder.bbox_embed
-    (r"class_embed\.", "class_embed."),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn\.output_proj\.(.*)", r"decoder.layers.\1.sa_out_proj.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.self_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm1.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn\.output_proj\.(.*)", r"decoder.layers.\1.ca_out_proj.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.cross_attn\.cross_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm2.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.fc(\d)\.(.*)", r"decoder.layers.\1.ffn.linear\2.\3"),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.activation_fn\.(.*)", r"decoder.layers.\1.ffn.activation.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.mlp\.final_layer_norm\.(.*)", r"decoder.layers.\1.norm3.\2"),
+    (r"model\.decoder\.layernorm\.(.*)", r"decoder.norm.\1"),
+    (r"model\.decoder\.(query_scale|ref_point_head|ref_anchor_head|bbox_embed)\.(.*)", r"decoder.\1.\2"),
+    (r"bbox_predictor\.(.*)", r"decoder.bbox_embed.\1"),  # tied to model.decoder.bbox_embed
+    (r"class_embed\.(.*)", r"class_embed.\1"),
 ]
 
 OFFICIAL_RULES = [
-    (r"backbone\.0\.body\.", "backbone."),
-    (r"(input_proj|refpoint_embed|class_embed)\.", r"\1."),
-    (r"(?:transformer\.decoder\.)?bbox_embed\.", "decoder.bbox_embed."),  # one MLP, registered twice
-    (r"transformer\.encoder\.query_scale\.", "encoder.query_scale."),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),  # after the q/k/v split
-    (r"transformer\.encoder\.layers\.(\d+)\.linear(\d)\.", r"encoder.layers.\1.ffn.linear\2."),
-    (r"transformer\.encoder\.layers\.(\d+)\.activation\.", r"encoder.layers.\1.ffn.activation."),
-    (r"transformer\.encoder\.layers\.(\d+)\.(norm\d)\.", r"encoder.layers.\1.\2."),
-    (r"transformer\.decoder\.layers\.(\d+)\.((?:sa|ca)_\w+_proj)\.", r"decoder.layers.\1.\2."),
-    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"decoder.layers.\1.sa_out_proj."),
-    (r"transformer\.decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"decoder.layers.\1.ca_out_proj."),
-    (r"transformer\.decoder\.layers\.(\d+)\.linear(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
-    (r"transformer\.decoder\.layers\.(\d+)\.activation\.", r"decoder.layers.\1.ffn.activation."),
-    (r"transformer\.decoder\.layers\.(\d+)\.(norm\d)\.", r"decoder.layers.\1.\2."),
-    (r"transformer\.decoder\.(norm|query_scale|ref_point_head|ref_anchor_head)\.", r"decoder.\1."),
+    *torchvision_backbone_rules("backbone.0.body."),
+    (r"(input_proj|refpoint_embed|class_embed)\.(.*)", r"\1.\2"),
+    (r"(?:transformer\.decoder\.)?bbox_embed\.(.*)", r"decoder.bbox_embed.\1"),  # one MLP, registered twice
+    (r"transformer\.encoder\.query_scale\.(.*)", r"encoder.query_scale.\1"),
+    # encoder self-attention after split_in_proj
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attn\.(.*)", r"encoder.layers.\1.self_attn.\2"),
+    (r"transformer\.encoder\.layers\.(\d+)\.linear(\d)\.(.*)", r"encoder.layers.\1.ffn.linear\2.\3"),
+    (r"transformer\.encoder\.layers\.(\d+)\.activation\.(.*)", r"encoder.layers.\1.ffn.activation.\2"),
+    (r"transformer\.encoder\.layers\.(\d+)\.(norm\d)\.(.*)", r"encoder.layers.\1.\2.\3"),
+    (r"transformer\.decoder\.layers\.(\d+)\.((?:sa|ca)_\w+_proj)\.(.*)", r"decoder.layers.\1.\2.\3"),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.(.*)", r"decoder.layers.\1.sa_out_proj.\2"),
+    (r"transformer\.decoder\.layers\.(\d+)\.cross_attn\.out_proj\.(.*)", r"decoder.layers.\1.ca_out_proj.\2"),
+    (r"transformer\.decoder\.layers\.(\d+)\.linear(\d)\.(.*)", r"decoder.layers.\1.ffn.linear\2.\3"),
+    (r"transformer\.decoder\.layers\.(\d+)\.activation\.(.*)", r"decoder.layers.\1.ffn.activation.\2"),
+    (r"transformer\.decoder\.layers\.(\d+)\.(norm\d)\.(.*)", r"decoder.layers.\1.\2.\3"),
+    (r"transformer\.decoder\.(norm|query_scale|ref_point_head|ref_anchor_head)\.(.*)", r"decoder.\1.\2"),
 ]
-
-
-def _rename(state, rules, source):
-    """Apply the first matching prefix rule to every key; tied copies must hold equal tensors."""
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue  # BatchNorm bookkeeping; the project's backbone norms are frozen
-        for pattern, target in rules:
-            m = re.match(pattern, key)
-            if m:
-                prefix = target(m) if callable(target) else m.expand(target)
-                new = prefix + key[m.end():]
-                if new in out and not torch.equal(out[new], value):
-                    raise UserError(f"{source}: '{key}' should be a tied copy of another key for '{new}' "
-                                    f"but holds different values (separate heads per layer are not supported)")
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise UserError(f"{source}: {len(unknown)} keys this converter does not know: {_some(unknown)}")
-    return out
 
 
 def _some(keys, n=4):
@@ -176,7 +147,7 @@ def _official_backbone(state, args, source):
     if prefix + "conv1.weight" not in state:
         raise UserError(f"{source}: no '{prefix}conv1.weight': not a DAB-DETR ResNet checkpoint")
     block = "Bottleneck" if prefix + "layer1.0.conv3.weight" in state else "BasicBlock"
-    counts = [len({k.split(".")[4] for k in state if k.startswith(f"{prefix}layer{i}.")}) for i in range(1, 5)]
+    counts = [layer_count(state, rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5)]
     depth = _resnet_depth(block, counts, source)
     if args and args.get("backbone") and _resnet_name_depth(args["backbone"], source) != depth:
         raise UserError(f"{source}: args say backbone={args['backbone']} but the weights are ResNet-{depth}")
@@ -187,10 +158,6 @@ def _official_backbone(state, args, source):
 
 
 # ---------------------------------------------------------------- converters
-
-def _layer_count(state, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
-
 
 def _unsupported(settings, source):
     """settings: {name: (value, supported value)}; raise naming the first that differs."""
@@ -234,23 +201,10 @@ def hf_to_project(hf_state: dict, hf_config: dict) -> tuple[dict, dict]:
         "backbone": _hf_backbone(hf_config, source),
         "dab": {"activation": activation, "pos_temperature": float(get("temperature_height", 20))},
     }
-    state = _rename(hf_state, HF_RULES, source)
+    state, _ = rename(hf_state, HF_RULES, source)  # drops only BatchNorm step counters
     if overrides["dec_layers"] == 1:  # a single layer never rescales its positional query
         state = {k: v for k, v in state.items() if not k.startswith("decoder.query_scale.")}
     return overrides, _check_against_model(overrides, state, source)
-
-
-def _split_in_proj(state):
-    """nn.MultiheadAttention's packed in_proj_{weight,bias} -> q_proj / k_proj / v_proj keys."""
-    out = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"(.*)\.in_proj_(weight|bias)", key)
-        if m:
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{m[1]}.{name}_proj.{m[2]}"] = part
-        else:
-            out[key] = value
-    return out
 
 
 def official_to_project(state: dict, args: dict | None) -> tuple[dict, dict]:
@@ -258,7 +212,7 @@ def official_to_project(state: dict, args: dict | None) -> tuple[dict, dict]:
     -> (model-config overrides, project state dict). Without args the settings come from the
     weights' shapes, and nheads (not visible in shapes) from the DAB-DETR default 8."""
     source = "DAB-DETR (official) checkpoint"
-    args = dict(vars(args) if hasattr(args, "__dict__") else args or {})  # the .pth stores an argparse.Namespace
+    args = args_dict(args)  # the .pth stores an argparse.Namespace
     if args.get("modelname", ARCH) != ARCH:
         raise UserError(f"{source}: modelname={args['modelname']!r}; only dab_detr (single scale) converts here")
     _unsupported({"num_patterns": (args.get("num_patterns", 0), 0), "pre_norm": (args.get("pre_norm", False), False),
@@ -278,13 +232,13 @@ def official_to_project(state: dict, args: dict | None) -> tuple[dict, dict]:
         "hidden_dim": int(state["input_proj.weight"].shape[0]),
         "num_queries": int(state["refpoint_embed.weight"].shape[0]),
         "nheads": int(args.get("nheads", 8)),
-        "enc_layers": _layer_count(state, "transformer.encoder.layers."),
-        "dec_layers": _layer_count(state, "transformer.decoder.layers."),
+        "enc_layers": layer_count(state, r"transformer\.encoder\.layers\.(\d+)\."),
+        "dec_layers": layer_count(state, r"transformer\.decoder\.layers\.(\d+)\."),
         "ffn_dim": int(state["transformer.encoder.layers.0.linear1.weight"].shape[0]),
         "backbone": _official_backbone(state, args, source),
         "dab": {"activation": activation, "pos_temperature": float(args.get("pe_temperatureH", 20))},
     }
-    renamed = _rename(_split_in_proj(state), OFFICIAL_RULES, source)
+    renamed, _ = rename(split_in_proj(state), OFFICIAL_RULES, source)  # drops only BatchNorm step counters
     if overrides["dec_layers"] == 1:
         renamed = {k: v for k, v in renamed.items() if not k.startswith("decoder.query_scale.")}
     return overrides, _check_against_model(overrides, renamed, source)
