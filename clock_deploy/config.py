@@ -26,9 +26,15 @@ class ConfigError(UserError, ValueError):
 
 # ---------------------------------------------------------------- schema
 
-def choice(default, *choices):
-    """A string field restricted to `choices`."""
-    return field(default=default, metadata={"choices": (default,) + choices})
+# Choice lists the code that acts on them imports from here (one source for each list)
+ARCHS = ("dino", "dab_detr", "deformable_detr")         # model.arch; models/build.py has a class for each
+SAMPLING_MODES = ("grid_sample", "gather")              # model.sampling, export --sampling
+PRECISIONS = ("fp32", "fp16", "int8")                   # export.precision, the artifact sidecar
+
+
+def choice(default, *others):
+    """A field (string or int) whose value must be `default` or one of `others`."""
+    return field(default=default, metadata={"choices": (default,) + others})
 
 
 def at_least(default, low):
@@ -90,7 +96,7 @@ class DabConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("dino", "dab_detr", "deformable_detr")
+    arch: str = choice(*ARCHS)
     num_classes: int = 3
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     hidden_dim: int = 256
@@ -102,7 +108,7 @@ class ModelConfig:
     dropout: float = 0.0
     num_feature_levels: int = 4   # multi-scale models; DAB-DETR uses the last level only
     n_points: int = 4             # deformable attention sampling points
-    sampling: str = choice("grid_sample", "gather")  # deformable attention sampling implementation
+    sampling: str = choice(*SAMPLING_MODES)  # deformable attention sampling implementation
     box_refine: bool = True       # Deformable DETR iterative box refinement
     two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
     # Deformable DETR two-stage query selection: first_class = the original (encoder proposals
@@ -214,7 +220,7 @@ class ExportConfig:
     topk: int = 100               # detections per image in the graph output
     dynamic_batch: bool = True
     simplify: bool = True         # onnxslim
-    precision: str = choice("fp32", "fp16", "int8")
+    precision: str = choice(*PRECISIONS)
     calib: Optional[str] = None   # calibration manifest for int8
     calib_images: int = 0         # 0 = all images in the manifest
     parity_tol: float = 1e-4

@@ -124,3 +124,18 @@ def test_difficulty_and_stats():
                                        "truncated": 2, "occluded": 1}
     assert stats["classes"]["Pedestrian"]["Hard"] == 1
     assert sorted(stats["heights"].tolist()) == [20, 30, 30, 50]
+
+
+def test_data_stats_and_evaluator_agree_at_the_height_boundaries():
+    # devkit rule: a box exactly min_height tall (40 px Easy, 25 px Moderate / Hard) is too small
+    from clock_deploy.eval.kitti import kitti_eval
+    heights = [24.5, 25.0, 25.5, 39.0, 40.0, 40.5, 41.0]
+    annos = kitti.empty_annos()
+    annos.update(name=np.array(["Car"] * len(heights)),
+                 bbox=np.array([[10.0 * i, 0, 10.0 * i + 8, h] for i, h in enumerate(heights)]),
+                 occluded=np.zeros(len(heights), np.int64), truncated=np.zeros(len(heights)))
+    row = kitti.label_stats([annos])["classes"]["Car"]
+    assert (row["Easy"], row["Moderate"], row["Hard"]) == (2, 5, 5)  # 40.5, 41 / everything above 25
+    no_detections = {"name": np.zeros(0, "<U14"), "bbox": np.zeros((0, 4)), "score": np.zeros(0)}
+    num_gt = kitti_eval([annos], [no_detections], classes=("Car",))["Car"]["num_gt"]
+    assert num_gt == {"easy": row["Easy"], "moderate": row["Moderate"], "hard": row["Hard"]}

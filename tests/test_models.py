@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from clock_deploy import config
 from clock_deploy.config import BackboneConfig, DenoisingConfig, LossConfig, ModelConfig
 from clock_deploy.errors import UserError
 from clock_deploy.eval.postprocess import PostProcess
 from clock_deploy.export.onnx import expected_tracing_notes_silenced
 from clock_deploy.models.backbone import FrozenBatchNorm2d, ResNetBackbone, build_backbone
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_iou
+from clock_deploy.models import build
 from clock_deploy.models.build import build_criterion, build_model, param_groups
 from clock_deploy.models.contract import QueryGroup
 from clock_deploy.models.dino import build_denoising_queries
@@ -174,6 +176,11 @@ def test_gen_sineembed_hand_values():
 
 
 # ------------------------------------------------------------------ contract
+
+def test_every_model_arch_choice_has_a_model_class():
+    # config.ARCHS is the model.arch choice list; models/build.py must build each of them
+    assert sorted(build.ARCHS) == sorted(config.ARCHS) == sorted(ARCHS)
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_output_contract(arch):

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clock_deploy.config import Config, ConfigError, from_dict
+from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
 from clock_deploy.convert import deformable, dino
 from clock_deploy.convert.common import args_dict
 from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.io import read_json
 
-ARCHS = ("deformable_detr", "dab_detr", "dino")
 HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr"}
 
 # COCO as the original DETR-family heads index it (91 slots by category id; "N/A" ids are unused)

@@ -36,7 +36,9 @@ CLASS_MAPS = {
 # names allowed in a label file: the 8 classes plus the regions annotators left out
 LABEL_NAMES = set(KITTI_CLASSES) | {"DontCare"}
 
-# official KITTI object benchmark difficulties: (min box height px, max occlusion level, max truncation)
+# Official KITTI object benchmark difficulties, the one table both `data stats` and the evaluator
+# (clock_deploy.eval.kitti) use: (min box height px, max occlusion level, max truncation). As in the
+# devkit an object must be taller than the min height (height <= 40 px is too small for Easy).
 DIFFICULTIES = {
     "Easy": (40, 0, 0.15),
     "Moderate": (25, 1, 0.30),
@@ -257,12 +259,16 @@ def box_heights(annos):
     return bbox[:, 3] - bbox[:, 1]
 
 
+def counts_for_difficulty(height, occluded, truncated, difficulty):
+    """Boolean mask of the objects that count for a KITTI difficulty ("Easy" ...), from arrays of box
+    heights, occlusion levels and truncations: the devkit's cleanData rule for ground truth."""
+    min_height, max_occlusion, max_truncation = DIFFICULTIES[difficulty]
+    return (height > min_height) & (occluded <= max_occlusion) & (truncated <= max_truncation)
+
+
 def difficulty_mask(annos, difficulty):
     """Objects that count for a KITTI difficulty (cumulative, as the benchmark: Hard includes Moderate)."""
-    min_height, max_occlusion, max_truncation = DIFFICULTIES[difficulty]
-    return ((box_heights(annos) >= min_height)
-            & (annos["occluded"] <= max_occlusion)
-            & (annos["truncated"] <= max_truncation))
+    return counts_for_difficulty(box_heights(annos), annos["occluded"], annos["truncated"], difficulty)
 
 
 def label_stats(all_annos):

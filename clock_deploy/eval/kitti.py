@@ -23,14 +23,14 @@ Devkit rules worth knowing (kept on purpose, they are what published KITTI numbe
 import numpy as np
 from numba import njit  # cache=True: compiled once per install; numba falls back to a user cache dir when read-only
 
+from clock_deploy.data import kitti as kitti_format
 from clock_deploy.eval.units import ap_text
 
 CLASS_MIN_OVERLAP = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}
 NEIGHBOUR_CLASS = {"car": "van", "pedestrian": "person_sitting"}
-DIFFICULTIES = ("easy", "moderate", "hard")
-MIN_HEIGHT = (40, 25, 25)
-MAX_OCCLUSION = (0, 1, 2)
-MAX_TRUNCATION = (0.15, 0.3, 0.5)
+# the difficulty table lives in data/kitti.py; results use lower-case names ("easy" ...)
+DIFFICULTIES = tuple(name.lower() for name in kitti_format.DIFFICULTIES)
+MIN_HEIGHT = tuple(min_height for min_height, _, _ in kitti_format.DIFFICULTIES.values())
 N_SAMPLE_PTS = 41
 NO_DETECTION = -10000.0  # the devkit's "no candidate yet" score
 
@@ -70,8 +70,8 @@ def _class_setup(gt, dt, cls, difficulty):
     is_cls = gt.name == cls
     is_neighbour = gt.name == NEIGHBOUR_CLASS.get(cls, "")
     height = gt.bbox[:, 3] - gt.bbox[:, 1]
-    too_hard = ((gt.occluded > MAX_OCCLUSION[difficulty]) | (gt.truncated > MAX_TRUNCATION[difficulty])
-                | (height <= MIN_HEIGHT[difficulty]))
+    too_hard = ~kitti_format.counts_for_difficulty(height, gt.occluded, gt.truncated,
+                                                   list(kitti_format.DIFFICULTIES)[difficulty])
     gt_mask = is_cls | is_neighbour
     gt_ignored = np.where(is_cls & ~too_hard, 0, 1)[gt_mask].astype(np.int64)
 

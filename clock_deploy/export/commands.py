@@ -10,11 +10,11 @@ import os
 import click
 import numpy as np
 
+from clock_deploy.config import SAMPLING_MODES
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
 
-SAMPLING_CHOICES = ("grid_sample", "gather")
 BUILDER_CHOICES = ("tensorrt", "tensorrt-rtx")  # tensorrt.BUILDERS, without importing it for --help
 BATCH_HELP = ("Batch sizes: MIN,OPT,MAX (TensorRT profile) or N (1..N, tuned for N; the batch of a static model) "
               "[default: dynamic 1,1,8; static 1].")
@@ -257,7 +257,7 @@ def _describe(path, report):
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: export.opset, 17].")
 @click.option("--topk", type=int, default=None, help="Detections per image [default: export.topk].")
 @click.option("--simplify/--no-simplify", default=None, help="onnxslim [default: export.simplify].")
-@click.option("--sampling", type=click.Choice(SAMPLING_CHOICES), default=None,
+@click.option("--sampling", type=click.Choice(SAMPLING_MODES), default=None,
               help="Deformable attention sampling in the graph (gather is safer for TensorRT).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: <checkpoint folder>/export].")

@@ -12,6 +12,7 @@ import math
 import os
 
 from clock_deploy import __version__
+from clock_deploy.config import PRECISIONS
 from clock_deploy.errors import UserError
 from clock_deploy.io import file_sha256, read_json, write_json
 
@@ -25,7 +26,6 @@ OUTPUT_DOC = {
     "labels": "[N, K] int64, index into classes",
     "boxes": "[N, K, 4] float32 x1, y1, x2, y2 in network-input pixels",
 }
-PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = ("format", "classes", "input", "topk", "batch", "precision")
 EMBEDDED_KEY = "clock_deploy"  # ONNX metadata_props key holding the sidecar's JSON
 

@@ -1,4 +1,5 @@
 """Model, criterion and optimizer parameter groups from the config."""
+from clock_deploy import config
 from clock_deploy.errors import UserError
 from clock_deploy.models.criterion import SetCriterion
 from clock_deploy.models.dab_detr import DABDETR
@@ -6,13 +7,14 @@ from clock_deploy.models.deformable_detr import DeformableDETR
 from clock_deploy.models.dino import DINO
 from clock_deploy.models.matcher import HungarianMatcher
 
+# the model class of each model.arch choice (config.ARCHS; tests/test_models.py checks they match)
 ARCHS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DINO}
 
 
 def check_model_config(cfg):
     """Raise UserError (naming the config key) for settings the models cannot be built with."""
     if cfg.arch not in ARCHS:
-        raise UserError(f"model.arch must be one of {sorted(ARCHS)}, got '{cfg.arch}'")
+        raise UserError(f"model.arch must be one of {list(config.ARCHS)}, got '{cfg.arch}'")
     positive = {"num_classes": cfg.num_classes, "hidden_dim": cfg.hidden_dim, "num_queries": cfg.num_queries,
                 "nheads": cfg.nheads, "dec_layers": cfg.dec_layers, "ffn_dim": cfg.ffn_dim, "n_points": cfg.n_points}
     for key, value in positive.items():

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clock_deploy.config import SAMPLING_MODES
 from clock_deploy.models.transformer_utils import unflatten_dim
-
-SAMPLING_MODES = ("grid_sample", "gather")
 
 
 def _sample_grid_sample(value, locations, weights):
