@@ -501,4 +501,5 @@ def from_dict(data, cls=Config, where="checkpoint"):
 
 
 def dump(cfg, path):
+    """Write `cfg` as YAML, atomically (io.write_text), so a crash leaves the old file or the new one."""
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

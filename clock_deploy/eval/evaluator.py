@@ -67,10 +67,6 @@ class DetectionEvaluator:
             metrics["kitti_moderate"] = kitti["mAP_moderate_R40"]
         return metrics
 
-    def write_kitti(self, out_dir):
-        """Write the collected detections as KITTI 16-column files, one per frame."""
-        _write_annos(out_dir, self.frame_ids, self.detections)
-
 
 def write_kitti_detections(out_dir, frame_ids, dets, classes):
     """Write KITTI detection files; dets[i] = (boxes [n,4] x1y1x2y2, scores [n], labels [n]) or None."""
