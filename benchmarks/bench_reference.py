@@ -62,10 +62,10 @@ def hf_config(arch, small):
 
 def build_pair(arch, small, folder):
     """Random transformers model saved to folder/hf, imported to folder/project.pt; both in eval mode."""
+    import transformers
+
     from clock_deploy.convert.importer import import_to_checkpoint
     from clock_deploy.engine.checkpoint import load_model
-
-    import transformers
 
     torch.manual_seed(0)
     hf_model = getattr(transformers, HF_CLASSES[arch])(hf_config(arch, small)).eval()
@@ -152,7 +152,8 @@ def onnx_check(impl, model, height, width, folder):
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(5))
     try:
         if impl == "project":
-            from clock_deploy.export.onnx import ExportWrapper, export_onnx
+            from clock_deploy.export.onnx import export_onnx
+            from clock_deploy.models.deploy import ExportWrapper
             export_onnx(model, path, height=height, width=width, topk=100, simplify=False)
             with torch.no_grad():
                 expected = ExportWrapper(model, 100, (height, width)).eval()(images)[0]

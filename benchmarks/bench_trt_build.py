@@ -20,16 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clock_deploy.artifact import batch_spec, build_metadata, input_spec, read_metadata, write_metadata
 from clock_deploy.config import load_config
 from clock_deploy.data.kitti import class_names
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import batch_spec, build_metadata, input_spec, read_metadata, write_metadata
-from clock_deploy.export.onnx import export_onnx, set_sampling
+from clock_deploy.export.onnx import export_onnx
 from clock_deploy.export.precision import convert_fp16, quantize_int8
 from clock_deploy.export.tensorrt import engine_from_onnx
 from clock_deploy.io import write_text
 from clock_deploy.models.build import build_model
+from clock_deploy.models.deform_attn import set_sampling
 
 ARCHS = ("dab_detr", "deformable_detr", "dino")
 SAMPLINGS = ("grid_sample", "gather")

@@ -128,9 +128,9 @@ class Pipeline:
         They are written where `clock-deploy export` puts them (README section 5 loads them from
         there) and copied into the bench's artifact cache, so the bench measures these very files.
         """
+        from clock_deploy.artifact import sidecar_path
         from clock_deploy.bench.runner import artifact_path, is_fresh, parse_backend, read_model
         from clock_deploy.export.commands import Exporter
-        from clock_deploy.export.metadata import sidecar_path
 
         checkpoint = self.checkpoint("distill")
         int8 = os.path.join(self.export_dir, "last.int8.onnx")

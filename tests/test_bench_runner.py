@@ -12,7 +12,6 @@ from clock_deploy.bench.runner import Backend, is_fresh, parse_backend, unavaila
 from clock_deploy.cli import run
 from clock_deploy.errors import UserError
 
-
 # ---------------------------------------------------------------- backend names and availability
 
 def test_parse_backend_names():
@@ -67,7 +66,7 @@ def test_tensorrt_missing_is_named_with_the_install_hint(monkeypatch):
     real = runner.importlib.util.find_spec
     monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real(name))
     reason = unavailable_reason(parse_backend("trt-int8"), profile("cuda"), calib="c.json")
-    assert reason.startswith("TensorRT not installed (pip install clock-deploy[trt]")
+    assert reason.startswith("TensorRT not installed: install it with `pip install clock-deploy[trt]`")
     assert "needs an NVIDIA GPU" not in reason
     assert "needs an NVIDIA GPU" in unavailable_reason(parse_backend("trt-fp16"), profile("cpu"))
 
@@ -75,7 +74,7 @@ def test_tensorrt_missing_is_named_with_the_install_hint(monkeypatch):
 # ---------------------------------------------------------------- artifact cache
 
 def write_artifact(path, max_batch):
-    from clock_deploy.export.metadata import batch_spec, build_metadata, write_metadata
+    from clock_deploy.artifact import batch_spec, build_metadata, write_metadata
 
     with open(path, "wb") as f:
         f.write(b"onnx bytes")

@@ -6,15 +6,16 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from test_export_utils import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
 
 from clock_deploy.cli import cli, run
 from clock_deploy.engine.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
-from clock_deploy.export.onnx import ExportWrapper, export_onnx, set_sampling
-from clock_deploy.export.parity import (ParityError, check_parity, judge_map, parity_report, run_onnx, run_torch,
-                                        verdict)
+from clock_deploy.export.onnx import export_onnx
+from clock_deploy.export.parity import ParityError, check_parity, judge_map, parity_report, run_onnx, run_torch, verdict
 from clock_deploy.io import file_sha256
-from test_export_utils import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
+from clock_deploy.models.deform_attn import set_sampling
+from clock_deploy.models.deploy import ExportWrapper
 
 FAMILIES = [("dab_detr", "grid_sample"), ("deformable_detr", "grid_sample"), ("deformable_detr", "gather"),
             ("dino", "grid_sample"), ("dino", "gather")]

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from clock_deploy.artifact import input_spec
 from clock_deploy.config import Config
 from clock_deploy.data.kitti import class_names
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from clock_deploy.export.metadata import input_spec
-from clock_deploy.export.onnx import set_sampling
 from clock_deploy.models.build import build_model
+from clock_deploy.models.deform_attn import set_sampling
 
 HEIGHT, WIDTH = 64, 128
 TOPK = 30

@@ -14,14 +14,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clock_deploy.artifact import FORMAT as SIDECAR_FORMAT
+from clock_deploy.artifact import read_metadata
 from clock_deploy.config import load_config
 from clock_deploy.data import kitti
 from clock_deploy.data.dataset import CocoDetection
 from clock_deploy.errors import UserError
 from clock_deploy.export.calibration import FORMAT as MANIFEST_FORMAT
 from clock_deploy.export.calibration import manifest_images
-from clock_deploy.export.metadata import FORMAT as SIDECAR_FORMAT
-from clock_deploy.export.metadata import read_metadata
 
 # 2,200 cases in the default suite (about 4 s per reader on a quiet machine); CLOCK_DEPLOY_FUZZ_SCALE=20
 # runs twenty times as many, e.g. before a release

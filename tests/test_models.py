@@ -13,13 +13,13 @@ from torch import nn
 from clock_deploy import config
 from clock_deploy.config import BackboneConfig, DenoisingConfig, LossConfig, ModelConfig
 from clock_deploy.errors import UserError
-from clock_deploy.eval.postprocess import PostProcess
 from clock_deploy.export.onnx import expected_tracing_notes_silenced
+from clock_deploy.models import build
 from clock_deploy.models.backbone import FrozenBatchNorm2d, ResNetBackbone, build_backbone
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_iou
-from clock_deploy.models import build
 from clock_deploy.models.build import build_criterion, build_model, param_groups
 from clock_deploy.models.contract import QueryGroup
+from clock_deploy.models.deploy import PostProcess
 from clock_deploy.models.dino import build_denoising_queries
 from clock_deploy.models.position import PositionEmbeddingSine, gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import self_attn_mask

@@ -9,16 +9,16 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from test_export_utils import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
 
+from clock_deploy.artifact import batch_spec, read_metadata, write_metadata
 from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor
 from clock_deploy.engine.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import batch_spec, read_metadata, write_metadata
+from clock_deploy.eval.detector import evaluate_artifact
 from clock_deploy.export.onnx import export_onnx
-from clock_deploy.export.parity import evaluate_artifact
 from clock_deploy.runtime import Detector
 from clock_deploy.runtime.preprocess import preprocess
-from test_export_utils import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,12 +90,34 @@ def test_threshold_single_image_and_empty_input(artifacts):
     assert detector([]) == []
 
 
-def test_onnx_runtime_path_does_not_import_torch(artifacts):
+def test_onnx_runtime_path_imports_neither_torch_nor_the_exporter(artifacts):
     code = ("import sys; from clock_deploy.runtime import Detector; "
             f"d = Detector.load({artifacts['onnx']!r}); r = d([{artifacts['images'][0]!r}]); "
-            "assert len(r) == 1; assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+            "assert len(r) == 1; assert 'torch' not in sys.modules, 'torch was imported'; "
+            "export = sorted(m for m in sys.modules if m.startswith('clock_deploy.export')); "
+            "assert not export, f'imported {export}'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_no_runtime_module_imports_the_export_package():
+    # export produces artifacts and the runtime consumes them; both share clock_deploy.artifact,
+    # so the runtime never needs the exporter (nor its onnx / onnxslim / torch imports)
+    import ast
+
+    import clock_deploy.runtime
+    folder = os.path.dirname(clock_deploy.runtime.__file__)
+    offenders = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):  # function-level imports count too
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                           [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                           else [])
+                offenders += [f"{name}: {m}" for m in modules if m.split(".")[:2] == ["clock_deploy", "export"]]
+    assert len(os.listdir(folder)) >= 5 and offenders == []
 
 
 def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path):

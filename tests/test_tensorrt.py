@@ -10,10 +10,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from clock_deploy.artifact import batch_spec, build_metadata, read_metadata, write_metadata
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import batch_spec, build_metadata, read_metadata, write_metadata
-from clock_deploy.export.tensorrt import (BuildPlan, TensorRTUnavailable, build_engine, builder_name,
-                                         engine_from_onnx, import_tensorrt, major_version, plan_build)
+from clock_deploy.export.tensorrt import (
+    BuildPlan,
+    build_engine,
+    builder_name,
+    engine_from_onnx,
+    major_version,
+    plan_build,
+)
+from clock_deploy.nvidia import TensorRTUnavailable, import_tensorrt
 
 H, W = 64, 128
 
@@ -320,6 +327,7 @@ def test_engine_from_onnx_takes_everything_from_the_sidecar(tmp_path):
 
 def test_engine_command_without_tensorrt_is_one_line(tmp_path, monkeypatch):
     from click.testing import CliRunner
+
     from clock_deploy.export.commands import engine
 
     onnx_path = tmp_path / "m.onnx"
@@ -372,10 +380,11 @@ needs_gpu = pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs tensorrt, 
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_real_engine_matches_onnxruntime(tmp_path, precision):
+    from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
+
     from clock_deploy.export.onnx import export_onnx
     from clock_deploy.export.precision import convert_fp16
     from clock_deploy.runtime import Detector
-    from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
     model, _ = tiny_model("deformable_detr", "gather")
     onnx_path = str(tmp_path / "m.onnx")

@@ -10,12 +10,12 @@ Skipped where tensorrt_rtx is not installed (it is in the [dev] extra).
 import json
 
 import pytest
+from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
-from clock_deploy.export.metadata import batch_spec, build_metadata, read_metadata, write_metadata
+from clock_deploy.artifact import batch_spec, build_metadata, read_metadata, write_metadata
 from clock_deploy.export.onnx import export_onnx
 from clock_deploy.export.precision import convert_fp16, quantize_int8
 from clock_deploy.export.tensorrt import engine_from_onnx
-from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -89,6 +89,7 @@ def test_int8_engine_is_int8_with_fp16_remainder(exported):
 
 def test_engine_command_builds_a_batch_profile_with_half_kernels(exported, tmp_path):
     from click.testing import CliRunner
+
     from clock_deploy.export.commands import engine
 
     path = exported(*DEFAULT, "fp16")

@@ -27,11 +27,11 @@ from clock_deploy.bench.latency import measure
 from clock_deploy.bench.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError
 from clock_deploy.io import remove_stale_folders, write_json
+from clock_deploy.nvidia import INSTALL_HINT, TensorRTUnavailable, import_cudart
 
 DEFAULT_BACKENDS = ("torch", "onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")
 BACKEND_PATTERN = re.compile(r"^(torch|onnx(?:-(fp16|int8))?|trt-(fp32|fp16|int8)(?:-dla(\d))?)$")
 WORK_DIR_PREFIX = "clock-deploy-bench-"  # + pid of the bench: a later bench removes those of killed ones
-TRT_HINT = "TensorRT not installed (pip install clock-deploy[trt]; on Jetson: sudo apt install python3-libnvinfer)"
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def unavailable_reason(backend, profile, calib=None):
     if backend.runtime == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:
             gpu_note = "; it also needs an NVIDIA GPU (--device cuda or jetson-orin)" if profile.kind == "cpu" else ""
-            return TRT_HINT + gpu_note
+            return f"TensorRT not installed: {INSTALL_HINT}{gpu_note}"
         if profile.kind == "cpu":
             return "TensorRT runs on an NVIDIA GPU only: use --device cuda or jetson-orin"
         if backend.dla_core >= 0 and profile.kind != "jetson-orin":
@@ -110,8 +110,8 @@ def split_image_paths(data):
 def cuda_free_bytes():
     """Free GPU memory (cudaMemGetInfo) through cuda-python, or torch when only torch has CUDA."""
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
+        cudart = import_cudart()
+    except TensorRTUnavailable:
         import torch
         return torch.cuda.mem_get_info()[0]
     err, free, _ = cudart.cudaMemGetInfo()
@@ -166,7 +166,7 @@ def load_detector(artifact, runtime, device, threads):
         apply_threads(threads)
         return Detector.load(artifact, backend="torch", device=device, score_threshold=0.0)
     if runtime == "onnxruntime":  # built here to pass the thread count to the session
-        from clock_deploy.export.metadata import read_metadata
+        from clock_deploy.artifact import read_metadata
         from clock_deploy.runtime.backend_onnx import OnnxBackend
         meta = read_metadata(artifact)
         # on a GPU the onnx rows are the CUDA EP: TensorRT is measured natively by the trt-* backends
@@ -301,7 +301,7 @@ def make_row(model, backend, artifact, size_mb, result):
 
 def engine_layers(engine):
     """'int8/fp16/fp32' layer counts of a TensorRT engine from its sidecar, or None when not recorded."""
-    from clock_deploy.export.metadata import read_metadata
+    from clock_deploy.artifact import read_metadata
 
     try:
         layers = read_metadata(engine)["tensorrt"]["layers"]
@@ -353,7 +353,7 @@ def artifact_path(artifacts_dir, model, backend):
 def is_fresh(path, inputs, batch):
     """An exported artifact can be reused: it and its sidecar exist, it is newer than every input
     file, and it was exported for this batch size."""
-    from clock_deploy.export.metadata import read_metadata, sidecar_path
+    from clock_deploy.artifact import read_metadata, sidecar_path
 
     if not (os.path.isfile(path) and os.path.isfile(sidecar_path(path))):
         return False

@@ -5,7 +5,7 @@ from tqdm import tqdm
 
 from clock_deploy.data.dataset import collate_fn
 from clock_deploy.eval.evaluator import DetectionEvaluator
-from clock_deploy.eval.postprocess import PostProcess
+from clock_deploy.models.deploy import PostProcess
 
 
 def build_evaluator(dataset):

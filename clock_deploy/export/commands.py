@@ -14,8 +14,8 @@ from clock_deploy.config import SAMPLING_MODES
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
+from clock_deploy.nvidia import BUILDERS
 
-BUILDER_CHOICES = ("tensorrt", "tensorrt-rtx")  # tensorrt.BUILDERS, without importing it for --help
 BATCH_HELP = ("Batch sizes: MIN,OPT,MAX (TensorRT profile) or N (1..N, tuned for N; the batch of a static model) "
               "[default: dynamic 1,1,8; static 1].")
 
@@ -71,9 +71,9 @@ class Exporter:
         return os.path.join(self.out_dir, f"{self.name}{suffix}")
 
     def metadata(self, kind, precision, calibration=None, **extra):
+        from clock_deploy.artifact import build_metadata
         from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from clock_deploy.export.metadata import build_metadata
-        from clock_deploy.export.onnx import model_sampling
+        from clock_deploy.models.deform_attn import model_sampling
 
         height, width = self.cfg.data.img_size
         return build_metadata(kind=kind, arch=self.cfg.model.arch, classes=self.ckpt["classes"], height=height,
@@ -84,10 +84,16 @@ class Exporter:
 
     def check(self, path, meta, parity_images, map_images):
         """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
-        from clock_deploy.export.onnx import ExportWrapper
-        from clock_deploy.export.parity import (check_parity, evaluate_detector, judge_map, map_difference,
-                                                parity_report)
-        from clock_deploy.export.parity import run_onnx, run_torch
+        from clock_deploy.eval.detector import evaluate_detector
+        from clock_deploy.export.parity import (
+            check_parity,
+            judge_map,
+            map_difference,
+            parity_report,
+            run_onnx,
+            run_torch,
+        )
+        from clock_deploy.models.deploy import ExportWrapper
         from clock_deploy.runtime import Detector
         from clock_deploy.runtime.backend_onnx import OnnxBackend
         from clock_deploy.runtime.backend_torch import TorchBackend
@@ -120,8 +126,8 @@ class Exporter:
             builder=None):
         """batch: N or (MIN, OPT, MAX) (metadata.batch_spec; None = 1..8 dynamic, 1 static).
         builder: "tensorrt" | "tensorrt-rtx" for the engine (default the first installed)."""
+        from clock_deploy.artifact import batch_spec, input_spec
         from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from clock_deploy.export.metadata import batch_spec, input_spec
         from clock_deploy.export.onnx import export_onnx
 
         if parity_images < 1:
@@ -129,8 +135,8 @@ class Exporter:
         exp = self.cfg.export
         # missing TensorRT or calibration data is reported before the minutes of exporting
         if trt:
-            from clock_deploy.export.onnx import model_sampling
-            from clock_deploy.export.tensorrt import import_tensorrt
+            from clock_deploy.models.deform_attn import model_sampling
+            from clock_deploy.nvidia import import_tensorrt
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 self.echo("note: deformable attention samples with GridSample, which TensorRT has been reported "
@@ -178,7 +184,7 @@ class Exporter:
 
     def finish(self, path, meta, parity_images, map_images):
         """Check parity, then write the sidecar that makes the artifact loadable (and embed it in the ONNX)."""
-        from clock_deploy.export.metadata import embed_metadata, write_metadata
+        from clock_deploy.artifact import embed_metadata, write_metadata
 
         meta["parity"] = self.check(path, meta, parity_images, map_images)
         embed_metadata(path, meta)
@@ -186,8 +192,8 @@ class Exporter:
         self.summary[meta["precision"]] = path
 
     def calibration_images(self, manifest, root, limit):
-        from clock_deploy.io import file_sha256
         from clock_deploy.export.calibration import manifest_images, read_manifest
+        from clock_deploy.io import file_sha256
 
         if not manifest:
             raise UserError("INT8 needs a calibration manifest: pass --calib calibration/<name>.json "
@@ -212,7 +218,7 @@ class Exporter:
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):
-        from clock_deploy.export.metadata import read_metadata
+        from clock_deploy.artifact import read_metadata
         from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
 
         exp = self.cfg.export
@@ -243,7 +249,7 @@ def _describe(path, report):
 @click.option("--onnx", "onnx_flag", is_flag=True, help="Write ONNX (always done; the default output).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt and an NVIDIA GPU, "
               "or tensorrt-rtx, which also builds without a GPU).")
-@click.option("--builder", type=click.Choice(BUILDER_CHOICES), default=None,
+@click.option("--builder", type=click.Choice(list(BUILDERS)), default=None,
               help="Engine builder [default: tensorrt if installed, else tensorrt-rtx].")
 @click.option("--fp16", "precision", flag_value="fp16", help="Also write the FP16 ONNX (and engine).")
 @click.option("--int8", "precision", flag_value="int8", help="Also write the INT8 Q/DQ ONNX (needs --calib).")
@@ -273,7 +279,7 @@ def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_im
            opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
            map_images, workspace_gb, dla_core, timing_cache):
     """Export a checkpoint to ONNX (FP32 + FP16 / INT8) and optionally TensorRT, with parity checks."""
-    from clock_deploy.export.onnx import set_sampling
+    from clock_deploy.models.deform_attn import set_sampling
 
     exporter = Exporter(ckpt, out_dir, name)
     cfg = exporter.cfg
@@ -324,7 +330,7 @@ def calibrate(root, split, num, out, seed):
 @click.option("--dla-core", default=-1, show_default=True, help="DLA core (Jetson), GPU fallback on; -1 = GPU only.")
 @click.option("--timing-cache", default=None, help="Timing cache file, loaded when present and saved after the build.")
 @click.option("--batch", default=None, help="Engine profile MIN,OPT,MAX or N [default: the ONNX's sidecar].")
-@click.option("--builder", type=click.Choice(BUILDER_CHOICES), default=None,
+@click.option("--builder", type=click.Choice(list(BUILDERS)), default=None,
               help="tensorrt or tensorrt-rtx [default: tensorrt if installed, else tensorrt-rtx].")
 def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cache, batch, builder):
     """Build a TensorRT engine from an exported ONNX (and its sidecar) on the device that will run it.
@@ -332,7 +338,7 @@ def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cac
     Needs no torch and no checkpoint: copy the .onnx (with its .onnx.json, or alone: the export embeds the
     same metadata in it) to the Jetson and run this there.
     """
-    from clock_deploy.export.metadata import read_metadata
+    from clock_deploy.artifact import read_metadata
     from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
 
     path = engine_from_onnx(onnx_path, precision, engine_path, workspace_gb=workspace_gb, dla_core=dla_core,

@@ -13,45 +13,12 @@ import warnings
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
-from clock_deploy.errors import UserError
-from clock_deploy.eval.postprocess import PostProcess
-from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
+from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.io import atomic_path
-from clock_deploy.models.deform_attn import SAMPLING_MODES, MSDeformAttn
+from clock_deploy.models.deploy import ExportWrapper
 
 DEFAULT_OPSET = 17
-
-
-class ExportWrapper(nn.Module):
-    """Detector + PostProcess: normalized images -> (scores, labels, boxes in input pixels)."""
-
-    def __init__(self, model, topk, image_hw):
-        super().__init__()
-        self.model = model
-        self.postprocess = PostProcess(topk)
-        self.image_hw = (int(image_hw[0]), int(image_hw[1]))
-
-    def forward(self, images):
-        out = self.model(images)
-        return self.postprocess(out.pred_logits, out.pred_boxes, self.image_hw)
-
-
-def set_sampling(model, mode):
-    """Switch every deformable attention of `model` to `mode`; returns how many were switched (0 for DAB-DETR)."""
-    if mode not in SAMPLING_MODES:
-        raise UserError(f"--sampling must be one of {list(SAMPLING_MODES)}, got '{mode}'")
-    layers = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
-    for layer in layers:
-        layer.sampling = mode
-    return len(layers)
-
-
-def model_sampling(model):
-    """The deformable attention sampling mode of `model`, or None when it has no deformable attention."""
-    modes = {m.sampling for m in model.modules() if isinstance(m, MSDeformAttn)}
-    return modes.pop() if len(modes) == 1 else None
 
 
 @contextlib.contextmanager

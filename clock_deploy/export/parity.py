@@ -43,9 +43,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
-from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
 
 FP16_TOLERANCE = 1e-2
 MATCH_SCORE = 0.3       # detections compared: the runtime's default score threshold
@@ -281,33 +281,6 @@ def check_parity(report, path):
         f"matched boxes max abs {report['det_box_max_abs']:.3g} px"
         + (f"; mAP {ap_text('mAP', report['mAP'])} vs {ap_text('mAP', report['mAP_ref'])} %"
            if "mAP_diff" in report else ""))
-
-
-# ---------------------------------------------------------------- accuracy through the runtime
-
-def evaluate_detector(detector, dataset, limit=0):
-    """COCO / KITTI metrics of a runtime Detector on the first `limit` images of `dataset` (0 = all).
-
-    Images are read from their files and go through the runtime preprocessing, as in deployment.
-    """
-    from clock_deploy.eval.evaluator import DetectionEvaluator
-
-    if list(detector.classes) != list(dataset.classes):
-        raise UserError(f"the model's classes {detector.classes} differ from the dataset's {dataset.classes}")
-    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
-    evaluator = DetectionEvaluator(dataset.classes, [dataset.gt_annos(i) for i in range(count)],
-                                   [dataset.image_size(i) for i in range(count)], dataset.frame_ids[:count])
-    for i in range(count):
-        det = detector([dataset.image_path(i)], score_threshold=0.0)[0]
-        evaluator.update(i, det.boxes, det.scores, det.labels)
-    return evaluator.summarize()
-
-
-def evaluate_artifact(path, dataset, limit=0, device="cpu", backend=None):
-    """Metrics of an exported model (.onnx / .engine) or a checkpoint (.pt) through the runtime."""
-    from clock_deploy.runtime import Detector
-
-    return evaluate_detector(Detector.load(path, backend=backend, device=device), dataset, limit)
 
 
 def map_difference(reference_metrics, metrics):

@@ -30,8 +30,8 @@ import tempfile
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from clock_deploy.artifact import INPUT_NAME
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import INPUT_NAME
 from clock_deploy.io import atomic_path
 from clock_deploy.runtime.preprocess import preprocess
 

@@ -20,35 +20,11 @@ cache calls are no-ops). Precision comes from the ONNX wherever possible:
 import os
 from dataclasses import dataclass, field
 
+from clock_deploy.artifact import INPUT_NAME, build_metadata, read_metadata, write_metadata
 from clock_deploy.errors import UserError
 from clock_deploy.export.engine_report import LAYER_LISTING_HEADER
-from clock_deploy.export.metadata import INPUT_NAME, build_metadata, read_metadata, write_metadata
 from clock_deploy.io import atomic_path
-
-INSTALL_HINT = ("install it with `pip install clock-deploy[trt]` on x86 with an NVIDIA GPU, "
-                "`sudo apt install python3-libnvinfer` (JetPack) on Jetson, "
-                "or `pip install clock-deploy[rtx]` (TensorRT-RTX) for RTX GPUs")
-BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # --builder name -> Python module
-DISPLAY_NAMES = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
-
-
-class TensorRTUnavailable(UserError):
-    """TensorRT or a usable NVIDIA GPU is missing; the message says what to install."""
-
-
-def import_tensorrt(builder=None):
-    """The builder's module: `builder` ("tensorrt" | "tensorrt-rtx"), or the first one installed."""
-    import importlib
-
-    if builder is not None and builder not in BUILDERS:
-        raise UserError(f"--builder must be one of {list(BUILDERS)}, got '{builder}'")
-    for name in [builder] if builder else list(BUILDERS):
-        try:
-            return importlib.import_module(BUILDERS[name])
-        except ImportError:
-            continue
-    what = DISPLAY_NAMES.get(builder, "TensorRT")
-    raise TensorRTUnavailable(f"{what} is not installed: {INSTALL_HINT}")
+from clock_deploy.nvidia import DISPLAY_NAMES, TensorRTUnavailable, import_cudart, import_tensorrt
 
 
 def builder_name(trt):
@@ -247,8 +223,8 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
 def cuda_device_name(index=0):
     """Name of CUDA device `index` via cuda-python, or a note when it cannot be queried."""
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
+        cudart = import_cudart()
+    except TensorRTUnavailable:
         return "unknown (cuda-python not installed)"
     err, props = cudart.cudaGetDeviceProperties(index)
     if err != cudart.cudaError_t.cudaSuccess:
@@ -267,7 +243,7 @@ def engine_from_onnx(onnx_path, precision=None, engine_path=None, *, workspace_g
     batch: "MIN,OPT,MAX" or a number overriding the ONNX's profile (metadata.engine_batch).
     builder: "tensorrt" | "tensorrt-rtx" (default the first installed). Returns the engine path.
     """
-    from clock_deploy.export.metadata import engine_batch
+    from clock_deploy.artifact import engine_batch
 
     onnx_path = os.fspath(onnx_path)
     onnx_meta = read_metadata(onnx_path)

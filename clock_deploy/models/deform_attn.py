@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clock_deploy.config import SAMPLING_MODES
+from clock_deploy.errors import UserError
 from clock_deploy.models.transformer_utils import unflatten_dim
 
 
@@ -145,3 +146,19 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 values, got {reference_points.shape[-1]}")
         out = ms_deform_attn(value, spatial_shapes, locations, weights, self.sampling)
         return self.output_proj(out)
+
+
+def set_sampling(model, mode):
+    """Switch every deformable attention of `model` to `mode`; returns how many were switched (0 for DAB-DETR)."""
+    if mode not in SAMPLING_MODES:
+        raise UserError(f"sampling must be one of {list(SAMPLING_MODES)}, got '{mode}'")
+    layers = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    for layer in layers:
+        layer.sampling = mode
+    return len(layers)
+
+
+def model_sampling(model):
+    """The deformable attention sampling mode of `model`, or None when it has no deformable attention."""
+    modes = {m.sampling for m in model.modules() if isinstance(m, MSDeformAttn)}
+    return modes.pop() if len(modes) == 1 else None

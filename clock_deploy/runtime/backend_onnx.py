@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 
+from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
 
 # tried in this order on a GPU; onnxruntime falls back along the list for unsupported nodes
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

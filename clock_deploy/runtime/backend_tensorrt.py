@@ -8,17 +8,9 @@ import os
 
 import numpy as np
 
+from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import INPUT_NAME, OUTPUT_NAMES
-from clock_deploy.export.tensorrt import INSTALL_HINT, TensorRTUnavailable, import_tensorrt
-
-
-def _import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        raise TensorRTUnavailable(f"cuda-python is not installed: {INSTALL_HINT}") from None
-    return cudart
+from clock_deploy.nvidia import TensorRTUnavailable, import_cudart, import_tensorrt
 
 
 def _check(cudart, result):
@@ -41,7 +33,7 @@ class TensorRTBackend:
             raise UserError(f"{path}: engine built with TensorRT {built_with}, this is TensorRT {trt.__version__}; "
                             "engines only run on the version (and GPU) that built them: rebuild it with "
                             "`clock-deploy export --trt` on this device")
-        self.cudart = cudart = _import_cudart()
+        self.cudart = cudart = import_cudart()
         index = int(device.split(":")[1]) if ":" in device else 0
         count = cudart.cudaGetDeviceCount()
         if count[0] != cudart.cudaError_t.cudaSuccess or count[1] <= index:

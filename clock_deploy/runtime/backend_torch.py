@@ -6,9 +6,10 @@ to ONNX, so torch and ONNX backends are comparable output for output.
 import numpy as np
 import torch
 
+from clock_deploy.artifact import batch_spec, build_metadata
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from clock_deploy.export.metadata import batch_spec, build_metadata
-from clock_deploy.export.onnx import ExportWrapper, model_sampling
+from clock_deploy.models.deform_attn import model_sampling
+from clock_deploy.models.deploy import ExportWrapper
 
 
 class TorchBackend:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from clock_deploy.artifact import read_metadata
 from clock_deploy.errors import UserError
-from clock_deploy.export.metadata import read_metadata
 from clock_deploy.runtime.preprocess import boxes_to_original, preprocess
 
 BACKEND_OF_SUFFIX = {".pt": "torch", ".pth": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}

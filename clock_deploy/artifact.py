@@ -1,11 +1,14 @@
-"""The sidecar `<artifact>.json` written next to every exported model.
+"""The artifact contract: I/O tensor names and the sidecar `<artifact>.json` next to every exported model.
+
+Export produces artifacts with it, the runtime consumes them; it sits below both and imports
+neither torch nor either package.
 
 It is everything a runtime needs to use the artifact without the training code: the
 input size and normalization, the class names, the precision and batch profile, and
 where the file came from (checkpoint sha256, toolkit / opset / onnxruntime / TensorRT
 versions, calibration manifest, parity results). An ONNX also carries the same JSON in
 its metadata_props, so a lone .onnx still loads; an engine cannot, so its sidecar must
-travel with it. This module is torch-free because the runtime reads it.
+travel with it.
 """
 import datetime
 import math

@@ -1,4 +1,8 @@
-"""Raw DETR outputs -> top-k detections in pixels (the same module runs inside exported graphs)."""
+"""The deployed form of a detector: raw DETR outputs -> top-k detections in pixels.
+
+PostProcess runs in evaluation and inside exported graphs; ExportWrapper (detector + PostProcess)
+is what is traced to ONNX and what the runtime's torch backend runs, so both give the same outputs.
+"""
 import torch
 from torch import nn
 
@@ -29,3 +33,17 @@ class PostProcess(nn.Module):
         height, width = image_hw[:, 0:1].to(boxes.dtype), image_hw[:, 1:2].to(boxes.dtype)
         scale = torch.stack([width, height, width, height], dim=-1)  # [B or 1, 1, 4]
         return scores, labels, box_cxcywh_to_xyxy(picked) * scale
+
+
+class ExportWrapper(nn.Module):
+    """Detector + PostProcess: normalized images -> (scores, labels, boxes in input pixels)."""
+
+    def __init__(self, model, topk, image_hw):
+        super().__init__()
+        self.model = model
+        self.postprocess = PostProcess(topk)
+        self.image_hw = (int(image_hw[0]), int(image_hw[1]))
+
+    def forward(self, images):
+        out = self.model(images)
+        return self.postprocess(out.pred_logits, out.pred_boxes, self.image_hw)
