@@ -155,7 +155,8 @@ def _check_fields(meta, path):
     """Types of the fields a runtime uses, so a damaged sidecar fails here and not mid-inference."""
     inp, batch = meta["input"], meta["batch"]
     checks = {
-        "classes": isinstance(meta["classes"], list) and meta["classes"] and all(isinstance(c, str) for c in meta["classes"]),
+        "classes": (isinstance(meta["classes"], list) and meta["classes"]
+                    and all(isinstance(c, str) for c in meta["classes"])),
         "input": isinstance(inp, dict) and all(k in inp for k in ("height", "width", "mean", "std", "divisor")),
         "topk": isinstance(meta["topk"], int) and not isinstance(meta["topk"], bool) and meta["topk"] > 0,
         "batch": isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) > 0

@@ -64,7 +64,8 @@ def write_error(path, e):
     if code in (errno.EEXIST, errno.ENOTDIR):  # makedirs through a file
         reason = "a part of its folder path is a file, not a folder"
     else:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                  else str(e).splitlines()[0] if str(e) else type(e).__name__)
     hint = " (is the disk full?)" if code == errno.ENOSPC else ""
     return UserError(f"cannot write {path}: {reason}{hint}")
 

@@ -98,7 +98,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
     criterion = NanAfter(build_criterion(cfg.loss, cfg.model), after=4)  # epoch 1 = 3 iterations
     train_set = build_dataset(cfg.data, "train", train=True)
     trainer = Trainer(cfg, model, criterion, train_set, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, iteration 5 .*loss_cls=nan.*last good checkpoint kept: .*last.pt"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"epoch 2, iteration 5 .*loss_cls=nan.*last good checkpoint kept: .*last.pt"):
         trainer.fit()
     ckpt = read_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["epoch"] == 1

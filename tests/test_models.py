@@ -185,7 +185,8 @@ def test_every_model_arch_choice_has_a_model_class():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_output_contract(arch):
     model = tiny_model(arch).eval()
-    assert (model.arch, model.hidden_dim, model.num_classes, model.num_queries, model.dec_layers) == (arch, 32, 3, 10, 2)
+    settings = (model.arch, model.hidden_dim, model.num_classes, model.num_queries, model.dec_layers)
+    assert settings == (arch, 32, 3, 10, 2)
     assert model.config.arch == arch
     with torch.no_grad():
         out = model(images())
@@ -360,7 +361,8 @@ def test_param_groups_scale_backbone_lr():
     assert total == sum(p.numel() for p in model.parameters()) - model.backbone.conv1.weight.numel()
 
 
-@pytest.mark.parametrize("key,value,match", [("hidden_dim", 30, "nheads"), ("num_feature_levels", 2, "num_feature_levels"),
+@pytest.mark.parametrize("key,value,match", [("hidden_dim", 30, "nheads"),
+                                             ("num_feature_levels", 2, "num_feature_levels"),
                                              ("num_queries", 0, "num_queries")])
 def test_build_model_rejects_bad_config(key, value, match):
     with pytest.raises(UserError, match=match):

@@ -125,7 +125,8 @@ def test_deformable_fixture_has_the_parameter_count_of_transformers_at_the_same_
     assert sum(t.numel() for t in tensors) == sum(torch.Size(s).numel() for s in unique.values())
 
 
-@pytest.mark.parametrize("prefix", ["model.backbone.conv_encoder.model.", "model.backbone.conv_encoder.model._backbone."])
+@pytest.mark.parametrize("prefix", ["model.backbone.conv_encoder.model.",
+                                    "model.backbone.conv_encoder.model._backbone."])
 def test_timm_backbone_names_as_the_hub_checkpoints_store_them(tmp_path, prefix):
     """The hub's Deformable DETR folders use a timm ResNet, whose names are torchvision's."""
     random_hf_deformable(tmp_path, 3, True, True)

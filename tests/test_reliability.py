@@ -146,7 +146,8 @@ def test_unwritable_output_and_full_disk_are_one_line(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
                            "file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=r"cannot write .*last.pt: writing the checkpoint failed \(is the disk full\?\)"):
+    with pytest.raises(UserError,
+                       match=r"cannot write .*last.pt: writing the checkpoint failed \(is the disk full\?\)"):
         io.torch_save({}, tmp_path / "last.pt")
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 

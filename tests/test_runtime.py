@@ -185,7 +185,8 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
     meta = read_metadata(resized)
     meta["input"]["height"] = 96
     write_metadata(resized, meta)
-    with pytest.raises(UserError, match=r"resized.onnx: input is \[N, 3, 64, 128\] but its metadata says \[N, 3, 96, 128\]"):
+    with pytest.raises(UserError,
+                       match=r"resized.onnx: input is \[N, 3, 64, 128\] but its metadata says \[N, 3, 96, 128\]"):
         Detector.load(resized)
 
     graph = onnx.helper.make_graph(
@@ -194,7 +195,8 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
     foreign = copy("foreign.onnx", onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
                    .SerializeToString())
-    with pytest.raises(UserError, match=r"foreign.onnx: outputs are \['logits'\], expected \['scores', 'labels', 'boxes'\]"):
+    with pytest.raises(UserError,
+                       match=r"foreign.onnx: outputs are \['logits'\], expected \['scores', 'labels', 'boxes'\]"):
         Detector.load(foreign)
 
     with pytest.raises(UserError, match="cannot tell the backend from the suffix '.bin'"):

@@ -12,14 +12,8 @@ import pytest
 
 from clock_deploy.artifact import batch_spec, build_metadata, read_metadata, write_metadata
 from clock_deploy.errors import UserError
-from clock_deploy.export.tensorrt import (
-    BuildPlan,
-    build_engine,
-    builder_name,
-    engine_from_onnx,
-    major_version,
-    plan_build,
-)
+from clock_deploy.export.tensorrt import (BuildPlan, build_engine, builder_name, engine_from_onnx, major_version,
+                                         plan_build)
 from clock_deploy.nvidia import TensorRTUnavailable, import_tensorrt
 
 H, W = 64, 128
@@ -354,7 +348,8 @@ def test_engine_for_another_tensorrt_version_is_refused(tmp_path, monkeypatch):
     from clock_deploy.runtime import Detector
     engine = _engine_with_sidecar(tmp_path, "10.3.0")
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.8.0"))
-    with pytest.raises(UserError, match=r"model.fp16.engine: engine built with TensorRT 10.3.0, this is TensorRT 10.8.0"):
+    with pytest.raises(UserError,
+                       match=r"model.fp16.engine: engine built with TensorRT 10.3.0, this is TensorRT 10.8.0"):
         Detector.load(engine)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):

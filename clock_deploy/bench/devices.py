@@ -289,8 +289,8 @@ def sysfs_clocks(system):
             if None not in values:
                 clocks["GPU"] = Clock(*(v / 1e6 for v in values))
                 break
-    dla = {m.group(1) for p in system.glob("sys/devices/platform/*nvdla*") + system.glob("sys/devices/platform/*/*nvdla*")
-           if (m := re.search(r"nvdla(\d+)$", p))}
+    nodes = system.glob("sys/devices/platform/*nvdla*") + system.glob("sys/devices/platform/*/*nvdla*")
+    dla = {m.group(1) for p in nodes if (m := re.search(r"nvdla(\d+)$", p))}
     return clocks, len(dla)
 
 

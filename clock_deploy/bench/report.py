@@ -109,7 +109,8 @@ SUMMARY_KEYS = ("label", "backend", "size_mb", "latency_p50", "latency_p99", "th
 SUMMARY_FORMATS = {"latency_p50": _fixed(1), "latency_p99": _fixed(1)}
 TEXT_KEYS = ("label", "backend")  # left-aligned; every other column is a number
 CSV_FIELDS = (["model"] + [key for key, _, _ in COLUMNS if key != "label"]
-              + ["cpus", "latency_min", "latency_max", "runs", "batch", "images", "artifact", "arch", "params", "method"])
+              + ["cpus", "latency_min", "latency_max", "runs", "batch", "images", "artifact", "arch", "params",
+                 "method"])
 UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images (ms); mAP / AP50 / AP75: "
               "COCO AP in %; KITTI: AP R40 in %, mean over the KITTI classes with ground truth; "
               "layers: a TensorRT engine's layers running in INT8 / FP16 / FP32 (its sidecar's precision report); "

@@ -123,7 +123,8 @@ def _check_coco(data, path):
                                               "name": (lambda v: isinstance(v, str), "a string")})
     _check_entries(data, "annotations", path, {"image_id": (_is_int, "an integer"),
                                                "category_id": (_is_int, "an integer"),
-                                               "bbox": (_is_box, f"[x, y, w, h] with w, h >= 0, |v| <= {MAX_COORDINATE:g}")})
+                                               "bbox": (_is_box, "[x, y, w, h] with w, h >= 0, "
+                                                                 f"|v| <= {MAX_COORDINATE:g}")})
     seen = set()
     for i, image in enumerate(data["images"]):
         # images are read from root/images/<file_name> and detections written as <stem>.txt

@@ -108,9 +108,11 @@ class CocoDetection(_Detection):
         self.annotations = [[] for _ in self.images]
         for ann in data["annotations"]:
             if ann["image_id"] not in position:
-                raise UserError(f"{self.ann_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
+                raise UserError(f"{self.ann_file}: annotation {ann.get('id')} refers to unknown image "
+                                f"{ann['image_id']}")
             if ann["category_id"] not in label_of:
-                raise UserError(f"{self.ann_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+                raise UserError(f"{self.ann_file}: annotation {ann.get('id')} has unknown category "
+                                f"{ann['category_id']}")
             self.annotations[position[ann["image_id"]]].append(ann)
         self._label_of = label_of
 

@@ -117,7 +117,8 @@ class Normalize:
         return image, target
 
     def __repr__(self):
-        mean, std = [round(v, 4) for v in self.mean.flatten().tolist()], [round(v, 4) for v in self.std.flatten().tolist()]
+        mean = [round(v, 4) for v in self.mean.flatten().tolist()]
+        std = [round(v, 4) for v in self.std.flatten().tolist()]
         return f"Normalize(mean={mean}, std={std})"
 
 

@@ -232,8 +232,9 @@ def _describe(path, report):
     """One parity line: slot-by-slot numbers, matched detections, mAP, and the verdict with its gate."""
     from clock_deploy.export.parity import verdict
 
-    text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} {report['image_source']} "
-            f"images: scores max abs {report['scores_max_abs']:.2g}, boxes max abs {report['boxes_max_abs']:.2g} px, "
+    text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} "
+            f"{report['image_source']} images: scores max abs {report['scores_max_abs']:.2g}, "
+            f"boxes max abs {report['boxes_max_abs']:.2g} px, "
             f"{report['queries_changed']}/{report['queries']} queries beyond tolerance; detections >= "
             f"{report['det_score_threshold']:g}: {report['det_ref']} vs {report['det_out']}, "
             f"{report['det_matched_fraction']:.0%} matched (boxes within {report['det_box_max_abs']:.2g} px), "
@@ -275,8 +276,8 @@ def _describe(path, report):
 @click.option("--workspace-gb", type=float, default=None, help="TensorRT workspace [default: export.workspace_gb].")
 @click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson), GPU fallback on.")
 @click.option("--timing-cache", default=None, help="TensorRT timing cache file [default: <out>/timing.cache].")
-def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_images, exclude_node, batch, dynamic, imgsz,
-           opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
+def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_images, exclude_node, batch, dynamic,
+           imgsz, opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
            map_images, workspace_gb, dla_core, timing_cache):
     """Export a checkpoint to ONNX (FP32 + FP16 / INT8) and optionally TensorRT, with parity checks."""
     from clock_deploy.models.deform_attn import set_sampling
@@ -307,7 +308,8 @@ def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_im
 @click.option("--data", "root", required=True, type=click.Path(file_okay=False), help="KITTI-layout dataset root.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--num", default=500, show_default=True, help="Images to choose (KITTI default 500).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest to write (calibration/<name>.json).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Manifest to write (calibration/<name>.json).")
 @click.option("--seed", default=0, show_default=True)
 def calibrate(root, split, num, out, seed):
     """Choose INT8 calibration images stratified by class and box size; write their manifest."""
@@ -324,8 +326,10 @@ def calibrate(root, split, num, out, seed):
 
 @click.command()
 @click.argument("onnx_path", type=click.Path(dir_okay=False, exists=True))
-@click.option("--fp16", "precision", flag_value="fp16", help="FP16 engine from an FP32 ONNX (TensorRT 10 builder flag).")
-@click.option("--out", "engine_path", default=None, help="Engine file [default: next to the ONNX, <stem>.<precision>.engine].")
+@click.option("--fp16", "precision", flag_value="fp16",
+              help="FP16 engine from an FP32 ONNX (TensorRT 10 builder flag).")
+@click.option("--out", "engine_path", default=None,
+              help="Engine file [default: next to the ONNX, <stem>.<precision>.engine].")
 @click.option("--workspace-gb", default=2.0, show_default=True)
 @click.option("--dla-core", default=-1, show_default=True, help="DLA core (Jetson), GPU fallback on; -1 = GPU only.")
 @click.option("--timing-cache", default=None, help="Timing cache file, loaded when present and saved after the build.")

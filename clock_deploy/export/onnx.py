@@ -51,7 +51,8 @@ def _simplify(model_proto, batch, height, width, tol=1e-5):
         slim = onnxslim.slim(model_proto)
         onnx.checker.check_model(slim)
         images = np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
-        diff = compare(run_onnx(model_proto, images), run_onnx(slim, images), height, width, tol, tol * max(height, width))
+        diff = compare(run_onnx(model_proto, images), run_onnx(slim, images), height, width, tol,
+                       tol * max(height, width))
     except Exception as e:  # onnxslim is an optimization: any failure keeps the traced graph
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     worst_score = max(diff["scores_max_abs"], diff["topk_scores_max_abs"])

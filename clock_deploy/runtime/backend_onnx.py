@@ -36,7 +36,8 @@ def choose_providers(device="cpu", providers=None):
 def check_contract(session, path, meta):
     """The session's inputs / outputs must follow the export contract and agree with the metadata."""
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+    if (len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(float)"
+            or len(inputs[0].shape) != 4):
         found = [(i.name, i.type, i.shape) for i in inputs]
         raise UserError(f"{path}: expected one float input '{INPUT_NAME}' [N, 3, H, W], found {found}")
     _, channels, height, width = inputs[0].shape

@@ -18,7 +18,8 @@ from clock_deploy.artifact import read_metadata
 from clock_deploy.errors import UserError
 from clock_deploy.runtime.preprocess import boxes_to_original, preprocess
 
-BACKEND_OF_SUFFIX = {".pt": "torch", ".pth": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
+BACKEND_OF_SUFFIX = {".pt": "torch", ".pth": "torch", ".onnx": "onnxruntime",
+                     ".engine": "tensorrt", ".plan": "tensorrt"}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
