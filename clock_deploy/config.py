@@ -442,8 +442,18 @@ def _check_value(value, ftype, f, key, where):
 
 
 def _unknown_key(key, known, where):
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    extra = f"; did you mean '{hint[0]}'?" if hint else ""
+    """The error for an unknown key, with a suggestion from the key's own section first: a typo of
+    `distill.logit.tau` must not be sent to another loss's `distill.fgd.temperature`."""
+    section, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if section and k.rpartition(".")[0] == section]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+    if close:
+        extra = f"; did you mean '{section}.{close[0]}'?"
+    elif siblings:
+        extra = f"; the keys of '{section}' are {', '.join(siblings)}"
+    else:
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
     return ConfigError(f"{where}: unknown config key '{key}'{extra}")
 
 

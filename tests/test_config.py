@@ -43,6 +43,17 @@ def test_unknown_key_names_file_line_and_suggestion(tmp_path):
     assert f"{path}:4" in msg and "train.epocs" in msg and "train.epochs" in msg
 
 
+def test_unknown_key_suggestions_come_from_its_own_section_first():
+    with pytest.raises(ConfigError, match=r"'distill.logit.w_clss'; did you mean 'distill.logit.w_cls'\?"):
+        load_config(None, ["distill.logit.w_clss=1"])
+    # distill.fgd.temperature exists, but the logit loss calls its temperature tau: list its own keys
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["distill.logit.temperature=2"])
+    assert "the keys of 'distill.logit' are tau, cls_loss" in str(e.value) and "fgd" not in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean 'model.arch'"):  # no such section: any close key
+        load_config(None, ["modle.arch=dino"])
+
+
 def test_wrong_type_and_choice(tmp_path):
     path = write(tmp_path / "bad.yaml", "model:\n  hidden_dim: wide\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:2: 'model.hidden_dim' must be an integer"):
