@@ -69,7 +69,7 @@ DEFAULT_DYNAMIC_BATCH = (1, 1, 8)  # TensorRT profile (min, opt, max) of a dynam
 
 
 def parse_batch(value):
-    """--batch value -> (min, opt, max) or one int: 'MIN,OPT,MAX', 'N', N, a 3-sequence or None."""
+    """A batch request -> (min, opt, max) or one int: 'MIN,OPT,MAX', 'N', N, a 3-sequence or None."""
     if value is None or isinstance(value, int):
         return value
     parts = str(value).split(",") if isinstance(value, str) else list(value)
@@ -78,9 +78,9 @@ def parse_batch(value):
     except ValueError:
         numbers = []
     if len(numbers) not in (1, 3) or min(numbers) < 1:
-        raise UserError(f"--batch must be N or MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got '{value}'")
+        raise UserError(f"batch must be N or MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got '{value}'")
     if len(numbers) == 3 and not numbers[0] <= numbers[1] <= numbers[2]:
-        raise UserError(f"--batch {value}: needs MIN <= OPT <= MAX")
+        raise UserError(f"batch {value}: needs MIN <= OPT <= MAX")
     return numbers[0] if len(numbers) == 1 else tuple(numbers)
 
 
@@ -93,7 +93,7 @@ def batch_spec(dynamic, batch=None):
     batch = parse_batch(batch)
     if not dynamic:
         if isinstance(batch, tuple) and len(set(batch)) > 1:
-            raise UserError(f"--batch {','.join(map(str, batch))}: a static-batch model takes one batch size "
+            raise UserError(f"batch {','.join(map(str, batch))}: a static-batch model takes one batch size "
                             "(export with --dynamic for a range)")
         size = batch[0] if isinstance(batch, tuple) else (batch or 1)
         return {"dynamic": False, "min": size, "opt": size, "max": size}
@@ -108,7 +108,7 @@ def engine_batch(onnx_batch, request, onnx_path):
         return onnx_batch
     spec = batch_spec(onnx_batch["dynamic"], request)
     if not onnx_batch["dynamic"] and spec["max"] != onnx_batch["max"]:
-        raise UserError(f"{onnx_path}: static batch of {onnx_batch['max']}, so --batch {request} cannot be built; "
+        raise UserError(f"{onnx_path}: static batch of {onnx_batch['max']}, so batch {request} cannot be built; "
                         "export it with --dynamic for other batch sizes")
     return spec
 

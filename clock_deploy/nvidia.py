@@ -20,7 +20,7 @@ class TensorRTUnavailable(UserError):
 def import_tensorrt(builder=None):
     """The builder's module: `builder` ("tensorrt" | "tensorrt-rtx"), or the first one installed."""
     if builder is not None and builder not in BUILDERS:
-        raise UserError(f"--builder must be one of {list(BUILDERS)}, got '{builder}'")
+        raise UserError(f"builder must be one of {list(BUILDERS)}, got '{builder}'")
     for name in [builder] if builder else list(BUILDERS):
         try:
             return importlib.import_module(BUILDERS[name])

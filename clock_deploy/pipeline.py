@@ -27,7 +27,7 @@ class Pipeline:
     def __init__(self, cfg_path, overrides=(), echo=click.echo, force=()):
         unknown = sorted(set(force) - set(STAGES))
         if unknown:
-            raise UserError(f"--force: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+            raise UserError(f"force: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         self.cfg_path = cfg_path
         self.cfg = load_config(cfg_path, overrides, cls=PipelineConfig)
         self.echo = echo

@@ -256,8 +256,8 @@ def test_cli_lists_unrunnable_backends_and_rejects_bad_input(tmp_path, synth_roo
 
     for args, message in [(["--device", "jetson-orin"], "not a Jetson"),
                           (["--backends", "onnx,tensorrt"], "unknown backend 'tensorrt'"),
-                          (["--names", "a,b"], "--names has 2 names for 1 models"),
-                          (["--runs", "0"], "--runs must be at least 1")]:
+                          (["--names", "a,b"], "names has 2 names for 1 models"),
+                          (["--runs", "0"], "runs must be at least 1")]:
         with pytest.raises(SystemExit) as e:
             run(cli, ["bench", "--models", ckpt, "--data", synth_root, "--out", str(out), *args])
         assert e.value.code == 2

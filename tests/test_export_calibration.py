@@ -99,7 +99,7 @@ def test_manifest_problems_are_user_errors_naming_the_file(synth, tmp_path):
     with pytest.raises(UserError, match="moved.json: 3 of its 3 images are missing .*--calib-root"):
         manifest_images(moved)
     assert len(manifest_images(moved, root=synth)) == 3
-    with pytest.raises(UserError, match="--num must be at least 1"):
+    with pytest.raises(UserError, match="num must be at least 1"):
         choose_calibration_set(synth, "train", 0)
 
 

@@ -117,7 +117,7 @@ def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypa
 
 
 def test_force_names_a_stage(tiny_pipeline):
-    with pytest.raises(UserError, match="--force: unknown stage"):
+    with pytest.raises(UserError, match="force: unknown stage"):
         Pipeline(tiny_pipeline[0], force=["train"])
     result = CliRunner().invoke(pipeline_command, ["--cfg", tiny_pipeline[0], "--force", "train"])
     assert result.exit_code == 2 and "'train' is not one of 'data', 'teacher'" in result.output

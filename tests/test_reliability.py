@@ -238,7 +238,7 @@ def test_resume_with_another_width_is_one_line_and_keeps_config_yaml(tmp_path, d
     wider = tiny_config(data_root, str(out), extra=["train.epochs=2", "train.eval_every=-1", "model.ffn_dim=128"])
     with pytest.raises(UserError) as e:
         run_training(wider, resume=True, progress=False)
-    assert one_line(e).startswith(f"--resume: {out / 'last.pt'} does not fit the configured dino model")
+    assert one_line(e).startswith(f"resume: {out / 'last.pt'} does not fit the configured dino model")
     assert (out / "config.yaml").read_text() == saved
 
 

@@ -202,7 +202,7 @@ def test_dla_core_with_gpu_fallback_and_static_batch(tmp_path):
     assert trt.recorded("flag") == [(0,), (3,)]  # FP16, GPU_FALLBACK
     assert trt.recorded("profile") == []         # static batch: no optimization profile
     assert info["profile"] == [[2, 3, H, W]] * 3
-    with pytest.raises(UserError, match="--dla-core 2: this device has 2 DLA cores"):
+    with pytest.raises(UserError, match="dla_core 2: this device has 2 DLA cores"):
         _build(tmp_path, FakeTensorRT("10.3.0", dla_cores=2), "fp16", "fp16", dla_core=2)
 
 
@@ -241,7 +241,7 @@ def test_builder_choice_tensorrt_first_then_tensorrt_rtx(monkeypatch):
     assert import_tensorrt() is rtx
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
         import_tensorrt("tensorrt")
-    with pytest.raises(UserError, match="--builder must be one of"):
+    with pytest.raises(UserError, match="builder must be one of"):
         import_tensorrt("tensorrt-llm")
 
 
@@ -284,11 +284,11 @@ def test_batch_profiles_from_the_command_line(tmp_path):
     assert read_metadata(engine)["batch"] == {"dynamic": True, "min": 1, "opt": 2, "max": 2}
     # a static-batch ONNX builds only its own batch size
     write_metadata(onnx_path, build_metadata(**common, batch=batch_spec(False, 2)))
-    with pytest.raises(UserError, match=r"m.onnx: static batch of 2, so --batch 4 cannot be built") as e:
+    with pytest.raises(UserError, match=r"m.onnx: static batch of 2, so batch 4 cannot be built") as e:
         engine_from_onnx(onnx_path, batch="4", trt=FakeTensorRT("10.3.0"))
     assert "\n" not in str(e.value)
     for bad in ("0", "8,4,1", "1,2", "x"):
-        with pytest.raises(UserError, match="--batch"):
+        with pytest.raises(UserError, match=r"^batch "):
             batch_spec(True, bad)
     with pytest.raises(UserError, match="a static-batch model takes one batch size"):
         batch_spec(False, "1,4,8")

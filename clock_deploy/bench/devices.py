@@ -188,7 +188,7 @@ def nvidia_smi(system, gpu_name=None):
 def detect_cuda(system, threads=None):
     gpu = system.cuda_device()
     if gpu is None:
-        raise UserError("--device cuda: PyTorch sees no CUDA GPU here (CPU-only torch build, no driver, or "
+        raise UserError("device cuda: PyTorch sees no CUDA GPU here (CPU-only torch build, no driver, or "
                         "CUDA_VISIBLE_DEVICES hides it); use --device cpu")
     facts = {"gpu": gpu["name"], "compute capability": gpu["capability"], "CUDA (torch)": gpu["cuda"]}
     smi = nvidia_smi(system, gpu["name"])
@@ -314,7 +314,7 @@ def _clock_facts(clocks):
 
 def detect_jetson(system, threads=None):
     if not is_jetson(system):
-        raise UserError("--device jetson-orin: this machine is not a Jetson (no /etc/nv_tegra_release and "
+        raise UserError("device jetson-orin: this machine is not a Jetson (no /etc/nv_tegra_release and "
                         "/proc/device-tree/model does not name a Jetson); use --device cpu or cuda")
     model = jetson_model(system) or "NVIDIA Jetson (unknown model)"
     facts = {"module": model, "L4T": l4t_release(system) or "unknown",
@@ -379,7 +379,7 @@ def load_during(before, after, cpus=None):
 
 def _profile(kind, name, system, threads, facts, cuda, warnings=()):
     if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+        raise UserError(f"threads must be >= 1, got {threads}")
     source = "--threads" if threads else "physical cores"
     return DeviceProfile(kind=kind, name=name, threads=threads or physical_cores(system), threads_source=source,
                          cuda=cuda, facts=facts, warnings=list(warnings))
@@ -395,7 +395,7 @@ def detect(kind, threads=None, system=None):
         return detect_cuda(system, threads)
     if kind == "jetson-orin":
         return detect_jetson(system, threads)
-    raise UserError(f"--device must be one of {', '.join(DEVICES)}, got '{kind}'")
+    raise UserError(f"device must be one of {', '.join(DEVICES)}, got '{kind}'")
 
 
 def apply_threads(threads):

@@ -53,7 +53,7 @@ class Backend:
 def parse_backend(name):
     m = BACKEND_PATTERN.match(name.strip())
     if not m:
-        raise UserError(f"--backends: unknown backend '{name}'; choose from {', '.join(DEFAULT_BACKENDS)}, "
+        raise UserError(f"backends: unknown backend '{name}'; choose from {', '.join(DEFAULT_BACKENDS)}, "
                         "trt-fp32, or a TensorRT backend with a DLA core such as trt-fp16-dla0")
     if m.group(1) == "torch":
         return Backend("torch", "torch", "fp32")
@@ -61,7 +61,7 @@ def parse_backend(name):
         return Backend(m.group(1), "onnxruntime", m.group(2) or "fp32")
     dla = int(m.group(4)) if m.group(4) is not None else -1
     if dla >= 0 and m.group(3) == "fp32":
-        raise UserError(f"--backends: {name}: DLA runs FP16 or INT8 only (trt-fp16-dla{dla}, trt-int8-dla{dla})")
+        raise UserError(f"backends: {name}: DLA runs FP16 or INT8 only (trt-fp16-dla{dla}, trt-int8-dla{dla})")
     return Backend(m.group(1), "tensorrt", m.group(3), dla)
 
 
@@ -422,19 +422,19 @@ class BenchResult:
 
 def _check_inputs(models, names, warmup, runs, batch, max_images, data_root):
     if not models:
-        raise UserError("--models: give at least one checkpoint")
+        raise UserError("models: give at least one checkpoint")
     names = list(names) if names else [os.path.splitext(os.path.basename(m))[0] for m in models]
     if len(names) != len(models):
-        raise UserError(f"--names has {len(names)} names for {len(models)} models")
+        raise UserError(f"names has {len(names)} names for {len(models)} models")
     if len(set(names)) != len(names):
-        raise UserError(f"model names must differ, got {names}: pass --names teacher,student,...")
-    for label, value, low in (("--warmup", warmup, 0), ("--runs", runs, 1), ("--batch", batch, 1)):
+        raise UserError(f"model names must differ, got {names}: name them, e.g. teacher,student,...")
+    for label, value, low in (("warmup", warmup, 0), ("runs", runs, 1), ("batch", batch, 1)):
         if value < low:
             raise UserError(f"{label} must be at least {low}, got {value}")
     if max_images is not None and max_images < 1:
-        raise UserError(f"--max-images must be at least 1, got {max_images}")
+        raise UserError(f"max_images must be at least 1, got {max_images}")
     if not os.path.isdir(data_root):
-        raise UserError(f"--data: dataset root '{data_root}' does not exist")
+        raise UserError(f"data_root: dataset root '{data_root}' does not exist")
     return names
 
 

@@ -133,7 +133,7 @@ def import_checkpoint(src, arch=None):
     """Read and convert `src` (transformers folder or official .pth); `arch` skips detection."""
     src = os.fspath(src)
     if arch is not None and arch not in ARCHS:
-        raise UserError(f"--arch must be one of {ARCHS}, got '{arch}'")
+        raise UserError(f"arch must be one of {list(ARCHS)}, got '{arch}'")
     if os.path.isdir(src):
         config, state = read_hf_folder(src)
         model_type = config.get("model_type")
@@ -142,7 +142,7 @@ def import_checkpoint(src, arch=None):
             raise UserError(f"{src}/config.json: model_type '{model_type}' is not one the project imports "
                             f"({', '.join(sorted(HF_MODEL_TYPES))})")
         if arch is not None and arch != found:
-            raise UserError(f"{src}: --arch {arch} but config.json says model_type '{model_type}'")
+            raise UserError(f"{src}: arch {arch} was asked for but config.json says model_type '{model_type}'")
         arch, source, extra = found, "transformers", config
     elif os.path.isfile(src):
         state, extra = read_official(src)

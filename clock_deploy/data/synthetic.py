@@ -438,11 +438,11 @@ def _as_arrays(annos):
 
 def _check_args(num_images, height, width, val_fraction, max_objects):
     if num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {num_images}")
+        raise UserError(f"num_images must be at least 1, got {num_images}")
     if height < 64 or width < 64:
         raise UserError(f"image size must be at least 64 x 64, got {height} x {width}")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_objects < 1:
         raise UserError(f"max_objects must be at least 1, got {max_objects}")
 

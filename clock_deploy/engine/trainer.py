@@ -147,16 +147,16 @@ class Trainer:
 
     def _resume(self, path):
         if not os.path.isfile(path):
-            raise UserError(f"--resume: no checkpoint at {path} (train without --resume to start)")
+            raise UserError(f"resume: no checkpoint at {path} (train without resuming to start)")
         ckpt = read_checkpoint(path, map_location=self.device)
         if ckpt["arch"] != self.cfg.model.arch:
-            raise UserError(f"--resume: {path} holds a {ckpt['arch']} model but the config builds "
+            raise UserError(f"resume: {path} holds a {ckpt['arch']} model but the config builds "
                             f"{self.cfg.model.arch}")
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # same architecture, other sizes (hidden_dim, queries, layers ...)
             first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]  # line 0 only names the class
-            raise UserError(f"--resume: {path} does not fit the configured {self.cfg.model.arch} model "
+            raise UserError(f"resume: {path} does not fit the configured {self.cfg.model.arch} model "
                             f"({first}); resume with the config it was trained with") from None
         if self.step_module.distiller is not None and "distiller" in ckpt:
             self.step_module.distiller.load_trainable_state(ckpt["distiller"])

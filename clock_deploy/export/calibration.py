@@ -72,7 +72,7 @@ def greedy_select(strata_per_frame, num, seed):
 def choose_calibration_set(root, split, num, seed=0):
     """Manifest dict for `num` images of KITTI `split` under `root`, stratified by class and size."""
     if num < 1:
-        raise UserError(f"--num must be at least 1, got {num}")
+        raise UserError(f"num must be at least 1, got {num}")
     frame_ids = kitti.read_split(root, split)
     if not frame_ids:
         raise UserError(f"{root}: split '{split}' is empty")

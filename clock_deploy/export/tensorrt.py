@@ -56,7 +56,7 @@ def plan_build(trt_major, onnx_precision, precision, dla_core=-1):
         raise UserError(f"cannot build a {precision} engine from a {onnx_precision} ONNX")
     dla = dla_core >= 0
     if dla and precision == "fp32":
-        raise UserError("DLA runs FP16 or INT8 only: pass --fp16 or --int8 with --dla-core")
+        raise UserError("DLA runs FP16 or INT8 only: build an fp16 or int8 engine with dla_core")
     fallback = ["GPU_FALLBACK"] if dla else []
     if trt_major >= 11:
         if onnx_precision != precision:
@@ -138,7 +138,7 @@ def _load_timing_cache(config, path):
     warnings.warn(f"{path}: timing cache was made by another TensorRT version or GPU; starting a fresh one",
                   stacklevel=3)
     if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
-        raise UserError(f"TensorRT refused a fresh timing cache; pass --timing-cache to another file than {path}")
+        raise UserError(f"TensorRT refused a fresh timing cache; give timing_cache another file than {path}")
 
 
 def _save_timing_cache(config, path):
@@ -184,9 +184,9 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
         config.add_optimization_profile(profile)
     if dla_core >= 0:
         if name == "tensorrt-rtx":
-            raise UserError("--dla-core: TensorRT-RTX has no DLA; build Jetson DLA engines with TensorRT")
+            raise UserError("dla_core: TensorRT-RTX has no DLA; build Jetson DLA engines with TensorRT")
         if dla_core >= trt_builder.num_DLA_cores:
-            raise UserError(f"--dla-core {dla_core}: this device has {trt_builder.num_DLA_cores} DLA cores")
+            raise UserError(f"dla_core {dla_core}: this device has {trt_builder.num_DLA_cores} DLA cores")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
     timing_cache = None if name == "tensorrt-rtx" else timing_cache  # its timing cache calls are no-ops
