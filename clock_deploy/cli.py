@@ -4,6 +4,7 @@ Sub-commands live next to the code they drive and are imported only when
 called, so `clock-deploy --help` is instant and the runtime path never needs torch.
 """
 import importlib
+import logging
 import signal
 import sys
 import threading
@@ -71,8 +72,44 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+LOG_HANDLER_NAME = "clock_deploy.cli"
+
+
+def _log_handler():
+    """A RichHandler that prints INFO records as the bare message (they are the command's running
+    commentary, read by people and scripts alike) and warnings / errors with their level; progress
+    bars step aside for each record, as for tqdm.write."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from tqdm import tqdm
+
+    class Handler(RichHandler):
+        def render(self, *, record, traceback, message_renderable):
+            if record.levelno <= logging.INFO:
+                return message_renderable
+            return super().render(record=record, traceback=traceback, message_renderable=message_renderable)
+
+        def emit(self, record):
+            with tqdm.external_write_mode():
+                super().emit(record)
+
+    handler = Handler(console=Console(soft_wrap=True), show_time=False, show_path=False, markup=False)
+    handler.set_name(LOG_HANDLER_NAME)
+    return handler
+
+
+def setup_logging(level=logging.INFO):
+    """Show the library's log records (loggers under `clock_deploy`) on stdout; installed once. The
+    library itself only calls logging.getLogger(__name__), so an application embedding it decides."""
+    logger = logging.getLogger("clock_deploy")
+    if not any(h.get_name() == LOG_HANDLER_NAME for h in logger.handlers):
+        logger.addHandler(_log_handler())
+    logger.setLevel(level)
+
+
 def run(command, argv=None):
     """Run a click command; user errors become one red line and exit code 2, not a traceback."""
+    setup_logging()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:

@@ -8,6 +8,7 @@ bench settings) are those of the reports already written. `--force STAGE` runs a
 stage again on purpose.
 """
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -19,18 +20,18 @@ from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_json
 
+log = logging.getLogger(__name__)
 STAGES = ("data", "teacher", "student", "distill", "export", "bench")
 DEPLOY_BACKENDS = ("onnx", "onnx-int8")  # the bench backends the export stage's files serve
 
 
 class Pipeline:
-    def __init__(self, cfg_path, overrides=(), echo=click.echo, force=()):
+    def __init__(self, cfg_path, overrides=(), force=()):
         unknown = sorted(set(force) - set(STAGES))
         if unknown:
             raise UserError(f"force: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         self.cfg_path = cfg_path
         self.cfg = load_config(cfg_path, overrides, cls=PipelineConfig)
-        self.echo = echo
         self.force = set(force)
         self.out = self.cfg.output_dir
         self.timings = {}
@@ -60,7 +61,7 @@ class Pipeline:
 
     def timed(self, name, fn, *args):
         start = time.time()
-        self.echo(click.style(f"== {name}", bold=True))
+        log.info(f"== {name}")
         result = fn(*args)
         self.timings[name] = time.time() - start
         return result
@@ -75,12 +76,12 @@ class Pipeline:
                   "val_fraction": s.val_fraction, "max_objects": s.max_objects}
         if not os.path.isdir(cfg_data.root) or "data" in self.force:
             summary = generate(cfg_data.root, progress=True, **params)
-            self.echo(f"wrote {summary['num_images']} scenes to {cfg_data.root} ({self.describe_splits(cfg_data)})")
+            log.info(f"wrote {summary['num_images']} scenes to {cfg_data.root} ({self.describe_splits(cfg_data)})")
             return
         marker = os.path.join(cfg_data.root, MARKER)
         written = read_json(marker) if os.path.exists(marker) else {}
         differ = [f"{k} {written[k]} (config: {v})" for k, v in params.items() if k in written and written[k] != v]
-        self.echo(f"{cfg_data.root} exists (scenes: {self.describe_splits(cfg_data)}): skipped" + (
+        log.info(f"{cfg_data.root} exists (scenes: {self.describe_splits(cfg_data)}): skipped" + (
             f"; it was generated with {', '.join(differ)}: --force data regenerates it" if differ else ""))
 
     @staticmethod
@@ -107,9 +108,9 @@ class Pipeline:
         if os.path.exists(last) and name not in self.force:
             ckpt = read_checkpoint(last)
             if ckpt["epoch"] >= cfg.train.epochs or (0 < cfg.train.max_iters <= ckpt["iteration"]):
-                self.echo(f"{last} is complete (epoch {ckpt['epoch']}): skipped")
+                log.info(f"{last} is complete (epoch {ckpt['epoch']}): skipped")
                 return
-            self.echo(f"{last} stopped at epoch {ckpt['epoch']}: resuming")
+            log.info(f"{last} stopped at epoch {ckpt['epoch']}: resuming")
             resume = True
         run_training(cfg, resume=resume)
 
@@ -135,7 +136,7 @@ class Pipeline:
         checkpoint = self.checkpoint("distill")
         int8 = os.path.join(self.export_dir, "last.int8.onnx")
         if is_fresh(int8, [checkpoint, self.cfg.calib], batch=1) and "export" not in self.force:
-            self.echo(f"{int8} is up to date: skipped")
+            log.info(f"{int8} is up to date: skipped")
         else:
             Exporter(checkpoint, self.export_dir, "last").run("int8", calib=self.cfg.calib, batch=1, dynamic=True)
         model = read_model("distilled", checkpoint)
@@ -175,7 +176,7 @@ class Pipeline:
         if "bench" not in self.force and os.path.exists(stamp) and read_json(stamp) == inputs:
             result = BenchResult(*read_reports(self.bench_dir))
             if result.files:
-                self.echo(f"{result.files['md']} measured these models with these settings: skipped "
+                log.info(f"{result.files['md']} measured these models with these settings: skipped "
                           "(--force bench measures again)")
                 print_report(result.rows, result.not_run, result.profile)
                 return result
@@ -198,11 +199,11 @@ class Pipeline:
         by_name = {(r.model, r.backend): r for r in result.rows}
         student, distilled = by_name.get(("student", "torch")), by_name.get(("distilled", "torch"))
         if student and distilled:
-            self.echo(f"CLoCK distillation: mAP {ap_text('mAP', student.mAP)} -> {ap_text('mAP', distilled.mAP)} % "
+            log.info(f"CLoCK distillation: mAP {ap_text('mAP', student.mAP)} -> {ap_text('mAP', distilled.mAP)} % "
                       f"({100 * (distilled.mAP - student.mAP):+.1f} points), KITTI moderate "
                       f"{ap_text('kitti', student.kitti_moderate)} -> {ap_text('kitti', distilled.kitti_moderate)} %")
-        self.echo("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
-        self.echo(f"reports: {', '.join(result.files.values())}")
+        log.info("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
+        log.info(f"reports: {', '.join(result.files.values())}")
 
 
 @click.command()

@@ -62,7 +62,7 @@ def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
         f"distill.teacher={tmp_path / 'finetune' / 'last.pt'}", "distill.logit.random_queries=5"])
     run_training(distill, progress=False)
 
-    Exporter(tmp_path / "distill" / "last.pt", tmp_path / "export", echo=lambda text: None).run(
+    Exporter(tmp_path / "distill" / "last.pt", tmp_path / "export").run(
         "fp32", parity_images=1, map_images=0)
     onnx_path = tmp_path / "export" / "last.onnx"
     assert onnx_path.exists()

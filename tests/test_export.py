@@ -1,6 +1,8 @@
 """ONNX export of every student family: contract, parity with PyTorch, simplification, CLI."""
 import json
+import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -67,7 +69,7 @@ def test_export_follows_contract_and_matches_torch(tmp_path, arch, sampling):
         assert np.all(np.diff(out["scores"][i]) <= 0)
 
 
-def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch):
+def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch, caplog):
     model, _ = tiny_model("dab_detr")
     images = _images(2)
     ref = run_torch(ExportWrapper(model, TOPK, (HEIGHT, WIDTH)), images)
@@ -83,8 +85,10 @@ def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnxslim, "slim", broken)
     path = tmp_path / "fallback.onnx"
-    with pytest.warns(UserWarning, match="onnxslim simplification skipped.*boom"):
+    with caplog.at_level(logging.WARNING, logger="clock_deploy"):
         info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert re.search("onnxslim simplification skipped.*boom", caplog.records[0].getMessage())
     assert not info["simplified"] and "boom" in info["simplify_error"]
     assert info["nodes"] > len(onnx.load(slim_path).graph.node)  # the traced, unsimplified graph
     assert parity_report(ref, run_onnx(path, images), "fp32", HEIGHT, WIDTH)["passed"]

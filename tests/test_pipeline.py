@@ -1,7 +1,9 @@
 """The end-to-end pipeline on tiny models: every stage runs, a re-run skips them all (the bench
 too), and README section 5's snippet runs on what it leaves behind."""
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 
@@ -18,6 +20,23 @@ from clock_deploy.pipeline import pipeline as pipeline_command
 from engine_helpers import TINY_MODEL
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+@contextlib.contextmanager
+def logged_lines():
+    """The messages the library logs (at INFO and above) while the block runs."""
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("clock_deploy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def write_yaml(path, data):
@@ -39,12 +58,12 @@ def tiny_pipeline(tmp_path_factory):
     cfg = write_yaml(tmp / "pipeline.yaml", {
         "output_dir": str(tmp / "runs" / "demo"), "calib": str(manifest), "overrides": TINY_MODEL,
         "bench": {"backends": ["torch", "onnx", "onnx-int8", "trt-fp16"], "warmup": 1, "runs": 2}})
-    lines = []
-    pipeline = Pipeline(cfg, echo=lines.append)
-    pipeline.synthesize(pipeline.stage_config("teacher").data)  # the data stage, so a manifest can be made
-    assert len(read_split(data_root, "trainval")) == 12
-    write_manifest(str(manifest), choose_calibration_set(data_root, "train", 4))
-    result = pipeline.run()
+    pipeline = Pipeline(cfg)
+    with logged_lines() as lines:
+        pipeline.synthesize(pipeline.stage_config("teacher").data)  # the data stage, so a manifest can be made
+        assert len(read_split(data_root, "trainval")) == 12
+        write_manifest(str(manifest), choose_calibration_set(data_root, "train", 4))
+        result = pipeline.run()
     return cfg, result, lines, tmp
 
 
@@ -83,8 +102,8 @@ def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):
         raise AssertionError("the bench ran again")
 
     monkeypatch.setattr("clock_deploy.bench.runner.run_bench", no_bench)
-    lines = []
-    result = Pipeline(cfg, echo=lines.append).run()
+    with logged_lines() as lines:
+        result = Pipeline(cfg).run()
     assert sum("skipped" in line for line in lines) == 6, lines  # data, 3 x train, export, bench
     assert {p: (os.path.getmtime(p), p.read_bytes()) for p in watched} == before
     assert {(r.model, r.backend) for r in result.rows} == {(r.model, r.backend) for r in first.rows}
@@ -101,18 +120,18 @@ def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypa
 
     monkeypatch.setattr("clock_deploy.bench.runner.run_bench", fake_bench)
     data = Pipeline(cfg).stage_config("teacher").data
-    Pipeline(cfg, echo=lambda _: None, force=["bench"]).bench(data)
-    Pipeline(cfg, ["bench.runs=3"], echo=lambda _: None).bench(data)
+    Pipeline(cfg, force=["bench"]).bench(data)
+    Pipeline(cfg, ["bench.runs=3"]).bench(data)
     assert calls == [2, 3]
-    Pipeline(cfg, echo=lambda _: None).bench(data)  # the stamp now records runs=3: measured again
+    Pipeline(cfg).bench(data)  # the stamp now records runs=3: measured again
     assert calls == [2, 3, 2]
-    Pipeline(cfg, echo=lambda _: None).bench(data)
+    Pipeline(cfg).bench(data)
     assert calls == [2, 3, 2]  # unchanged: skipped
 
     failing = dataclasses.replace(first, not_run=first.not_run + [NotRun("onnx", "failed: killed", "teacher")])
     monkeypatch.setattr("clock_deploy.bench.runner.run_bench", lambda *a, **k: calls.append("x") or failing)
-    Pipeline(cfg, echo=lambda _: None, force=["bench"]).bench(data)
-    Pipeline(cfg, echo=lambda _: None).bench(data)
+    Pipeline(cfg, force=["bench"]).bench(data)
+    Pipeline(cfg).bench(data)
     assert calls[-2:] == ["x", "x"]  # a bench with a failed measurement is not stamped: measured again
 
 

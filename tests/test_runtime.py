@@ -35,7 +35,7 @@ def artifacts(tmp_path_factory):
     model, cfg = tiny_model("deformable_detr", "gather", data_root=root)
     ckpt = folder / "student.pt"
     save_checkpoint(ckpt, model, cfg, CLASSES, epoch=1, iteration=1)
-    Exporter(ckpt, folder, echo=lambda text: None).run("fp32", parity_images=2, map_images=0)
+    Exporter(ckpt, folder).run("fp32", parity_images=2, map_images=0)
     images = sorted(str(p) for p in (root / "training" / "image_2").iterdir())
     return {"root": root, "ckpt": str(ckpt), "onnx": str(folder / "student.onnx"), "images": images, "cfg": cfg}
 

@@ -4,6 +4,7 @@ Most tests drive build_engine with a stand-in `tensorrt` module that records eve
 so they run without TensorRT or a GPU. Tests marked `trt` build and run real engines and
 skip cleanly where TensorRT or an NVIDIA GPU is missing.
 """
+import logging
 import sys
 from types import SimpleNamespace
 
@@ -256,13 +257,14 @@ def test_tensorrt_rtx_build_has_no_dla_no_timing_cache_and_records_the_builder(t
         _build(tmp_path, rtx, "fp16", "fp16", dla_core=0)
 
 
-def test_stale_timing_cache_warns_once_and_starts_fresh(tmp_path):
+def test_stale_timing_cache_warns_once_and_starts_fresh(tmp_path, caplog):
     trt = FakeTensorRT("10.3.0")
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"stale timings")
-    with pytest.warns(UserWarning, match="timing cache was made by another TensorRT") as caught:
+    with caplog.at_level(logging.WARNING, logger="clock_deploy"):
         _build(tmp_path, trt, "fp16", "fp16", timing_cache=str(cache))
-    assert len(caught) == 1
+    warned = [r.getMessage() for r in caplog.records if "timing cache was made by another TensorRT" in r.getMessage()]
+    assert len(warned) == 1 and str(cache) in warned[0]
     assert trt.recorded("cache_in") == [(b"stale timings",), (b"",)]
     assert cache.read_bytes() == b"timings:"  # the fresh cache replaced the stale one
 

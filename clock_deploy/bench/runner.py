@@ -365,7 +365,7 @@ def is_fresh(path, inputs, batch):
         return False
 
 
-def export_artifacts(model, backends, artifacts_dir, calib, batch, echo):
+def export_artifacts(model, backends, artifacts_dir, calib, batch):
     """Export the artifacts of `backends` that are missing or stale; returns {backend name: error}."""
     stale = [b for b in backends if b.runtime != "torch" and not is_fresh(
         artifact_path(artifacts_dir, model, b), [model.checkpoint, calib if b.precision == "int8" else None], batch)]
@@ -374,17 +374,17 @@ def export_artifacts(model, backends, artifacts_dir, calib, batch, echo):
         folders.setdefault(os.path.dirname(artifact_path(artifacts_dir, model, b)), []).append(b)
     errors = {}
     for folder, group in folders.items():
-        errors.update(_export_folder(model, group, folder, calib, batch, echo))
+        errors.update(_export_folder(model, group, folder, calib, batch))
     return errors
 
 
-def _export_folder(model, backends, folder, calib, batch, echo):
+def _export_folder(model, backends, folder, calib, batch):
     """One Exporter.run per precision: it writes the FP32 ONNX, the FP16 / INT8 ONNX made from
     it and, when a TensorRT backend of that precision is asked for, its engine."""
     from clock_deploy.export.commands import Exporter
 
     try:
-        exporter = Exporter(model.checkpoint, folder, model.name, echo=echo)
+        exporter = Exporter(model.checkpoint, folder, model.name)
     except UserError as e:
         return {b.name: f"export failed: {e}" for b in backends}
     exporter.cfg.export.dla_core = backends[0].dla_core  # a folder holds GPU or one DLA core's engines
@@ -464,11 +464,10 @@ def run_bench(models, backends=DEFAULT_BACKENDS, device="cpu", data_root="data/s
     models = [read_model(n, m) for n, m in zip(names, models)]
     artifacts_dir = os.path.join(out_dir, "artifacts")
     bar = tqdm(total=len(models) * len(runnable), desc="bench", unit="run", disable=not progress)
-    echo = tqdm.write if progress else (lambda *_: None)
     rows = []
     for model in models:
         bar.set_description(f"export {model.name}")
-        errors = export_artifacts(model, runnable, artifacts_dir, calib, batch, echo)
+        errors = export_artifacts(model, runnable, artifacts_dir, calib, batch)
         for b in runnable:
             bar.set_description(f"{model.name}/{b.name}")
             artifact = artifact_path(artifacts_dir, model, b)

@@ -6,6 +6,7 @@ Checkpoints are written atomically at epoch ends and hold everything needed
 to continue exactly: weights, optimizer, scheduler, AMP scaler, EMA, RNG states.
 """
 import json
+import logging
 import os
 import time
 
@@ -23,6 +24,8 @@ from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
 from clock_deploy.io import write_error, write_json
 from clock_deploy.models.build import param_groups
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -334,4 +337,4 @@ class Trainer:
         except OSError as e:
             raise write_error(path, e) from None
         if record.get("event") == "eval" and self.progress:
-            tqdm.write(f"eval epoch {record['epoch']}: {metrics_text(record)}")
+            log.info(f"eval epoch {record['epoch']}: {metrics_text(record)}")

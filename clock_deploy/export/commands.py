@@ -5,6 +5,7 @@ export: checkpoint -> <name>.onnx (FP32, always: the other artifacts are made fr
         each with its <file>.json sidecar. The FP32 and FP16 graphs must match PyTorch
         (parity.py) or the export fails; INT8 is reported with its mAP difference.
 """
+import logging
 import os
 
 import click
@@ -15,6 +16,8 @@ from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
 from clock_deploy.nvidia import BUILDERS
+
+log = logging.getLogger(__name__)
 
 BATCH_HELP = ("Batch sizes: MIN,OPT,MAX (TensorRT profile) or N (1..N, tuned for N; the batch of a static model) "
               "[default: dynamic 1,1,8; static 1].")
@@ -54,7 +57,7 @@ def _parity_images(dataset, count, input_spec, seed=0):
 class Exporter:
     """One export run: the loaded checkpoint, its settings and the artifacts written so far."""
 
-    def __init__(self, ckpt_path, out_dir=None, name=None, echo=click.echo):
+    def __init__(self, ckpt_path, out_dir=None, name=None):
         from clock_deploy.engine.checkpoint import load_model
         from clock_deploy.io import file_sha256
 
@@ -64,7 +67,6 @@ class Exporter:
                        "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
         self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
         self.name = name or os.path.splitext(os.path.basename(self.ckpt_path))[0]
-        self.echo = echo
         self.summary = {}
 
     def path(self, suffix):
@@ -113,7 +115,7 @@ class Exporter:
             report["map_images"] = min(map_images, len(self.dataset))
             report.update(map_difference(self.reference_metrics, metrics))
             judge_map(report)
-        self.echo(_describe(path, report))
+        log.info(_describe(path, report))
         try:
             check_parity(report, path)
         except UserError:
@@ -139,7 +141,7 @@ class Exporter:
             from clock_deploy.nvidia import import_tensorrt
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
-                self.echo("note: deformable attention samples with GridSample, which TensorRT has been reported "
+                log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
                           "to miscompile; --sampling gather avoids it")
         images = None
         if precision == "int8" or sensitivity:
@@ -172,7 +174,7 @@ class Exporter:
             info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
                                  nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
             before, after = info["qdq"]["before"], info["qdq"]["after"]
-            self.echo(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
+            log.info(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
                       f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
                       f"{after['QuantizeLinear']}/{after['DequantizeLinear']} (orphan pairs dropped), "
                       f"the rest in FP16")
@@ -210,11 +212,11 @@ class Exporter:
                                   nodes_to_exclude=list(self.cfg.export.exclude_nodes) + list(exclude_nodes), top=top)
         path = self.path(".int8.sensitivity.json")
         write_json(path, {"onnx": fp32, "calibration": calibration, **result})
-        self.echo(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
+        log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
                   f"all nodes quantized: {result['full']['error']:.4g}):")
         for row in result["nodes"][:top]:
-            self.echo(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
-        self.echo(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
+            log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
+        log.info(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):
@@ -225,7 +227,7 @@ class Exporter:
         engine = engine_from_onnx(onnx_path, precision, self.path(f".{precision}.engine"),
                                   workspace_gb=exp.workspace_gb, dla_core=exp.dla_core, builder=builder,
                                   timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"))
-        self.echo(describe_build(engine, read_metadata(engine)["tensorrt"]))
+        log.info(describe_build(engine, read_metadata(engine)["tensorrt"]))
         self.summary["engine"] = engine
 
 def _describe(path, report):

@@ -8,6 +8,7 @@ and optionally simplified with onnxslim; the simplified graph is kept only if it
 the same detections as the traced one on a random input.
 """
 import contextlib
+import logging
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.io import atomic_path
 from clock_deploy.models.deploy import ExportWrapper
 
+log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 
 
@@ -77,7 +79,7 @@ def export_onnx(model, path, *, height, width, topk, opset=DEFAULT_OPSET, dynami
         if simplify:
             slim, error = _simplify(proto, batch, height, width)
             if slim is None:
-                warnings.warn(f"onnxslim simplification skipped for {path}: {error}", stacklevel=2)
+                log.warning(f"onnxslim simplification skipped for {path}: {error}")
             else:
                 proto = slim
                 onnx.save(proto, tmp)

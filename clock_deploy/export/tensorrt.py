@@ -17,6 +17,7 @@ cache calls are no-ops). Precision comes from the ONNX wherever possible:
 
 `plan_build` makes these choices as plain data so tests can check them without TensorRT.
 """
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from clock_deploy.errors import UserError
 from clock_deploy.export.engine_report import LAYER_LISTING_HEADER
 from clock_deploy.io import atomic_path
 from clock_deploy.nvidia import DISPLAY_NAMES, TensorRTUnavailable, import_cudart, import_tensorrt
+
+log = logging.getLogger(__name__)
 
 
 def builder_name(trt):
@@ -127,16 +130,13 @@ def _make_builder(trt, logger):
 
 def _load_timing_cache(config, path):
     """Give the build the cache at `path`; a cache from another TensorRT / GPU is dropped with one warning."""
-    import warnings
-
     data = b""
     if path and os.path.isfile(path):
         with open(path, "rb") as f:
             data = f.read()
     if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
         return
-    warnings.warn(f"{path}: timing cache was made by another TensorRT version or GPU; starting a fresh one",
-                  stacklevel=3)
+    log.warning(f"{path}: timing cache was made by another TensorRT version or GPU; starting a fresh one")
     if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
         raise UserError(f"TensorRT refused a fresh timing cache; give timing_cache another file than {path}")
 
