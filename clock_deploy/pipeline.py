@@ -177,7 +177,7 @@ class Pipeline:
             result = BenchResult(*read_reports(self.bench_dir))
             if result.files:
                 log.info(f"{result.files['md']} measured these models with these settings: skipped "
-                          "(--force bench measures again)")
+                         "(--force bench measures again)")
                 print_report(result.rows, result.not_run, result.profile)
                 return result
         b = self.cfg.bench
@@ -200,8 +200,8 @@ class Pipeline:
         student, distilled = by_name.get(("student", "torch")), by_name.get(("distilled", "torch"))
         if student and distilled:
             log.info(f"CLoCK distillation: mAP {ap_text('mAP', student.mAP)} -> {ap_text('mAP', distilled.mAP)} % "
-                      f"({100 * (distilled.mAP - student.mAP):+.1f} points), KITTI moderate "
-                      f"{ap_text('kitti', student.kitti_moderate)} -> {ap_text('kitti', distilled.kitti_moderate)} %")
+                     f"({100 * (distilled.mAP - student.mAP):+.1f} points), KITTI moderate "
+                     f"{ap_text('kitti', student.kitti_moderate)} -> {ap_text('kitti', distilled.kitti_moderate)} %")
         log.info("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
         log.info(f"reports: {', '.join(result.files.values())}")
 

@@ -87,14 +87,8 @@ class Exporter:
     def check(self, path, meta, parity_images, map_images):
         """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
         from clock_deploy.eval.detector import evaluate_detector
-        from clock_deploy.export.parity import (
-            check_parity,
-            judge_map,
-            map_difference,
-            parity_report,
-            run_onnx,
-            run_torch,
-        )
+        from clock_deploy.export.parity import (check_parity, judge_map, map_difference, parity_report, run_onnx,
+                                                run_torch)
         from clock_deploy.models.deploy import ExportWrapper
         from clock_deploy.runtime import Detector
         from clock_deploy.runtime.backend_onnx import OnnxBackend
@@ -142,7 +136,7 @@ class Exporter:
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
-                          "to miscompile; --sampling gather avoids it")
+                         "to miscompile; --sampling gather avoids it")
         images = None
         if precision == "int8" or sensitivity:
             images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)
@@ -175,9 +169,9 @@ class Exporter:
                                  nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
             before, after = info["qdq"]["before"], info["qdq"]["after"]
             log.info(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
-                      f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
-                      f"{after['QuantizeLinear']}/{after['DequantizeLinear']} (orphan pairs dropped), "
-                      f"the rest in FP16")
+                     f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
+                     f"{after['QuantizeLinear']}/{after['DequantizeLinear']} (orphan pairs dropped), "
+                     f"the rest in FP16")
             self.finish(artifact, self.metadata("onnx", "int8", calibration={**calibration, **info}),
                         parity_images, map_images)
         if trt:
@@ -213,7 +207,7 @@ class Exporter:
         path = self.path(".int8.sensitivity.json")
         write_json(path, {"onnx": fp32, "calibration": calibration, **result})
         log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
-                  f"all nodes quantized: {result['full']['error']:.4g}):")
+                 f"all nodes quantized: {result['full']['error']:.4g}):")
         for row in result["nodes"][:top]:
             log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
         log.info(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
