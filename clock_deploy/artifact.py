@@ -15,11 +15,11 @@ import math
 import os
 
 from clock_deploy import __version__
-from clock_deploy.config import PRECISIONS
 from clock_deploy.errors import UserError
 from clock_deploy.io import file_sha256, read_json, write_json
 
 FORMAT = "clock-deploy-artifact-v1"
+PRECISIONS = ("fp32", "fp16", "int8")  # also export.precision's choices (config.py imports them from here)
 
 # the ONNX / TensorRT I/O contract (DESIGN.md, "Export contract")
 INPUT_NAME = "images"

@@ -16,6 +16,7 @@ from typing import Optional
 
 import yaml
 
+from clock_deploy.artifact import PRECISIONS
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_text
 
@@ -27,9 +28,9 @@ class ConfigError(UserError, ValueError):
 # ---------------------------------------------------------------- schema
 
 # Choice lists the code that acts on them imports from here (one source for each list)
-ARCHS = ("dino", "dab_detr", "deformable_detr")         # model.arch; models/build.py has a class for each
-SAMPLING_MODES = ("grid_sample", "gather")              # model.sampling, export --sampling
-PRECISIONS = ("fp32", "fp16", "int8")                   # export.precision, the artifact sidecar
+ARCHS = ("dino", "dab_detr", "deformable_detr")  # model.arch; models/build.py has a class for each
+SAMPLING_MODES = ("grid_sample", "gather")       # model.sampling, export --sampling
+# export.precision: PRECISIONS of clock_deploy.artifact (the runtime reads it without this module)
 
 
 def choice(default, *others):
