@@ -131,7 +131,7 @@ class Pipeline:
         """
         from clock_deploy.artifact import sidecar_path
         from clock_deploy.bench.runner import artifact_path, is_fresh, parse_backend, read_model
-        from clock_deploy.export.commands import Exporter
+        from clock_deploy.export.exporter import Exporter
 
         checkpoint = self.checkpoint("distill")
         int8 = os.path.join(self.export_dir, "last.int8.onnx")

@@ -10,7 +10,7 @@ from clock_deploy.config import Config, from_dict
 from clock_deploy.convert.dab_detr import hf_to_project
 from clock_deploy.engine.checkpoint import load_model, save_checkpoint
 from clock_deploy.engine.commands import run_training
-from clock_deploy.export.commands import Exporter
+from clock_deploy.export.exporter import Exporter
 from clock_deploy.models.build import build_model
 from clock_deploy.runtime import Detector
 from engine_helpers import tiny_config, tiny_data

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def artifacts(tmp_path_factory):
     """A synthetic dataset, a tiny Deformable DETR checkpoint trained on nothing, and its ONNX export."""
     from clock_deploy.data.synthetic import generate
-    from clock_deploy.export.commands import Exporter
+    from clock_deploy.export.exporter import Exporter
 
     root = tmp_path_factory.mktemp("data") / "synth"
     generate(root, 12, seed=1, height=94, width=310, progress=False)

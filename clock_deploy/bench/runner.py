@@ -381,7 +381,7 @@ def export_artifacts(model, backends, artifacts_dir, calib, batch):
 def _export_folder(model, backends, folder, calib, batch):
     """One Exporter.run per precision: it writes the FP32 ONNX, the FP16 / INT8 ONNX made from
     it and, when a TensorRT backend of that precision is asked for, its engine."""
-    from clock_deploy.export.commands import Exporter
+    from clock_deploy.export.exporter import Exporter
 
     try:
         exporter = Exporter(model.checkpoint, folder, model.name)

@@ -1,0 +1,227 @@
+"""Checkpoint -> deployable artifacts, the library side of `clock-deploy export`.
+
+<name>.onnx (FP32, always: the other artifacts are made from it) [-> <name>.fp16.onnx |
+<name>.int8.onnx] [-> <name>.<precision>.engine], each with its <file>.json sidecar. The FP32 and
+FP16 graphs must match PyTorch (parity.py) or the export fails; INT8 is reported with its mAP
+difference.
+"""
+import logging
+import os
+
+import numpy as np
+
+from clock_deploy.errors import UserError
+from clock_deploy.eval.units import ap_text
+from clock_deploy.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def _val_dataset(cfg):
+    """The validation split of the checkpoint's data config, or None when the data is not here."""
+    from clock_deploy.data.dataset import build_dataset
+
+    if not os.path.isdir(cfg.data.root):
+        return None
+    try:
+        return build_dataset(cfg.data, cfg.data.val_split, train=False)
+    except UserError:
+        return None
+
+
+def _parity_images(dataset, count, input_spec, seed=0):
+    """(batch, source): the first `count` validation images, or random pixels when there is no data."""
+    from clock_deploy.runtime.preprocess import preprocess
+
+    if dataset is not None and len(dataset) >= count:
+        return preprocess([dataset.image_path(i) for i in range(count)], input_spec)[0], "validation"
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (count, input_spec["height"], input_spec["width"], 3), dtype=np.uint8)
+    return preprocess(list(pixels), input_spec)[0], "random"
+
+
+class Exporter:
+    """One export run: the loaded checkpoint, its settings and the artifacts written so far."""
+
+    def __init__(self, ckpt_path, out_dir=None, name=None):
+        from clock_deploy.engine.checkpoint import load_model
+        from clock_deploy.io import file_sha256
+
+        self.ckpt_path = os.fspath(ckpt_path)
+        self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
+        self.source = {"checkpoint": self.ckpt_path, "sha256": file_sha256(self.ckpt_path),
+                       "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
+        self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
+        self.name = name or os.path.splitext(os.path.basename(self.ckpt_path))[0]
+        self.summary = {}
+
+    def path(self, suffix):
+        return os.path.join(self.out_dir, f"{self.name}{suffix}")
+
+    def metadata(self, kind, precision, calibration=None, **extra):
+        from clock_deploy.artifact import build_metadata
+        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from clock_deploy.models.deform_attn import model_sampling
+
+        height, width = self.cfg.data.img_size
+        return build_metadata(kind=kind, arch=self.cfg.model.arch, classes=self.ckpt["classes"], height=height,
+                              width=width, mean=IMAGENET_MEAN, std=IMAGENET_STD, precision=precision,
+                              topk=self.cfg.export.topk, batch=self.batch, source=self.source,
+                              opset=self.cfg.export.opset, sampling=model_sampling(self.model),
+                              calibration=calibration, **extra)
+
+    def check(self, path, meta, parity_images, map_images):
+        """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
+        from clock_deploy.eval.detector import evaluate_detector
+        from clock_deploy.export.parity import (check_parity, judge_map, map_difference, parity_report, run_onnx,
+                                                run_torch)
+        from clock_deploy.models.deploy import ExportWrapper
+        from clock_deploy.runtime import Detector
+        from clock_deploy.runtime.backend_onnx import OnnxBackend
+        from clock_deploy.runtime.backend_torch import TorchBackend
+
+        height, width = self.cfg.data.img_size
+        wrapper = ExportWrapper(self.model, self.cfg.export.topk, (height, width)).eval()
+        count = self.batch["max"] if not self.batch["dynamic"] else parity_images
+        images, source = _parity_images(self.dataset, count, self.input_spec)
+        report = parity_report(run_torch(wrapper, images), run_onnx(path, images), meta["precision"], height, width,
+                               self.cfg.export.parity_tol, source)
+        if map_images > 0 and self.dataset is not None:
+            if self.reference_metrics is None:
+                torch_detector = Detector(TorchBackend(wrapper), {"classes": self.ckpt["classes"],
+                                                                  "input": self.input_spec})
+                self.reference_metrics = evaluate_detector(torch_detector, self.dataset, map_images)
+            metrics = evaluate_detector(Detector(OnnxBackend(path, meta), meta), self.dataset, map_images)
+            report["map_images"] = min(map_images, len(self.dataset))
+            report.update(map_difference(self.reference_metrics, metrics))
+            judge_map(report)
+        log.info(_describe(path, report))
+        try:
+            check_parity(report, path)
+        except UserError:
+            os.remove(path)  # a model that does not match must not be picked up by mistake
+            raise
+        return report
+
+    def run(self, precision, trt=False, calib=None, calib_root=None, batch=None, dynamic=True, exclude_nodes=(),
+            sensitivity=False, sensitivity_images=4, parity_images=4, map_images=32, timing_cache=None,
+            builder=None):
+        """batch: N or (MIN, OPT, MAX) (metadata.batch_spec; None = 1..8 dynamic, 1 static).
+        builder: "tensorrt" | "tensorrt-rtx" for the engine (default the first installed)."""
+        from clock_deploy.artifact import batch_spec, input_spec
+        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from clock_deploy.export.onnx import export_onnx
+
+        if parity_images < 1:
+            raise UserError(f"--parity-images must be at least 1, got {parity_images}")
+        exp = self.cfg.export
+        # missing TensorRT or calibration data is reported before the minutes of exporting
+        if trt:
+            from clock_deploy.models.deform_attn import model_sampling
+            from clock_deploy.nvidia import import_tensorrt
+            import_tensorrt(builder)
+            if model_sampling(self.model) == "grid_sample":
+                log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
+                         "to miscompile; --sampling gather avoids it")
+        images = None
+        if precision == "int8" or sensitivity:
+            images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)
+        self.batch = batch_spec(dynamic, batch)
+        trace_batch = self.batch["opt"] if dynamic else self.batch["max"]
+        height, width = self.cfg.data.img_size
+        self.input_spec = input_spec(height, width, IMAGENET_MEAN, IMAGENET_STD)
+        self.dataset = _val_dataset(self.cfg)
+        self.reference_metrics = None
+        os.makedirs(self.out_dir, exist_ok=True)
+
+        fp32 = self.path(".onnx")
+        info = export_onnx(self.model, fp32, height=height, width=width, topk=exp.topk, opset=exp.opset,
+                           dynamic=dynamic, batch=trace_batch, simplify=exp.simplify)
+        self.finish(fp32, self.metadata("onnx", "fp32", export=info), parity_images, map_images)
+
+        if sensitivity:
+            self.sensitivity(fp32, images, sensitivity_images, exclude_nodes)
+        artifact = fp32
+        if precision == "fp16":
+            from clock_deploy.export.precision import convert_fp16
+            artifact = self.path(".fp16.onnx")
+            info = convert_fp16(fp32, artifact)
+            self.finish(artifact, self.metadata("onnx", "fp16", fp16=info), parity_images, map_images)
+        elif precision == "int8":
+            from clock_deploy.export.precision import quantize_int8
+            artifact = self.path(".int8.onnx")
+            paths, calibration = images
+            info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
+                                 nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
+            before, after = info["qdq"]["before"], info["qdq"]["after"]
+            log.info(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
+                     f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
+                     f"{after['QuantizeLinear']}/{after['DequantizeLinear']} (orphan pairs dropped), "
+                     f"the rest in FP16")
+            self.finish(artifact, self.metadata("onnx", "int8", calibration={**calibration, **info}),
+                        parity_images, map_images)
+        if trt:
+            self.engine(artifact, precision, timing_cache, builder)
+        return self.summary
+
+    def finish(self, path, meta, parity_images, map_images):
+        """Check parity, then write the sidecar that makes the artifact loadable (and embed it in the ONNX)."""
+        from clock_deploy.artifact import embed_metadata, write_metadata
+
+        meta["parity"] = self.check(path, meta, parity_images, map_images)
+        embed_metadata(path, meta)
+        write_metadata(path, meta)
+        self.summary[meta["precision"]] = path
+
+    def calibration_images(self, manifest, root, limit):
+        from clock_deploy.export.calibration import manifest_images, read_manifest
+        from clock_deploy.io import file_sha256
+
+        if not manifest:
+            raise UserError("INT8 needs a calibration manifest: pass --calib calibration/<name>.json "
+                            "(make one with `clock-deploy calibrate`)")
+        paths = manifest_images(manifest, root, limit)
+        return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
+                       "dataset_root": root or read_manifest(manifest)["dataset_root"]}
+
+    def sensitivity(self, fp32, images, num_images, exclude_nodes, top=10):
+        from clock_deploy.export.precision import int8_sensitivity
+
+        paths, calibration = images
+        result = int8_sensitivity(fp32, paths, self.input_spec, num_images=num_images,
+                                  nodes_to_exclude=list(self.cfg.export.exclude_nodes) + list(exclude_nodes), top=top)
+        path = self.path(".int8.sensitivity.json")
+        write_json(path, {"onnx": fp32, "calibration": calibration, **result})
+        log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
+                 f"all nodes quantized: {result['full']['error']:.4g}):")
+        for row in result["nodes"][:top]:
+            log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
+        log.info(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
+        self.summary["sensitivity"] = path
+
+    def engine(self, onnx_path, precision, timing_cache, builder=None):
+        from clock_deploy.artifact import read_metadata
+        from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
+
+        exp = self.cfg.export
+        engine = engine_from_onnx(onnx_path, precision, self.path(f".{precision}.engine"),
+                                  workspace_gb=exp.workspace_gb, dla_core=exp.dla_core, builder=builder,
+                                  timing_cache=timing_cache or os.path.join(self.out_dir, "timing.cache"))
+        log.info(describe_build(engine, read_metadata(engine)["tensorrt"]))
+        self.summary["engine"] = engine
+
+def _describe(path, report):
+    """One parity line: slot-by-slot numbers, matched detections, mAP, and the verdict with its gate."""
+    from clock_deploy.export.parity import verdict
+
+    text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} "
+            f"{report['image_source']} images: scores max abs {report['scores_max_abs']:.2g}, "
+            f"boxes max abs {report['boxes_max_abs']:.2g} px, "
+            f"{report['queries_changed']}/{report['queries']} queries beyond tolerance; detections >= "
+            f"{report['det_score_threshold']:g}: {report['det_ref']} vs {report['det_out']}, "
+            f"{report['det_matched_fraction']:.0%} matched (boxes within {report['det_box_max_abs']:.2g} px), "
+            f"{report['det_unmatched']} unmatched")
+    if "mAP_diff" in report:
+        text += (f"; mAP {ap_text('mAP', report['mAP'])} vs {ap_text('mAP', report['mAP_ref'])} % "
+                 f"({report['map_images']} val images)")
+    return f"{text} -> {verdict(report)}"
