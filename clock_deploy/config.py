@@ -11,8 +11,9 @@ import difflib
 import math
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
@@ -495,7 +496,7 @@ def build(cls, flat):
     return obj
 
 
-def load_config(path=None, overrides=(), cls=Config):
+def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[str] = (), cls: type = Config):
     """Load `path` (with its _base_ chain) and `overrides` into a validated `cls`."""
     flat = load_flat(path) if path else {}
     flat.update(parse_overrides(overrides))

@@ -20,7 +20,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 from clock_deploy.bench.devices import detect, load_during, load_sample
 from clock_deploy.bench.latency import measure
@@ -438,9 +440,11 @@ def _check_inputs(models, names, warmup, runs, batch, max_images, data_root):
     return names
 
 
-def run_bench(models, backends=DEFAULT_BACKENDS, device="cpu", data_root="data/synth_kitti", split="val",
-              out_dir="bench_out", names=None, calib=None, warmup=10, runs=100, batch=1, threads=None,
-              max_images=None, isolate=True, progress=True, system=None):
+def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS, device: str = "cpu",
+              data_root: str = "data/synth_kitti", split: str = "val", out_dir: str = "bench_out",
+              names: Optional[Sequence[str]] = None, calib: Optional[str] = None, warmup: int = 10, runs: int = 100,
+              batch: int = 1, threads: Optional[int] = None, max_images: Optional[int] = None, isolate: bool = True,
+              progress: bool = True, system=None) -> "BenchResult":
     """Benchmark every checkpoint in `models` on every backend; write the reports into out_dir.
 
     models: checkpoint paths (.pt); names: labels for them (default: file stems).

@@ -9,7 +9,9 @@ the same detections as the traced one on a random input.
 """
 import contextlib
 import logging
+import os
 import warnings
+from typing import Union
 
 import numpy as np
 import onnx
@@ -64,7 +66,8 @@ def _simplify(model_proto, batch, height, width, tol=1e-5):
     return slim, None
 
 
-def export_onnx(model, path, *, height, width, topk, opset=DEFAULT_OPSET, dynamic=True, batch=1, simplify=True):
+def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, height: int, width: int, topk: int,
+                opset: int = DEFAULT_OPSET, dynamic: bool = True, batch: int = 1, simplify: bool = True) -> dict:
     """Write the contract ONNX of `model` (eval mode) to `path` atomically.
 
     Returns {"opset", "simplified", "simplify_error", "nodes"}; the traced graph is kept

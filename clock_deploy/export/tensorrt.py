@@ -20,6 +20,7 @@ cache calls are no-ops). Precision comes from the ONNX wherever possible:
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from clock_deploy.artifact import INPUT_NAME, build_metadata, read_metadata, write_metadata
 from clock_deploy.errors import UserError
@@ -233,8 +234,10 @@ def cuda_device_name(index=0):
     return (name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)).strip()
 
 
-def engine_from_onnx(onnx_path, precision=None, engine_path=None, *, workspace_gb=2.0, timing_cache=None,
-                     dla_core=-1, batch=None, builder=None, trt=None):
+def engine_from_onnx(onnx_path: Union[str, os.PathLike], precision: Optional[str] = None,
+                     engine_path: Union[str, os.PathLike, None] = None, *, workspace_gb: float = 2.0,
+                     timing_cache: Optional[str] = None, dla_core: int = -1, batch=None, builder: Optional[str] = None,
+                     trt=None) -> Union[str, os.PathLike]:
     """Build the engine of an exported ONNX and write its sidecar; torch-free, for building on the device.
 
     Everything the build needs (input size, batch profile, precision, classes, calibration, parity)

@@ -1,4 +1,6 @@
 """Model, criterion and optimizer parameter groups from the config."""
+from torch import nn
+
 from clock_deploy import config
 from clock_deploy.errors import UserError
 from clock_deploy.models.criterion import SetCriterion
@@ -33,7 +35,7 @@ def check_model_config(cfg):
                         f"model.backbone.return_levels ({len(cfg.backbone.return_levels)})")
 
 
-def build_model(cfg_model):
+def build_model(cfg_model: config.ModelConfig) -> nn.Module:
     """nn.Module for ModelConfig `cfg_model`; forward(images, targets=None, groups=None) -> DetrOutput."""
     check_model_config(cfg_model)
     return ARCHS[cfg_model.arch](cfg_model)

@@ -9,7 +9,9 @@ boxes come back in the pixels of the original images. Loading an .onnx or .engin
 never imports torch.
 """
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,8 @@ from clock_deploy.runtime.preprocess import boxes_to_original, preprocess
 BACKEND_OF_SUFFIX = {".pt": "torch", ".pth": "torch", ".onnx": "onnxruntime",
                      ".engine": "tensorrt", ".plan": "tensorrt"}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# one image: a file path, a PIL image or an H x W x 3 uint8 RGB array
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 @dataclass
@@ -29,9 +33,9 @@ class Detections:
     boxes: np.ndarray   # [n, 4] float32 x1, y1, x2, y2 in original-image pixels
     scores: np.ndarray  # [n] float32
     labels: np.ndarray  # [n] int64 class indices
-    names: list         # [n] class names
+    names: list[str]    # [n] class names
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.scores)
 
 
@@ -40,7 +44,7 @@ def _is_single_image(images):
 
 
 class Detector:
-    def __init__(self, backend, meta, score_threshold=0.3):
+    def __init__(self, backend, meta: dict, score_threshold: float = 0.3):
         self.backend = backend
         self.meta = meta
         self.classes = list(meta["classes"])
@@ -48,7 +52,8 @@ class Detector:
         self.input_hw = (meta["input"]["height"], meta["input"]["width"])
 
     @classmethod
-    def load(cls, path, backend=None, device="cpu", providers=None, score_threshold=0.3):
+    def load(cls, path: Union[str, os.PathLike], backend: Optional[str] = None, device: str = "cpu",
+             providers: Optional[list] = None, score_threshold: float = 0.3) -> "Detector":
         """Detector for a checkpoint (.pt), ONNX file (.onnx) or TensorRT engine (.engine / .plan).
 
         backend: "torch" | "onnxruntime" | "tensorrt", default from the file suffix.
@@ -76,7 +81,7 @@ class Detector:
             impl = TensorRTBackend(path, meta, "cuda" if device == "cpu" else device)
         return cls(impl, meta, score_threshold)
 
-    def infer(self, batch):
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw contract outputs for a preprocessed batch [N, 3, H, W]: (scores, labels, boxes in input pixels).
 
         Batches larger than the backend takes are split; a static-batch model gets its last
@@ -92,7 +97,8 @@ class Detector:
             outputs.append([o[:count] for o in self.backend(chunk)])
         return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
-    def __call__(self, images, score_threshold=None):
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
+                 score_threshold: Optional[float] = None) -> list[Detections]:
         """Detect objects in one image or a list of images (paths, PIL images, HxWx3 uint8 RGB arrays).
 
         Returns a list of Detections, one per image, with scores >= the score threshold.
