@@ -1,6 +1,6 @@
 import pytest
 
-from clock_deploy.bench.latency import measure, percentile, summarize
+from clock_deploy.bench.latency import measure, summarize
 
 
 class FakeClock:
@@ -20,13 +20,12 @@ class FakeClock:
 
 
 def test_percentiles_interpolate_between_ranks():
-    values = [10.0, 20.0, 30.0, 40.0]
+    stats = summarize([40.0, 10.0, 30.0, 20.0])
     # rank = (n-1) q / 100: p50 -> 1.5 -> 25, p90 -> 2.7 -> 37, p99 -> 2.97 -> 39.7
-    assert percentile(values, 50) == pytest.approx(25.0)
-    assert percentile(values, 90) == pytest.approx(37.0)
-    assert percentile(values, 99) == pytest.approx(39.7)
-    assert percentile(values, 0) == 10.0 and percentile(values, 100) == 40.0
-    assert percentile([7.0], 99) == 7.0
+    assert (stats.p50, stats.p90, stats.p99) == (pytest.approx(25.0), pytest.approx(37.0), pytest.approx(39.7))
+    assert (stats.min, stats.max) == (10.0, 40.0) and type(stats.p99) is float
+    single = summarize([7.0])
+    assert single.p50 == single.p99 == 7.0
 
 
 def test_measure_skips_warmup_and_reports_exact_stats():

@@ -8,6 +8,8 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class LatencyStats:
@@ -23,29 +25,20 @@ class LatencyStats:
     throughput: float
 
 
-def percentile(sorted_values, q):
-    """q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        raise ValueError("percentile of an empty list")
-    rank = (len(sorted_values) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
-
-
 def summarize(times_ms, batch=1):
     """LatencyStats of a list of per-call times (ms); each call processed `batch` images."""
     if not times_ms:
         raise ValueError("no timed runs to summarize")
     ordered = sorted(times_ms)
     mean = sum(ordered) / len(ordered)
+    p50, p90, p99 = (float(v) for v in np.percentile(ordered, [50, 90, 99]))  # linear between ranks
     return LatencyStats(
         runs=len(ordered),
         batch=batch,
         mean=mean,
-        p50=percentile(ordered, 50),
-        p90=percentile(ordered, 90),
-        p99=percentile(ordered, 99),
+        p50=p50,
+        p90=p90,
+        p99=p99,
         min=ordered[0],
         max=ordered[-1],
         throughput=batch * 1000.0 / mean if mean > 0 else math.inf,
