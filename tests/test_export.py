@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from test_export_utils import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
+from export_helpers import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
 
 from clock_deploy.cli import cli, run
 from clock_deploy.engine.checkpoint import save_checkpoint

@@ -16,7 +16,7 @@ from clock_deploy.export.parity import parity_report, run_onnx
 from clock_deploy.export.precision import convert_fp16, count_quantized, int8_sensitivity
 from clock_deploy.export.precision import quantize_int8
 from clock_deploy.runtime.preprocess import preprocess
-from test_export_utils import HEIGHT, SPEC, TOPK, WIDTH, StandInDetector, random_images, tiny_model
+from export_helpers import HEIGHT, SPEC, TOPK, WIDTH, StandInDetector, random_images, tiny_model
 
 ARCHS = [("dab_detr", "grid_sample"), ("deformable_detr", "gather"), ("dino", "grid_sample")]
 

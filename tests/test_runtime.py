@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_export_utils import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
+from export_helpers import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
 
 from clock_deploy.artifact import batch_spec, read_metadata, write_metadata
 from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor

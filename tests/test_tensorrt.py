@@ -377,7 +377,7 @@ needs_gpu = pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs tensorrt, 
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_real_engine_matches_onnxruntime(tmp_path, precision):
-    from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
+    from export_helpers import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
     from clock_deploy.export.onnx import export_onnx
     from clock_deploy.export.precision import convert_fp16

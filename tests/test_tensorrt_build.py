@@ -10,7 +10,7 @@ Skipped where tensorrt_rtx is not installed (it is in the [dev] extra).
 import json
 
 import pytest
-from test_export_utils import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
+from export_helpers import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
 from clock_deploy.artifact import batch_spec, build_metadata, read_metadata, write_metadata
 from clock_deploy.export.onnx import export_onnx
