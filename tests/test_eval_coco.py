@@ -171,7 +171,8 @@ def test_evaluator_reports_coco_and_kitti_keys():
     assert m["AP50"] == pytest.approx(1.0)
     assert m["mAP"] == pytest.approx((1.0 + 0.3) / 2)  # Car 1.0, Pedestrian 3 of 10 IoU thresholds
     assert np.isnan(m["APs"])
-    assert set(m) == {"mAP", "AP50", "AP75", "APs", "APm", "APl", "kitti_moderate"} | {
+    assert m["kitti_easy"] == m["kitti_hard"] == pytest.approx(100.0)  # both classes found at every difficulty
+    assert set(m) == {"mAP", "AP50", "AP75", "APs", "APm", "APl", "kitti_easy", "kitti_moderate", "kitti_hard"} | {
         f"kitti_{c}_{d}" for c in CLASSES for d in ("easy", "moderate", "hard")}
 
 

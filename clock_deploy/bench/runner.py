@@ -178,39 +178,17 @@ def load_detector(artifact, runtime, device, threads):
     return Detector.load(artifact, backend="tensorrt", device=device, score_threshold=0.0)
 
 
-def kitti_easy_hard(evaluator):
-    """KITTI AP R40 Easy and Hard, each the mean over the KITTI classes with ground truth at that
-    difficulty, as the evaluator's kitti_moderate (it reports per-class values only for these two)."""
-    from clock_deploy.eval.kitti import kitti_eval
-
-    classes = evaluator.kitti_classes()
-    if not classes:
-        return {}
-    results = kitti_eval(evaluator.gt_annos, evaluator.detections, classes)
-    return {f"kitti_{d}": results[f"mAP_{d}_R40"] for d in ("easy", "hard")}
-
-
 def evaluate(detector, data, paths, batch, progress=False):
-    """COCO + KITTI metrics of `detector` on the images `paths` (the first len(paths) of the split)."""
-    from tqdm import tqdm
+    """COCO + KITTI metrics of `detector` on the images `paths` (the first len(paths) of the split).
 
+    The dataset (and with it torch) is imported only now, after latency and memory were measured."""
     from clock_deploy.config import DataConfig
     from clock_deploy.data.dataset import build_dataset
-    from clock_deploy.eval.evaluator import DetectionEvaluator
+    from clock_deploy.eval.detector import evaluate_detector
 
     cfg = DataConfig(root=data["root"], format=data["format"], classes=data["classes"])
     dataset = build_dataset(cfg, data["split"], train=False)
-    if list(detector.classes) != list(dataset.classes):
-        raise UserError(f"the model's classes {detector.classes} differ from the dataset's {dataset.classes}")
-    count = len(paths)
-    evaluator = DetectionEvaluator(dataset.classes, [dataset.gt_annos(i) for i in range(count)],
-                                   [dataset.image_size(i) for i in range(count)], dataset.frame_ids[:count])
-    for start in tqdm(range(0, count, batch), desc="eval", leave=False, disable=not progress):
-        for i, det in enumerate(detector(paths[start:start + batch], score_threshold=0.0), start):
-            evaluator.update(i, det.boxes, det.scores, det.labels)
-    metrics = evaluator.summarize()
-    metrics.update(kitti_easy_hard(evaluator))
-    return metrics
+    return evaluate_detector(detector, dataset, limit=len(paths), batch=batch, progress=progress)
 
 
 def run_job(job):

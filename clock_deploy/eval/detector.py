@@ -3,19 +3,23 @@ from clock_deploy.errors import UserError
 from clock_deploy.eval.evaluator import DetectionEvaluator
 
 
-def evaluate_detector(detector, dataset, limit=0):
-    """COCO / KITTI metrics of a runtime Detector on the first `limit` images of `dataset` (0 = all).
+def evaluate_detector(detector, dataset, limit=0, batch=1, progress=False):
+    """COCO / KITTI metrics (DetectionEvaluator.summarize) of a runtime Detector on the first `limit`
+    images of `dataset` (0 = all), `batch` images per call; export parity and the bench both use it.
 
     Images are read from their files and go through the runtime preprocessing, as in deployment.
     """
+    from tqdm import tqdm
+
     if list(detector.classes) != list(dataset.classes):
         raise UserError(f"the model's classes {detector.classes} differ from the dataset's {dataset.classes}")
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
     evaluator = DetectionEvaluator(dataset.classes, [dataset.gt_annos(i) for i in range(count)],
                                    [dataset.image_size(i) for i in range(count)], dataset.frame_ids[:count])
-    for i in range(count):
-        det = detector([dataset.image_path(i)], score_threshold=0.0)[0]
-        evaluator.update(i, det.boxes, det.scores, det.labels)
+    for start in tqdm(range(0, count, batch), desc="eval", leave=False, disable=not progress):
+        paths = [dataset.image_path(i) for i in range(start, min(start + batch, count))]
+        for i, det in enumerate(detector(paths, score_threshold=0.0), start):
+            evaluator.update(i, det.boxes, det.scores, det.labels)
     return evaluator.summarize()
 
 

@@ -51,8 +51,9 @@ class DetectionEvaluator:
 
     def summarize(self):
         """{"mAP", "AP50", "AP75", "APs", "APm", "APl"} (COCO, 0..1) and, for Car / Pedestrian /
-        Cyclist among the classes, "kitti_<Class>_<difficulty>" and "kitti_moderate" (R40, percent;
-        kitti_moderate averages the classes with ground truth, nan if none has)."""
+        Cyclist among the classes, "kitti_<Class>_<difficulty>" and "kitti_easy" / "kitti_moderate" /
+        "kitti_hard" (R40, percent; each averages the classes with ground truth at that difficulty,
+        nan if none has)."""
         frames = [(f, h, w, a) for f, (h, w), a in zip(self.frame_ids, self.image_sizes, self.gt_annos)]
         coco_gt = kitti_to_coco(frames, self.classes)
         image_ids = [image["id"] for image in coco_gt["images"]]
@@ -64,7 +65,8 @@ class DetectionEvaluator:
             for cls in kitti_classes:
                 for difficulty in DIFFICULTIES:
                     metrics[f"kitti_{cls}_{difficulty}"] = kitti[cls]["R40"][difficulty]
-            metrics["kitti_moderate"] = kitti["mAP_moderate_R40"]
+            for difficulty in DIFFICULTIES:
+                metrics[f"kitti_{difficulty}"] = kitti[f"mAP_{difficulty}_R40"]
         return metrics
 
 
