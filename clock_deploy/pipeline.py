@@ -130,7 +130,8 @@ class Pipeline:
         there) and copied into the bench's artifact cache, so the bench measures these very files.
         """
         from clock_deploy.artifact import sidecar_path
-        from clock_deploy.bench.runner import artifact_path, is_fresh, parse_backend, read_model
+        from clock_deploy.bench.artifacts import artifact_path, is_fresh, read_model
+        from clock_deploy.bench.backends import parse_backend
         from clock_deploy.export.exporter import Exporter
 
         checkpoint = self.checkpoint("distill")

@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from clock_deploy.bench import runner
+from clock_deploy.bench import artifacts, backends, job, runner
 from clock_deploy.bench.devices import DeviceProfile
 from clock_deploy.bench.report import ARCH_NAMES
-from clock_deploy.bench.runner import Backend, is_fresh, parse_backend, unavailable_reason
+from clock_deploy.bench.artifacts import is_fresh
+from clock_deploy.bench.backends import Backend, parse_backend, unavailable_reason
 from clock_deploy.cli import run
 from clock_deploy.errors import UserError
 
@@ -37,8 +38,9 @@ def profile(kind, dla_cores=0):
 @pytest.fixture
 def tensorrt_installed(monkeypatch):
     """Pretend tensorrt is importable and onnxruntime has only the CPU EP, whatever this machine has."""
-    real = runner.importlib.util.find_spec
-    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: object() if name == "tensorrt" else real(name))
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: object() if name == "tensorrt" else real(name))
     import onnxruntime
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
 
@@ -63,8 +65,8 @@ def test_unavailable_reasons(tensorrt_installed):
 
 
 def test_tensorrt_missing_is_named_with_the_install_hint(monkeypatch):
-    real = runner.importlib.util.find_spec
-    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real(name))
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real(name))
     reason = unavailable_reason(parse_backend("trt-int8"), profile("cuda"), calib="c.json")
     assert reason.startswith("TensorRT not installed: install it with `pip install clock-deploy[trt]`")
     assert "needs an NVIDIA GPU" not in reason
@@ -140,11 +142,11 @@ class OracleDetector:
 def test_evaluate_scores_a_perfect_detector_100_percent_in_batches(synth_root):
     classes = ["Car", "Pedestrian", "Cyclist"]
     data = {"root": synth_root, "format": "kitti", "classes": "kitti3", "split": "val"}
-    paths = runner.split_image_paths(data)
+    paths = job.split_image_paths(data)
     assert [os.path.basename(p) for p in paths] == [f"{f}.png" for f in open(
         os.path.join(synth_root, "ImageSets", "val.txt")).read().split()]
     detector = OracleDetector(classes)
-    metrics = runner.evaluate(detector, data, paths, batch=3)
+    metrics = job.evaluate(detector, data, paths, batch=3)
     assert detector.calls == [(3, 0.0), (1, 0.0)]  # 4 images in batches of 3, every detection kept
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     # KITTI easy / hard: the mean over the classes (all three have ground truth at both difficulties here),
@@ -155,7 +157,7 @@ def test_evaluate_scores_a_perfect_detector_100_percent_in_batches(synth_root):
     assert metrics["kitti_easy"] > 0
     # a subset of the split is scored against the ground truth of the same frames
     subset = OracleDetector(classes)
-    assert runner.evaluate(subset, data, paths[:2], batch=8)["mAP"] == pytest.approx(1.0)
+    assert job.evaluate(subset, data, paths[:2], batch=8)["mAP"] == pytest.approx(1.0)
     assert subset.calls == [(2, 0.0)]
 
 
@@ -164,9 +166,9 @@ def test_split_image_paths_of_a_coco_layout(tmp_path):
     images = [{"id": 7, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}]
     (tmp_path / "annotations" / "val.json").write_text(json.dumps({"images": images}))
     data = {"root": str(tmp_path), "format": "coco", "split": "val"}
-    assert runner.split_image_paths(data) == [str(tmp_path / "images" / "b.jpg"), str(tmp_path / "images" / "a.jpg")]
+    assert job.split_image_paths(data) == [str(tmp_path / "images" / "b.jpg"), str(tmp_path / "images" / "a.jpg")]
     with pytest.raises(UserError, match="train.json"):
-        runner.split_image_paths({**data, "split": "train"})
+        job.split_image_paths({**data, "split": "train"})
 
 
 # ---------------------------------------------------------------- end to end
@@ -236,8 +238,8 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
 
     # a second bench reuses the exported ONNX (newer than the checkpoint, same batch)
     mtime = os.path.getmtime(onnx_file)
-    model = runner.read_model("student", ckpt)
-    assert runner.export_artifacts(model, [parse_backend("onnx")], str(out / "artifacts"), None, 1, print) == {}
+    model = artifacts.read_model("student", ckpt)
+    assert artifacts.export_artifacts(model, [parse_backend("onnx")], str(out / "artifacts"), None, 1) == {}
     assert os.path.getmtime(onnx_file) == mtime
 
 

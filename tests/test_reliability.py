@@ -402,7 +402,7 @@ def test_a_sidecar_with_fewer_classes_than_the_model_outputs_is_one_line():
 
 def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_path):
     from clock_deploy.artifact import batch_spec, build_metadata, write_metadata
-    from clock_deploy.bench.runner import is_fresh
+    from clock_deploy.bench.artifacts import is_fresh
 
     artifact = tmp_path / "m.onnx"
     artifact.write_bytes(b"old model")
@@ -419,7 +419,7 @@ def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_p
 def test_a_measuring_child_dies_with_its_killed_bench(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = (f"import sys, os, time; sys.path.insert(0, {REPO!r}); "
-             "from clock_deploy.bench.runner import _die_with_parent; _die_with_parent(); "
+             "from clock_deploy.bench.job import _die_with_parent; _die_with_parent(); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = ("import os, subprocess, sys, time; "
               "env = dict(os.environ, CLOCK_DEPLOY_BENCH_PARENT=str(os.getpid())); "

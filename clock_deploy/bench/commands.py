@@ -2,7 +2,7 @@
 import click
 
 from clock_deploy.bench.devices import DEVICES
-from clock_deploy.bench.runner import DEFAULT_BACKENDS
+from clock_deploy.bench.backends import DEFAULT_BACKENDS
 
 
 def comma_list(text):

@@ -1,0 +1,174 @@
+"""One measurement, run in a process of its own: latency, memory and accuracy of one artifact on one
+backend (`python -m clock_deploy.bench.job JOB.json RESULT.json`, started by bench/isolation.py).
+
+The order matters: the latency and memory numbers are taken before the evaluation imports the
+dataset code (and with it torch), so an onnxruntime / TensorRT row does not carry torch's memory;
+this module and what it imports at the top are torch-free for the same reason.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+from clock_deploy.bench.devices import load_during, load_sample
+from clock_deploy.bench.latency import measure
+from clock_deploy.errors import UserError
+from clock_deploy.io import write_json
+from clock_deploy.nvidia import TensorRTUnavailable, import_cudart
+
+
+def split_image_paths(data):
+    """Image files of the split in dataset order (KITTI split file / COCO json), without importing torch."""
+    from clock_deploy.data import kitti
+
+    if data["format"] == "kitti":
+        return [kitti.image_path(data["root"], f) for f in kitti.read_split(data["root"], data["split"])]
+    ann_file = os.path.join(data["root"], "annotations", f"{data['split']}.json")
+    try:
+        with open(ann_file) as f:
+            images = json.load(f)["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{ann_file}: cannot list the images of split '{data['split']}' ({e})") from None
+    return [os.path.join(data["root"], "images", image["file_name"]) for image in images]
+
+
+def cuda_free_bytes():
+    """Free GPU memory (cudaMemGetInfo) through cuda-python, or torch when only torch has CUDA."""
+    try:
+        cudart = import_cudart()
+    except TensorRTUnavailable:
+        import torch
+        return torch.cuda.mem_get_info()[0]
+    err, free, _ = cudart.cudaMemGetInfo()
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"cudaMemGetInfo failed: {err}")
+    return free
+
+
+class GpuMemory:
+    """GPU memory a backend uses: torch's own peak counter, else the drop in free memory since creation."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        if runtime == "torch":
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        else:  # the first CUDA call creates the context, so the baseline excludes it
+            self.free_before = cuda_free_bytes()
+
+    def used_mb(self):
+        if self.runtime == "torch":
+            import torch
+            return torch.cuda.max_memory_allocated() / 2**20
+        return (self.free_before - cuda_free_bytes()) / 2**20
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process (MiB).
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries the parent's peak
+    across fork + exec into it, so every job would report at least the parent's memory.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def load_detector(artifact, runtime, device, threads):
+    """A runtime Detector that keeps every detection (score threshold 0, as mAP needs)."""
+    from clock_deploy.runtime import Detector
+
+    if runtime == "torch":
+        from clock_deploy.bench.devices import apply_threads
+        apply_threads(threads)
+        return Detector.load(artifact, backend="torch", device=device, score_threshold=0.0)
+    if runtime == "onnxruntime":  # built here to pass the thread count to the session
+        from clock_deploy.artifact import read_metadata
+        from clock_deploy.runtime.backend_onnx import OnnxBackend
+        meta = read_metadata(artifact)
+        # on a GPU the onnx rows are the CUDA EP: TensorRT is measured natively by the trt-* backends
+        providers = None if device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        backend = OnnxBackend(artifact, meta, device, providers=providers, threads=threads)
+        return Detector(backend, meta, score_threshold=0.0)
+    return Detector.load(artifact, backend="tensorrt", device=device, score_threshold=0.0)
+
+
+def evaluate(detector, data, paths, batch, progress=False):
+    """COCO + KITTI metrics of `detector` on the images `paths` (the first len(paths) of the split).
+
+    The dataset (and with it torch) is imported only now, after latency and memory were measured."""
+    from clock_deploy.config import DataConfig
+    from clock_deploy.data.dataset import build_dataset
+    from clock_deploy.eval.detector import evaluate_detector
+
+    cfg = DataConfig(root=data["root"], format=data["format"], classes=data["classes"])
+    dataset = build_dataset(cfg, data["split"], train=False)
+    return evaluate_detector(detector, dataset, limit=len(paths), batch=batch, progress=progress)
+
+
+def run_job(job):
+    """Latency, memory and accuracy of one artifact on one backend, in this process; a JSON-able dict."""
+    from clock_deploy.runtime.preprocess import load_image, preprocess
+
+    gpu = job["device"] != "cpu"
+    memory = GpuMemory(job["runtime"]) if gpu else None
+    detector = load_detector(job["artifact"], job["runtime"], job["device"], job["threads"])
+    paths = split_image_paths(job["data"])
+    if job["max_images"]:
+        paths = paths[:job["max_images"]]
+    if not paths:
+        raise UserError(f"{job['data']['root']}: split '{job['data']['split']}' has no images")
+    # latency: one call on a fixed, already decoded and preprocessed batch
+    images = [load_image(paths[i % len(paths)]) for i in range(job["batch"])]
+    batch, _ = preprocess(images, detector.meta["input"])
+    before = load_sample()
+    stats = measure(lambda: detector.infer(batch), job["warmup"], job["runs"], batch=job["batch"],
+                    cuda_events=gpu and job["runtime"] == "torch")
+    result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
+              "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
+    result["metrics"] = evaluate(detector, job["data"], paths, job["batch"], progress=job.get("progress", False))
+    result["images"] = len(paths)
+    return result
+
+
+def _die_with_parent():
+    """Linux: have the kernel kill this measuring process when the bench that started it dies,
+    even by kill -9 (other systems: the parent's SIGTERM handling still stops it)."""
+    parent = os.environ.get("CLOCK_DEPLOY_BENCH_PARENT")
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the bench died before prctl took effect
+        os._exit(1)
+
+
+def _job_main(argv):
+    """`python -m clock_deploy.bench.job JOB.json RESULT.json`: run one job, write its result."""
+    job_path, result_path = argv
+    _die_with_parent()
+    with open(job_path) as f:
+        job = json.load(f)
+    try:
+        result = run_job(job)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main(sys.argv[1:]))
