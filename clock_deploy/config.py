@@ -219,7 +219,9 @@ class DistillConfig:
 @dataclass
 class ExportConfig:
     opset: int = 17
-    topk: int = 100               # detections per image in the graph output
+    # detections per image in the graph output; training-time evaluation and the torch runtime keep
+    # the same number, so their mAP is the exported model's
+    topk: int = 100
     dynamic_batch: bool = True
     simplify: bool = True         # onnxslim
     precision: str = choice(*PRECISIONS)
