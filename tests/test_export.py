@@ -87,8 +87,9 @@ def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch, ca
     path = tmp_path / "fallback.onnx"
     with caplog.at_level(logging.WARNING, logger="clock_deploy"):
         info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
-    assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert re.search("onnxslim simplification skipped.*boom", caplog.records[0].getMessage())
+    warned = [r for r in caplog.records if r.name.startswith("clock_deploy")]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    assert re.search("onnxslim simplification skipped.*boom", warned[0].getMessage())
     assert not info["simplified"] and "boom" in info["simplify_error"]
     assert info["nodes"] > len(onnx.load(slim_path).graph.node)  # the traced, unsimplified graph
     assert parity_report(ref, run_onnx(path, images), "fp32", HEIGHT, WIDTH)["passed"]
