@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from clock_deploy.bench import artifacts, backends, job, runner
-from clock_deploy.bench.devices import DeviceProfile
-from clock_deploy.bench.report import ARCH_NAMES
 from clock_deploy.bench.artifacts import is_fresh
 from clock_deploy.bench.backends import Backend, parse_backend, unavailable_reason
+from clock_deploy.bench.devices import DeviceProfile
+from clock_deploy.bench.report import ARCH_NAMES
 from clock_deploy.cli import run
 from clock_deploy.errors import UserError
 

@@ -1,8 +1,8 @@
 """`clock-deploy bench`: latency, memory and accuracy of models x backends, side by side."""
 import click
 
-from clock_deploy.bench.devices import DEVICES
 from clock_deploy.bench.backends import DEFAULT_BACKENDS
+from clock_deploy.bench.devices import DEVICES
 
 
 def comma_list(text):
