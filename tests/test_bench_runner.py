@@ -5,13 +5,15 @@ import os
 import numpy as np
 import pytest
 
-from clock_deploy.bench import artifacts, backends, job, runner
+from clock_deploy.bench import artifacts, backends, runner
 from clock_deploy.bench.artifacts import is_fresh
 from clock_deploy.bench.backends import Backend, parse_backend, unavailable_reason
 from clock_deploy.bench.devices import DeviceProfile
 from clock_deploy.bench.report import ARCH_NAMES
 from clock_deploy.cli import run
+from clock_deploy.data.annotations import open_split
 from clock_deploy.errors import UserError
+from clock_deploy.eval.detector import evaluate_detector
 
 # ---------------------------------------------------------------- backend names and availability
 
@@ -141,12 +143,12 @@ class OracleDetector:
 
 def test_evaluate_scores_a_perfect_detector_100_percent_in_batches(synth_root):
     classes = ["Car", "Pedestrian", "Cyclist"]
-    data = {"root": synth_root, "format": "kitti", "classes": "kitti3", "split": "val"}
-    paths = job.split_image_paths(data)
+    split = open_split(synth_root, "kitti", "val", "kitti3")
+    paths = [split.image_path(i) for i in range(len(split))]
     assert [os.path.basename(p) for p in paths] == [f"{f}.png" for f in open(
         os.path.join(synth_root, "ImageSets", "val.txt")).read().split()]
     detector = OracleDetector(classes)
-    metrics = job.evaluate(detector, data, paths, batch=3)
+    metrics = evaluate_detector(detector, split, batch=3)
     assert detector.calls == [(3, 0.0), (1, 0.0)]  # 4 images in batches of 3, every detection kept
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     # KITTI easy / hard: the mean over the classes (all three have ground truth at both difficulties here),
@@ -157,18 +159,20 @@ def test_evaluate_scores_a_perfect_detector_100_percent_in_batches(synth_root):
     assert metrics["kitti_easy"] > 0
     # a subset of the split is scored against the ground truth of the same frames
     subset = OracleDetector(classes)
-    assert job.evaluate(subset, data, paths[:2], batch=8)["mAP"] == pytest.approx(1.0)
+    assert evaluate_detector(subset, split, limit=2, batch=8)["mAP"] == pytest.approx(1.0)
     assert subset.calls == [(2, 0.0)]
 
 
-def test_split_image_paths_of_a_coco_layout(tmp_path):
+def test_image_paths_of_a_coco_split_in_json_order(tmp_path):
     os.makedirs(tmp_path / "annotations")
     images = [{"id": 7, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}]
-    (tmp_path / "annotations" / "val.json").write_text(json.dumps({"images": images}))
-    data = {"root": str(tmp_path), "format": "coco", "split": "val"}
-    assert job.split_image_paths(data) == [str(tmp_path / "images" / "b.jpg"), str(tmp_path / "images" / "a.jpg")]
+    coco = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "Car"}]}
+    (tmp_path / "annotations" / "val.json").write_text(json.dumps(coco))
+    split = open_split(str(tmp_path), "coco", "val")
+    assert [split.image_path(i) for i in range(len(split))] == [str(tmp_path / "images" / "b.jpg"),
+                                                                 str(tmp_path / "images" / "a.jpg")]
     with pytest.raises(UserError, match="train.json"):
-        job.split_image_paths({**data, "split": "train"})
+        open_split(str(tmp_path), "coco", "train")
 
 
 # ---------------------------------------------------------------- end to end

@@ -141,7 +141,7 @@ def test_coco_reader_and_dataset_raise_only_user_errors(content):
         dataset = CocoDetection(os.path.join(WORK, "coco"), "val")
         for i in range(len(dataset)):
             dataset.gt_annos(i)
-            dataset._objects(i)
+            dataset.objects(i)
             assert os.path.dirname(dataset.image_path(i)) == os.path.join(WORK, "coco", "images")
     only_user_errors(read)
 

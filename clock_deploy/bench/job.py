@@ -1,9 +1,10 @@
 """One measurement, run in a process of its own: latency, memory and accuracy of one artifact on one
 backend (`python -m clock_deploy.bench.job JOB.json RESULT.json`, started by bench/isolation.py).
 
-The order matters: the latency and memory numbers are taken before the evaluation imports the
-dataset code (and with it torch), so an onnxruntime / TensorRT row does not carry torch's memory;
-this module and what it imports at the top are torch-free for the same reason.
+Nothing here imports torch unless the backend is torch: the split is read by the torch-free
+readers of data/annotations.py and scored with eval/detector.py, so an onnxruntime / TensorRT row
+does not carry torch's memory; the evaluation code (numba, COCO eval) is imported only after the
+memory reading.
 """
 import dataclasses
 import json
@@ -15,21 +16,6 @@ from clock_deploy.bench.latency import measure
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_json
 from clock_deploy.nvidia import TensorRTUnavailable, import_cudart
-
-
-def split_image_paths(data):
-    """Image files of the split in dataset order (KITTI split file / COCO json), without importing torch."""
-    from clock_deploy.data import kitti
-
-    if data["format"] == "kitti":
-        return [kitti.image_path(data["root"], f) for f in kitti.read_split(data["root"], data["split"])]
-    ann_file = os.path.join(data["root"], "annotations", f"{data['split']}.json")
-    try:
-        with open(ann_file) as f:
-            images = json.load(f)["images"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{ann_file}: cannot list the images of split '{data['split']}' ({e})") from None
-    return [os.path.join(data["root"], "images", image["file_name"]) for image in images]
 
 
 def cuda_free_bytes():
@@ -101,31 +87,20 @@ def load_detector(artifact, runtime, device, threads):
     return Detector.load(artifact, backend="tensorrt", device=device, score_threshold=0.0)
 
 
-def evaluate(detector, data, paths, batch, progress=False):
-    """COCO + KITTI metrics of `detector` on the images `paths` (the first len(paths) of the split).
-
-    The dataset (and with it torch) is imported only now, after latency and memory were measured."""
-    from clock_deploy.config import DataConfig
-    from clock_deploy.data.dataset import build_dataset
-    from clock_deploy.eval.detector import evaluate_detector
-
-    cfg = DataConfig(root=data["root"], format=data["format"], classes=data["classes"])
-    dataset = build_dataset(cfg, data["split"], train=False)
-    return evaluate_detector(detector, dataset, limit=len(paths), batch=batch, progress=progress)
-
-
 def run_job(job):
     """Latency, memory and accuracy of one artifact on one backend, in this process; a JSON-able dict."""
+    from clock_deploy.data.annotations import open_split
     from clock_deploy.runtime.preprocess import load_image, preprocess
 
     gpu = job["device"] != "cpu"
     memory = GpuMemory(job["runtime"]) if gpu else None
     detector = load_detector(job["artifact"], job["runtime"], job["device"], job["threads"])
-    paths = split_image_paths(job["data"])
-    if job["max_images"]:
-        paths = paths[:job["max_images"]]
-    if not paths:
-        raise UserError(f"{job['data']['root']}: split '{job['data']['split']}' has no images")
+    data = job["data"]
+    split = open_split(data["root"], data["format"], data["split"], data.get("classes", "kitti3"))
+    count = min(len(split), job["max_images"]) if job["max_images"] else len(split)
+    if count == 0:
+        raise UserError(f"{data['root']}: split '{data['split']}' has no images")
+    paths = [split.image_path(i) for i in range(count)]
     # latency: one call on a fixed, already decoded and preprocessed batch
     images = [load_image(paths[i % len(paths)]) for i in range(job["batch"])]
     batch, _ = preprocess(images, detector.meta["input"])
@@ -134,8 +109,11 @@ def run_job(job):
                     cuda_events=gpu and job["runtime"] == "torch")
     result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
               "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
-    result["metrics"] = evaluate(detector, job["data"], paths, job["batch"], progress=job.get("progress", False))
-    result["images"] = len(paths)
+    from clock_deploy.eval.detector import evaluate_detector  # numba, COCO eval: after the memory reading
+
+    result["metrics"] = evaluate_detector(detector, split, limit=count, batch=job["batch"],
+                                          progress=job.get("progress", False))
+    result["images"] = count
     return result
 
 
