@@ -132,7 +132,7 @@ def test_refuses_foreign_directory_and_bad_args(tmp_path):
     (tmp_path / "real" / "notes.txt").write_text("real data")
     with pytest.raises(UserError, match="not written by"):
         synthetic.generate(tmp_path / "real", 2, progress=False)
-    with pytest.raises(UserError, match="num-images"):
+    with pytest.raises(UserError, match="num_images must be at least 1"):
         synthetic.generate(tmp_path / "x", 0, progress=False)
-    with pytest.raises(UserError, match="val-fraction"):
+    with pytest.raises(UserError, match=r"val_fraction must be in \[0, 1\)"):
         synthetic.generate(tmp_path / "x", 4, val_fraction=1.0, progress=False)
