@@ -139,7 +139,7 @@ class Pipeline:
         if is_fresh(int8, [checkpoint, self.cfg.calib], batch=1) and "export" not in self.force:
             log.info(f"{int8} is up to date: skipped")
         else:
-            Exporter(checkpoint, self.export_dir, "last").run("int8", calib=self.cfg.calib, batch=1, dynamic=True)
+            Exporter(checkpoint, self.export_dir, "last", overrides={"calib": self.cfg.calib}, batch=1).run("int8")
         model = read_model("distilled", checkpoint)
         for name in DEPLOY_BACKENDS:
             backend = parse_backend(name)

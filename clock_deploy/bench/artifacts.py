@@ -78,10 +78,11 @@ def _export_folder(model, backends, folder, calib, batch):
     from clock_deploy.export.exporter import Exporter
 
     try:
-        exporter = Exporter(model.checkpoint, folder, model.name)
+        # a folder holds GPU or one DLA core's engines
+        exporter = Exporter(model.checkpoint, folder, model.name, batch=batch,
+                            overrides={"calib": calib, "dla_core": backends[0].dla_core})
     except UserError as e:
         return {b.name: f"export failed: {e}" for b in backends}
-    exporter.cfg.export.dla_core = backends[0].dla_core  # a folder holds GPU or one DLA core's engines
     runs = {}  # precision of a run -> the backends it provides
     for b in backends:
         runs.setdefault(b.precision, []).append(b)
@@ -92,7 +93,7 @@ def _export_folder(model, backends, folder, calib, batch):
     for precision, group in runs.items():
         trt = any(b.runtime == "tensorrt" and b.precision == precision for b in group)
         try:
-            exporter.run(precision, trt=trt, calib=calib, batch=batch, dynamic=True, map_images=0)
+            exporter.run(precision, trt=trt, map_images=0)
         except Exception as e:  # one failing precision must not stop the others
             errors.update({b.name: f"export failed: {one_line(e)}" for b in group})
     return errors

@@ -54,24 +54,12 @@ def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_im
            imgsz, opset, topk, simplify, sampling, out_dir, name, sensitivity, sensitivity_images, parity_images,
            map_images, workspace_gb, dla_core, timing_cache):
     """Export a checkpoint to ONNX (FP32 + FP16 / INT8) and optionally TensorRT, with parity checks."""
-    from clock_deploy.models.deform_attn import set_sampling
-
-    exporter = Exporter(ckpt, out_dir, name)
-    cfg = exporter.cfg
-    overrides = {"opset": opset, "topk": topk, "simplify": simplify, "calib_images": calib_images,
-                 "workspace_gb": workspace_gb, "dla_core": dla_core}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg.export, key, value)
-    if imgsz:
-        cfg.data.img_size = parse_imgsz(imgsz)
-    if sampling:
-        set_sampling(exporter.model, sampling)
-        cfg.model.sampling = sampling
-    precision = precision or cfg.export.precision
-    summary = exporter.run(precision, trt=trt, calib=calib, calib_root=calib_root, batch=batch,
-                           dynamic=cfg.export.dynamic_batch if dynamic is None else dynamic,
-                           exclude_nodes=exclude_node, sensitivity=sensitivity,
+    # the flags override the checkpoint's export settings (ExportConfig); the rest choose what this run does
+    overrides = {"opset": opset, "topk": topk, "simplify": simplify, "calib": calib, "calib_images": calib_images,
+                 "workspace_gb": workspace_gb, "dla_core": dla_core, "dynamic_batch": dynamic}
+    exporter = Exporter(ckpt, out_dir, name, overrides=overrides, img_size=parse_imgsz(imgsz) if imgsz else None,
+                        sampling=sampling, batch=batch, exclude_nodes=exclude_node)
+    summary = exporter.run(precision, trt=trt, calib_root=calib_root, sensitivity=sensitivity,
                            sensitivity_images=sensitivity_images, parity_images=parity_images,
                            map_images=map_images, timing_cache=timing_cache, builder=builder)
     for key, path in summary.items():

@@ -41,11 +41,21 @@ def _parity_images(dataset, count, input_spec, seed=0):
 
 
 class Exporter:
-    """One export run: the loaded checkpoint, its settings and the artifacts written so far."""
+    """The exports of one checkpoint: its model, its settings (the checkpoint's ExportConfig with the
+    caller's overrides) and the artifacts written so far. Everything the settings decide (batch
+    profile, input spec, validation data) is fixed here; `run` writes one precision's artifacts."""
 
-    def __init__(self, ckpt_path, out_dir=None, name=None):
+    def __init__(self, ckpt_path, out_dir=None, name=None, *, overrides=None, img_size=None, sampling=None,
+                 batch=None, exclude_nodes=()):
+        """overrides: {ExportConfig key: value} replacing the checkpoint's export settings (None = keep);
+        img_size: [H, W] instead of the checkpoint's data.img_size; sampling: deformable attention
+        sampling in the graph; batch: N or (MIN, OPT, MAX) (artifact.batch_spec: None = 1..8 when
+        export.dynamic_batch, else 1); exclude_nodes: nodes kept in float besides export.exclude_nodes."""
+        from clock_deploy.artifact import batch_spec, input_spec
+        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from clock_deploy.engine.checkpoint import load_model
         from clock_deploy.io import file_sha256
+        from clock_deploy.models.deform_attn import set_sampling
 
         self.ckpt_path = os.fspath(ckpt_path)
         self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
@@ -53,6 +63,23 @@ class Exporter:
                        "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
         self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
         self.name = name or os.path.splitext(os.path.basename(self.ckpt_path))[0]
+        exp = self.cfg.export
+        for key, value in (overrides or {}).items():
+            if not hasattr(exp, key):
+                raise UserError(f"export.{key} is not an export setting")
+            if value is not None:
+                setattr(exp, key, value)
+        exp.exclude_nodes = list(exp.exclude_nodes) + list(exclude_nodes)
+        if img_size:
+            self.cfg.data.img_size = [int(v) for v in img_size]
+        if sampling:
+            set_sampling(self.model, sampling)
+            self.cfg.model.sampling = sampling
+        self.batch = batch_spec(exp.dynamic_batch, batch)
+        height, width = self.cfg.data.img_size
+        self.input_spec = input_spec(height, width, IMAGENET_MEAN, IMAGENET_STD)
+        self.dataset = _val_dataset(self.cfg)
+        self.reference_metrics = {}  # map_images -> the PyTorch model's metrics, computed once
         self.summary = {}
 
     def path(self, suffix):
@@ -87,13 +114,13 @@ class Exporter:
         report = parity_report(run_torch(wrapper, images), run_onnx(path, images), meta["precision"], height, width,
                                self.cfg.export.parity_tol, source)
         if map_images > 0 and self.dataset is not None:
-            if self.reference_metrics is None:
+            if map_images not in self.reference_metrics:
                 torch_detector = Detector(TorchBackend(wrapper), {"classes": self.ckpt["classes"],
                                                                   "input": self.input_spec})
-                self.reference_metrics = evaluate_detector(torch_detector, self.dataset, map_images)
+                self.reference_metrics[map_images] = evaluate_detector(torch_detector, self.dataset, map_images)
             metrics = evaluate_detector(Detector(OnnxBackend(path, meta), meta), self.dataset, map_images)
             report["map_images"] = min(map_images, len(self.dataset))
-            report.update(map_difference(self.reference_metrics, metrics))
+            report.update(map_difference(self.reference_metrics[map_images], metrics))
             judge_map(report)
         log.info(_describe(path, report))
         try:
@@ -103,18 +130,17 @@ class Exporter:
             raise
         return report
 
-    def run(self, precision, trt=False, calib=None, calib_root=None, batch=None, dynamic=True, exclude_nodes=(),
-            sensitivity=False, sensitivity_images=4, parity_images=4, map_images=32, timing_cache=None,
-            builder=None):
-        """batch: N or (MIN, OPT, MAX) (metadata.batch_spec; None = 1..8 dynamic, 1 static).
-        builder: "tensorrt" | "tensorrt-rtx" for the engine (default the first installed)."""
-        from clock_deploy.artifact import batch_spec, input_spec
-        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    def run(self, precision=None, trt=False, calib_root=None, sensitivity=False, sensitivity_images=4,
+            parity_images=4, map_images=32, timing_cache=None, builder=None):
+        """Write the FP32 ONNX and, for precision "fp16" / "int8" (default export.precision), the ONNX of
+        that precision, each checked against PyTorch; trt: also its engine, built by `builder`
+        ("tensorrt" | "tensorrt-rtx", default the first installed). Returns {kind: path} so far."""
         from clock_deploy.export.onnx import export_onnx
 
         if parity_images < 1:
-            raise UserError(f"--parity-images must be at least 1, got {parity_images}")
+            raise UserError(f"parity_images must be at least 1, got {parity_images}")
         exp = self.cfg.export
+        precision = precision or exp.precision
         # missing TensorRT or calibration data is reported before the minutes of exporting
         if trt:
             from clock_deploy.models.deform_attn import model_sampling
@@ -125,13 +151,10 @@ class Exporter:
                          "to miscompile; --sampling gather avoids it")
         images = None
         if precision == "int8" or sensitivity:
-            images = self.calibration_images(calib or exp.calib, calib_root, exp.calib_images)
-        self.batch = batch_spec(dynamic, batch)
+            images = self.calibration_images(exp.calib, calib_root, exp.calib_images)
+        dynamic = self.batch["dynamic"]
         trace_batch = self.batch["opt"] if dynamic else self.batch["max"]
         height, width = self.cfg.data.img_size
-        self.input_spec = input_spec(height, width, IMAGENET_MEAN, IMAGENET_STD)
-        self.dataset = _val_dataset(self.cfg)
-        self.reference_metrics = None
         os.makedirs(self.out_dir, exist_ok=True)
 
         fp32 = self.path(".onnx")
@@ -140,7 +163,7 @@ class Exporter:
         self.finish(fp32, self.metadata("onnx", "fp32", export=info), parity_images, map_images)
 
         if sensitivity:
-            self.sensitivity(fp32, images, sensitivity_images, exclude_nodes)
+            self.sensitivity(fp32, images, sensitivity_images)
         artifact = fp32
         if precision == "fp16":
             from clock_deploy.export.precision import convert_fp16
@@ -152,7 +175,7 @@ class Exporter:
             artifact = self.path(".int8.onnx")
             paths, calibration = images
             info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
-                                 nodes_to_exclude=list(exp.exclude_nodes) + list(exclude_nodes))
+                                 nodes_to_exclude=list(exp.exclude_nodes))
             before, after = info["qdq"]["before"], info["qdq"]["after"]
             log.info(f"INT8: {info['quantized_nodes']} Conv / MatMul / Gemm quantized; Q/DQ nodes "
                      f"{before['QuantizeLinear']}/{before['DequantizeLinear']} -> "
@@ -184,12 +207,12 @@ class Exporter:
         return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
                        "dataset_root": root or read_manifest(manifest)["dataset_root"]}
 
-    def sensitivity(self, fp32, images, num_images, exclude_nodes, top=10):
+    def sensitivity(self, fp32, images, num_images, top=10):
         from clock_deploy.export.precision import int8_sensitivity
 
         paths, calibration = images
         result = int8_sensitivity(fp32, paths, self.input_spec, num_images=num_images,
-                                  nodes_to_exclude=list(self.cfg.export.exclude_nodes) + list(exclude_nodes), top=top)
+                                  nodes_to_exclude=list(self.cfg.export.exclude_nodes), top=top)
         path = self.path(".int8.sensitivity.json")
         write_json(path, {"onnx": fp32, "calibration": calibration, **result})
         log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
