@@ -100,26 +100,6 @@ def test_onnx_runtime_path_imports_neither_torch_nor_the_exporter(artifacts):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_no_runtime_module_imports_the_export_package():
-    # export produces artifacts and the runtime consumes them; both share clock_deploy.artifact,
-    # so the runtime never needs the exporter (nor its onnx / onnxslim / torch imports)
-    import ast
-
-    import clock_deploy.runtime
-    folder = os.path.dirname(clock_deploy.runtime.__file__)
-    offenders = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name)) as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):  # function-level imports count too
-                modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                           [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
-                           else [])
-                offenders += [f"{name}: {m}" for m in modules if m.split(".")[:2] == ["clock_deploy", "export"]]
-    assert len(os.listdir(folder)) >= 5 and offenders == []
-
-
 def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path):
     from clock_deploy.engine.checkpoint import load_model
     model, cfg, _ = load_model(artifacts["ckpt"])
