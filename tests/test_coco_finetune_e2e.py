@@ -1,17 +1,15 @@
 """The pretrained path end to end at demo scale, on synthetic KITTI-format data: a transformers
-DAB-DETR (random init, 'COCO' classes) -> save_pretrained -> convert -> fine-tune one epoch with
-class-head transfer -> distill a student from it for one epoch -> export ONNX -> Detector.load."""
-import json
+DAB-DETR (random init, 'COCO' classes) -> save_pretrained -> import (what `clock-deploy import`
+runs) -> fine-tune one epoch with class-head transfer -> distill a student from it for one epoch
+-> export ONNX -> Detector.load."""
 import os
 
 import pytest
 
-from clock_deploy.config import Config, from_dict
-from clock_deploy.convert.dab_detr import hf_to_project
-from clock_deploy.engine.checkpoint import load_model, save_checkpoint
+from clock_deploy.convert.importer import import_to_checkpoint
+from clock_deploy.engine.checkpoint import load_model
 from clock_deploy.engine.commands import run_training
 from clock_deploy.export.exporter import Exporter
-from clock_deploy.models.build import build_model
 from clock_deploy.runtime import Detector
 from engine_helpers import tiny_config, tiny_data
 from test_reference_parity_dab import hf_config, random_hf_model
@@ -20,25 +18,12 @@ pytest.importorskip("transformers")
 COCO_LIKE = ["person", "bicycle", "car", "dog"]
 
 
-def import_hf_folder(folder, out):
-    """What `clock-deploy import <folder>` does for a DAB-DETR folder (here with the converter directly)."""
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "config.json").read_text())
-    overrides, state = hf_to_project(load_file(folder / "model.safetensors"), config)
-    cfg = from_dict({"model": overrides}, Config)
-    model = build_model(cfg.model)
-    model.load_state_dict(state)
-    classes = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    save_checkpoint(out, model, cfg, classes, epoch=0, iteration=0)
-    return model
-
-
 def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
     data = tiny_data(tmp_path / "synth")
     hf_model = random_hf_model(hf_config(num_labels=len(COCO_LIKE), id2label=dict(enumerate(COCO_LIKE))))
     hf_model.save_pretrained(tmp_path / "hf")
-    coco = import_hf_folder(tmp_path / "hf", tmp_path / "coco.pt")
+    import_to_checkpoint(tmp_path / "hf", tmp_path / "coco.pt")  # what `clock-deploy import` runs
+    coco, _, _ = load_model(tmp_path / "coco.pt")
 
     # fine-tune on Car / Pedestrian / Cyclist: the model settings are the checkpoint's
     teacher_model = ["model.arch=dab_detr", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2",
