@@ -158,7 +158,7 @@ class Pipeline:
     def bench_inputs(self, cfg_data):
         """What the bench's numbers depend on: its settings and the sha256 of every file it reads."""
         from clock_deploy.data.synthetic import MARKER
-        from clock_deploy.engine.checkpoint import file_sha256
+        from clock_deploy.io import file_sha256
 
         files = [self.checkpoint(n) for n in ("teacher", "student", "distill")] + [self.cfg.calib]
         files += [os.path.join(cfg_data.root, "ImageSets", f"{cfg_data.val_split}.txt"),

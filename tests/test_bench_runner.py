@@ -68,11 +68,20 @@ def test_unavailable_reasons(tensorrt_installed):
 
 def test_tensorrt_missing_is_named_with_the_install_hint(monkeypatch):
     real = backends.importlib.util.find_spec
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real(name))
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: None if name in ("tensorrt", "tensorrt_rtx") else real(name))
     reason = unavailable_reason(parse_backend("trt-int8"), profile("cuda"), calib="c.json")
     assert reason.startswith("TensorRT not installed: install it with `pip install clock-deploy[trt]`")
     assert "needs an NVIDIA GPU" not in reason
     assert "needs an NVIDIA GPU" in unavailable_reason(parse_backend("trt-fp16"), profile("cpu"))
+
+
+def test_tensorrt_rtx_alone_counts_as_installed(monkeypatch):
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: object() if name == "tensorrt_rtx" else None)
+    assert unavailable_reason(parse_backend("trt-fp16"), profile("cuda")) is None
+    assert unavailable_reason(parse_backend("trt-fp16"), profile("cpu")) == (
+        "TensorRT runs on an NVIDIA GPU only: use --device cuda or jetson-orin")
 
 
 # ---------------------------------------------------------------- artifact cache

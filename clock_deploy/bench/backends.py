@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 
 from clock_deploy.errors import UserError
-from clock_deploy.nvidia import INSTALL_HINT
+from clock_deploy.nvidia import BUILDERS, INSTALL_HINT
 
 DEFAULT_BACKENDS = ("torch", "onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")
 BACKEND_PATTERN = re.compile(r"^(torch|onnx(?:-(fp16|int8))?|trt-(fp32|fp16|int8)(?:-dla(\d))?)$")
@@ -54,7 +54,7 @@ def unavailable_reason(backend, profile, calib=None):
                 return ("CUDA EP not available in onnxruntime (install onnxruntime-gpu: pip install "
                         "clock-deploy[gpu], in a separate environment)")
     if backend.runtime == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
+        if not any(importlib.util.find_spec(module) for module in BUILDERS.values()):  # TensorRT or TensorRT-RTX
             gpu_note = "; it also needs an NVIDIA GPU (--device cuda or jetson-orin)" if profile.kind == "cpu" else ""
             return f"TensorRT not installed: {INSTALL_HINT}{gpu_note}"
         if profile.kind == "cpu":

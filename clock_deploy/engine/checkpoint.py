@@ -13,7 +13,7 @@ import torch
 from clock_deploy import __version__
 from clock_deploy.config import ConfigError, from_dict, to_dict
 from clock_deploy.errors import UserError
-from clock_deploy.io import file_sha256, torch_save  # noqa: F401  file_sha256 moved to io.py; kept importable here
+from clock_deploy.io import torch_save
 
 FORMAT = "clock-deploy-checkpoint-v1"
 
