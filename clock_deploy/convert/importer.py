@@ -9,14 +9,13 @@ The converted weights must fill the project model built from the derived config 
 an unknown source key, a missing project weight or a wrong shape is one UserError.
 """
 import argparse
-import importlib
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
-from clock_deploy.convert import deformable, dino
+from clock_deploy.convert import dab_detr, deformable, dino
 from clock_deploy.convert.common import args_dict
 from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError
@@ -50,22 +49,18 @@ class Imported:
     notes: list = field(default_factory=list)
 
 
-def _dab_converters():
-    """DAB-DETR's converters (clock_deploy/convert/dab_detr.py), wrapped to report like the others."""
-    try:
-        dab_detr = importlib.import_module("clock_deploy.convert.dab_detr")
-    except ModuleNotFoundError as e:
-        if e.name != "clock_deploy.convert.dab_detr":
-            raise
-        raise UserError("DAB-DETR import not available in this version of clock-deploy") from None
-    return (lambda state, config, where: (*dab_detr.hf_to_project(state, config), []),
-            lambda state, args, where: (*dab_detr.official_to_project(state, args_dict(args) or None), []))
+def _dab_hf(state, config, where):
+    return (*dab_detr.hf_to_project(state, config), [])  # DAB-DETR's converters report no notes
+
+
+def _dab_official(state, args, where):
+    return (*dab_detr.official_to_project(state, args_dict(args) or None), [])
 
 
 def _converter(arch, source):
     """(state, config or args, where) -> (overrides, project state, notes)."""
     if arch == "dab_detr":
-        return _dab_converters()[0 if source == "transformers" else 1]
+        return _dab_hf if source == "transformers" else _dab_official
     if arch == "deformable_detr":
         return deformable.hf_to_project if source == "transformers" else deformable.official_to_project
     if source == "transformers":
