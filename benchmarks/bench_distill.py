@@ -226,11 +226,11 @@ def train(cfg):
 def test_metrics(args, checkpoint, cfg):
     from clock_deploy.data.dataset import build_dataset
     from clock_deploy.engine.checkpoint import load_model
-    from clock_deploy.engine.evaluate import evaluate
+    from clock_deploy.eval.detector import evaluate_model
     model, _, _ = load_model(checkpoint)
     data_cfg = dataclasses.replace(cfg.data, root=data_roots(args)[1])
-    return evaluate(model, build_dataset(data_cfg, "val", train=False), batch_size=cfg.train.batch_size,
-                    topk=cfg.export.topk, progress=False)
+    return evaluate_model(model, build_dataset(data_cfg, "val", train=False), cfg.data.img_size, cfg.export.topk,
+                          batch=cfg.train.batch_size)
 
 
 def finished_run(path, expected_hash):

@@ -136,7 +136,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path, data_root):
 def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path):
     """The whole training stack (data, model, criterion, trainer, evaluation) can fit 4 scenes."""
     from clock_deploy.data.synthetic import generate
-    from clock_deploy.engine.evaluate import evaluate
+    from clock_deploy.eval.detector import evaluate_model
 
     generate(str(tmp_path / "data"), 4, seed=3, val_fraction=0.25, progress=False)
     steps = 250  # batch 4 = the whole set: one iteration per epoch
@@ -150,5 +150,5 @@ def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path):
     model, cfg, _ = load_model(tmp_path / "run" / "last.pt")
     dataset = build_dataset(cfg.data, "trainval", train=False)
     assert sum(len(dataset[i][1]["labels"]) for i in range(4)) >= 10
-    metrics = evaluate(model, dataset, progress=False)
+    metrics = evaluate_model(model, dataset, cfg.data.img_size, cfg.export.topk)
     assert metrics["AP50"] > 0.9, metrics

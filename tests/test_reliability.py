@@ -206,13 +206,13 @@ def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp
     from clock_deploy.engine import trainer
     out = tmp_path / "run"
     cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
-    real = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(OSError("eval crashed")))
+    real = trainer.evaluate_model
+    monkeypatch.setattr(trainer, "evaluate_model", lambda *a, **k: (_ for _ in ()).throw(OSError("eval crashed")))
     with pytest.raises(OSError):
         run_training(cfg, progress=False)
     assert read_checkpoint(out / "last.pt")["epoch"] == 1  # the epoch was saved before evaluating
     assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()
-    monkeypatch.setattr(trainer, "evaluate", real)
+    monkeypatch.setattr(trainer, "evaluate_model", real)
     run_training(cfg, resume=True, progress=False)
     assert read_checkpoint(out / "best.pt")["epoch"] == 1
     assert json.loads((out / "metrics.json").read_text())["epoch"] == 1

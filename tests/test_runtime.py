@@ -199,6 +199,23 @@ def test_evaluate_artifact_gives_the_same_metrics_for_torch_and_onnx(artifacts):
         assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-9)
 
 
+def test_training_time_evaluation_is_the_runtime_evaluation_and_leaves_the_run_alone(artifacts):
+    # training evaluates its in-memory model through the same loop as export parity and the bench
+    from clock_deploy.data.dataset import build_dataset
+    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.eval.detector import evaluate_model
+    cfg = artifacts["cfg"]
+    dataset = build_dataset(cfg.data, "val", train=False)
+    model, _, _ = load_model(artifacts["ckpt"])
+    model.train()
+    rng = torch.get_rng_state()
+    metrics = evaluate_model(model, dataset, cfg.data.img_size, cfg.export.topk, batch=3)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    reference = evaluate_artifact(artifacts["ckpt"], dataset)
+    for key in ("mAP", "AP50", "kitti_moderate", "kitti_easy", "kitti_hard"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
 def test_perception_loop_example_runs(artifacts):
     folder = os.path.dirname(artifacts["images"][0])
     out = subprocess.run([sys.executable, os.path.join(REPO, "examples", "perception_loop.py"), "--model",

@@ -1,4 +1,5 @@
 """`clock-deploy train` and `clock-deploy distill`."""
+import logging
 import os
 import random
 
@@ -10,6 +11,7 @@ from clock_deploy.config import dump, load_config
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
 
+log = logging.getLogger(__name__)
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
 
 
@@ -64,7 +66,7 @@ def run_training(cfg, resume=False, progress=True):
             from clock_deploy.convert.class_head import load_pretrained
             lines = load_pretrained(model, cfg.model, train_set.classes)
             if dist.is_main():
-                click.echo("\n".join(lines))
+                log.info("\n".join(lines))
         criterion = build_criterion(cfg.loss, cfg.model)
         distiller = None
         if cfg.distill.method != "none":

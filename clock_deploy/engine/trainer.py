@@ -19,8 +19,8 @@ from clock_deploy.data.dataset import collate_fn
 from clock_deploy.engine import distributed as dist
 from clock_deploy.engine.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from clock_deploy.engine.ema import ModelEMA
-from clock_deploy.engine.evaluate import evaluate
 from clock_deploy.errors import UserError
+from clock_deploy.eval.detector import evaluate_model
 from clock_deploy.eval.units import metrics_text
 from clock_deploy.io import write_error, write_json
 from clock_deploy.models.build import param_groups
@@ -283,8 +283,8 @@ class Trainer:
     def _evaluate(self):
         if dist.is_main():
             model = self.ema.module if self.ema is not None else self.model
-            self.metrics = evaluate(model, self.val_set, self.device, batch_size=self.cfg.train.batch_size,
-                                    topk=self.cfg.export.topk, progress=self.progress)
+            self.metrics = evaluate_model(model, self.val_set, self.cfg.data.img_size, self.cfg.export.topk,
+                                          self.device, batch=self.cfg.train.batch_size, progress=self.progress)
             self.metrics["epoch"] = self.epoch
             self.log({"event": "eval", **self.metrics})
         self.metrics = dist.broadcast_object(self.metrics)
@@ -320,10 +320,11 @@ class Trainer:
                     return
             except UserError:
                 pass  # unreadable: rewrite it
-        state = self._state()
+        ema = self.ema  # best.pt carries the EMA weights it was evaluated with, not the optimizer state
         save_checkpoint(self.best_path, self.model, self.cfg, self.classes, self.epoch, self.iteration,
                         self.metrics, best_map=self.best_map, best_epoch=self.best_epoch,
-                        ema=state["ema"], ema_updates=state["ema_updates"])
+                        ema=ema.state_dict() if ema is not None else None,
+                        ema_updates=ema.updates if ema is not None else None)
 
     def log(self, record):
         """Append one JSON line to <output_dir>/log.jsonl (rank 0 only)."""

@@ -23,6 +23,24 @@ def evaluate_detector(detector, dataset, limit=0, batch=1, progress=False):
     return evaluator.summarize()
 
 
+def evaluate_model(model, dataset, image_hw, topk=100, device="cpu", batch=8, progress=False):
+    """evaluate_detector for an in-memory torch model (training-time evaluation, the A/B benchmark),
+    run at `image_hw` with `topk` detections per image as its export would be. The model's
+    train/eval mode and the global RNG are left as they were, so evaluating does not change a run.
+    """
+    import torch
+
+    from clock_deploy.runtime import Detector
+
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            detector = Detector.for_model(model, dataset.classes, image_hw, topk, device)
+            return evaluate_detector(detector, dataset, batch=batch, progress=progress)
+    finally:
+        model.train(was_training)
+
+
 def evaluate_artifact(path, dataset, limit=0, device="cpu", backend=None):
     """Metrics of an exported model (.onnx / .engine) or a checkpoint (.pt) through the runtime."""
     from clock_deploy.runtime import Detector

@@ -105,7 +105,6 @@ class Exporter:
         from clock_deploy.models.deploy import ExportWrapper
         from clock_deploy.runtime import Detector
         from clock_deploy.runtime.backend_onnx import OnnxBackend
-        from clock_deploy.runtime.backend_torch import TorchBackend
 
         height, width = self.cfg.data.img_size
         wrapper = ExportWrapper(self.model, self.cfg.export.topk, (height, width)).eval()
@@ -115,8 +114,8 @@ class Exporter:
                                self.cfg.export.parity_tol, source)
         if map_images > 0 and self.dataset is not None:
             if map_images not in self.reference_metrics:
-                torch_detector = Detector(TorchBackend(wrapper), {"classes": self.ckpt["classes"],
-                                                                  "input": self.input_spec})
+                torch_detector = Detector.for_model(self.model, self.ckpt["classes"], (height, width),
+                                                    self.cfg.export.topk)
                 self.reference_metrics[map_images] = evaluate_detector(torch_detector, self.dataset, map_images)
             metrics = evaluate_detector(Detector(OnnxBackend(path, meta), meta), self.dataset, map_images)
             report["map_images"] = min(map_images, len(self.dataset))

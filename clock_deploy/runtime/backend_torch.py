@@ -6,7 +6,7 @@ to ONNX, so torch and ONNX backends are comparable output for output.
 import numpy as np
 import torch
 
-from clock_deploy.artifact import batch_spec, build_metadata
+from clock_deploy.artifact import batch_spec, build_metadata, input_spec
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.models.deform_attn import model_sampling
 from clock_deploy.models.deploy import ExportWrapper
@@ -25,6 +25,12 @@ class TorchBackend:
     def __call__(self, images):
         scores, labels, boxes = self.wrapper(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
         return scores.cpu().numpy(), labels.cpu().numpy(), boxes.cpu().numpy()
+
+
+def model_backend(model, classes, image_hw, topk, device="cpu"):
+    """(TorchBackend, metadata) for an in-memory model run at `image_hw` with `topk` detections."""
+    meta = {"classes": list(classes), "input": input_spec(image_hw[0], image_hw[1], IMAGENET_MEAN, IMAGENET_STD)}
+    return TorchBackend(ExportWrapper(model, topk, image_hw), device), meta
 
 
 def checkpoint_metadata(cfg, classes, model, source=None):

@@ -81,6 +81,15 @@ class Detector:
             impl = TensorRTBackend(path, meta, "cuda" if device == "cpu" else device)
         return cls(impl, meta, score_threshold)
 
+    @classmethod
+    def for_model(cls, model, classes: Sequence[str], image_hw: tuple[int, int], topk: int,
+                  device: str = "cpu") -> "Detector":
+        """Detector over an in-memory torch model (training-time evaluation, export parity): the
+        deployment preprocessing, every one of the `topk` detections kept. Puts the model in eval mode."""
+        from clock_deploy.runtime.backend_torch import model_backend
+        impl, meta = model_backend(model, classes, image_hw, topk, device)
+        return cls(impl, meta, score_threshold=0.0)
+
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw contract outputs for a preprocessed batch [N, 3, H, W]: (scores, labels, boxes in input pixels).
 
