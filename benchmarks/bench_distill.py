@@ -23,6 +23,7 @@ Each part rewrites its own section of benchmarks/results/distill.md.
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -59,6 +60,7 @@ VARIANTS = {
     "fgd": ("distill_fgd.yaml", [], ["dino"]),
     "clock_kl": ("distill.yaml", ["distill.logit.cls_loss=kl"], ["dino"]),
 }
+MAIN_VARIANTS = ["baseline", "clock", "kd_detr"]  # run for every seed before the ablation rows
 TUNED = {"clock", "tcld_only", "lcmd_only", "clock_kl"}  # take the coefficients chosen on the tuning split
 # candidates tried on the tuning split (DINO, TUNING_SEEDS), one coefficient moved at a time
 TUNING_GRID = [[], ["distill.lambda_mem=0.3"], ["distill.lambda_mem=3.0"], ["distill.mem.beta=4.0"],
@@ -186,8 +188,11 @@ def base_overrides(args, family, epochs, drop):
     return extra + ([f"train.max_iters={args.max_iters}"] if args.max_iters else [])
 
 
+@functools.lru_cache(maxsize=None)
 def code_hash():
-    """Fingerprint of the code a run depends on: a change there makes old run files stale."""
+    """Fingerprint of the code a run depends on: a change there makes old run files stale. Read once,
+    when the process starts using it: the modules it runs were imported then, so an edit made while
+    the A/B runs must not be recorded as the code of the runs after it."""
     digest = hashlib.sha256()
     for folder in ("models", "distill", "engine", "data", "eval"):
         for path in sorted(glob.glob(os.path.join("clock_deploy", folder, "*.py"))):
@@ -342,17 +347,21 @@ def part_b(args):
     results = {}
     for family in args.families:
         seeds = range(args.seeds or SEEDS[family])
-        for seed in seeds:  # seed-major: after any interruption the finished seeds are complete pairs
-            for name, (config, overrides, families) in VARIANTS.items():
-                if family not in families or name not in args.variants:
-                    continue
-                teacher = teachers[family] if name != "baseline" else None
-                if name != "baseline" and teacher is None:
-                    continue
-                extra = overrides + (chosen if name in TUNED else [])
-                record = run_once(args, name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher)
-                if record is not None:
-                    results.setdefault(family, {}).setdefault(name, {})[seed] = record
+        # the main comparison first (baseline, CLoCK, KD-DETR), then the ablation rows; seed-major in
+        # each, so after any interruption the finished seeds are complete pairs
+        order = [(seed, name) for tier in (MAIN_VARIANTS, [v for v in VARIANTS if v not in MAIN_VARIANTS])
+                 for seed in seeds for name in tier]
+        for seed, name in order:
+            config, overrides, families = VARIANTS[name]
+            if family not in families or name not in args.variants:
+                continue
+            teacher = teachers[family] if name != "baseline" else None
+            if name != "baseline" and teacher is None:
+                continue
+            extra = overrides + (chosen if name in TUNED else [])
+            record = run_once(args, name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher)
+            if record is not None:
+                results.setdefault(family, {}).setdefault(name, {})[seed] = record
     return report_b(args, teachers, results, chosen, scores)
 
 
