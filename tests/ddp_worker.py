@@ -1,18 +1,21 @@
-"""Run by test_engine.py under torchrun: 2 CPU ranks (gloo) train a few steps and save their weights."""
+"""Run by test_engine.py under torchrun: 2 CPU ranks (gloo) train a few steps and save their weights.
+
+Usage: ddp_worker.py CONFIG_YAML OUT_DIR (the test writes the config, so this script imports nothing
+from the tests)."""
 import copy
 import sys
 
 import torch
 
+from clock_deploy.config import load_config
 from clock_deploy.data.dataset import build_dataset
 from clock_deploy.engine import distributed as dist
 from clock_deploy.engine.commands import seed_everything
 from clock_deploy.engine.trainer import Trainer
 from clock_deploy.models.build import build_criterion, build_model
-from engine_helpers import tiny_config
 
-data_root, out_dir = sys.argv[1], sys.argv[2]
-cfg = tiny_config(data_root, f"{out_dir}/ddp")
+config, out_dir = sys.argv[1], sys.argv[2]
+cfg = load_config(config)
 device = dist.init_from_env("cpu")
 seed_everything(cfg.seed + dist.rank())  # different seeds per rank: DDP must still sync the weights
 model = build_model(cfg.model)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from clock_deploy.config import Config, from_dict, load_config, to_dict
+from clock_deploy.config import from_dict, load_config, to_dict
 from clock_deploy.convert.class_head import CLASS_HEAD, load_pretrained, match_classes, transfer_state
 from clock_deploy.engine.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
@@ -11,16 +11,6 @@ from clock_deploy.models.build import build_model
 COCO_LIKE = ["person", "bicycle", "car", "dog"]
 KITTI_LIKE = ["Car", "Pedestrian", "Cyclist", "Tram"]
 KITTI_MAP = {"Pedestrian": "person", "Cyclist": "bicycle", "Van": "car"}
-
-
-def tiny_cfg(arch, classes, seed=0):
-    cfg = Config()
-    m = cfg.model
-    m.arch, m.num_classes, m.hidden_dim, m.nheads, m.ffn_dim = arch, len(classes), 32, 4, 64
-    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 1, 2, 10, 6
-    m.backbone.depth, m.backbone.width, m.backbone.return_levels = 18, 8, [1, 2, 3]
-    cfg.seed = seed
-    return cfg
 
 
 def build(cfg):
@@ -36,9 +26,9 @@ def test_match_classes_follows_map_then_names():
 
 
 @pytest.mark.parametrize("arch", ["dab_detr", "deformable_detr", "dino"])
-def test_class_head_rows_follow_the_map_and_the_rest_loads(arch):
-    source = build(tiny_cfg(arch, COCO_LIKE)).state_dict()
-    fresh = build(tiny_cfg(arch, KITTI_LIKE, seed=1)).state_dict()
+def test_class_head_rows_follow_the_map_and_the_rest_loads(arch, make_class_head_config):
+    source = build(make_class_head_config(arch, COCO_LIKE)).state_dict()
+    fresh = build(make_class_head_config(arch, KITTI_LIKE, seed=1)).state_dict()
     state, lines = transfer_state(fresh, source, KITTI_LIKE, COCO_LIKE, KITTI_MAP)
     heads = [k for k in fresh if CLASS_HEAD.search(k)]
     assert heads and any(k.startswith("class_embed") for k in heads)
@@ -53,23 +43,23 @@ def test_class_head_rows_follow_the_map_and_the_rest_loads(arch):
     assert "  Pedestrian <- person" in lines and "  Tram <- (random init)" in lines
 
 
-def test_same_classes_load_unchanged_and_misfits_are_user_errors():
-    source = build(tiny_cfg("dab_detr", KITTI_LIKE)).state_dict()
+def test_same_classes_load_unchanged_and_misfits_are_user_errors(make_class_head_config):
+    source = build(make_class_head_config("dab_detr", KITTI_LIKE)).state_dict()
     state, lines = transfer_state(source, source, KITTI_LIKE, KITTI_LIKE, KITTI_MAP)
     assert all(torch.equal(state[k], source[k]) for k in source) and "kept" in lines[0]
-    other = build(tiny_cfg("dab_detr", COCO_LIKE)).state_dict()
+    other = build(make_class_head_config("dab_detr", COCO_LIKE)).state_dict()
     with pytest.raises(UserError, match="missing: decoder.layers.0.norm1.bias"):
         transfer_state(other, {k: v for k, v in source.items() if k != "decoder.layers.0.norm1.bias"},
                        COCO_LIKE, KITTI_LIKE, {})
 
 
-def test_load_pretrained_from_a_checkpoint(tmp_path):
-    cfg = tiny_cfg("dab_detr", COCO_LIKE)
+def test_load_pretrained_from_a_checkpoint(tmp_path, make_class_head_config):
+    cfg = make_class_head_config("dab_detr", COCO_LIKE)
     pretrained = build(cfg)
     path = str(tmp_path / "coco.pt")
     save_checkpoint(path, pretrained, cfg, COCO_LIKE, epoch=1, iteration=10)
 
-    target = tiny_cfg("dab_detr", KITTI_LIKE, seed=1)
+    target = make_class_head_config("dab_detr", KITTI_LIKE, seed=1)
     target.model.pretrained, target.model.class_map = path, KITTI_MAP
     model = build(target)
     lines = load_pretrained(model, target.model, KITTI_LIKE)

@@ -3,6 +3,7 @@ DAB-DETR (random init, 'COCO' classes) -> save_pretrained -> import (what `clock
 runs) -> fine-tune one epoch with class-head transfer -> distill a student from it for one epoch
 -> export ONNX -> Detector.load."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,16 +12,14 @@ from clock_deploy.engine.checkpoint import load_model
 from clock_deploy.engine.commands import run_training
 from clock_deploy.export.exporter import Exporter
 from clock_deploy.runtime import Detector
-from engine_helpers import tiny_config, tiny_data
-from test_reference_parity_dab import hf_config, random_hf_model
 
 pytest.importorskip("transformers")
 COCO_LIKE = ["person", "bicycle", "car", "dog"]
 
 
-def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
-    data = tiny_data(tmp_path / "synth")
-    hf_model = random_hf_model(hf_config(num_labels=len(COCO_LIKE), id2label=dict(enumerate(COCO_LIKE))))
+def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys, synthetic_data, make_train_config,
+                                                       make_hf_dab):
+    hf_model = make_hf_dab(num_labels=len(COCO_LIKE), id2label=dict(enumerate(COCO_LIKE)))
     hf_model.save_pretrained(tmp_path / "hf")
     import_to_checkpoint(tmp_path / "hf", tmp_path / "coco.pt")  # what `clock-deploy import` runs
     coco, _, _ = load_model(tmp_path / "coco.pt")
@@ -29,7 +28,7 @@ def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
     teacher_model = ["model.arch=dab_detr", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=2",
                      "model.dec_layers=3", "model.ffn_dim=64", "model.num_queries=12",
                      "model.backbone.return_levels=[3]", "train.epochs=1", "train.eval_every=-1"]
-    finetune = tiny_config(data, tmp_path / "finetune", "dab_detr", teacher_model + [
+    finetune = make_train_config(synthetic_data, tmp_path / "finetune", "dab_detr", teacher_model + [
         f"model.pretrained={tmp_path / 'coco.pt'}", "model.class_map.Pedestrian=person",
         "model.class_map.Cyclist=bicycle"])
     run_training(finetune, progress=False)
@@ -42,7 +41,7 @@ def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
     # one epoch at lr 1e-4 moves the weights, but they started from the import (not from scratch)
     assert (teacher.refpoint_embed.weight - coco.refpoint_embed.weight).abs().max() < 1e-2
 
-    distill = tiny_config(data, tmp_path / "distill", "dab_detr", [
+    distill = make_train_config(synthetic_data, tmp_path / "distill", "dab_detr", [
         "train.epochs=1", "train.eval_every=-1", "model.backbone.return_levels=[3]", "distill.method=clock",
         f"distill.teacher={tmp_path / 'finetune' / 'last.pt'}", "distill.logit.random_queries=5"])
     run_training(distill, progress=False)
@@ -51,7 +50,7 @@ def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys):
         "fp32", parity_images=1, map_images=0)
     onnx_path = tmp_path / "export" / "last.onnx"
     assert onnx_path.exists()
-    image = sorted((tmp_path / "synth" / "training" / "image_2").iterdir())[0]
+    image = sorted((Path(synthetic_data) / "training" / "image_2").iterdir())[0]
     for path in (onnx_path, tmp_path / "finetune" / "last.pt"):
         detections = Detector.load(path, score_threshold=0.0)(str(image))
         assert len(detections) == 1 and len(detections[0].scores) == 10

@@ -416,14 +416,13 @@ def test_gradient_shares_by_hand():
     assert w.grad is None  # nothing accumulated: the real backward is still to come
 
 
-def test_distill_run_logs_gradient_shares(tmp_path):
+def test_distill_run_logs_gradient_shares(tmp_path, make_synthetic_data, make_train_config):
     import json
-    from engine_helpers import tiny_config as run_config, tiny_data
     from clock_deploy.engine.commands import run_training
-    data = tiny_data(tmp_path / "data", num_images=4)
-    teacher_cfg = run_config(data, str(tmp_path / "teacher"), extra=["train.max_iters=1", "train.eval_every=-1"])
+    data = make_synthetic_data(tmp_path / "data", num_images=4)  # its own: the logged iterations depend on the size
+    teacher_cfg = make_train_config(data, str(tmp_path / "teacher"), extra=["train.max_iters=1", "train.eval_every=-1"])
     run_training(teacher_cfg, progress=False)
-    cfg = run_config(data, str(tmp_path / "distill"), extra=[
+    cfg = make_train_config(data, str(tmp_path / "distill"), extra=[
         "distill.method=clock", f"distill.teacher={tmp_path / 'teacher' / 'last.pt'}", "distill.grad_share_every=2",
         "distill.logit.random_queries=5", "train.epochs=3", "train.eval_every=-1"])
     run_training(cfg, progress=False)

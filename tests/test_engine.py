@@ -6,18 +6,13 @@ import sys
 import pytest
 import torch
 
+from clock_deploy.config import dump
 from clock_deploy.engine.checkpoint import load_model, read_checkpoint
 from clock_deploy.engine.commands import run_training
 from clock_deploy.engine.trainer import Trainer, TrainingDiverged, lr_factor
 from clock_deploy.errors import UserError
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.data.dataset import build_dataset
-from engine_helpers import tiny_config, tiny_data
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_data(tmp_path_factory.mktemp("synth"))
 
 
 def losses(output_dir):
@@ -26,22 +21,22 @@ def losses(output_dir):
     return [(r["iteration"], r["loss"]) for r in records if "iteration" in r and "loss" in r]
 
 
-def test_lr_schedule_warmup_then_steps():
-    cfg = tiny_config("unused", "unused", extra=["train.warmup_iters=4", "train.lr_drop_epochs=[2, 3]"]).train
+def test_lr_schedule_warmup_then_steps(make_train_config):
+    cfg = make_train_config("unused", "unused", extra=["train.warmup_iters=4", "train.lr_drop_epochs=[2, 3]"]).train
     assert [lr_factor(i, 10, cfg) for i in (0, 1, 3)] == [0.25, 0.5, 1.0]
     assert lr_factor(19, 10, cfg) == 1.0
     assert lr_factor(20, 10, cfg) == pytest.approx(0.1)
     assert lr_factor(35, 10, cfg) == pytest.approx(0.01)
 
 
-def test_resume_continues_bit_for_bit(tmp_path, data_root):
-    straight = tiny_config(data_root, tmp_path / "straight", extra=["train.ema=true"])
+def test_resume_continues_bit_for_bit(tmp_path, synthetic_data, make_train_config):
+    straight = make_train_config(synthetic_data, tmp_path / "straight", extra=["train.ema=true"])
     run_training(straight, progress=False)
 
-    first = tiny_config(data_root, tmp_path / "resumed", extra=["train.ema=true", "train.epochs=1"])
+    first = make_train_config(synthetic_data, tmp_path / "resumed", extra=["train.ema=true", "train.epochs=1"])
     run_training(first, progress=False)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
-    second = tiny_config(data_root, tmp_path / "resumed", extra=["train.ema=true"])
+    second = make_train_config(synthetic_data, tmp_path / "resumed", extra=["train.ema=true"])
     run_training(second, resume=True, progress=False)
 
     expected = losses(tmp_path / "straight")
@@ -55,8 +50,8 @@ def test_resume_continues_bit_for_bit(tmp_path, data_root):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
-def test_checkpoint_round_trip_and_clear_errors(tmp_path, data_root):
-    cfg = tiny_config(data_root, tmp_path / "run", extra=["train.epochs=1", "train.max_iters=1"])
+def test_checkpoint_round_trip_and_clear_errors(tmp_path, synthetic_data, make_train_config):
+    cfg = make_train_config(synthetic_data, tmp_path / "run", extra=["train.epochs=1", "train.max_iters=1"])
     run_training(cfg, progress=False)
     model, loaded_cfg, ckpt = load_model(tmp_path / "run" / "last.pt")
     assert loaded_cfg == cfg and ckpt["classes"] == ["Car", "Pedestrian", "Cyclist"]
@@ -73,7 +68,7 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path, data_root):
     with pytest.raises(UserError, match="not a clock-deploy checkpoint"):
         load_model(foreign)
     with pytest.raises(UserError, match="no checkpoint at"):
-        run_training(tiny_config(data_root, tmp_path / "fresh"), resume=True, progress=False)
+        run_training(make_train_config(synthetic_data, tmp_path / "fresh"), resume=True, progress=False)
 
 
 class NanAfter(torch.nn.Module):
@@ -91,8 +86,8 @@ class NanAfter(torch.nn.Module):
         return losses
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
-    cfg = tiny_config(data_root, tmp_path / "nan")
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synthetic_data, make_train_config):
+    cfg = make_train_config(synthetic_data, tmp_path / "nan")
     torch.manual_seed(0)
     model = build_model(cfg.model)
     criterion = NanAfter(build_criterion(cfg.loss, cfg.model), after=4)  # epoch 1 = 3 iterations
@@ -106,7 +101,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_train_refuses_a_distill_config(tmp_path, data_root):
+def test_train_refuses_a_distill_config(tmp_path):
     from click.testing import CliRunner
     from clock_deploy.engine.commands import train
 
@@ -116,11 +111,12 @@ def test_train_refuses_a_distill_config(tmp_path, data_root):
     assert isinstance(result.exception, UserError) and "clock-deploy distill" in str(result.exception)
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path, data_root):
+def test_ddp_two_cpu_processes_agree(tmp_path, synthetic_data, make_train_config):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    dump(make_train_config(synthetic_data, tmp_path / "ddp"), tmp_path / "ddp.yaml")  # the workers' config
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           worker, data_root, str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+           worker, str(tmp_path / "ddp.yaml"), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -133,14 +129,14 @@ def test_ddp_two_cpu_processes_agree(tmp_path, data_root):
     assert os.path.exists(tmp_path / "ddp" / "last.pt")  # written by rank 0 only
 
 
-def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path):
+def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path, make_train_config):
     """The whole training stack (data, model, criterion, trainer, evaluation) can fit 4 scenes."""
     from clock_deploy.data.synthetic import generate
     from clock_deploy.eval.detector import evaluate_model
 
     generate(str(tmp_path / "data"), 4, seed=3, val_fraction=0.25, progress=False)
     steps = 250  # batch 4 = the whole set: one iteration per epoch
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run", extra=[
+    cfg = make_train_config(tmp_path / "data", tmp_path / "run", extra=[
         "data.img_size=[96, 320]", "data.hflip=0", "data.train_split=trainval", "data.val_split=trainval",
         "train.batch_size=4", f"train.epochs={steps}", f"train.ckpt_every={steps}", "train.lr=1e-3",
         "train.lr_backbone_mult=1.0", "train.lr_drop_epochs=[]", "model.backbone.frozen_bn=false",

@@ -408,33 +408,30 @@ def test_eval_command_reads_label_and_detection_folders(tmp_path):
     assert report["coco"]["APl"] == pytest.approx(98 / 101)
 
 
-def test_eval_command_runs_a_model_first(tmp_path):
+def test_eval_command_runs_a_model_first(tmp_path, synthetic_data, make_train_config):
     """--model writes one 16-column detection file per frame, then evaluates them like --det alone."""
     import torch
 
     from clock_deploy.data.kitti import read_split
-    from clock_deploy.data.synthetic import generate
     from clock_deploy.engine.checkpoint import save_checkpoint
     from clock_deploy.models.build import build_model
-    from engine_helpers import tiny_config
 
-    root = tmp_path / "synth"
-    generate(str(root), 4, seed=0, height=64, width=192, val_fraction=0.5, progress=False)
-    cfg = tiny_config(str(root), str(tmp_path / "run"))
+    root = synthetic_data
+    cfg = make_train_config(root, str(tmp_path / "run"))
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(ckpt, model, cfg, ["Car", "Pedestrian", "Cyclist"], epoch=0, iteration=0)
 
     det_dir, first, second = tmp_path / "det", tmp_path / "first.json", tmp_path / "second.json"
-    result = CliRunner().invoke(eval_cmd, ["--gt", str(root), "--split", "val", "--det", str(det_dir),
+    result = CliRunner().invoke(eval_cmd, ["--gt", root, "--split", "val", "--det", str(det_dir),
                                            "--model", str(ckpt), "--json", str(first)])
     assert result.exit_code == 0, result.output
-    frames = read_split(str(root), "val")
+    frames = read_split(root, "val")
     for frame_id in frames:
         lines = (det_dir / f"{frame_id}.txt").read_text().splitlines()
         assert len(lines) == cfg.export.topk and all(len(line.split()) == 16 for line in lines)
-    result = CliRunner().invoke(eval_cmd, ["--gt", str(root), "--split", "val", "--det", str(det_dir),
+    result = CliRunner().invoke(eval_cmd, ["--gt", root, "--split", "val", "--det", str(det_dir),
                                            "--json", str(second)])
     assert result.exit_code == 0, result.output
     assert json.loads(first.read_text()) == json.loads(second.read_text())

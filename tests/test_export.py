@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from export_helpers import CLASSES, HEIGHT, TOPK, WIDTH, tiny_model
 
 from clock_deploy.cli import cli, run
 from clock_deploy.engine.checkpoint import save_checkpoint
@@ -23,21 +22,22 @@ FAMILIES = [("dab_detr", "grid_sample"), ("deformable_detr", "grid_sample"), ("d
             ("dino", "grid_sample"), ("dino", "gather")]
 
 
-def _images(count, seed=1):
+def _images(student_io, count, seed=1):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((count, 3, HEIGHT, WIDTH)).astype(np.float32)
+    return rng.standard_normal((count, 3, student_io.height, student_io.width)).astype(np.float32)
 
 
 @pytest.mark.parametrize("arch,sampling", FAMILIES)
-def test_export_follows_contract_and_matches_torch(tmp_path, arch, sampling):
-    model, _ = tiny_model(arch, sampling)
+def test_export_follows_contract_and_matches_torch(tmp_path, arch, sampling, student_io, make_tiny_student):
+    height, width, topk, classes = student_io.height, student_io.width, student_io.topk, student_io.classes
+    model, _ = make_tiny_student(arch, sampling)
     path = tmp_path / "model.onnx"
-    info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=False)
+    info = export_onnx(model, path, height=height, width=width, topk=topk, simplify=False)
     proto = onnx.load(path)
     assert info["opset"] == 17 and proto.opset_import[0].version == 17
     (image_input,) = proto.graph.input
     dims = [d.dim_param or d.dim_value for d in image_input.type.tensor_type.shape.dim]
-    assert image_input.name == "images" and dims == ["batch", 3, HEIGHT, WIDTH]
+    assert image_input.name == "images" and dims == ["batch", 3, height, width]
     outputs = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
     assert outputs == {"scores": onnx.TensorProto.FLOAT, "labels": onnx.TensorProto.INT64,
                        "boxes": onnx.TensorProto.FLOAT}
@@ -47,36 +47,37 @@ def test_export_follows_contract_and_matches_torch(tmp_path, arch, sampling):
 
     # batch 3 through a graph traced with batch 1; the gather graph is checked against
     # grid_sample PyTorch, so this also shows both sampling modes agree
-    images = _images(3)
+    images = _images(student_io, 3)
     if arch != "dab_detr":
         set_sampling(model, "grid_sample")
-    ref = run_torch(ExportWrapper(model, TOPK, (HEIGHT, WIDTH)), images)
+    ref = run_torch(ExportWrapper(model, topk, (height, width)), images)
     out = run_onnx(path, images)
-    report = parity_report(ref, out, "fp32", HEIGHT, WIDTH)
+    report = parity_report(ref, out, "fp32", height, width)
     assert report["passed"], report
-    assert report["scores_max_abs"] <= 1e-4 and report["boxes_max_abs"] <= 1e-4 * WIDTH
-    assert report["topk_common"] == 3 * TOPK and report["topk_unmatched"] == 0
+    assert report["scores_max_abs"] <= 1e-4 and report["boxes_max_abs"] <= 1e-4 * width
+    assert report["topk_common"] == 3 * topk and report["topk_unmatched"] == 0
 
     # the in-graph post-processing, recomputed by hand from the raw tensors
-    num_classes = len(CLASSES)
+    num_classes = len(classes)
     for i in range(3):
         index = out["parity_index"][i]
         np.testing.assert_array_equal(out["labels"][i], index % num_classes)
         np.testing.assert_allclose(out["scores"][i], out["parity_scores"][i][index], rtol=0, atol=1e-7)
         cx, cy, w, h = out["parity_boxes"][i][index // num_classes].T
-        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * [WIDTH, HEIGHT, WIDTH, HEIGHT]
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * [width, height, width, height]
         np.testing.assert_allclose(out["boxes"][i], xyxy, rtol=0, atol=1e-4)
         assert np.all(np.diff(out["scores"][i]) <= 0)
 
 
-def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch, caplog):
-    model, _ = tiny_model("dab_detr")
-    images = _images(2)
-    ref = run_torch(ExportWrapper(model, TOPK, (HEIGHT, WIDTH)), images)
+def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch, caplog, student_io, make_tiny_student):
+    height, width, topk = student_io.height, student_io.width, student_io.topk
+    model, _ = make_tiny_student("dab_detr")
+    images = _images(student_io, 2)
+    ref = run_torch(ExportWrapper(model, topk, (height, width)), images)
     slim_path = tmp_path / "slim.onnx"
-    info = export_onnx(model, slim_path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+    info = export_onnx(model, slim_path, height=height, width=width, topk=topk, simplify=True)
     assert info["simplified"] and info["simplify_error"] is None
-    assert parity_report(ref, run_onnx(slim_path, images), "fp32", HEIGHT, WIDTH)["passed"]
+    assert parity_report(ref, run_onnx(slim_path, images), "fp32", height, width)["passed"]
 
     import onnxslim
 
@@ -86,13 +87,13 @@ def test_onnxslim_keeps_outputs_and_failures_fall_back(tmp_path, monkeypatch, ca
     monkeypatch.setattr(onnxslim, "slim", broken)
     path = tmp_path / "fallback.onnx"
     with caplog.at_level(logging.WARNING, logger="clock_deploy"):
-        info = export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+        info = export_onnx(model, path, height=height, width=width, topk=topk, simplify=True)
     warned = [r for r in caplog.records if r.name.startswith("clock_deploy")]
     assert [r.levelname for r in warned] == ["WARNING"]
     assert re.search("onnxslim simplification skipped.*boom", warned[0].getMessage())
     assert not info["simplified"] and "boom" in info["simplify_error"]
     assert info["nodes"] > len(onnx.load(slim_path).graph.node)  # the traced, unsimplified graph
-    assert parity_report(ref, run_onnx(path, images), "fp32", HEIGHT, WIDTH)["passed"]
+    assert parity_report(ref, run_onnx(path, images), "fp32", height, width)["passed"]
 
 
 def _outputs(scores, index, boxes_raw, num_classes=2):
@@ -183,15 +184,15 @@ def test_parity_outputs_need_the_contract_post_processing():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, student_io, make_tiny_student):
     """A tiny Deformable DETR checkpoint whose config points at a 16-image synthetic KITTI set."""
     from clock_deploy.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("data") / "synth"
     generate(root, 16, seed=0, height=94, width=310, progress=False)
-    model, cfg = tiny_model("deformable_detr", data_root=root)
+    model, cfg = make_tiny_student("deformable_detr", data_root=root)
     path = tmp_path_factory.mktemp("ckpt") / "student.pt"
-    save_checkpoint(path, model, cfg, CLASSES, epoch=3, iteration=30)
+    save_checkpoint(path, model, cfg, student_io.classes, epoch=3, iteration=30)
     return path, root
 
 
@@ -200,7 +201,8 @@ def _sidecar(path):
         return json.load(f)
 
 
-def test_cli_export_fp32_and_fp16_with_sidecars(checkpoint, tmp_path):
+def test_cli_export_fp32_and_fp16_with_sidecars(checkpoint, tmp_path, student_io):
+    height, width, topk, classes = student_io.height, student_io.width, student_io.topk, student_io.classes
     ckpt, _ = checkpoint
     out = tmp_path / "export"
     run(cli, ["export", "--ckpt", str(ckpt), "--onnx", "--fp16", "--out", str(out), "--map-images", "2",
@@ -208,12 +210,12 @@ def test_cli_export_fp32_and_fp16_with_sidecars(checkpoint, tmp_path):
     for name, precision in (("student.onnx", "fp32"), ("student.fp16.onnx", "fp16")):
         meta = _sidecar(out / name)
         assert meta["precision"] == precision and meta["kind"] == "onnx"
-        assert meta["classes"] == CLASSES and meta["arch"] == "deformable_detr"
-        assert (meta["input"]["height"], meta["input"]["width"]) == (HEIGHT, WIDTH)
+        assert meta["classes"] == classes and meta["arch"] == "deformable_detr"
+        assert (meta["input"]["height"], meta["input"]["width"]) == (height, width)
         assert meta["input"]["mean"] == [0.485, 0.456, 0.406] and meta["input"]["divisor"] == 255.0
         assert meta["source"]["sha256"] == file_sha256(ckpt) and meta["source"]["epoch"] == 3
         assert meta["batch"] == {"dynamic": True, "min": 1, "opt": 1, "max": 8}  # TensorRT profile default
-        assert meta["sampling"] == "gather" and meta["opset"] == 17 and meta["topk"] == TOPK
+        assert meta["sampling"] == "gather" and meta["opset"] == 17 and meta["topk"] == topk
         assert "onnxruntime" in meta["versions"] and "onnx" in meta["versions"]
         parity = meta["parity"]
         assert parity["passed"] and parity["image_source"] == "validation" and parity["map_images"] == 2
@@ -242,13 +244,13 @@ def test_cli_export_int8_with_a_calibration_manifest(checkpoint, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 0
 
 
-def test_cli_export_fails_loudly_beyond_tolerance(checkpoint, tmp_path, capsys):
+def test_cli_export_fails_loudly_beyond_tolerance(checkpoint, tmp_path, capsys, student_io):
     ckpt, root = checkpoint
     from clock_deploy.engine.checkpoint import load_model
     model, cfg, _ = load_model(ckpt)
     cfg.export.parity_tol = 1e-12  # float32 rounding alone is above this
     strict = tmp_path / "strict.pt"
-    save_checkpoint(strict, model, cfg, CLASSES, epoch=0, iteration=0)
+    save_checkpoint(strict, model, cfg, student_io.classes, epoch=0, iteration=0)
     with pytest.raises(SystemExit) as e:
         run(cli, ["export", "--ckpt", str(strict), "--out", str(tmp_path), "--map-images", "0"])
     assert e.value.code == 2

@@ -12,14 +12,13 @@ from clock_deploy.engine.checkpoint import load_model, read_checkpoint
 from clock_deploy.engine.commands import load_teacher
 from clock_deploy.runtime import Detector
 from official_params import DEFORMABLE_R50_TWO_STAGE, deformable_params
-from test_reference_parity import random_hf_deformable
 
 pytest.importorskip("transformers")
 
 
-def test_hf_folder_imports_exports_and_loads(tmp_path, capsys):
+def test_hf_folder_imports_exports_and_loads(tmp_path, capsys, make_hf_deformable):
     hf = tmp_path / "hf"
-    hf_model = random_hf_deformable(hf, 3, True, True)
+    hf_model = make_hf_deformable(hf, 3, True, True)
     hf_model.config.id2label = dict(enumerate(class_names("kitti3")))  # as if fine-tuned on KITTI
     hf_model.config.save_pretrained(hf)
     ckpt = tmp_path / "deformable.pt"

@@ -17,7 +17,6 @@ from clock_deploy.errors import UserError
 from clock_deploy.export.calibration import choose_calibration_set, write_manifest
 from clock_deploy.pipeline import Pipeline
 from clock_deploy.pipeline import pipeline as pipeline_command
-from engine_helpers import TINY_MODEL
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -45,7 +44,7 @@ def write_yaml(path, data):
 
 
 @pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
+def tiny_pipeline(tmp_path_factory, tiny_model_overrides):
     tmp = tmp_path_factory.mktemp("pipeline")  # laid out as the demo: tmp/data/synth_kitti, tmp/runs/demo
     data_root = str(tmp / "data" / "synth_kitti")
     common = {"device": "cpu", "data": {"root": data_root, "img_size": [64, 96],
@@ -56,7 +55,7 @@ def tiny_pipeline(tmp_path_factory):
     write_yaml(tmp / "distill.yaml", {"_base_": "student.yaml", "distill": {"method": "clock"}})
     manifest = tmp / "calib.json"
     cfg = write_yaml(tmp / "pipeline.yaml", {
-        "output_dir": str(tmp / "runs" / "demo"), "calib": str(manifest), "overrides": TINY_MODEL,
+        "output_dir": str(tmp / "runs" / "demo"), "calib": str(manifest), "overrides": tiny_model_overrides,
         "bench": {"backends": ["torch", "onnx", "onnx-int8", "trt-fp16"], "warmup": 1, "runs": 2}})
     pipeline = Pipeline(cfg)
     with logged_lines() as lines:

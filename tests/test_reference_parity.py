@@ -23,27 +23,6 @@ transformers = pytest.importorskip("transformers")
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def random_hf_deformable(folder, num_labels, box_refine, two_stage, seed=0):
-    """A small transformers Deformable DETR with every weight perturbed, saved to `folder`."""
-    torch.manual_seed(seed)
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[2, 2, 2, 2],
-                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
-    config = transformers.DeformableDetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=backbone,
-        d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, two_stage_num_proposals=20,
-        num_labels=num_labels, with_box_refine=box_refine, two_stage=two_stage)
-    model = transformers.DeformableDetrForObjectDetection(config).eval()
-    with torch.no_grad():  # zero-initialized heads and offsets would hide mapping mistakes
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5)
-            elif tensor.is_floating_point():
-                tensor.add_(torch.randn_like(tensor) * 0.1)
-    model.save_pretrained(folder)
-    return model
-
-
 def max_diffs(hf_model, project_model, image):
     with torch.no_grad():
         ref, own = hf_model(pixel_values=image), project_model(image)
@@ -53,8 +32,8 @@ def max_diffs(hf_model, project_model, image):
 @pytest.mark.parametrize("num_labels", [1, 3])
 @pytest.mark.parametrize("box_refine,two_stage", [(False, False), (True, False), (True, True)],
                          ids=["plain", "box_refine", "two_stage"])
-def test_deformable_detr_matches_transformers(tmp_path, num_labels, box_refine, two_stage):
-    hf_model = random_hf_deformable(tmp_path, num_labels, box_refine, two_stage)
+def test_deformable_detr_matches_transformers(tmp_path, num_labels, box_refine, two_stage, make_hf_deformable):
+    hf_model = make_hf_deformable(tmp_path, num_labels, box_refine, two_stage)
     imported = import_checkpoint(tmp_path)
     cfg, model = build_imported_model(imported, str(tmp_path))
     assert (cfg.model.box_refine, cfg.model.two_stage, cfg.model.num_classes) == (box_refine, two_stage, num_labels)
@@ -63,9 +42,9 @@ def test_deformable_detr_matches_transformers(tmp_path, num_labels, box_refine, 
     assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)
 
 
-def test_two_stage_ranking_rule_is_what_makes_three_classes_match(tmp_path):
+def test_two_stage_ranking_rule_is_what_makes_three_classes_match(tmp_path, make_hf_deformable):
     """DINO's max-over-classes ranking selects other proposals than Deformable DETR's class 0."""
-    hf_model = random_hf_deformable(tmp_path, 3, True, True)
+    hf_model = make_hf_deformable(tmp_path, 3, True, True)
     imported = import_checkpoint(tmp_path)
     imported.overrides["proposal_rank"] = "max_class"
     _, model = build_imported_model(imported, str(tmp_path))
@@ -127,9 +106,9 @@ def test_deformable_fixture_has_the_parameter_count_of_transformers_at_the_same_
 
 @pytest.mark.parametrize("prefix", ["model.backbone.conv_encoder.model.",
                                     "model.backbone.conv_encoder.model._backbone."])
-def test_timm_backbone_names_as_the_hub_checkpoints_store_them(tmp_path, prefix):
+def test_timm_backbone_names_as_the_hub_checkpoints_store_them(tmp_path, prefix, make_hf_deformable):
     """The hub's Deformable DETR folders use a timm ResNet, whose names are torchvision's."""
-    random_hf_deformable(tmp_path, 3, True, True)
+    make_hf_deformable(tmp_path, 3, True, True)
     reference = import_checkpoint(tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     hf_state = {k: v for k, v in safetensors.torch.load_file(tmp_path / "model.safetensors").items()

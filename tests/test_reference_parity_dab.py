@@ -19,32 +19,6 @@ if not hasattr(transformers, "DabDetrForObjectDetection"):
 TOL = 1e-4
 
 
-def hf_config(num_labels=3, layer_type="basic", **overrides):
-    """A small DAB-DETR on transformers' own ResNet (no timm, nothing downloaded)."""
-    width, expansion = 8, 4 if layer_type == "bottleneck" else 1
-    backbone = transformers.ResNetConfig(
-        embedding_size=width, hidden_sizes=[width * expansion * 2 ** i for i in range(4)],
-        depths=[2, 2, 2, 2] if layer_type == "basic" else [3, 4, 6, 3], layer_type=layer_type,
-        out_features=["stage4"])
-    settings = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-                    hidden_size=32, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                    encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12, num_labels=num_labels)
-    settings.update(overrides)
-    return transformers.DabDetrConfig(**settings)
-
-
-def random_hf_model(config, seed=0):
-    """Every weight perturbed (zero-initialized box heads included) so each term of the forward counts."""
-    torch.manual_seed(seed)
-    model = transformers.DabDetrForObjectDetection(config).eval()
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point():
-                noise = torch.randn_like(t) * 0.1
-                t.copy_(t + (noise.abs() if name.endswith("running_var") else noise))
-    return model
-
-
 def state_and_config(model):
     return dict(model.state_dict()), model.config.to_dict()
 
@@ -63,8 +37,8 @@ def max_diffs(hf_model, model, images):
 
 
 @pytest.mark.parametrize("num_labels,layer_type", [(1, "basic"), (3, "basic"), (3, "bottleneck")])
-def test_dab_detr_matches_transformers(num_labels, layer_type):
-    hf_model = random_hf_model(hf_config(num_labels, layer_type))
+def test_dab_detr_matches_transformers(num_labels, layer_type, make_hf_dab):
+    hf_model = make_hf_dab(num_labels, layer_type)
     overrides, state = hf_to_project(*state_and_config(hf_model))
     assert overrides["backbone"]["depth"] == (18 if layer_type == "basic" else 50)
     assert overrides["dab"] == {"activation": "prelu", "pos_temperature": 20.0}
@@ -77,20 +51,20 @@ def test_dab_detr_matches_transformers(num_labels, layer_type):
     assert max(max_diffs(hf_model, model, images)) > 10 * TOL
 
 
-def test_relu_and_other_temperature_convert():
-    hf_model = random_hf_model(hf_config(activation_function="relu", temperature_height=10000,
-                                         temperature_width=10000, decoder_layers=1))
+def test_relu_and_other_temperature_convert(make_hf_dab):
+    hf_model = make_hf_dab(activation_function="relu", temperature_height=10000, temperature_width=10000,
+                           decoder_layers=1)
     overrides, state = hf_to_project(*state_and_config(hf_model))
     assert overrides["dab"] == {"activation": "relu", "pos_temperature": 10000.0}
     images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
     assert max(max_diffs(hf_model, project_model(overrides, state), images)) <= TOL
 
 
-def test_saved_folder_with_tied_box_head_converts(tmp_path):
+def test_saved_folder_with_tied_box_head_converts(tmp_path, make_hf_dab):
     """save_pretrained stores the tied box head once (bbox_predictor)."""
     from safetensors.torch import load_file
 
-    hf_model = random_hf_model(hf_config())
+    hf_model = make_hf_dab()
     hf_model.save_pretrained(tmp_path)
     hf_state = load_file(tmp_path / "model.safetensors")
     assert not any(k.startswith("model.decoder.bbox_embed.") for k in hf_state)
@@ -99,8 +73,8 @@ def test_saved_folder_with_tied_box_head_converts(tmp_path):
     assert max(max_diffs(hf_model, project_model(overrides, state), images)) <= TOL
 
 
-def test_unknown_missing_and_unsupported_are_user_errors():
-    state, config = state_and_config(random_hf_model(hf_config()))
+def test_unknown_missing_and_unsupported_are_user_errors(make_hf_dab):
+    state, config = state_and_config(make_hf_dab())
     with pytest.raises(UserError, match=r"1 unknown keys .*model\.extra\.weight"):
         hf_to_project({**state, "model.extra.weight": torch.zeros(1)}, config)
     with pytest.raises(UserError, match="1 missing keys: encoder.query_scale.layers.0.weight"):
@@ -136,8 +110,8 @@ def to_official(project_state):
     return out
 
 
-def test_official_names_convert_to_the_same_model():
-    hf_overrides, state = hf_to_project(*state_and_config(random_hf_model(hf_config(num_labels=91))))
+def test_official_names_convert_to_the_same_model(make_hf_dab):
+    hf_overrides, state = hf_to_project(*state_and_config(make_hf_dab(num_labels=91)))
     official = to_official(state)
     assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in official
     assert "transformer.decoder.layers.0.activation.weight" in official and "bbox_embed.layers.2.bias" in official
@@ -156,11 +130,11 @@ def test_official_names_convert_to_the_same_model():
 
 
 @pytest.mark.parametrize("form", ["transformers5", "transformers4"])
-def test_timm_backbone_names_convert(form):
+def test_timm_backbone_names_convert(form, make_hf_dab):
     """The hub's DAB-DETR folders use a timm ResNet: torchvision names under ..._backbone."""
     from clock_deploy.models.backbone import ResNetBackbone
 
-    state, config = state_and_config(random_hf_model(hf_config()))
+    state, config = state_and_config(make_hf_dab())
     state = {k: v for k, v in state.items() if ".backbone." not in k}
     resnet = ResNetBackbone(18, 64, [3]).state_dict()
     state.update({f"model.backbone.conv_encoder.model._backbone.{k}": v for k, v in resnet.items()})

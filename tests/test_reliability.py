@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from engine_helpers import tiny_config, tiny_data
 
 from clock_deploy import io
 from clock_deploy.cli import cli, run
@@ -34,11 +33,6 @@ from clock_deploy.export.calibration import read_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAR = "Car 0.00 0 -1.58 587.01 173.33 614.12 200.12 1.65 1.67 3.64 -0.65 1.71 46.70 -1.59"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_data(tmp_path_factory.mktemp("synth"))
 
 
 def one_line(e):
@@ -59,13 +53,13 @@ def test_split_ids_that_leave_the_dataset_are_refused_with_file_and_line(tmp_pat
     assert one_line(e).startswith(f"{root / 'ImageSets' / 'val.txt'}:2: invalid frame id")
 
 
-def test_eval_with_a_hostile_split_file_writes_nothing_outside_det(tmp_path, data_root):
+def test_eval_with_a_hostile_split_file_writes_nothing_outside_det(tmp_path, synthetic_data):
     victim = tmp_path / "notes"
     victim.with_suffix(".txt").write_text("my notes\n")
     split = tmp_path / "split.txt"
     split.write_text(f"000000\n{victim}\n")
     det = tmp_path / "det"
-    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split),
+    result = CliRunner().invoke(eval_cmd, ["--gt", synthetic_data, "--det", str(det), "--split", str(split),
                                            "--model", __file__])  # never run: the split fails first
     assert isinstance(result.exception, UserError)
     assert f"{split}:2: invalid frame id" in str(result.exception)
@@ -113,10 +107,10 @@ def test_atomic_writes_follow_the_umask_and_fsync(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_synthetic_dataset_and_checkpoints_are_world_readable(tmp_path):
+def test_synthetic_dataset_and_checkpoints_are_world_readable(tmp_path, make_synthetic_data):
     old = os.umask(0o022)
     try:
-        root = tiny_data(tmp_path / "synth", num_images=2)
+        root = make_synthetic_data(tmp_path / "synth", num_images=2)
     finally:
         os.umask(old)
     for folder, _, files in os.walk(root):
@@ -154,12 +148,12 @@ def test_unwritable_output_and_full_disk_are_one_line(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- training crash windows
 
-def _train_script(data_root, out):
-    return (f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'tests')!r}]\n"
+def _train_script(config):
+    return (f"import sys; sys.path.insert(0, {REPO!r})\n"
             "import torch; torch.set_num_threads(1)\n"
-            "from engine_helpers import tiny_config\n"
+            "from clock_deploy.config import load_config\n"
             "from clock_deploy.engine.commands import run_training\n"
-            f"run_training(tiny_config({data_root!r}, {str(out)!r}, extra={KILL_RUN!r}), progress=False)\n")
+            f"run_training(load_config({str(config)!r}), progress=False)\n")
 
 
 KILL_RUN = ["train.epochs=4", "train.eval_every=1", "train.lr_drop_epochs=[3]"]
@@ -173,14 +167,17 @@ def _same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, data_root):
+def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic_data,
+                                                                          make_train_config):
     straight = tmp_path / "straight"
-    run_training(tiny_config(data_root, str(straight), extra=KILL_RUN), progress=False)
+    run_training(make_train_config(synthetic_data, str(straight), extra=KILL_RUN), progress=False)
 
     # kill -9 a training process at a random moment after its training started (a new moment on
     # every run of the suite: epochs, evaluations and checkpoint writes all get hit over time)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", _train_script(data_root, killed)],
+    config = tmp_path / "killed.yaml"  # what the child trains
+    dump(make_train_config(synthetic_data, str(killed), extra=KILL_RUN), config)
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(config)],
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (killed / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
@@ -190,7 +187,7 @@ def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_pa
     proc.kill()
     proc.wait()
     resumed = os.path.isfile(killed / "last.pt")
-    run_training(tiny_config(data_root, str(killed), extra=KILL_RUN), resume=resumed, progress=False)
+    run_training(make_train_config(synthetic_data, str(killed), extra=KILL_RUN), resume=resumed, progress=False)
 
     why = f"killed {delay:.2f} s after training started, exit code {proc.returncode}"
     for name in ("last.pt", "best.pt"):
@@ -202,10 +199,11 @@ def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_pa
     assert not [f for f in os.listdir(killed) if f.endswith(".tmp")], why
 
 
-def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, data_root, monkeypatch):
+def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, synthetic_data,
+                                                                             make_train_config, monkeypatch):
     from clock_deploy.engine import trainer
     out = tmp_path / "run"
-    cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=1"])
     real = trainer.evaluate_model
     monkeypatch.setattr(trainer, "evaluate_model", lambda *a, **k: (_ for _ in ()).throw(OSError("eval crashed")))
     with pytest.raises(OSError):
@@ -219,9 +217,9 @@ def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp
     assert read_checkpoint(out / "last.pt")["metrics"]["epoch"] == 1
 
 
-def test_resume_of_a_finished_run_repairs_missing_best_and_metrics(tmp_path, data_root):
+def test_resume_of_a_finished_run_repairs_missing_best_and_metrics(tmp_path, synthetic_data, make_train_config):
     out = tmp_path / "run"
-    cfg = tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=1"])
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=1"])
     run_training(cfg, progress=False)
     expected = (out / "metrics.json").read_text()
     os.remove(out / "best.pt")
@@ -231,11 +229,13 @@ def test_resume_of_a_finished_run_repairs_missing_best_and_metrics(tmp_path, dat
     assert (out / "metrics.json").read_text() == expected
 
 
-def test_resume_with_another_width_is_one_line_and_keeps_config_yaml(tmp_path, data_root):
+def test_resume_with_another_width_is_one_line_and_keeps_config_yaml(tmp_path, synthetic_data, make_train_config):
     out = tmp_path / "run"
-    run_training(tiny_config(data_root, str(out), extra=["train.epochs=1", "train.eval_every=-1"]), progress=False)
+    run_training(make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=-1"]),
+                 progress=False)
     saved = (out / "config.yaml").read_text()
-    wider = tiny_config(data_root, str(out), extra=["train.epochs=2", "train.eval_every=-1", "model.ffn_dim=128"])
+    wider = make_train_config(synthetic_data, str(out),
+                              extra=["train.epochs=2", "train.eval_every=-1", "model.ffn_dim=128"])
     with pytest.raises(UserError) as e:
         run_training(wider, resume=True, progress=False)
     assert one_line(e).startswith(f"resume: {out / 'last.pt'} does not fit the configured dino model")
@@ -295,10 +295,10 @@ def test_label_reader_accepts_a_bom_and_names_a_folder(tmp_path):
         kitti.read_label(tmp_path)
 
 
-def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tmp_path, data_root):
+def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tmp_path, synthetic_data):
     det = tmp_path / "det"
     det.mkdir()
-    gt = kitti.read_label(kitti.label_path(data_root, "000000"))
+    gt = kitti.read_label(kitti.label_path(synthetic_data, "000000"))
     flipped = gt["bbox"][:1].copy()
     flipped[:, [1, 3]] = flipped[:, [3, 1]]  # y2 < y1
     lines = kitti.format_label({**{k: v[:1] for k, v in gt.items()}, "bbox": flipped, "score": np.ones(1)})
@@ -306,8 +306,8 @@ def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tm
     (det / "000000.txt").write_text(lines + lower)
     split = tmp_path / "split.txt"
     split.write_text("000000\n")
-    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(det), "--split", str(split), "--coco",
-                                           "--json", str(tmp_path / "lower.json")])
+    result = CliRunner().invoke(eval_cmd, ["--gt", synthetic_data, "--det", str(det), "--split", str(split),
+                                           "--coco", "--json", str(tmp_path / "lower.json")])
     assert result.exit_code == 0, result.output
     count = 1 + sum(n == gt["name"][0] for n in gt["name"])
     assert f"warning: {count} detections in {det} have a lowercase class name or y2 < y1" in result.output
@@ -315,8 +315,8 @@ def test_detections_are_read_as_the_devkit_does_but_ground_truth_stays_strict(tm
     proper = tmp_path / "proper"
     proper.mkdir()
     (proper / "000000.txt").write_text(lines + kitti.format_label({**gt, "score": np.ones(len(gt["name"]))}))
-    result = CliRunner().invoke(eval_cmd, ["--gt", data_root, "--det", str(proper), "--split", str(split), "--coco",
-                                           "--json", str(tmp_path / "proper.json")])
+    result = CliRunner().invoke(eval_cmd, ["--gt", synthetic_data, "--det", str(proper), "--split", str(split),
+                                           "--coco", "--json", str(tmp_path / "proper.json")])
     assert "warning: 1 detections" in result.output
     assert (tmp_path / "lower.json").read_text() == (tmp_path / "proper.json").read_text()
     with pytest.raises(UserError, match="negative box size"):
@@ -339,8 +339,9 @@ def _break_image(path, kind):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "directory"])
-def test_broken_images_are_one_line_in_train_convert_and_calibrate(tmp_path, kind, capsys):
-    root = tiny_data(tmp_path / "synth")
+def test_broken_images_are_one_line_in_train_convert_and_calibrate(tmp_path, kind, capsys, make_synthetic_data,
+                                                                   make_train_config):
+    root = make_synthetic_data(tmp_path / "synth")  # its own copy: an image gets broken
     image = kitti.image_path(root, kitti.read_split(root, "train")[0])
     _break_image(image, kind)
     expected = f"{image}: " if kind != "directory" else f"{image}"
@@ -350,7 +351,7 @@ def test_broken_images_are_one_line_in_train_convert_and_calibrate(tmp_path, kin
             run(cli, argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, err
-    cfg = tiny_config(root, str(tmp_path / "run"), extra=["train.epochs=1", "train.eval_every=-1"])
+    cfg = make_train_config(root, str(tmp_path / "run"), extra=["train.epochs=1", "train.eval_every=-1"])
     with pytest.raises(UserError) as e:
         run_training(cfg, progress=False)
     assert expected in one_line(e)

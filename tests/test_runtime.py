@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from export_helpers import CLASSES, HEIGHT, SPEC, WIDTH, tiny_model
 
 from clock_deploy.artifact import batch_spec, read_metadata, write_metadata
 from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor
@@ -24,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, student_io, make_tiny_student):
     """A synthetic dataset, a tiny Deformable DETR checkpoint trained on nothing, and its ONNX export."""
     from clock_deploy.data.synthetic import generate
     from clock_deploy.export.exporter import Exporter
@@ -32,21 +31,22 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "synth"
     generate(root, 12, seed=1, height=94, width=310, progress=False)
     folder = tmp_path_factory.mktemp("model")
-    model, cfg = tiny_model("deformable_detr", "gather", data_root=root)
+    model, cfg = make_tiny_student("deformable_detr", "gather", data_root=root)
     ckpt = folder / "student.pt"
-    save_checkpoint(ckpt, model, cfg, CLASSES, epoch=1, iteration=1)
+    save_checkpoint(ckpt, model, cfg, student_io.classes, epoch=1, iteration=1)
     Exporter(ckpt, folder).run("fp32", parity_images=2, map_images=0)
     images = sorted(str(p) for p in (root / "training" / "image_2").iterdir())
     return {"root": root, "ckpt": str(ckpt), "onnx": str(folder / "student.onnx"), "images": images, "cfg": cfg}
 
 
-def test_preprocessing_is_the_evaluation_transform():
+def test_preprocessing_is_the_evaluation_transform(student_io):
+    height, width, spec = student_io.height, student_io.width, student_io.spec
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (93, 311, 3), dtype=np.uint8)
-    expected, _ = Compose([Resize(HEIGHT, WIDTH), ToTensor(), Normalize(SPEC["mean"], SPEC["std"])])(
+    expected, _ = Compose([Resize(height, width), ToTensor(), Normalize(spec["mean"], spec["std"])])(
         image, {"boxes": torch.zeros(0, 4)})
-    batch, sizes = preprocess([image, Image.fromarray(image)], SPEC)
-    assert batch.dtype == np.float32 and batch.shape == (2, 3, HEIGHT, WIDTH) and sizes == [(93, 311)] * 2
+    batch, sizes = preprocess([image, Image.fromarray(image)], spec)
+    assert batch.dtype == np.float32 and batch.shape == (2, 3, height, width) and sizes == [(93, 311)] * 2
     np.testing.assert_array_equal(batch[0], expected.numpy())
     np.testing.assert_array_equal(batch[1], expected.numpy())
 
@@ -59,13 +59,14 @@ def _match(a, b, score_tol=1e-5, box_tol=1e-3):
         assert same.any(), (label, score, box)
 
 
-def test_torch_and_onnx_backends_detect_the_same(artifacts):
+def test_torch_and_onnx_backends_detect_the_same(artifacts, student_io):
+    height, width, classes = student_io.height, student_io.width, student_io.classes
     path = artifacts["images"][0]
     inputs = [path, Image.open(path), np.asarray(Image.open(path).convert("RGB"))]
     torch_det = Detector.load(artifacts["ckpt"], score_threshold=0.3)
     onnx_det = Detector.load(artifacts["onnx"], score_threshold=0.3)
     assert torch_det.backend.name == "torch" and onnx_det.backend.name == "onnxruntime"
-    assert onnx_det.classes == torch_det.classes == CLASSES
+    assert onnx_det.classes == torch_det.classes == classes
     results = torch_det(inputs) + onnx_det(inputs)
     assert len(results) == 6 and len(results[0]) > 0
     for r in results[1:]:
@@ -75,8 +76,8 @@ def test_torch_and_onnx_backends_detect_the_same(artifacts):
     batch, ((h0, w0),) = preprocess([path], onnx_det.meta["input"])
     scores, labels, boxes = onnx_det.infer(batch)
     keep = scores[0] >= 0.3
-    np.testing.assert_allclose(results[3].boxes, boxes[0][keep] * np.array([w0 / WIDTH, h0 / HEIGHT] * 2), rtol=1e-6)
-    assert results[3].names == [CLASSES[i] for i in labels[0][keep]]
+    np.testing.assert_allclose(results[3].boxes, boxes[0][keep] * np.array([w0 / width, h0 / height] * 2), rtol=1e-6)
+    assert results[3].names == [classes[i] for i in labels[0][keep]]
 
 
 def test_threshold_single_image_and_empty_input(artifacts):
@@ -100,11 +101,12 @@ def test_onnx_runtime_path_imports_neither_torch_nor_the_exporter(artifacts):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path):
+def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path, student_io):
+    height, width = student_io.height, student_io.width
     from clock_deploy.engine.checkpoint import load_model
     model, cfg, _ = load_model(artifacts["ckpt"])
     path = str(tmp_path / "static.onnx")
-    export_onnx(model, path, height=HEIGHT, width=WIDTH, topk=cfg.export.topk, dynamic=False, batch=2, simplify=False)
+    export_onnx(model, path, height=height, width=width, topk=cfg.export.topk, dynamic=False, batch=2, simplify=False)
     meta = read_metadata(artifacts["onnx"])
     write_metadata(path, {**meta, "batch": batch_spec(False, 2)})
     static = Detector.load(path, score_threshold=0.0)
@@ -114,7 +116,8 @@ def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path):
         _match(a, b)
 
 
-def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
+def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path, student_io):
+    height, width = student_io.height, student_io.width
     good = artifacts["onnx"]
 
     def copy(name, data=None):
@@ -171,7 +174,7 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path):
 
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("ReduceMean", ["images"], ["logits"], keepdims=0)], "classifier",
-        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, HEIGHT, WIDTH])],
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 3, height, width])],
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
     foreign = copy("foreign.onnx", onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
                    .SerializeToString())

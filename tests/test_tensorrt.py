@@ -376,32 +376,31 @@ needs_gpu = pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs tensorrt, 
 @pytest.mark.trt
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_real_engine_matches_onnxruntime(tmp_path, precision):
-    from export_helpers import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
-
+def test_real_engine_matches_onnxruntime(tmp_path, precision, student_io, make_tiny_student, make_random_images):
     from clock_deploy.export.onnx import export_onnx
     from clock_deploy.export.precision import convert_fp16
     from clock_deploy.runtime import Detector
 
-    model, _ = tiny_model("deformable_detr", "gather")
+    height, width, topk, spec = student_io.height, student_io.width, student_io.topk, student_io.spec
+    model, _ = make_tiny_student("deformable_detr", "gather")
     onnx_path = str(tmp_path / "m.onnx")
-    export_onnx(model, onnx_path, height=HEIGHT, width=WIDTH, topk=TOPK, simplify=True)
+    export_onnx(model, onnx_path, height=height, width=width, topk=topk, simplify=True)
     if precision == "fp16":
         convert_fp16(onnx_path, str(tmp_path / "m.fp16.onnx"))
         onnx_path = str(tmp_path / "m.fp16.onnx")
-    common = dict(kind="onnx", arch="deformable_detr", classes=CLASSES, height=HEIGHT, width=WIDTH,
-                  mean=SPEC["mean"], std=SPEC["std"], precision=precision, topk=TOPK, batch=batch_spec(True, 2))
+    common = dict(kind="onnx", arch="deformable_detr", classes=student_io.classes, height=height, width=width,
+                  mean=spec["mean"], std=spec["std"], precision=precision, topk=topk, batch=batch_spec(True, 2))
     write_metadata(onnx_path, build_metadata(**common))
     engine = str(tmp_path / f"m.{precision}.engine")
-    info = build_engine(onnx_path, engine, onnx_precision=precision, precision=precision, height=HEIGHT,
-                        width=WIDTH, batch=batch_spec(True, 2), timing_cache=str(tmp_path / "t.cache"))
+    info = build_engine(onnx_path, engine, onnx_precision=precision, precision=precision, height=height,
+                        width=width, batch=batch_spec(True, 2), timing_cache=str(tmp_path / "t.cache"))
     write_metadata(engine, build_metadata(**{**common, "kind": "tensorrt"}, tensorrt=info))
-    images = random_images(tmp_path, 3)
+    images = make_random_images(tmp_path, 3)
     ref = Detector.load(onnx_path, score_threshold=0.0)(images)
     out = Detector.load(engine, device="cuda", score_threshold=0.0)(images)  # 3 images: batches of 2 + 1
     tol = 1e-3 if precision == "fp32" else 2e-2
     for r, o in zip(ref, out):
-        assert len(r) == len(o) == TOPK
+        assert len(r) == len(o) == topk
         np.testing.assert_allclose(np.sort(o.scores), np.sort(r.scores), atol=tol)
 
 

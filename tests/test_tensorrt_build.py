@@ -10,7 +10,6 @@ Skipped where tensorrt_rtx is not installed (it is in the [dev] extra).
 import json
 
 import pytest
-from export_helpers import CLASSES, HEIGHT, SPEC, TOPK, WIDTH, random_images, tiny_model
 
 from clock_deploy.artifact import batch_spec, build_metadata, read_metadata, write_metadata
 from clock_deploy.export.onnx import export_onnx
@@ -24,34 +23,35 @@ SAMPLINGS = ("grid_sample", "gather")
 DEFAULT = ("deformable_detr", "gather")  # the family the default suite builds
 
 
-def _onnx(folder, arch, sampling, precision, calibration):
+def _onnx(folder, arch, sampling, precision, calibration, make_tiny_student, student_io):
     """The exported ONNX of one family and precision, with its sidecar, as `clock-deploy export` writes it."""
-    model, _ = tiny_model(arch, sampling)
+    height, width, topk, spec = student_io.height, student_io.width, student_io.topk, student_io.spec
+    model, _ = make_tiny_student(arch, sampling)
     fp32 = folder / f"{arch}-{sampling}.onnx"
     if not fp32.exists():
-        export_onnx(model, str(fp32), height=HEIGHT, width=WIDTH, topk=TOPK, simplify=False)
+        export_onnx(model, str(fp32), height=height, width=width, topk=topk, simplify=False)
     path = fp32 if precision == "fp32" else folder / f"{arch}-{sampling}.{precision}.onnx"
     if precision == "fp16":
         convert_fp16(fp32, path)
     elif precision == "int8":
-        quantize_int8(fp32, path, calibration, SPEC)
-    write_metadata(path, build_metadata(kind="onnx", arch=arch, classes=CLASSES, height=HEIGHT, width=WIDTH,
-                                        mean=SPEC["mean"], std=SPEC["std"], precision=precision, topk=TOPK,
+        quantize_int8(fp32, path, calibration, spec)
+    write_metadata(path, build_metadata(kind="onnx", arch=arch, classes=student_io.classes, height=height, width=width,
+                                        mean=spec["mean"], std=spec["std"], precision=precision, topk=topk,
                                         batch=batch_spec(True), sampling=sampling))
     return path
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, make_tiny_student, make_random_images, student_io):
     """(arch, sampling, precision) -> ONNX path, exported on first use and shared by the module."""
     folder = tmp_path_factory.mktemp("rtx")
-    calibration = random_images(folder, 4)
+    calibration = make_random_images(folder, 4)
     cache = {}
 
     def get(arch, sampling, precision):
         key = (arch, sampling, precision)
         if key not in cache:
-            cache[key] = _onnx(folder, arch, sampling, precision, calibration)
+            cache[key] = _onnx(folder, arch, sampling, precision, calibration, make_tiny_student, student_io)
         return cache[key]
     return get
 
@@ -87,7 +87,8 @@ def test_int8_engine_is_int8_with_fp16_remainder(exported):
         assert layer["reason"] and layer["onnx"]
 
 
-def test_engine_command_builds_a_batch_profile_with_half_kernels(exported, tmp_path):
+def test_engine_command_builds_a_batch_profile_with_half_kernels(exported, tmp_path, student_io):
+    height, width = student_io.height, student_io.width
     from click.testing import CliRunner
 
     from clock_deploy.export.commands import engine
@@ -100,7 +101,7 @@ def test_engine_command_builds_a_batch_profile_with_half_kernels(exported, tmp_p
     assert "TensorRT-RTX" in result.output and "batch 1/4/8" in result.output and "fp16" in result.output
     meta = read_metadata(out)
     assert meta["batch"] == {"dynamic": True, "min": 1, "opt": 4, "max": 8}
-    assert meta["tensorrt"]["profile"] == [[1, 3, HEIGHT, WIDTH], [4, 3, HEIGHT, WIDTH], [8, 3, HEIGHT, WIDTH]]
+    assert meta["tensorrt"]["profile"] == [[1, 3, height, width], [4, 3, height, width], [8, 3, height, width]]
     _check_precisions(meta["tensorrt"]["layers"], "fp16")
     json.dumps(meta)  # the sidecar stays plain JSON
 
