@@ -2,6 +2,7 @@
 DAB-DETR (random init, 'COCO' classes) -> save_pretrained -> import (what `clock-deploy import`
 runs) -> fine-tune one epoch with class-head transfer -> distill a student from it for one epoch
 -> export ONNX -> Detector.load."""
+import logging
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 COCO_LIKE = ["person", "bicycle", "car", "dog"]
 
 
-def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys, synthetic_data, make_train_config,
+def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, caplog, synthetic_data, make_train_config,
                                                        make_hf_dab):
     hf_model = make_hf_dab(num_labels=len(COCO_LIKE), id2label=dict(enumerate(COCO_LIKE)))
     hf_model.save_pretrained(tmp_path / "hf")
@@ -31,8 +32,9 @@ def test_hf_checkpoint_fine_tunes_distills_and_exports(tmp_path, capsys, synthet
     finetune = make_train_config(synthetic_data, tmp_path / "finetune", "dab_detr", teacher_model + [
         f"model.pretrained={tmp_path / 'coco.pt'}", "model.class_map.Pedestrian=person",
         "model.class_map.Cyclist=bicycle"])
-    run_training(finetune, progress=False)
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="clock_deploy"):  # run_training logs the class-head transfer
+        run_training(finetune, progress=False)
+    printed = caplog.text
     assert "class head (2 tensors) from 4 to 3 classes:" in printed
     assert "  Car <- car" in printed and "  Pedestrian <- person" in printed and "  Cyclist <- bicycle" in printed
 
