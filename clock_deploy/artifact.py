@@ -94,7 +94,7 @@ def batch_spec(dynamic, batch=None):
     if not dynamic:
         if isinstance(batch, tuple) and len(set(batch)) > 1:
             raise UserError(f"batch {','.join(map(str, batch))}: a static-batch model takes one batch size "
-                            "(export with --dynamic for a range)")
+                            "(export with export.dynamic_batch for a range)")
         size = batch[0] if isinstance(batch, tuple) else (batch or 1)
         return {"dynamic": False, "min": size, "opt": size, "max": size}
     low, opt, high = (DEFAULT_DYNAMIC_BATCH if batch is None else
@@ -109,7 +109,7 @@ def engine_batch(onnx_batch, request, onnx_path):
     spec = batch_spec(onnx_batch["dynamic"], request)
     if not onnx_batch["dynamic"] and spec["max"] != onnx_batch["max"]:
         raise UserError(f"{onnx_path}: static batch of {onnx_batch['max']}, so batch {request} cannot be built; "
-                        "export it with --dynamic for other batch sizes")
+                        "export it with export.dynamic_batch for other batch sizes")
     return spec
 
 

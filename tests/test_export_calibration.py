@@ -96,7 +96,7 @@ def test_manifest_problems_are_user_errors_naming_the_file(synth, tmp_path):
         read_manifest(bad)
     moved = tmp_path / "moved.json"
     write_manifest(moved, {**choose_calibration_set(synth, "train", 3), "dataset_root": str(tmp_path / "gone")})
-    with pytest.raises(UserError, match="moved.json: 3 of its 3 images are missing .*--calib-root"):
+    with pytest.raises(UserError, match="moved.json: 3 of its 3 images are missing .*calib_root"):
         manifest_images(moved)
     assert len(manifest_images(moved, root=synth)) == 3
     with pytest.raises(UserError, match="num must be at least 1"):

@@ -44,7 +44,7 @@ def parse_backend(name):
 def unavailable_reason(backend, profile, calib=None):
     """Why `backend` cannot run on `profile`'s device, or None when it can."""
     if backend.precision == "int8" and not calib:
-        return "INT8 needs a calibration manifest: pass --calib (make one with `clock-deploy calibrate`)"
+        return "INT8 needs a calibration manifest: set calib (make one with `clock-deploy calibrate`)"
     if backend.runtime == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime not installed (pip install onnxruntime)"
@@ -55,12 +55,12 @@ def unavailable_reason(backend, profile, calib=None):
                         "clock-deploy[gpu], in a separate environment)")
     if backend.runtime == "tensorrt":
         if not any(importlib.util.find_spec(module) for module in BUILDERS.values()):  # TensorRT or TensorRT-RTX
-            gpu_note = "; it also needs an NVIDIA GPU (--device cuda or jetson-orin)" if profile.kind == "cpu" else ""
+            gpu_note = "; it also needs an NVIDIA GPU (device='cuda' or 'jetson-orin')" if profile.kind == "cpu" else ""
             return f"TensorRT not installed: {INSTALL_HINT}{gpu_note}"
         if profile.kind == "cpu":
-            return "TensorRT runs on an NVIDIA GPU only: use --device cuda or jetson-orin"
+            return "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'"
         if backend.dla_core >= 0 and profile.kind != "jetson-orin":
-            return "DLA cores exist on Jetson modules only (--device jetson-orin)"
+            return "DLA cores exist on Jetson modules only (device='jetson-orin')"
         if backend.dla_core >= profile.dla_cores:
             return f"{profile.name} has {profile.dla_cores} DLA core(s); dla{backend.dla_core} does not exist"
     return None

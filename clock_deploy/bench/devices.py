@@ -189,7 +189,7 @@ def detect_cuda(system, threads=None):
     gpu = system.cuda_device()
     if gpu is None:
         raise UserError("device cuda: PyTorch sees no CUDA GPU here (CPU-only torch build, no driver, or "
-                        "CUDA_VISIBLE_DEVICES hides it); use --device cpu")
+                        "CUDA_VISIBLE_DEVICES hides it); use device='cpu'")
     facts = {"gpu": gpu["name"], "compute capability": gpu["capability"], "CUDA (torch)": gpu["cuda"]}
     smi = nvidia_smi(system, gpu["name"])
     if smi:
@@ -315,7 +315,7 @@ def _clock_facts(clocks):
 def detect_jetson(system, threads=None):
     if not is_jetson(system):
         raise UserError("device jetson-orin: this machine is not a Jetson (no /etc/nv_tegra_release and "
-                        "/proc/device-tree/model does not name a Jetson); use --device cpu or cuda")
+                        "/proc/device-tree/model does not name a Jetson); use device='cpu' or 'cuda'")
     model = jetson_model(system) or "NVIDIA Jetson (unknown model)"
     facts = {"module": model, "L4T": l4t_release(system) or "unknown",
              "power mode": power_mode(system) or "unknown (`nvpmodel -q` failed)"}

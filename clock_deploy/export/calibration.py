@@ -153,5 +153,5 @@ def manifest_images(path, root=None, limit=0):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{path}: {len(missing)} of its {len(paths)} images are missing under '{root}' "
-                        f"(first: {missing[0]}); create the dataset or pass its location with --calib-root")
+                        f"(first: {missing[0]}); create the dataset or pass its location as calib_root")
     return paths

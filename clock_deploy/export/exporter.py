@@ -147,7 +147,7 @@ class Exporter:
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
-                         "to miscompile; --sampling gather avoids it")
+                         "to miscompile; Exporter(..., sampling='gather') avoids it")
         images = None
         if precision == "int8" or sensitivity:
             images = self.calibration_images(exp.calib, calib_root, exp.calib_images)
@@ -201,7 +201,7 @@ class Exporter:
         from clock_deploy.io import file_sha256
 
         if not manifest:
-            raise UserError("INT8 needs a calibration manifest: pass --calib calibration/<name>.json "
+            raise UserError("INT8 needs a calibration manifest: set export.calib to calibration/<name>.json "
                             "(make one with `clock-deploy calibrate`)")
         paths = manifest_images(manifest, root, limit)
         return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
@@ -219,7 +219,7 @@ class Exporter:
                  f"all nodes quantized: {result['full']['error']:.4g}):")
         for row in result["nodes"][:top]:
             log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
-        log.info(f"wrote {path} (keep nodes in float with --exclude-node NAME or export.exclude_nodes)")
+        log.info(f"wrote {path} (keep nodes in float with export.exclude_nodes)")
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):

@@ -158,7 +158,8 @@ def quantize_int8(src, dst, image_paths, input_spec, batch=1, nodes_to_exclude=(
         unknown = [n for n in nodes_to_exclude if n not in names]
         if unknown:
             raise UserError(f"nodes to keep in float not found in {src}: {unknown} "
-                            "(names come from the ONNX graph, e.g. as listed by --sensitivity)")
+                            "(names come from the ONNX graph, e.g. as listed by the INT8 sensitivity report: "
+                            "Exporter.run(sensitivity=True))")
         reader = ImageReader(image_paths, input_spec, batch)
         with atomic_path(dst) as tmp:
             _quantize(pre, tmp, reader, nodes_to_exclude)
