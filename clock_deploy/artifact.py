@@ -207,9 +207,11 @@ def embedded_metadata(onnx_path):
     return json.loads(props[EMBEDDED_KEY]) if EMBEDDED_KEY in props else None
 
 
-def read_metadata(artifact):
+def read_metadata(artifact, verify=True):
     """Read and check the sidecar of `artifact` (for an ONNX without one, the copy embedded in it);
-    every problem is a UserError naming the file."""
+    every problem is a UserError naming the file. verify: also check that the sidecar describes this
+    very file (its sha256, which reads the whole file); a caller that only describes an artifact it
+    has just written can skip that."""
     path = sidecar_path(artifact)
     is_onnx = os.fspath(artifact).endswith(".onnx")
     embedded = None
@@ -229,7 +231,8 @@ def read_metadata(artifact):
         raise UserError(f"{path}: missing keys {missing}")
     _check_fields(meta, path)
     # sidecars written before artifact_sha256 existed cannot be checked
-    if "artifact_sha256" in meta and os.path.isfile(artifact) and file_sha256(artifact) != meta["artifact_sha256"]:
+    if (verify and "artifact_sha256" in meta and os.path.isfile(artifact)
+            and file_sha256(artifact) != meta["artifact_sha256"]):
         raise UserError(f"{path}: describes another file than {artifact} (sha256 differs); the model was "
                         "replaced or re-exported without its sidecar: export again")
     return meta

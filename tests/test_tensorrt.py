@@ -415,3 +415,22 @@ def test_bench_layers_column_comes_from_the_engine_sidecar(tmp_path):
     write_metadata(engine, meta)
     assert engine_layers(engine) == "40/12/5"
     assert ("layers", "layers int8/fp16/fp32") in [(key, title) for key, title, _ in COLUMNS]
+
+
+def test_describing_an_engine_does_not_hash_it_loading_it_does(tmp_path, monkeypatch):
+    import clock_deploy.artifact
+    from clock_deploy.bench.runner import engine_layers
+    from clock_deploy.runtime import Detector
+
+    engine = _engine_with_sidecar(tmp_path, "10.3.0")
+    meta = read_metadata(engine)
+    meta["tensorrt"]["layers"] = {"int8": 0, "fp16": 12, "fp32": 5}
+    write_metadata(engine, meta)
+    engine.write_bytes(b"rebuilt engine, stale sidecar")
+    hashed = []
+    monkeypatch.setattr(clock_deploy.artifact, "file_sha256", lambda path: hashed.append(path) or "other")
+    assert read_metadata(engine, verify=False)["precision"] == "fp16" and engine_layers(engine) == "0/12/5"
+    assert hashed == []
+    with pytest.raises(UserError, match="describes another file than .*model.fp16.engine"):
+        Detector.load(engine)  # the stale sidecar is still caught where the engine is loaded
+    assert hashed == [str(engine)]

@@ -109,4 +109,4 @@ def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cac
 
     path = engine_from_onnx(onnx_path, precision, engine_path, workspace_gb=workspace_gb, dla_core=dla_core,
                             timing_cache=timing_cache, batch=batch, builder=builder)
-    click.echo(describe_build(path, read_metadata(path)["tensorrt"]))
+    click.echo(describe_build(path, read_metadata(path, verify=False)["tensorrt"]))
