@@ -45,14 +45,20 @@ INT8_OPTIONS = {
 }
 
 
-def convert_fp16(src, dst, keep_fp32_ops=FP16_KEEP_FP32_OPS):
-    """Write the FP16 version of ONNX `src` to `dst` (float32 inputs / outputs kept)."""
+def to_fp16(model, keep_fp32_ops=FP16_KEEP_FP32_OPS):
+    """FP16 copy of `model`: the one FP16 rule of the FP16 export and of the INT8 export's remainder.
+    Graph inputs / outputs stay float32, and so do onnxruntime's default blocked ops and `keep_fp32_ops`."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(os.fspath(src))
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
     fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     sort_nodes(fp16.graph)  # the converter appends its input casts at the end
+    return fp16
+
+
+def convert_fp16(src, dst, keep_fp32_ops=FP16_KEEP_FP32_OPS):
+    """Write the FP16 version of ONNX `src` to `dst` (float32 inputs / outputs kept)."""
+    fp16 = to_fp16(onnx.load(os.fspath(src)), keep_fp32_ops)
     onnx.checker.check_model(fp16)
     with atomic_path(dst) as tmp:
         onnx.save(fp16, tmp)
@@ -257,15 +263,11 @@ def fp16_remainder(model, keep_fp32_ops=FP16_KEEP_FP32_OPS):
     Q/DQ take float16 scales from opset 19 on, so the model is raised to opset 19 first.
     """
     from onnx import version_converter
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 19:
         model = version_converter.convert_version(model, 19)
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
-    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
-    sort_nodes(fp16.graph)
-    return fp16
+    return to_fp16(model, keep_fp32_ops)
 
 
 def count_quantized(path):
