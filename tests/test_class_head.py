@@ -48,7 +48,7 @@ def test_same_classes_load_unchanged_and_misfits_are_user_errors(make_class_head
     state, lines = transfer_state(source, source, KITTI_LIKE, KITTI_LIKE, KITTI_MAP)
     assert all(torch.equal(state[k], source[k]) for k in source) and "kept" in lines[0]
     other = build(make_class_head_config("dab_detr", COCO_LIKE)).state_dict()
-    with pytest.raises(UserError, match="missing: decoder.layers.0.norm1.bias"):
+    with pytest.raises(UserError, match="1 missing weights: decoder.layers.0.norm1.bias"):
         transfer_state(other, {k: v for k, v in source.items() if k != "decoder.layers.0.norm1.bias"},
                        COCO_LIKE, KITTI_LIKE, {})
 
@@ -69,7 +69,7 @@ def test_load_pretrained_from_a_checkpoint(tmp_path, make_class_head_config):
     assert not model.backbone.conv1.weight.requires_grad  # stem frozen, as with torchvision weights
 
     target.model.hidden_dim = 64
-    with pytest.raises(UserError, match=r"other shapes: .*the checkpoint was built with model.hidden_dim=32"):
+    with pytest.raises(UserError, match=r"wrong shapes: .*the checkpoint was built with model.hidden_dim=32"):
         load_pretrained(build(target), target.model, KITTI_LIKE)
     target.model.hidden_dim, target.model.arch = 32, "dino"
     with pytest.raises(UserError, match="holds a dab_detr model but model.arch=dino"):

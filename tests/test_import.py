@@ -79,3 +79,19 @@ def test_foreign_state_dict_names_what_is_wrong(tmp_path, capsys):
         run(cli, ["import", str(src), "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
     assert "not a Deformable-DETR, DAB-DETR or DINO checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_resnet_depth_rule_and_one_fit_check():
+    from clock_deploy.convert.common import fit_problems, resnet_depth
+    from clock_deploy.errors import UserError
+
+    assert resnet_depth(False, [2, 2, 2, 2], "x") == 18 and resnet_depth(False, [3, 4, 6, 3], "x") == 34
+    assert resnet_depth(True, [3, 4, 6, 0], "x") == 50  # stages after the last one used are not stored
+    for bottleneck, counts in ((True, [2, 2, 2, 2]), (False, [3, 4, 6, 4]), (False, [0, 0, 0, 0])):
+        with pytest.raises(UserError, match=r"x: backbone is not a ResNet-18/34/50"):
+            resnet_depth(bottleneck, counts, "x")
+    model = {"a": torch.zeros(2), "b": torch.zeros(3, 4), "c": torch.zeros(1)}
+    assert fit_problems(model, dict(model)) == ""
+    assert fit_problems(model, {"a": torch.zeros(2), "b": torch.zeros(3, 5), "d": torch.zeros(1)}) == (
+        "1 missing weights: c; 1 unexpected weights: d; 1 wrong shapes: b (3, 5) instead of (3, 4)")
+    assert fit_problems(model, {**model, "b": torch.zeros(9)}, skip_shapes=["b"]) == ""

@@ -84,7 +84,7 @@ def test_unknown_and_missing_official_names_are_one_clear_error():
         dino.official_to_project({**state, "transformer.mystery_head.weight": torch.zeros(3)}, None, "x.pth")
     del state["transformer.decoder.layers.5.norm3.bias"]
     overrides, converted, notes = dino.official_to_project(state, None, "x.pth")
-    with pytest.raises(UserError, match="1 project weights missing.*decoder.5.norm3.bias"):
+    with pytest.raises(UserError, match="1 missing weights: .*decoder.5.norm3.bias"):
         build_imported_model(Imported("dino", "official", overrides, converted, [], len(state), notes), "x.pth")
 
 

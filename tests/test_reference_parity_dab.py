@@ -77,7 +77,7 @@ def test_unknown_missing_and_unsupported_are_user_errors(make_hf_dab):
     state, config = state_and_config(make_hf_dab())
     with pytest.raises(UserError, match=r"1 unknown keys .*model\.extra\.weight"):
         hf_to_project({**state, "model.extra.weight": torch.zeros(1)}, config)
-    with pytest.raises(UserError, match="1 missing keys: encoder.query_scale.layers.0.weight"):
+    with pytest.raises(UserError, match="1 missing weights: encoder.query_scale.layers.0.weight"):
         hf_to_project({k: v for k, v in state.items() if k != "model.encoder.query_scale.layers.0.weight"}, config)
     with pytest.raises(UserError, match="keep_query_pos=True is not supported"):
         hf_to_project(state, {**config, "keep_query_pos": True})

@@ -8,6 +8,7 @@ unmatched classes keep their fresh initialization (random weights, focal-prior b
 import difflib
 import re
 
+from clock_deploy.convert.common import fit_problems
 from clock_deploy.errors import UserError
 
 # parameters with one row per class: classification heads and DINO's denoising label embedding
@@ -42,17 +43,11 @@ def transfer_state(own_state, source_state, target_classes, source_classes, clas
 
     Returns (state, report lines). Keys or shapes that do not fit raise UserError.
     """
-    missing = sorted(set(own_state) - set(source_state))
-    unexpected = sorted(set(source_state) - set(own_state))
     same_classes = list(target_classes) == list(source_classes)
     heads = [k for k in own_state if CLASS_HEAD.search(k)] if not same_classes else []
-    wrong = sorted(k for k in own_state if k in source_state and k not in heads
-                   and own_state[k].shape != source_state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{what}: {', '.join(keys[:4])}" + (" ..." if len(keys) > 4 else "")
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong)) if keys]
-        raise UserError("model.pretrained: the checkpoint's weights do not fit the configured model (" +
-                        "; ".join(parts) + ")")
+    problems = fit_problems(own_state, source_state, skip_shapes=heads)  # the heads' rows are checked below
+    if problems:
+        raise UserError(f"model.pretrained: the checkpoint's weights do not fit the configured model ({problems})")
     state = {k: source_state[k] for k in own_state}
     if same_classes:
         return state, [f"class head: kept (same classes {list(target_classes)})"]

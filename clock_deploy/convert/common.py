@@ -40,6 +40,25 @@ def rename(state, rules, where):
     return out, dropped
 
 
+def some(keys, n=4):
+    """'a, b, c, d, ... (N more)': the first `n` of `keys`, sorted."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def fit_problems(expected, state, skip_shapes=()):
+    """What keeps `state` from loading strictly into a model whose state dict is `expected`, as
+    '2 missing weights: a, b; 1 wrong shapes: c (4, 8) instead of (4, 16)', or '' when it fits.
+    skip_shapes: keys whose shapes the caller checks itself (a class head being remapped)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}" for k in expected
+             if k in state and k not in skip_shapes and state[k].shape != expected[k].shape]
+    return "; ".join(f"{len(keys)} {what}: {some(keys)}" for what, keys in
+                     (("missing weights", missing), ("unexpected weights", unexpected), ("wrong shapes", wrong))
+                     if keys)
+
+
 def layer_count(state, pattern):
     """1 + the largest index captured by `pattern` (group 1) among the keys; 0 when none match."""
     indices = [int(m.group(1)) for m in (re.match(pattern, k) for k in state) if m]
@@ -84,28 +103,42 @@ def split_in_proj(state):
     return out
 
 
-def backbone_config(state, num_input_proj_1x1):
+def resnet_depth(bottleneck, counts, where):
+    """18, 34 or 50: the ResNet with these blocks per stage (the stages a checkpoint keeps may stop
+    early: the project does not build stages after the last level it uses)."""
+    built = tuple(c for c in counts if c)
+    depth = next((d for d, (block, c) in RESNETS.items()
+                  if (block.expansion == 4) == bottleneck and built and c[:len(built)] == built), None)
+    if depth is None:
+        raise UserError(f"{where}: backbone is not a ResNet-18/34/50 (blocks per stage {list(counts)}, "
+                        f"{'bottleneck' if bottleneck else 'basic'} blocks)")
+    return depth
+
+
+def resnet_stages(state, prefix):
+    """(bottleneck, blocks per stage) of the torchvision-named ResNet under `prefix` in `state`."""
+    p = re.escape(prefix)
+    counts = [layer_count(state, rf"{p}layer{i}\.(\d+)\.") for i in range(1, 5)]
+    return prefix + "layer1.0.conv3.weight" in state, counts
+
+
+def backbone_config(state, num_input_proj_1x1, where):
     """Depth, width and returned levels of the ResNet in a converted state dict.
 
     The returned levels are the last `num_input_proj_1x1` stages whose output channels feed the
     1x1 input projections (the neck's backbone levels), so nothing is guessed from file names.
     """
     width = state["backbone.conv1.weight"].shape[0]
-    bottleneck = "backbone.layer1.0.conv3.weight" in state
-    counts = tuple(layer_count(state, rf"backbone\.layer{i}\.(\d+)\.") for i in range(1, 5))
-    built = [c for c in counts if c]
-    depth = next((d for d, (block, c) in RESNETS.items()
-                  if (block.expansion == 4) == bottleneck and c[:len(built)] == tuple(built)), None)
-    if depth is None:
-        raise UserError(f"backbone is not a ResNet-18/34/50 (blocks per stage {built}, "
-                        f"{'bottleneck' if bottleneck else 'basic'} blocks)")
+    bottleneck, counts = resnet_stages(state, "backbone.")
+    depth = resnet_depth(bottleneck, counts, where)
     expansion = 4 if bottleneck else 1
     in_channels = [state[f"neck.input_proj.{i}.0.weight"].shape[1] for i in range(num_input_proj_1x1)]
     levels = []
     for ch in in_channels:
         level = next((lv for lv in range(4) if width * 2 ** lv * expansion == ch), None)
         if level is None:
-            raise UserError(f"input projection with {ch} input channels matches no stage of the ResNet-{depth}")
+            raise UserError(f"{where}: input projection with {ch} input channels matches no stage of the "
+                            f"ResNet-{depth}")
         levels.append(level)
     return {"depth": depth, "width": width, "return_levels": levels}
 
@@ -117,7 +150,7 @@ def drop_unused_stages(state, return_levels):
     return kept, len(state) - len(kept)
 
 
-def neck_config(state):
+def neck_config(state, where):
     """Model-config values every multi-scale model's converted state dict shows in its shapes."""
     levels, hidden = state["neck.level_embed"].shape
     num_1x1 = sum(1 for i in range(levels) if state[f"neck.input_proj.{i}.0.weight"].shape[-1] == 1)
@@ -126,7 +159,7 @@ def neck_config(state):
         "num_feature_levels": levels,
         "enc_layers": layer_count(state, r"encoder\.layers\.(\d+)\."),
         "ffn_dim": state["encoder.layers.0.ffn.linear1.weight"].shape[0],
-        "backbone": backbone_config(state, num_1x1),
+        "backbone": backbone_config(state, num_1x1, where),
     }
 
 

@@ -9,8 +9,8 @@ import re
 
 import torch
 
-from clock_deploy.convert.common import (args_dict, hf_resnet_backbone_rules, layer_count, rename, split_in_proj,
-                                         torchvision_backbone_rules)
+from clock_deploy.convert.common import (args_dict, fit_problems, hf_resnet_backbone_rules, layer_count, rename,
+                                         resnet_depth, resnet_stages, split_in_proj, torchvision_backbone_rules)
 from clock_deploy.errors import UserError
 
 ARCH = "dab_detr"
@@ -76,11 +76,6 @@ OFFICIAL_RULES = [
 ]
 
 
-def _some(keys, n=4):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
 def _check_against_model(overrides, state, source):
     """Every project key filled with the right shape, nothing left over (model built on `meta`)."""
     from clock_deploy.config import ModelConfig, from_dict
@@ -89,28 +84,13 @@ def _check_against_model(overrides, state, source):
     cfg = from_dict(overrides, cls=ModelConfig, where=source)
     with torch.device("meta"):
         expected = build_model(cfg).state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = [f"{len(keys)} {what}: {_some(keys)}" for what, keys in
-                (("missing keys", missing), ("keys the model does not have", unexpected), ("wrong shapes", wrong))
-                if keys]
+    problems = fit_problems(expected, state)
     if problems:
-        raise UserError(f"{source}: does not fit a DAB-DETR built from its config: " + "; ".join(problems))
+        raise UserError(f"{source}: does not fit a DAB-DETR built from its config: {problems}")
     return {k: state[k].contiguous() for k in expected}
 
 
 # ---------------------------------------------------------------- backbones
-
-def _resnet_depth(block, counts, source):
-    from clock_deploy.models.backbone import ARCHS
-
-    for depth, (cls, arch_counts) in ARCHS.items():
-        if cls.__name__ == block and tuple(counts) == tuple(arch_counts):
-            return depth
-    raise UserError(f"{source}: backbone with {block} blocks {list(counts)} is not ResNet-18/34/50")
-
 
 def _resnet_name_depth(name, source):
     m = re.fullmatch(r"(?:timm/)?resnet(18|34|50)(?:\.\w+)?", str(name))
@@ -128,10 +108,13 @@ def _hf_backbone(hf_config, source):
         if bb.get("downsample_in_first_stage") or bb.get("downsample_in_bottleneck"):
             raise UserError(f"{source}: ResNet with downsample_in_first_stage / downsample_in_bottleneck "
                             f"is not the torchvision layout the project builds")
-        block = {"basic": "BasicBlock", "bottleneck": "Bottleneck"}.get(bb.get("layer_type"), bb.get("layer_type"))
-        depth = _resnet_depth(block, bb.get("depths", []), source)
+        if bb.get("layer_type") not in ("basic", "bottleneck"):
+            raise UserError(f"{source}: ResNet layer_type={bb.get('layer_type')!r} is not supported "
+                            "(basic or bottleneck blocks: ResNet-18/34/50)")
+        bottleneck = bb["layer_type"] == "bottleneck"
+        depth = resnet_depth(bottleneck, bb.get("depths", []), source)
         width = int(bb["embedding_size"])
-        expansion = 4 if block == "Bottleneck" else 1
+        expansion = 4 if bottleneck else 1
         if list(bb.get("hidden_sizes", [])) != [width * expansion * 2 ** i for i in range(4)]:
             raise UserError(f"{source}: ResNet hidden_sizes {bb.get('hidden_sizes')} do not double from "
                             f"embedding_size {width} like a torchvision ResNet")
@@ -146,9 +129,7 @@ def _official_backbone(state, args, source):
     prefix = "backbone.0.body."
     if prefix + "conv1.weight" not in state:
         raise UserError(f"{source}: no '{prefix}conv1.weight': not a DAB-DETR ResNet checkpoint")
-    block = "Bottleneck" if prefix + "layer1.0.conv3.weight" in state else "BasicBlock"
-    counts = [layer_count(state, rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5)]
-    depth = _resnet_depth(block, counts, source)
+    depth = resnet_depth(*resnet_stages(state, prefix), source)
     if args and args.get("backbone") and _resnet_name_depth(args["backbone"], source) != depth:
         raise UserError(f"{source}: args say backbone={args['backbone']} but the weights are ResNet-{depth}")
     if args and args.get("dilation"):

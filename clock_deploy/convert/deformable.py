@@ -116,7 +116,7 @@ def hf_to_project(hf_state, hf_config, where="transformers checkpoint"):
     ] + head_rules(r"model\.decoder\.", dec_layers, box_refine, two_stage)
     state, dropped = rename(hf_state, rules, where)
     tied = untie_heads(state, dec_layers) if box_refine else []
-    overrides = neck_config(state)
+    overrides = neck_config(state, where)
     if c.get("backbone_config") and "out_indices" in c["backbone_config"]:
         levels = [i - 1 for i in c["backbone_config"]["out_indices"]]  # stage 1 = layer1 = level 0
         if levels != overrides["backbone"]["return_levels"]:
@@ -148,7 +148,7 @@ def official_to_project(state, args=None, where="Deformable-DETR checkpoint"):
     ] + head_rules(r"transformer\.decoder\.", dec_layers, box_refine, two_stage))
     converted, dropped = rename(state, rules, where)
     converted = split_in_proj(converted)
-    overrides = neck_config(converted)
+    overrides = neck_config(converted, where)
     nheads = int(a.get("nheads", 8))
     if a.get("position_embedding", "sine") != "sine" or a.get("dilation"):
         raise UserError(f"{where}: trained with position_embedding={a.get('position_embedding')!r}, "

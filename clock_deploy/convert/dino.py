@@ -38,7 +38,7 @@ def official_to_project(state, args=None, where="DINO checkpoint"):
     ])
     converted, dropped = rename(state, rules, where)
     converted = split_in_proj(converted)
-    overrides = neck_config(converted)
+    overrides = neck_config(converted, where)
     num_classes = converted["class_embed.weight"].shape[0]
     # DINO's label book has dn_labelbook_size + 1 rows; denoising only draws labels < num_classes
     label_rows = converted["label_enc.weight"].shape[0]

@@ -16,7 +16,7 @@ import torch
 
 from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
 from clock_deploy.convert import dab_detr, deformable, dino
-from clock_deploy.convert.common import args_dict
+from clock_deploy.convert.common import args_dict, fit_problems
 from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.io import read_json
@@ -171,15 +171,9 @@ def build_imported_model(imported, where):
     except ConfigError as e:
         raise UserError(f"{where}: the converted model config is not valid: {e}") from None
     model = build_model(cfg.model)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(imported.state))
-    unexpected = sorted(set(imported.state) - set(own))
-    wrong = sorted(k for k in set(own) & set(imported.state) if own[k].shape != imported.state[k].shape)
-    if missing or unexpected or wrong:
-        problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
-                    for what, keys in (("project weights missing", missing), ("unexpected weights", unexpected),
-                                       ("wrong shapes", wrong)) if keys]
-        raise UserError(f"{where}: converted weights do not fit the {imported.arch} model: " + "; ".join(problems))
+    problems = fit_problems(model.state_dict(), imported.state)
+    if problems:
+        raise UserError(f"{where}: converted weights do not fit the {imported.arch} model: {problems}")
     model.load_state_dict(imported.state)
     return cfg, model.eval()
 
