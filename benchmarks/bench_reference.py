@@ -32,6 +32,8 @@ import time
 import numpy as np
 import torch
 
+from clock_deploy.errors import one_line
+
 ARCHS = ["deformable_detr", "dab_detr"]
 HF_CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection"}
 
@@ -172,12 +174,12 @@ def onnx_check(impl, model, height, width, folder):
                                   input_names=["images"])
                 expected = model(pixel_values=images).logits
     except Exception as e:  # noqa: BLE001 - the failure is the result
-        return f"export fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return f"export fails: {one_line(e)[:160]}"
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     except Exception as e:  # noqa: BLE001
-        return f"exports; onnxruntime fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return f"exports; onnxruntime fails: {one_line(e)[:160]}"
     diff = np.abs(got - expected.numpy()).max()
     return f"ok (max diff to eager {diff:.1e})" if diff <= 1e-3 else f"runs, but differs from eager by {diff:.1e}"
 

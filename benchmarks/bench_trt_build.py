@@ -24,7 +24,7 @@ from clock_deploy.artifact import batch_spec, build_metadata, input_spec, read_m
 from clock_deploy.config import load_config
 from clock_deploy.data.kitti import class_names
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from clock_deploy.errors import UserError
+from clock_deploy.errors import UserError, one_line
 from clock_deploy.export.onnx import export_onnx
 from clock_deploy.export.precision import convert_fp16, quantize_int8
 from clock_deploy.export.tensorrt import engine_from_onnx
@@ -87,7 +87,7 @@ def build_row(arch, sampling, precision, onnx_path, qdq):
     try:
         engine = engine_from_onnx(onnx_path, builder="tensorrt-rtx")
     except UserError as e:
-        return {**row, "ok": f"FAILED: {str(e).splitlines()[0][:120]}"}
+        return {**row, "ok": f"FAILED: {one_line(e)[:120]}"}
     build = read_metadata(engine, verify=False)["tensorrt"]
     layers = build["layers"]
     row.update(ok="yes", seconds=build["build_seconds"], mb=os.path.getsize(engine) / 2**20, version=build["version"],

@@ -18,7 +18,7 @@ from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
 from clock_deploy.convert import dab_detr, deformable, dino
 from clock_deploy.convert.common import args_dict, fit_problems
 from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
-from clock_deploy.errors import UserError
+from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import read_json
 
 HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr"}
@@ -68,17 +68,12 @@ def _converter(arch, source):
     return dino.official_to_project
 
 
-def _first_line(error):
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
-
-
 def _load_torch(path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or a pickle holding code / foreign objects
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
 
 
 def read_hf_folder(folder):
@@ -90,7 +85,7 @@ def read_hf_folder(folder):
             from safetensors.torch import load_file
             state = load_file(weights)
         except Exception as e:
-            raise UserError(f"{weights}: not a readable safetensors file ({_first_line(e)})") from None
+            raise UserError(f"{weights}: not a readable safetensors file ({one_line(e)})") from None
     elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         state = _load_torch(os.path.join(folder, "pytorch_model.bin"))
     else:

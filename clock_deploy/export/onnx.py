@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
+from clock_deploy.errors import one_line
 from clock_deploy.io import atomic_path
 from clock_deploy.models.deploy import ExportWrapper
 
@@ -58,7 +59,7 @@ def _simplify(model_proto, batch, height, width, tol=1e-5):
         diff = compare(run_onnx(model_proto, images), run_onnx(slim, images), height, width, tol,
                        tol * max(height, width))
     except Exception as e:  # onnxslim is an optimization: any failure keeps the traced graph
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, one_line(e)
     worst_score = max(diff["scores_max_abs"], diff["topk_scores_max_abs"])
     worst_box = max(diff["boxes_max_abs"], diff["topk_boxes_max_abs"])
     if worst_score > tol or worst_box > tol * max(height, width) or diff["topk_unmatched"] or diff["label_mismatch"]:

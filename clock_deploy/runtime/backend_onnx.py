@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
-from clock_deploy.errors import UserError
+from clock_deploy.errors import UserError, one_line
 
 # tried in this order on a GPU; onnxruntime falls back along the list for unsupported nodes
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -70,8 +70,7 @@ class OnnxBackend:
         except Exception as e:  # onnxruntime raises its own exception types for corrupt / invalid models
             if isinstance(e, UserError):
                 raise
-            raise UserError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]})") from None
+            raise UserError(f"{path}: onnxruntime cannot load it ({one_line(e)})") from None
         check_contract(self.session, path, meta)
         batch = self.session.get_inputs()[0].shape[0]
         self.static = isinstance(batch, int)  # a static-batch graph takes exactly max_batch images
