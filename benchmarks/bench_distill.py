@@ -330,6 +330,8 @@ def choose_coefficients(args, teacher):
             scores.append((statistics.mean(r["metrics"]["tuning"]["mAP"] for r in records), index, len(records)))
     if not scores:
         return [], []
+    if any(n < len(TUNING_SEEDS) for _, _, n in scores) or len(scores) < len(TUNING_GRID):
+        return None, scores  # --report-only while the tuning runs are unfinished: nothing is chosen yet
     best = max(scores, key=lambda s: (s[0], -s[1]))  # a tie keeps the earlier candidate (the defaults first)
     return TUNING_GRID[best[1]], scores
 
@@ -343,7 +345,8 @@ def part_b(args):
     dino_teacher = (teachers.get("dino") or family_teacher(args, "dino")) if args.tune else None
     if dino_teacher is not None:  # chosen on DINO for every family, also when --families leaves DINO out
         chosen, scores = choose_coefficients(args, dino_teacher)
-        print(f"coefficients chosen on the tuning split: {chosen or 'the defaults'}", flush=True)
+        print(f"coefficients chosen on the tuning split: "
+              f"{'none yet (tuning unfinished)' if chosen is None else chosen or 'the defaults'}", flush=True)
     results = {}
     for family in args.families:
         seeds = range(args.seeds or SEEDS[family])
@@ -358,6 +361,8 @@ def part_b(args):
             teacher = teachers[family] if name != "baseline" else None
             if name != "baseline" and teacher is None:
                 continue
+            if name in TUNED and chosen is None:
+                continue  # their coefficients are not chosen yet
             extra = overrides + (chosen if name in TUNED else [])
             record = run_once(args, name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher)
             if record is not None:
@@ -400,7 +405,9 @@ def report_b(args, teachers, results, chosen, scores):
     lines.append("Every number below is on the **test split**. Coefficients: " + (
         f"chosen on the tuning split with seeds {TUNING_SEEDS} (DINO CLoCK, best mean tuning mAP of "
         + ", ".join(f"{TUNING_GRID[i] or 'defaults'}: {s:.4f} ({n} seeds)" for s, i, n in scores)
-        + f") -> {chosen or 'defaults'}, applied to {sorted(TUNED)}." if scores else
+        + (f") -> {chosen or 'defaults'}, applied to {sorted(TUNED)}." if chosen is not None else
+           f"; {len(TUNING_GRID)} candidates x {len(TUNING_SEEDS)} seeds planned) -> tuning unfinished, nothing "
+           f"chosen yet; {sorted(TUNED)} are not run before it is.") if scores else
         "the defaults of clock_deploy/config.py (no tuning run)."))
     for family in args.families:
         teacher = teachers.get(family)

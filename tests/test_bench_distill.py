@@ -1,6 +1,7 @@
 """The A/B statistics and run bookkeeping of benchmarks/bench_distill.py (no training here)."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,3 +37,20 @@ def test_stale_run_file_is_not_reused(tmp_path):
     assert bench_distill.finished_run(str(path), "new") is None
     assert bench_distill.finished_run(str(path), "old")["config_hash"] == "old"
     assert bench_distill.finished_run(str(tmp_path / "missing.json"), "old") is None
+
+
+def test_coefficients_are_chosen_only_from_a_finished_tuning_grid(monkeypatch):
+    missing = {("clock_tune4", 101)}
+
+    def fake_run_once(args, name, family, config, overrides, seed, *rest):
+        if (name, seed) in missing:
+            return None  # --report-only: that tuning run has not finished
+        return {"metrics": {"tuning": {"mAP": 0.1 * int(name.removeprefix("clock_tune"))}}}
+
+    monkeypatch.setattr(bench_distill, "run_once", fake_run_once)
+    args = SimpleNamespace(epochs=12)
+    chosen, scores = bench_distill.choose_coefficients(args, teacher={})
+    assert chosen is None and len(scores) == len(bench_distill.TUNING_GRID)
+    missing.clear()
+    chosen, _ = bench_distill.choose_coefficients(args, teacher={})
+    assert chosen == bench_distill.TUNING_GRID[-1]  # the best mean tuning mAP
