@@ -211,7 +211,9 @@ def config_hash(cfg, teacher_hash=None):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
 def versions():
+    """Versions and commit of the code this process runs (read once, like code_hash)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -337,6 +339,7 @@ def choose_coefficients(args, teacher):
 
 
 def part_b(args):
+    versions()  # the commit now, at the start: the process runs the code of this moment
     img_cfg = load_config(os.path.join(args.configs, "student.yaml"))
     if not args.report_only:
         ensure_data(args, img_cfg)
