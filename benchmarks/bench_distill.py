@@ -354,9 +354,12 @@ def part_b(args):
         chosen, scores = choose_coefficients(args, dino_teacher)
         print(f"coefficients chosen on the tuning split: "
               f"{'none yet (tuning unfinished)' if chosen is None else chosen or 'the defaults'}", flush=True)
-    results = {}
+    results, progress = {}, {}
+    if scores:
+        progress["tuning (DINO CLoCK)"] = [sum(n for _, _, n in scores), len(TUNING_GRID) * len(TUNING_SEEDS)]
     for family in args.families:
         seeds = range(args.seeds or SEEDS[family])
+        count = progress.setdefault(f"{family} comparison", [0, 0])
         # the main comparison first (baseline, CLoCK, KD-DETR), then the ablation rows; seed-major in
         # each, so after any interruption the finished seeds are complete pairs
         order = [(seed, name) for tier in (MAIN_VARIANTS, [v for v in VARIANTS if v not in MAIN_VARIANTS])
@@ -365,6 +368,7 @@ def part_b(args):
             config, overrides, families = VARIANTS[name]
             if family not in families or name not in args.variants:
                 continue
+            count[1] += 1
             teacher = teachers[family] if name != "baseline" else None
             if name != "baseline" and teacher is None:
                 continue
@@ -373,8 +377,9 @@ def part_b(args):
             extra = overrides + (chosen if name in TUNED else [])
             record = run_once(args, name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher)
             if record is not None:
+                count[0] += 1
                 results.setdefault(family, {}).setdefault(name, {})[seed] = record
-    return report_b(args, teachers, results, chosen, scores)
+    return report_b(args, teachers, results, chosen, scores, progress)
 
 
 # ---------------------------------------------------------------- (b) statistics and report
@@ -400,7 +405,7 @@ def mean_shares(records):
     return {term: statistics.mean(values) for term, values in per_term.items()}
 
 
-def report_b(args, teachers, results, chosen, scores):
+def report_b(args, teachers, results, chosen, scores, progress=None):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
              f"student{f' (max {args.max_iters} iterations: a smoke run, not a result)' if args.max_iters else ''}; "
@@ -409,6 +414,10 @@ def report_b(args, teachers, results, chosen, scores):
              f"model.arch set per family. {machine()}.", ""]
     lines.append(BUDGET_NOTE)
     lines.append("")
+    if progress:
+        lines += ["Runs finished: " + "; ".join(f"{what} {done} of {planned}" for what, (done, planned)
+                                                 in progress.items())
+                  + " (teachers: see below). A table with fewer seeds than planned is an interim reading.", ""]
     lines.append("Every number below is on the **test split**. Coefficients: " + (
         f"chosen on the tuning split with seeds {TUNING_SEEDS} (DINO CLoCK, best mean tuning mAP of "
         + ", ".join(f"{TUNING_GRID[i] or 'defaults'}: {s:.4f} ({n} seeds)" for s, i, n in scores)
@@ -429,11 +438,11 @@ def report_b(args, teachers, results, chosen, scores):
             values = [r["metrics"]["test"]["mAP"] for r in baseline.values()]
             spread = statistics.stdev(values) if len(values) > 1 else float("nan")
             lines.append(f"Baseline mAP over {len(values)} seeds: {statistics.mean(values):.4f} +- {spread:.4f} (sd).")
-        lines += ["", "| variant | seeds | mAP | delta mAP (mean +- sd) | 95% CI | p | KITTI Mod "
+        lines += ["", "| variant | seeds | min/run | mAP | delta mAP (mean +- sd) | 95% CI | p | KITTI Mod "
                   "| delta Mod (mean +- sd) "
-                  "| 95% CI | p |", "|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+                  "| 95% CI | p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
         for name, per_seed in runs.items():
-            row = [name, str(len(per_seed))]
+            row = [name, str(len(per_seed)), f"{statistics.mean(r['seconds'] for r in per_seed.values()) / 60:.1f}"]
             for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
                 row.append(fmt.format(statistics.mean(r["metrics"]["test"][key] for r in per_seed.values())))
                 paired = [s for s in per_seed if s in baseline]
@@ -480,7 +489,8 @@ def update_report(path, part, body):
                 rest = text.split(title, 1)[1]
                 others = [t for t in SECTIONS.values() if t != title and t in rest]
                 sections[key] = rest.split(others[0], 1)[0].strip() if others else rest.strip()
-    sections[part] = body + f"\n\nCommand: `python {' '.join(sys.argv)}`"
+    command = " ".join(a for a in sys.argv if a != "--report-only")  # the run the table comes from
+    sections[part] = body + f"\n\nCommand: `python {command}`"
     out = ["# Distillation benchmark", "", "Written by benchmarks/bench_distill.py.", ""]
     for key, title in SECTIONS.items():
         if key in sections:

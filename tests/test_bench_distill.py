@@ -54,3 +54,19 @@ def test_coefficients_are_chosen_only_from_a_finished_tuning_grid(monkeypatch):
     missing.clear()
     chosen, _ = bench_distill.choose_coefficients(args, teacher={})
     assert chosen == bench_distill.TUNING_GRID[-1]  # the best mean tuning mAP
+
+
+def test_report_pairs_each_variant_with_the_baseline_of_its_seed():
+    def record(m_ap, moderate):
+        return {"metrics": {"test": {"mAP": m_ap, "kitti_moderate": moderate}}, "seconds": 600.0}
+    results = {"dino": {"baseline": {0: record(0.30, 50.0), 1: record(0.40, 60.0)},
+                        "clock": {0: record(0.33, 52.0), 1: record(0.42, 61.0), 2: record(0.9, 90.0)}}}
+    args = SimpleNamespace(train_images=800, tuning_images=200, test_images=400, epochs=12, max_iters=0,
+                           configs="configs/demo", teacher_epochs=16, families=["dino"], runs_dir="runs")
+    text = bench_distill.report_b(args, {}, results, [], [], {"dino comparison": [5, 56]})
+    assert "dino comparison 5 of 56" in text
+    clock = next(line for line in text.splitlines() if line.startswith("| clock |"))
+    cells = [c.strip() for c in clock.strip("|").split("|")]
+    # seed 2 has no baseline: the deltas pair seeds 0 and 1 only (+0.03, +0.02 mAP; +2, +1 Mod)
+    assert cells[:3] == ["clock", "3", "10.0"] and cells[4] == "0.0250 +- 0.0071"
+    assert cells[8] == "1.50 +- 0.71"
