@@ -73,6 +73,16 @@ BUDGET_NOTE = ("Default budget, and why: 800 training images x 12 epochs per stu
                "A/B (400 x 8), whose baseline seed spread was 0.036 mAP (DINO, 4 seeds) with the gain shrinking as the "
                "baseline seed got stronger (6.5, 2.6, 2.9, 0.2): students far from convergence turn part of the "
                "gain into speed of convergence. Compare the baseline sd below with that 0.036.")
+HISTORY_NOTE = ("The first A/B (4 seeds, DINO only, the first CLoCK defaults and models: CLoCK +3.1 +- 2.6 mAP, "
+                "p ~ 0.1, not distinguishable from KD-DETR or FGD) measured older code; it is in this file's git "
+                "history.")
+PROTOCOL_NOTE = ("Order: the family's teacher, then the tuning grid (DINO CLoCK, tuning split only), then baseline, "
+                 "CLoCK and KD-DETR for every seed, then the ablation rows. Run files are keyed on a hash of the "
+                 "config and of clock_deploy/{models,distill,engine,data,eval}: an edit there makes every finished "
+                 "run stale, so those folders stay frozen until the A/B is done. Cost on a 2-core Intel Xeon VM: "
+                 "DINO teacher 38.5 min, a DINO CLoCK run ~15 min (1.3 iterations/s); estimate for the whole A/B "
+                 "~22 h (DINO ~15 h incl. 2.5 h of tuning, Deformable DETR ~4 h, DAB-DETR ~2.5 h), run over "
+                 "several sessions.")
 # (a) timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
                  "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
@@ -405,6 +415,18 @@ def mean_shares(records):
     return {term: statistics.mean(values) for term, values in per_term.items()}
 
 
+def coefficients_text(chosen, scores):
+    """How CLoCK's coefficients were chosen (or that they are not yet), for the report."""
+    if not scores:
+        return "the defaults of clock_deploy/config.py (no tuning run)."
+    tried = ", ".join(f"{TUNING_GRID[i] or 'defaults'}: {s:.4f} ({n} seeds)" for s, i, n in scores)
+    if chosen is None:
+        return (f"to be chosen on the tuning split (DINO CLoCK, {len(TUNING_GRID)} candidates x seeds {TUNING_SEEDS}); "
+                f"unfinished, mean tuning mAP so far: {tried}. {sorted(TUNED)} do not run before the choice.")
+    return (f"chosen on the tuning split with seeds {TUNING_SEEDS} (DINO CLoCK, best mean tuning mAP of {tried}) -> "
+            f"{chosen or 'defaults'}, applied to {sorted(TUNED)}.")
+
+
 def report_b(args, teachers, results, chosen, scores, progress=None):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
@@ -412,19 +434,12 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
              f"students {args.configs}/student.yaml, teachers {args.configs}/teacher.yaml "
              f"({args.teacher_epochs} epochs), "
              f"model.arch set per family. {machine()}.", ""]
-    lines.append(BUDGET_NOTE)
-    lines.append("")
+    lines += [BUDGET_NOTE, "", PROTOCOL_NOTE, "", HISTORY_NOTE, ""]
     if progress:
         lines += ["Runs finished: " + "; ".join(f"{what} {done} of {planned}" for what, (done, planned)
                                                  in progress.items())
                   + " (teachers: see below). A table with fewer seeds than planned is an interim reading.", ""]
-    lines.append("Every number below is on the **test split**. Coefficients: " + (
-        f"chosen on the tuning split with seeds {TUNING_SEEDS} (DINO CLoCK, best mean tuning mAP of "
-        + ", ".join(f"{TUNING_GRID[i] or 'defaults'}: {s:.4f} ({n} seeds)" for s, i, n in scores)
-        + (f") -> {chosen or 'defaults'}, applied to {sorted(TUNED)}." if chosen is not None else
-           f"; {len(TUNING_GRID)} candidates x {len(TUNING_SEEDS)} seeds planned) -> tuning unfinished, nothing "
-           f"chosen yet; {sorted(TUNED)} are not run before it is.") if scores else
-        "the defaults of clock_deploy/config.py (no tuning run)."))
+    lines.append("Every number below is on the **test split**. Coefficients: " + coefficients_text(chosen, scores))
     for family in args.families:
         teacher = teachers.get(family)
         runs = results.get(family, {})
@@ -438,6 +453,9 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
             values = [r["metrics"]["test"]["mAP"] for r in baseline.values()]
             spread = statistics.stdev(values) if len(values) > 1 else float("nan")
             lines.append(f"Baseline mAP over {len(values)} seeds: {statistics.mean(values):.4f} +- {spread:.4f} (sd).")
+        if not runs:
+            lines += ["", "No comparison run finished yet."]
+            continue
         lines += ["", "| variant | seeds | min/run | mAP | delta mAP (mean +- sd) | 95% CI | p | KITTI Mod "
                   "| delta Mod (mean +- sd) "
                   "| 95% CI | p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
