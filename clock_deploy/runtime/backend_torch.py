@@ -46,6 +46,5 @@ def load_checkpoint(path, device="cpu"):
     from clock_deploy.engine.checkpoint import load_model
 
     model, cfg, ckpt = load_model(path)
-    meta = checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})
-    wrapper = ExportWrapper(model, cfg.export.topk, cfg.data.img_size)
-    return TorchBackend(wrapper, device), meta
+    backend, _ = model_backend(model, ckpt["classes"], cfg.data.img_size, cfg.export.topk, device)
+    return backend, checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})
