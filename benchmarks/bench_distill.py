@@ -280,18 +280,27 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
         return record
     if args.report_only:
         return None
+    # A run resumed from its last.pt times only its remainder: flagged so min/run leaves it out.
+    resumed = os.path.isfile(os.path.join(run_dir, "last.pt"))
     start = time.time()
     tuning = train(cfg)
     record = {"family": family, "variant": name, "seed": seed, "config": config, "overrides": list(overrides),
               "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
               "metrics": {"tuning": metric_subset(tuning),
                           "test": metric_subset(test_metrics(args, os.path.join(run_dir, "last.pt"), cfg))},
-              "grad_shares": gradient_shares(run_dir), "seconds": round(time.time() - start, 1), "config_hash": key,
+              "grad_shares": gradient_shares(run_dir), "seconds": round(time.time() - start, 1), "resumed": resumed,
+              "config_hash": key,
               "teacher_hash": teacher["config_hash"] if teacher else None, "versions": versions()}
     write_json(path, record)
     print(f"{family} {name} seed {seed}: test mAP {record['metrics']['test']['mAP']:.4f}, KITTI Mod "
           f"{record['metrics']['test']['kitti_moderate']:.2f} ({record['seconds']:.0f} s)", flush=True)
     return record
+
+
+def minutes_per_run(records):
+    """Mean minutes of the runs trained in one go (a resumed run times only its remainder)."""
+    whole = [r["seconds"] for r in records if not r.get("resumed")]
+    return f"{statistics.mean(whole) / 60:.1f}" if whole else "-"
 
 
 def gradient_shares(run_dir):
@@ -460,7 +469,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
                   "| delta Mod (mean +- sd) "
                   "| 95% CI | p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
         for name, per_seed in runs.items():
-            row = [name, str(len(per_seed)), f"{statistics.mean(r['seconds'] for r in per_seed.values()) / 60:.1f}"]
+            row = [name, str(len(per_seed)), minutes_per_run(per_seed.values())]
             for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
                 row.append(fmt.format(statistics.mean(r["metrics"]["test"][key] for r in per_seed.values())))
                 paired = [s for s in per_seed if s in baseline]

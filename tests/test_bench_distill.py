@@ -39,6 +39,12 @@ def test_stale_run_file_is_not_reused(tmp_path):
     assert bench_distill.finished_run(str(tmp_path / "missing.json"), "old") is None
 
 
+def test_resumed_runs_are_left_out_of_minutes_per_run():
+    whole = {"seconds": 600.0}
+    assert bench_distill.minutes_per_run([whole, {"seconds": 60.0, "resumed": True}, {"seconds": 1200.0}]) == "15.0"
+    assert bench_distill.minutes_per_run([{"seconds": 60.0, "resumed": True}]) == "-"
+
+
 def test_coefficients_are_chosen_only_from_a_finished_tuning_grid(monkeypatch):
     missing = {("clock_tune4", 101)}
 
