@@ -54,12 +54,30 @@ def test_coefficients_are_chosen_only_from_a_finished_tuning_grid(monkeypatch):
         return {"metrics": {"tuning": {"mAP": 0.1 * int(name.removeprefix("clock_tune"))}}}
 
     monkeypatch.setattr(bench_distill, "run_once", fake_run_once)
-    args = SimpleNamespace(epochs=12)
+    args = SimpleNamespace(epochs=12, report_only=True, jobs=1)
     chosen, scores = bench_distill.choose_coefficients(args, teacher={})
     assert chosen is None and len(scores) == len(bench_distill.TUNING_GRID)
     missing.clear()
     chosen, _ = bench_distill.choose_coefficients(args, teacher={})
     assert chosen == bench_distill.TUNING_GRID[-1]  # the best mean tuning mAP
+
+
+def test_run_all_reads_finished_runs_and_trains_the_others_in_order(monkeypatch):
+    trained = []
+
+    def fake_run_once(args, name, seed):
+        if name == "done":
+            return {"seed": seed}
+        if args.report_only:
+            return None
+        trained.append(seed)
+        return {"seed": seed, "trained": True}
+
+    monkeypatch.setattr(bench_distill, "run_once", fake_run_once)
+    calls = [("new", 0), ("done", 1), ("new", 2)]
+    records = bench_distill.run_all(SimpleNamespace(report_only=False, jobs=1), calls)
+    assert [r["seed"] for r in records] == [0, 1, 2] and trained == [0, 2] and "trained" not in records[1]
+    assert bench_distill.run_all(SimpleNamespace(report_only=True, jobs=2), calls)[::2] == [None, None]
 
 
 def test_report_pairs_each_variant_with_the_baseline_of_its_seed():
