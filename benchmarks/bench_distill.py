@@ -85,9 +85,12 @@ PROTOCOL_NOTE = ("Order: the family's teacher, then the tuning grid (DINO CLoCK,
                  "CLoCK and KD-DETR for every seed, then the ablation rows. Run files are keyed on a hash of the "
                  "config and of clock_deploy/{models,distill,engine,data,eval}: an edit there makes every finished "
                  "run stale, so those folders stay frozen until the A/B is done. Cost on a 2-core Intel Xeon VM: "
-                 "DINO teacher 38.5 min, a DINO CLoCK run ~15 min (1.3 iterations/s); estimate for the whole A/B "
-                 "~22 h (DINO ~15 h incl. 2.5 h of tuning, Deformable DETR ~4 h, DAB-DETR ~2.5 h), run over "
-                 "several sessions.")
+                 "DINO teacher 38.5 min; the tuning runs one at a time on 2 threads (DINO CLoCK ~14-15 min each); "
+                 "from the comparison on two runs side by side on one thread each (--jobs 2: 1.17x the runs per "
+                 "hour, benchmarks/results/parallel_runs.md): DINO baseline ~10 min, CLoCK ~27-30 min, KD-DETR "
+                 "~30-32 min, ~36 min of wall time per seed of the main comparison. Estimate for the whole A/B "
+                 "~20 h (DINO ~13 h incl. 2.5 h of tuning, Deformable DETR and DAB-DETR ~7 h), run over several "
+                 "sessions.")
 # (a) timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
                  "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
@@ -522,7 +525,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
               "and denoising noise: the distillers draw their random queries from a side stream). "
               "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. min/run: mean wall minutes "
               "of the runs trained in one go (not resumed); with --jobs 2 two runs train side by side on one thread "
-              "each, and each takes ~1.6x a run alone on two threads (threads is in the run file). Per-run files: "
+              "each, and each takes ~1.7x a run alone on two threads (threads is in the run file). Per-run files: "
               f"{args.runs_dir}/<family>-<variant>-<seed>.json."]
     return "\n".join(lines)
 
