@@ -246,10 +246,10 @@ def versions():
 
 
 def train(cfg):
-    """run_training, continuing the run in cfg.output_dir if it was interrupted."""
+    """run_training, continuing the run in cfg.output_dir if it was interrupted: (metrics, resumed)."""
     from clock_deploy.engine.commands import run_training
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
-    return run_training(cfg, resume=resume, progress=False)
+    return run_training(cfg, resume=resume, progress=False), resume
 
 
 def test_metrics(args, checkpoint, cfg):
@@ -288,10 +288,8 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
         return record
     if args.report_only:
         return None
-    # A run resumed from its last.pt times only its remainder: flagged so min/run leaves it out.
-    resumed = os.path.isfile(os.path.join(run_dir, "last.pt"))
     start = time.time()
-    tuning = train(cfg)
+    tuning, resumed = train(cfg)  # a resumed run times only its remainder: flagged so min/run leaves it out
     record = {"family": family, "variant": name, "seed": seed, "config": config, "overrides": list(overrides),
               "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
               "metrics": {"tuning": metric_subset(tuning),
@@ -308,12 +306,12 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
 def run_all(args, calls):
     """run_once(args, *call) for every call, in order; --jobs of them at a time, one thread each, in
     worker processes. Finished runs are read here; a lone unfinished run trains here on every thread."""
+    if args.report_only or args.jobs <= 1:
+        return [run_once(args, *call) for call in calls]
     reuse = argparse.Namespace(**{**vars(args), "report_only": True})
     records = [run_once(reuse, *call) for call in calls]
     todo = [i for i, record in enumerate(records) if record is None]
-    if args.report_only or not todo:
-        return records
-    if min(args.jobs, len(todo)) <= 1:
+    if len(todo) <= 1:
         for i in todo:
             records[i] = run_once(args, *calls[i])
         return records
@@ -365,7 +363,7 @@ def family_teacher(args, family):
         return {**record, "checkpoint": checkpoint}
     if args.report_only:
         return None
-    tuning = train(cfg)
+    tuning, _ = train(cfg)
     record = {"family": family, "variant": name, "config": "teacher.yaml",
               "budget": {"epochs": args.teacher_epochs, "train_images": args.train_images, "max_iters": args.max_iters},
               "metrics": {"tuning": metric_subset(tuning), "test": metric_subset(test_metrics(args, checkpoint, cfg))},
@@ -428,10 +426,10 @@ def part_b(args):
                 continue  # their coefficients are not chosen yet
             extra = overrides + (chosen if name in TUNED else [])
             calls.append((name, family, config, extra, seed, args.epochs, args.epochs - 1, teacher))
-        for call, record in zip(calls, run_all(args, calls)):
+        for (name, _, _, _, seed, *_), record in zip(calls, run_all(args, calls)):
             if record is not None:
                 count[0] += 1
-                results.setdefault(family, {}).setdefault(call[0], {})[call[4]] = record
+                results.setdefault(family, {}).setdefault(name, {})[seed] = record
     return report_b(args, teachers, results, chosen, scores, progress)
 
 
