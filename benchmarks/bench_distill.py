@@ -456,6 +456,45 @@ def mean_shares(records):
     return {term: statistics.mean(values) for term, values in per_term.items()}
 
 
+def mean_delta(runs, name):
+    """Paired statistics of `name` minus the baseline over the seeds both finished (mAP), or None."""
+    baseline, per_seed = runs.get("baseline", {}), runs.get(name, {})
+    paired = [s for s in per_seed if s in baseline]
+    if len(paired) < 2:
+        return None
+    return paired_stats([per_seed[s]["metrics"]["test"]["mAP"] - baseline[s]["metrics"]["test"]["mAP"]
+                         for s in paired])
+
+
+def criterion_text(args, results):
+    """The A/B's pass rule read off the finished runs, so the verdict is computed, never written by hand:
+    CLoCK's 95% CI lower bound above 0 for DINO and for at least one other family, and in every family
+    that ran both, CLoCK's mean mAP gain at least KD-DETR's."""
+    lines, wins, behind = [], [], []
+    for family in args.families:
+        runs = results.get(family, {})
+        clock, kd_detr = mean_delta(runs, "clock"), mean_delta(runs, "kd_detr")
+        if clock is None:
+            lines.append(f"{family}: CLoCK has fewer than 2 paired seeds, nothing to read yet.")
+            continue
+        planned = args.seeds or SEEDS[family]
+        text = (f"{family} ({clock['n']} of {planned} seeds): CLoCK's 95% CI lower bound {clock['ci'][0]:+.4f} "
+                f"({'above' if clock['ci'][0] > 0 else 'not above'} 0)")
+        if clock["ci"][0] > 0:
+            wins.append(family)
+        if kd_detr is not None:
+            ahead = clock["mean"] >= kd_detr["mean"]
+            text += (f"; mean gain {clock['mean']:+.4f} vs KD-DETR {kd_detr['mean']:+.4f} "
+                     f"({'at least' if ahead else 'below'} KD-DETR's)")
+            if not ahead:
+                behind.append(family)
+        lines.append(text + ".")
+    met = "dino" in wins and len(wins) >= 2 and not behind
+    return ("Pass rule (CLoCK's lower bound above 0 for DINO and at least one other family, and CLoCK's mean gain "
+            "at least KD-DETR's in every family): " + ("met" if met else "**not met**")
+            + " on the runs finished so far. " + " ".join(lines))
+
+
 def coefficients_text(chosen, scores):
     """How CLoCK's coefficients were chosen (or that they are not yet), for the report."""
     if not scores:
@@ -497,13 +536,15 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
         if not runs:
             lines += ["", "No comparison run finished yet."]
             continue
-        lines += ["", "| variant | seeds | min/run | mAP | delta mAP (mean +- sd) | 95% CI | p | KITTI Mod "
-                  "| delta Mod (mean +- sd) "
+        lines += ["", "| variant | seeds | min/run | mAP (mean +- sd) | delta mAP (mean +- sd) | 95% CI | p "
+                  "| KITTI Mod (mean +- sd) | delta Mod (mean +- sd) "
                   "| 95% CI | p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
         for name, per_seed in runs.items():
             row = [name, str(len(per_seed)), minutes_per_run(per_seed.values())]
             for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
-                row.append(fmt.format(statistics.mean(r["metrics"]["test"][key] for r in per_seed.values())))
+                values = [r["metrics"]["test"][key] for r in per_seed.values()]
+                spread = f" +- {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+                row.append(fmt.format(statistics.mean(values)) + spread)
                 paired = [s for s in per_seed if s in baseline]
                 if name == "baseline" or not paired:
                     row += ["", "", ""]
@@ -519,6 +560,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
             lines += ["", "Share of the student's gradient norm per loss term (mean over the logged steps and seeds; "
                       "distill.grad_share_every): " + "; ".join(
                           f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for name, s in shares) + "."]
+    lines += ["", criterion_text(args, results)]
     lines += ["", "delta: variant minus the baseline of the same seed (same student initialization, data order, flips "
               "and denoising noise: the distillers draw their random queries from a side stream). "
               "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. min/run: mean wall minutes "

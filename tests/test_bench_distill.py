@@ -86,11 +86,35 @@ def test_report_pairs_each_variant_with_the_baseline_of_its_seed():
     results = {"dino": {"baseline": {0: record(0.30, 50.0), 1: record(0.40, 60.0)},
                         "clock": {0: record(0.33, 52.0), 1: record(0.42, 61.0), 2: record(0.9, 90.0)}}}
     args = SimpleNamespace(train_images=800, tuning_images=200, test_images=400, epochs=12, max_iters=0,
-                           configs="configs/demo", teacher_epochs=16, families=["dino"], runs_dir="runs")
+                           configs="configs/demo", teacher_epochs=16, families=["dino"], runs_dir="runs",
+                           seeds=None)
     text = bench_distill.report_b(args, {}, results, [], [], {"dino comparison": [5, 56]})
     assert "dino comparison 5 of 56" in text
     clock = next(line for line in text.splitlines() if line.startswith("| clock |"))
     cells = [c.strip() for c in clock.strip("|").split("|")]
     # seed 2 has no baseline: the deltas pair seeds 0 and 1 only (+0.03, +0.02 mAP; +2, +1 Mod)
     assert cells[:3] == ["clock", "3", "10.0"] and cells[4] == "0.0250 +- 0.0071"
+    assert cells[3] == f"{(0.33 + 0.42 + 0.9) / 3:.4f} +- 0.3064"  # the variant's own seed spread, all its seeds
     assert cells[8] == "1.50 +- 0.71"
+
+
+def test_pass_rule_needs_dino_and_another_family_above_zero_and_clock_at_least_kd_detr():
+    def runs(clock_deltas, kd_deltas):
+        record = lambda m_ap: {"metrics": {"test": {"mAP": m_ap}}}  # noqa: E731
+        return {"baseline": {s: record(0.4) for s in range(3)},
+                "clock": {s: record(0.4 + d) for s, d in enumerate(clock_deltas)},
+                "kd_detr": {s: record(0.4 + d) for s, d in enumerate(kd_deltas)}}
+    args = SimpleNamespace(families=["dino", "dab_detr"], seeds=3)
+    wins, noisy = [0.03, 0.04, 0.05], [0.06, -0.05, 0.02]
+    met = bench_distill.criterion_text(args, {"dino": runs(wins, noisy), "dab_detr": runs(wins, noisy)})
+    assert ": met on" in met and "dino (3 of 3 seeds): CLoCK's 95% CI lower bound +0.0152 (above 0)" in met
+    # DINO's lower bound not above 0, the other family winning is not enough
+    dino_noisy = {"dino": runs(noisy, noisy), "dab_detr": runs(wins, noisy)}
+    assert "**not met**" in bench_distill.criterion_text(args, dino_noisy)
+    # both above 0, but KD-DETR's mean gain is larger in one family
+    larger = [0.05, 0.06, 0.07]
+    text = bench_distill.criterion_text(args, {"dino": runs(wins, noisy), "dab_detr": runs(wins, larger)})
+    assert "**not met**" in text and "below KD-DETR's" in text
+    # one family only: DINO alone cannot meet the rule
+    assert "**not met**" in bench_distill.criterion_text(SimpleNamespace(families=["dino"], seeds=3),
+                                                         {"dino": runs(wins, noisy)})
