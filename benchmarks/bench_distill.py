@@ -348,6 +348,16 @@ def metric_subset(metrics):
     return {k: round(float(metrics[k]), 6) for k in keys if k in metrics}
 
 
+# a family's students are trained only under a teacher that reaches this tuning-split mAP: below it
+# there is no knowledge to distill and every delta is noise
+MIN_TEACHER_MAP = 0.1
+
+
+def teacher_learned(teacher):
+    """False for a finished teacher below MIN_TEACHER_MAP (tuning split); True while it is unknown."""
+    return teacher is None or teacher["metrics"]["tuning"]["mAP"] >= MIN_TEACHER_MAP
+
+
 def family_teacher(args, family):
     """Train (or reuse) the family's teacher: teacher.yaml with model.arch = family, seed 0."""
     name = "teacher"
@@ -407,6 +417,8 @@ def part_b(args):
     if scores:
         progress["tuning (DINO CLoCK)"] = [sum(n for _, _, n in scores), len(TUNING_GRID) * len(TUNING_SEEDS)]
     for family in args.families:
+        if not teacher_learned(teachers[family]):
+            continue  # its students would be measured against noise (report_b says so)
         seeds = range(args.seeds or SEEDS[family])
         count = progress.setdefault(f"{family} comparison", [0, 0])
         # the main comparison first (baseline, CLoCK, KD-DETR), then the ablation rows; seed-major in
@@ -528,6 +540,10 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
             tm = teacher["metrics"]["test"]
             lines.append(f"Teacher: mAP {tm.get('mAP', float('nan')):.4f}, KITTI Mod "
                          f"{tm.get('kitti_moderate', float('nan')):.2f}.")
+            if not teacher_learned(teacher):
+                lines.append(f"The teacher did not learn at this budget (tuning-split mAP "
+                             f"{teacher['metrics']['tuning']['mAP']:.4f} < {MIN_TEACHER_MAP}): no student of this "
+                             f"family is trained, there is nothing to distill.")
         baseline = runs.get("baseline", {})
         if baseline:
             values = [r["metrics"]["test"]["mAP"] for r in baseline.values()]

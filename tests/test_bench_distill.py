@@ -118,3 +118,15 @@ def test_pass_rule_needs_dino_and_another_family_above_zero_and_clock_at_least_k
     # one family only: DINO alone cannot meet the rule
     assert "**not met**" in bench_distill.criterion_text(SimpleNamespace(families=["dino"], seeds=3),
                                                          {"dino": runs(wins, noisy)})
+
+
+def test_a_family_whose_teacher_did_not_learn_trains_no_student(monkeypatch, tmp_path):
+    def teacher(tuning_map):
+        return {"metrics": {"tuning": {"mAP": tuning_map}, "test": {"mAP": tuning_map, "kitti_moderate": 1.0}}}
+    assert not bench_distill.teacher_learned(teacher(0.002))
+    assert bench_distill.teacher_learned(teacher(0.5)) and bench_distill.teacher_learned(None)  # None: unfinished
+    args = SimpleNamespace(train_images=800, tuning_images=200, test_images=400, epochs=12, max_iters=0,
+                           configs="configs/demo", teacher_epochs=16, families=["dab_detr"], runs_dir="runs",
+                           seeds=None)
+    text = bench_distill.report_b(args, {"dab_detr": teacher(0.002)}, {}, [], [])
+    assert "The teacher did not learn at this budget (tuning-split mAP 0.0020 < 0.1)" in text
