@@ -468,14 +468,12 @@ def mean_shares(records):
     return {term: statistics.mean(values) for term, values in per_term.items()}
 
 
-def mean_delta(runs, name):
-    """Paired statistics of `name` minus the baseline over the seeds both finished (mAP), or None."""
-    baseline, per_seed = runs.get("baseline", {}), runs.get(name, {})
+def paired_delta(baseline, per_seed, key="mAP"):
+    """paired_stats of a variant minus the baseline on the seeds both finished (test `key`); None if none."""
     paired = [s for s in per_seed if s in baseline]
-    if len(paired) < 2:
+    if not paired:
         return None
-    return paired_stats([per_seed[s]["metrics"]["test"]["mAP"] - baseline[s]["metrics"]["test"]["mAP"]
-                         for s in paired])
+    return paired_stats([per_seed[s]["metrics"]["test"][key] - baseline[s]["metrics"]["test"][key] for s in paired])
 
 
 def criterion_text(args, results):
@@ -485,8 +483,8 @@ def criterion_text(args, results):
     lines, wins, behind = [], [], []
     for family in args.families:
         runs = results.get(family, {})
-        clock, kd_detr = mean_delta(runs, "clock"), mean_delta(runs, "kd_detr")
-        if clock is None:
+        clock, kd_detr = (paired_delta(runs.get("baseline", {}), runs.get(name, {})) for name in ("clock", "kd_detr"))
+        if clock is None or clock["n"] < 2:
             lines.append(f"{family}: CLoCK has fewer than 2 paired seeds, nothing to read yet.")
             continue
         planned = args.seeds or SEEDS[family]
@@ -494,7 +492,7 @@ def criterion_text(args, results):
                 f"({'above' if clock['ci'][0] > 0 else 'not above'} 0)")
         if clock["ci"][0] > 0:
             wins.append(family)
-        if kd_detr is not None:
+        if kd_detr is not None and kd_detr["n"] >= 2:
             ahead = clock["mean"] >= kd_detr["mean"]
             text += (f"; mean gain {clock['mean']:+.4f} vs KD-DETR {kd_detr['mean']:+.4f} "
                      f"({'at least' if ahead else 'below'} KD-DETR's)")
@@ -561,12 +559,10 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
                 values = [r["metrics"]["test"][key] for r in per_seed.values()]
                 spread = f" +- {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
                 row.append(fmt.format(statistics.mean(values)) + spread)
-                paired = [s for s in per_seed if s in baseline]
-                if name == "baseline" or not paired:
+                st = None if name == "baseline" else paired_delta(baseline, per_seed, key)
+                if st is None:
                     row += ["", "", ""]
                     continue
-                st = paired_stats([per_seed[s]["metrics"]["test"][key] - baseline[s]["metrics"]["test"][key]
-                                   for s in paired])
                 row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
                         f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]", f"{st['p']:.3f}"]
             lines.append("| " + " | ".join(row) + " |")

@@ -120,7 +120,7 @@ def test_pass_rule_needs_dino_and_another_family_above_zero_and_clock_at_least_k
                                                          {"dino": runs(wins, noisy)})
 
 
-def test_a_family_whose_teacher_did_not_learn_trains_no_student(monkeypatch, tmp_path):
+def test_a_family_whose_teacher_did_not_learn_trains_no_student():
     def teacher(tuning_map):
         return {"metrics": {"tuning": {"mAP": tuning_map}, "test": {"mAP": tuning_map, "kitti_moderate": 1.0}}}
     assert not bench_distill.teacher_learned(teacher(0.002))
