@@ -130,3 +130,17 @@ def test_a_family_whose_teacher_did_not_learn_trains_no_student():
                            seeds=None)
     text = bench_distill.report_b(args, {"dab_detr": teacher(0.002)}, {}, [], [])
     assert "The teacher did not learn at this budget (tuning-split mAP 0.0020 < 0.1)" in text
+    assert "DAB-DETR trains 4x the epochs at lr 1e-4" in text  # its recipe is stated with the probes behind it
+
+
+def test_dab_detr_trains_four_times_the_epochs_at_its_own_rate_and_the_others_keep_the_shared_recipe(tmp_path):
+    args = SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
+                           test_images=400, max_iters=0)
+    assert bench_distill.schedule(args, "dino") == (12, 11)
+    assert bench_distill.schedule(args, "deformable_detr", teacher=True) == (16, 13)
+    assert bench_distill.schedule(args, "dab_detr") == (48, 44)              # the last 1/12 at the lowered rate
+    assert bench_distill.schedule(args, "dab_detr", teacher=True) == (64, 53)
+    for family, lr in (("dino", 4e-4), ("dab_detr", 1e-4)):
+        epochs, drop = bench_distill.schedule(args, family)
+        cfg = load_config("configs/demo/student.yaml", bench_distill.base_overrides(args, family, epochs, drop))
+        assert (cfg.train.lr, cfg.train.epochs, cfg.train.lr_drop_epochs) == (lr, epochs, [drop])
