@@ -88,9 +88,10 @@ PROTOCOL_NOTE = ("Order: the family's teacher, then the tuning grid (DINO CLoCK,
                  "DINO teacher 38.5 min; the tuning runs one at a time on 2 threads (DINO CLoCK ~14-15 min each); "
                  "from the comparison on two runs side by side on one thread each (--jobs 2: 1.17x the runs per "
                  "hour, benchmarks/results/parallel_runs.md): DINO baseline ~10 min, CLoCK ~27-30 min, KD-DETR "
-                 "~30-32 min, ~36 min of wall time per seed of the main comparison. Estimate for the whole A/B "
-                 "~20 h (DINO ~13 h incl. 2.5 h of tuning, Deformable DETR and DAB-DETR ~7 h), run over several "
-                 "sessions.")
+                 "~30-32 min, ~36 min of wall time per seed of the main comparison; Deformable DETR baseline ~8 min, "
+                 "CLoCK ~24 min, KD-DETR ~27 min, ~30 min of wall time per seed. Estimate for the whole A/B ~25 h "
+                 "(DINO ~13 h incl. 2.5 h of tuning, Deformable DETR ~3.5 h, DAB-DETR at 4x the epochs ~5 h), run "
+                 "over several sessions.")
 # per-family change of the shared schedule: family -> (epoch multiplier, overrides), for its teacher and
 # students alike. Set from teacher probes on the tuning split only (RECIPE_NOTE); the test split was not read.
 FAMILY_SCHEDULE = {"dab_detr": (4, ["train.lr=1e-4"])}
