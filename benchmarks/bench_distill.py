@@ -586,7 +586,8 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
                     row += ["", "", ""]
                     continue
                 row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
-                        f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]", f"{st['p']:.3f}"]
+                        f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]",
+                        f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"]
             lines.append("| " + " | ".join(row) + " |")
         shares = [(name, mean_shares(per_seed.values())) for name, per_seed in runs.items()]
         shares = [(name, s) for name, s in shares if s]
