@@ -265,9 +265,29 @@ def versions():
             "code_hash": code_hash()}
 
 
+def same_settings(a, b):
+    """True when two configs train the same run (where it is written and the device aside)."""
+    a, b = to_dict(a), to_dict(b)
+    for data in (a, b):
+        data.pop("output_dir")
+        data.pop("device")
+    return a == b
+
+
+def set_aside_other_run(cfg):
+    """Move cfg.output_dir away when it holds a run of other settings (e.g. an older recipe), so that
+    run is never continued under the new config; it is kept (renamed), not deleted."""
+    saved = os.path.join(cfg.output_dir, "config.yaml")
+    if os.path.isfile(saved) and not same_settings(load_config(saved), cfg):
+        old = f"{cfg.output_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(cfg.output_dir, old)
+        print(f"{cfg.output_dir}: trained with other settings, moved to {old}; starting it afresh", flush=True)
+
+
 def train(cfg):
     """run_training, continuing the run in cfg.output_dir if it was interrupted: (metrics, resumed)."""
     from clock_deploy.engine.commands import run_training
+    set_aside_other_run(cfg)
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
     return run_training(cfg, resume=resume, progress=False), resume
 

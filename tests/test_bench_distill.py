@@ -144,3 +144,20 @@ def test_dab_detr_trains_four_times_the_epochs_at_its_own_rate_and_the_others_ke
         epochs, drop = bench_distill.schedule(args, family)
         cfg = load_config("configs/demo/student.yaml", bench_distill.base_overrides(args, family, epochs, drop))
         assert (cfg.train.lr, cfg.train.epochs, cfg.train.lr_drop_epochs) == (lr, epochs, [drop])
+
+
+def test_a_run_folder_of_other_settings_is_set_aside_not_resumed(tmp_path):
+    from clock_deploy.config import dump
+    run_dir = tmp_path / "dab_detr-teacher"
+    run_dir.mkdir()
+    old = load_config("configs/demo/teacher.yaml", [f"output_dir={run_dir}", "train.epochs=16"])
+    dump(old, str(run_dir / "config.yaml"))
+    (run_dir / "last.pt").write_bytes(b"old run")
+    same = load_config("configs/demo/teacher.yaml", [f"output_dir={run_dir}", "train.epochs=16", "device=cpu"])
+    bench_distill.set_aside_other_run(same)           # same settings: an interrupted run, continued
+    assert (run_dir / "last.pt").is_file()
+    new = load_config("configs/demo/teacher.yaml", [f"output_dir={run_dir}", "train.epochs=64"])
+    bench_distill.set_aside_other_run(new)            # another recipe: moved away, kept
+    assert not run_dir.exists()
+    (kept,) = tmp_path.glob("dab_detr-teacher.old-*")
+    assert (kept / "last.pt").read_bytes() == b"old run"
