@@ -243,11 +243,17 @@ def code_hash():
     return digest.hexdigest()[:16]
 
 
-def config_hash(cfg, teacher_hash=None):
-    """Hash of everything that decides a run's result (not where it is written)."""
+def run_settings(cfg):
+    """The config as a dict, less where the run is written and the device: what decides its result."""
     data = to_dict(cfg)
     data.pop("output_dir")
     data.pop("device")
+    return data
+
+
+def config_hash(cfg, teacher_hash=None):
+    """Hash of everything that decides a run's result (not where it is written)."""
+    data = run_settings(cfg)
     data["distill"]["teacher"] = teacher_hash
     text = json.dumps({"config": data, "code": code_hash()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -265,20 +271,11 @@ def versions():
             "code_hash": code_hash()}
 
 
-def same_settings(a, b):
-    """True when two configs train the same run (where it is written and the device aside)."""
-    a, b = to_dict(a), to_dict(b)
-    for data in (a, b):
-        data.pop("output_dir")
-        data.pop("device")
-    return a == b
-
-
 def set_aside_other_run(cfg):
     """Move cfg.output_dir away when it holds a run of other settings (e.g. an older recipe), so that
     run is never continued under the new config; it is kept (renamed), not deleted."""
     saved = os.path.join(cfg.output_dir, "config.yaml")
-    if os.path.isfile(saved) and not same_settings(load_config(saved), cfg):
+    if os.path.isfile(saved) and run_settings(load_config(saved)) != run_settings(cfg):
         old = f"{cfg.output_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(cfg.output_dir, old)
         print(f"{cfg.output_dir}: trained with other settings, moved to {old}; starting it afresh", flush=True)
