@@ -535,6 +535,12 @@ def criterion_text(args, results):
                      f"({'at least' if ahead else 'below'} KD-DETR's)")
             if not ahead:
                 behind.append(family)
+            # the paired difference, so a docs claim "CLoCK beats KD-DETR" never needs a hand computation
+            head_to_head = paired_delta(runs["kd_detr"], runs["clock"])
+            if head_to_head["n"] >= 2:
+                text += (f"; CLoCK minus KD-DETR, paired ({head_to_head['n']} seeds): {head_to_head['mean']:+.4f}, "
+                         f"95% CI [{head_to_head['ci'][0]:+.4f}, {head_to_head['ci'][1]:+.4f}], "
+                         f"p {head_to_head['p']:.2g}")
         lines.append(text + ".")
     met = "dino" in wins and len(wins) >= 2 and not behind
     return ("Pass rule (CLoCK's lower bound above 0 for DINO and at least one other family, and CLoCK's mean gain "

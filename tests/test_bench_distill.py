@@ -108,6 +108,8 @@ def test_pass_rule_needs_dino_and_another_family_above_zero_and_clock_at_least_k
     wins, noisy = [0.03, 0.04, 0.05], [0.06, -0.05, 0.02]
     met = bench_distill.criterion_text(args, {"dino": runs(wins, noisy), "dab_detr": runs(wins, noisy)})
     assert ": met on" in met and "dino (3 of 3 seeds): CLoCK's 95% CI lower bound +0.0152 (above 0)" in met
+    # CLoCK minus KD-DETR per seed: -0.03, +0.09, +0.03 (mean +0.03, sd 0.06)
+    assert "CLoCK minus KD-DETR, paired (3 seeds): +0.0300, 95% CI [-0.1190, +0.1790], p 0.48" in met
     # DINO's lower bound not above 0, the other family winning is not enough
     dino_noisy = {"dino": runs(noisy, noisy), "dab_detr": runs(wins, noisy)}
     assert "**not met**" in bench_distill.criterion_text(args, dino_noisy)
