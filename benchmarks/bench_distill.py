@@ -13,7 +13,8 @@
     separate tuning seeds; every reported number is on the test split, generated with another seed.
     Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
     and is reused when its hash still matches, so the A/B resumes after an interruption and on
-    another machine without checkpoints; an interrupted run continues from its last.pt. With
+    another machine without checkpoints (a teacher is retrained there only when a student left to
+    train needs its weights); an interrupted run continues from its last.pt. With
     --jobs 2 two runs train side by side, one thread each: on a 2-core VM that trained 1.17x the
     iterations per second of one run on two threads (benchmarks/results/parallel_runs.md).
 
@@ -342,13 +343,16 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
 
 def run_all(args, calls):
     """run_once(args, *call) for every call, in order; --jobs of them at a time, one thread each, in
-    worker processes. Finished runs are read here; a lone unfinished run trains here on every thread."""
-    if args.report_only or args.jobs <= 1:
-        return [run_once(args, *call) for call in calls]
+    worker processes. Finished runs are read here; a lone unfinished run trains here on every thread.
+    A teacher whose checkpoint is missing (another machine) is retrained only when a run left to train needs it."""
     reuse = argparse.Namespace(**{**vars(args), "report_only": True})
     records = [run_once(reuse, *call) for call in calls]
     todo = [i for i, record in enumerate(records) if record is None]
-    if len(todo) <= 1:
+    if args.report_only or not todo:
+        return records
+    for teacher in {id(calls[i][-1]): calls[i][-1] for i in todo if calls[i][-1] is not None}.values():
+        teacher_checkpoint(args, teacher)
+    if args.jobs <= 1 or len(todo) == 1:
         for i in todo:
             records[i] = run_once(args, *calls[i])
         return records
@@ -395,8 +399,10 @@ def teacher_learned(teacher):
     return teacher is None or teacher["metrics"]["tuning"]["mAP"] >= MIN_TEACHER_MAP
 
 
-def family_teacher(args, family):
-    """Train (or reuse) the family's teacher: teacher.yaml with model.arch = family, seed 0."""
+def family_teacher(args, family, retrain=False):
+    """The family's teacher (teacher.yaml with model.arch = family, seed 0): trained if it has no finished
+    record; a finished record is reused without its checkpoint (a run file is enough to report and to key
+    the students' runs), and retrain=True trains it again when its checkpoint is missing."""
     name = "teacher"
     run_dir = os.path.join(args.out, "runs", f"{family}-{name}")
     epochs, drop = schedule(args, family, teacher=True)
@@ -406,18 +412,28 @@ def family_teacher(args, family):
     path = os.path.join(args.runs_dir, f"{family}-{name}.json")
     checkpoint = os.path.join(run_dir, "last.pt")
     record = finished_run(path, key)
-    if record is not None and (os.path.isfile(checkpoint) or args.report_only):
+    if record is not None and (os.path.isfile(checkpoint) or not retrain):
         return {**record, "checkpoint": checkpoint}
     if args.report_only:
         return None
     tuning, _ = train(cfg)
-    record = {"family": family, "variant": name, "config": "teacher.yaml",
-              "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
-              "metrics": {"tuning": metric_subset(tuning), "test": metric_subset(test_metrics(args, checkpoint, cfg))},
-              "config_hash": key, "versions": versions(),
-              "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
-    write_json(path, record)
-    return {**record, "checkpoint": checkpoint}
+    trained = {"family": family, "variant": name, "config": "teacher.yaml",
+               "budget": {"epochs": epochs, "train_images": args.train_images, "max_iters": args.max_iters},
+               "metrics": {"tuning": metric_subset(tuning),
+                           "test": metric_subset(test_metrics(args, checkpoint, cfg))},
+               "config_hash": key, "versions": versions(),
+               "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
+    if record is not None and record["metrics"] != trained["metrics"]:
+        print(f"warning: the retrained {family} teacher differs from {path} ({record['metrics']['test']['mAP']} -> "
+              f"{trained['metrics']['test']['mAP']} test mAP); students trained before used the old one", flush=True)
+    write_json(path, trained)
+    return {**trained, "checkpoint": checkpoint}
+
+
+def teacher_checkpoint(args, teacher):
+    """Make sure the teacher's checkpoint is on disk before a student loads it."""
+    if not os.path.isfile(teacher["checkpoint"]):
+        family_teacher(args, teacher["family"], retrain=True)
 
 
 def choose_coefficients(args, teacher):

@@ -65,7 +65,7 @@ def test_coefficients_are_chosen_only_from_a_finished_tuning_grid(monkeypatch):
 def test_run_all_reads_finished_runs_and_trains_the_others_in_order(monkeypatch):
     trained = []
 
-    def fake_run_once(args, name, seed):
+    def fake_run_once(args, name, seed, teacher):
         if name == "done":
             return {"seed": seed}
         if args.report_only:
@@ -74,10 +74,28 @@ def test_run_all_reads_finished_runs_and_trains_the_others_in_order(monkeypatch)
         return {"seed": seed, "trained": True}
 
     monkeypatch.setattr(bench_distill, "run_once", fake_run_once)
-    calls = [("new", 0), ("done", 1), ("new", 2)]
+    calls = [("new", 0, None), ("done", 1, None), ("new", 2, None)]
     records = bench_distill.run_all(SimpleNamespace(report_only=False, jobs=1), calls)
     assert [r["seed"] for r in records] == [0, 1, 2] and trained == [0, 2] and "trained" not in records[1]
     assert bench_distill.run_all(SimpleNamespace(report_only=True, jobs=2), calls)[::2] == [None, None]
+
+
+def test_a_missing_teacher_checkpoint_is_retrained_only_when_a_run_left_to_train_needs_it(monkeypatch, tmp_path):
+    retrained = []
+    monkeypatch.setattr(bench_distill, "run_once",
+                        lambda args, name, seed, teacher: {"seed": seed} if name == "done" or not args.report_only
+                        else None)
+    monkeypatch.setattr(bench_distill, "family_teacher",
+                        lambda args, family, retrain=False: retrained.append((family, retrain)))
+    teacher = {"family": "dab_detr", "checkpoint": str(tmp_path / "last.pt")}  # not on disk (another machine)
+    args = SimpleNamespace(report_only=False, jobs=1)
+    bench_distill.run_all(args, [("done", 0, teacher), ("done", 1, teacher)])
+    assert retrained == []  # every student finished: the teacher is not needed
+    bench_distill.run_all(args, [("done", 0, teacher), ("new", 1, teacher), ("new", 2, teacher)])
+    assert retrained == [("dab_detr", True)]  # once, before the runs that load it
+    (tmp_path / "last.pt").write_bytes(b"")
+    bench_distill.run_all(args, [("new", 3, teacher)])
+    assert retrained == [("dab_detr", True)]  # on disk: reused
 
 
 def test_report_pairs_each_variant_with_the_baseline_of_its_seed():
@@ -163,3 +181,16 @@ def test_a_run_folder_of_other_settings_is_set_aside_not_resumed(tmp_path):
     assert not run_dir.exists()
     (kept,) = tmp_path.glob("dab_detr-teacher.old-*")
     assert (kept / "last.pt").read_bytes() == b"old run"
+
+
+def test_a_finished_teacher_is_reused_without_its_checkpoint_until_a_run_needs_it(monkeypatch, tmp_path):
+    record = {"family": "dab_detr", "metrics": {"tuning": {"mAP": 0.2}, "test": {"mAP": 0.2}}}
+    monkeypatch.setattr(bench_distill, "finished_run", lambda path, key: record)
+    monkeypatch.setattr(bench_distill, "train", lambda cfg: pytest.fail("a finished teacher was retrained"))
+    args = SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
+                           test_images=400, max_iters=0, configs="configs/demo", runs_dir=str(tmp_path),
+                           report_only=False)
+    teacher = bench_distill.family_teacher(args, "dab_detr")
+    assert teacher["metrics"] == record["metrics"] and not os.path.isfile(teacher["checkpoint"])
+    with pytest.raises(pytest.fail.Exception):  # a student run needs the missing checkpoint: trained again
+        bench_distill.family_teacher(args, "dab_detr", retrain=True)
