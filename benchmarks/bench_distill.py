@@ -14,7 +14,9 @@
     Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
     and is reused when its hash still matches, so the A/B resumes after an interruption and on
     another machine without checkpoints (a teacher is retrained there only when a student left to
-    train needs its weights); an interrupted run continues from its last.pt. With
+    train needs its weights, and the A/B stops if the retrained teacher's metrics differ from its
+    record: teacher training is not reproducible across CPUs); an interrupted run continues from its
+    last.pt. With
     --jobs 2 two runs train side by side, one thread each: on a 2-core VM that trained 1.17x the
     iterations per second of one run on two threads (benchmarks/results/parallel_runs.md).
 
@@ -101,7 +103,12 @@ RECIPE_NOTE = ("DAB-DETR trains 4x the epochs at lr 1e-4 (the DAB-DETR paper's r
                "its classification loss flat at ~0.9: one stride-32 level, no denoising and a backbone from "
                "scratch make it converge as slowly as DETR. Teacher probes on the tuning split, 16 epochs unless "
                "said: lr 1e-4 0.013; stride-16 features 0.001; trainable BatchNorm 0.024; 64 epochs at lr 1e-4 "
-               "0.175 (AP50 0.385). The other families keep the shared recipe.")
+               "0.175 (AP50 0.385). The other families keep the shared recipe. Retrained with the same config "
+               "and code on another 2-core VM (AMD EPYC instead of Intel Xeon; 2026-12-02) the teacher reached "
+               "0.111 tuning / 0.122 test mAP instead of 0.175 / 0.180: its training is not reproducible across "
+               "machines. The recorded teacher's checkpoint was lost with the first machine, so DAB-DETR's "
+               "comparison stops at the 5 seeds its students finished under it (a 6th under another teacher "
+               "would not pair).")
 # (a) timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
                  "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
@@ -424,8 +431,15 @@ def family_teacher(args, family, retrain=False):
                "config_hash": key, "versions": versions(),
                "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
     if record is not None and record["metrics"] != trained["metrics"]:
-        print(f"warning: the retrained {family} teacher differs from {path} ({record['metrics']['test']['mAP']} -> "
-              f"{trained['metrics']['test']['mAP']} test mAP); students trained before used the old one", flush=True)
+        # the students already finished learned from the recorded weights: mixing in runs under other
+        # weights would pair them as one teacher. Keep the retrained one aside (renamed), record nothing.
+        aside = f"{run_dir}.retrained-differs-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(run_dir, aside)
+        raise SystemExit(f"{path}: the retrained {family} teacher differs from the recorded one (test mAP "
+                         f"{record['metrics']['test']['mAP']} recorded, {trained['metrics']['test']['mAP']} now; "
+                         f"same config and code: training is not reproducible across machines). Its students "
+                         f"left to train would not pair with the finished ones; it is kept in {aside}. Finish "
+                         f"them where the recorded checkpoint is, or delete the family's run files to redo them.")
     write_json(path, trained)
     return {**trained, "checkpoint": checkpoint}
 
@@ -649,7 +663,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
 def machine():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, load average {load:.1f}")
+            f"{torch.get_num_threads()} threads, 1-minute load average {load:.1f} when this section was written")
 
 
 SECTIONS = {"a": "## (a) Step cost: distillation vs plain training + teacher forward",

@@ -194,3 +194,26 @@ def test_a_finished_teacher_is_reused_without_its_checkpoint_until_a_run_needs_i
     assert teacher["metrics"] == record["metrics"] and not os.path.isfile(teacher["checkpoint"])
     with pytest.raises(pytest.fail.Exception):  # a student run needs the missing checkpoint: trained again
         bench_distill.family_teacher(args, "dab_detr", retrain=True)
+
+
+def test_a_retrained_teacher_that_differs_stops_the_ab_instead_of_pairing_its_students_with_the_old_ones(
+        monkeypatch, tmp_path):
+    recorded = {"family": "dab_detr", "metrics": {"tuning": {"mAP": 0.175}, "test": {"mAP": 0.180}}}
+    monkeypatch.setattr(bench_distill, "finished_run", lambda path, key: recorded)
+    def fake_train(cfg):  # the checkpoint was missing (another machine): trained again, other weights
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "last.pt"), "wb") as f:
+            f.write(b"other weights")
+        return {"mAP": 0.111}, False
+    monkeypatch.setattr(bench_distill, "train", fake_train)
+    monkeypatch.setattr(bench_distill, "test_metrics", lambda args, checkpoint, cfg: {"mAP": 0.122})
+    monkeypatch.setattr(bench_distill, "write_json", lambda *a: pytest.fail("the differing teacher was recorded"))
+    args = SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
+                           test_images=400, max_iters=0, configs="configs/demo", runs_dir=str(tmp_path),
+                           report_only=False)
+    run_dir = tmp_path / "runs" / "dab_detr-teacher"
+    with pytest.raises(SystemExit, match="differs from the recorded one"):
+        bench_distill.family_teacher(args, "dab_detr", retrain=True)
+    assert not run_dir.exists()  # kept aside: a later call does not load it as the recorded teacher
+    (aside,) = (tmp_path / "runs").glob("dab_detr-teacher.retrained-differs-*")
+    assert (aside / "last.pt").read_bytes() == b"other weights"
