@@ -279,13 +279,19 @@ def versions():
             "code_hash": code_hash()}
 
 
+def move_aside(run_dir, label):
+    """Rename a run folder that must not be continued or loaded to <run_dir>.<label>-<time>: kept, not deleted."""
+    aside = f"{run_dir}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(run_dir, aside)
+    return aside
+
+
 def set_aside_other_run(cfg):
     """Move cfg.output_dir away when it holds a run of other settings (e.g. an older recipe), so that
-    run is never continued under the new config; it is kept (renamed), not deleted."""
+    run is never continued under the new config."""
     saved = os.path.join(cfg.output_dir, "config.yaml")
     if os.path.isfile(saved) and run_settings(load_config(saved)) != run_settings(cfg):
-        old = f"{cfg.output_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(cfg.output_dir, old)
+        old = move_aside(cfg.output_dir, "old")
         print(f"{cfg.output_dir}: trained with other settings, moved to {old}; starting it afresh", flush=True)
 
 
@@ -432,9 +438,8 @@ def family_teacher(args, family, retrain=False):
                "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
     if record is not None and record["metrics"] != trained["metrics"]:
         # the students already finished learned from the recorded weights: mixing in runs under other
-        # weights would pair them as one teacher. Keep the retrained one aside (renamed), record nothing.
-        aside = f"{run_dir}.retrained-differs-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(run_dir, aside)
+        # weights would pair them as one teacher. Keep the retrained one aside, record nothing.
+        aside = move_aside(run_dir, "retrained-differs")
         raise SystemExit(f"{path}: the retrained {family} teacher differs from the recorded one (test mAP "
                          f"{record['metrics']['test']['mAP']} recorded, {trained['metrics']['test']['mAP']} now; "
                          f"same config and code: training is not reproducible across machines). Its students "

@@ -183,13 +183,18 @@ def test_a_run_folder_of_other_settings_is_set_aside_not_resumed(tmp_path):
     assert (kept / "last.pt").read_bytes() == b"old run"
 
 
+def teacher_args(tmp_path):
+    """The A/B's default budget, with data, runs and run files under tmp_path."""
+    return SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
+                           test_images=400, max_iters=0, configs="configs/demo", runs_dir=str(tmp_path),
+                           report_only=False)
+
+
 def test_a_finished_teacher_is_reused_without_its_checkpoint_until_a_run_needs_it(monkeypatch, tmp_path):
     record = {"family": "dab_detr", "metrics": {"tuning": {"mAP": 0.2}, "test": {"mAP": 0.2}}}
     monkeypatch.setattr(bench_distill, "finished_run", lambda path, key: record)
     monkeypatch.setattr(bench_distill, "train", lambda cfg: pytest.fail("a finished teacher was retrained"))
-    args = SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
-                           test_images=400, max_iters=0, configs="configs/demo", runs_dir=str(tmp_path),
-                           report_only=False)
+    args = teacher_args(tmp_path)
     teacher = bench_distill.family_teacher(args, "dab_detr")
     assert teacher["metrics"] == record["metrics"] and not os.path.isfile(teacher["checkpoint"])
     with pytest.raises(pytest.fail.Exception):  # a student run needs the missing checkpoint: trained again
@@ -208,9 +213,7 @@ def test_a_retrained_teacher_that_differs_stops_the_ab_instead_of_pairing_its_st
     monkeypatch.setattr(bench_distill, "train", fake_train)
     monkeypatch.setattr(bench_distill, "test_metrics", lambda args, checkpoint, cfg: {"mAP": 0.122})
     monkeypatch.setattr(bench_distill, "write_json", lambda *a: pytest.fail("the differing teacher was recorded"))
-    args = SimpleNamespace(epochs=12, teacher_epochs=16, out=str(tmp_path), train_images=800, tuning_images=200,
-                           test_images=400, max_iters=0, configs="configs/demo", runs_dir=str(tmp_path),
-                           report_only=False)
+    args = teacher_args(tmp_path)
     run_dir = tmp_path / "runs" / "dab_detr-teacher"
     with pytest.raises(SystemExit, match="differs from the recorded one"):
         bench_distill.family_teacher(args, "dab_detr", retrain=True)
