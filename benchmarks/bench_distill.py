@@ -48,7 +48,8 @@ import torch
 from clock_deploy.config import load_config, to_dict
 from clock_deploy.distill import build_distiller
 from clock_deploy.engine.trainer import TrainStep
-from clock_deploy.io import read_json, write_json, write_text
+from clock_deploy.engine.checkpoint import read_checkpoint
+from clock_deploy.io import file_sha256, read_json, torch_save, write_json, write_text
 from clock_deploy.models.build import build_criterion, build_model
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
 
@@ -69,6 +70,19 @@ VARIANTS = {
     "clock_kl": ("distill.yaml", ["distill.logit.cls_loss=kl"], ["dino"]),
 }
 MAIN_VARIANTS = ["baseline", "clock", "kd_detr"]  # run for every seed before the ablation rows
+# The ablation rows of a family train under a second teacher of that family (family -> its teacher seed), with
+# CLoCK again as their reference: the first DINO teacher's weights were lost with its machine and a retrain does
+# not reproduce them (RECIPE_NOTE), so ablations under a new teacher would not pair with the first CLoCK row.
+ABLATION_TEACHER = {"dino": 1}
+ABLATION_VARIANTS = ["clock", "tcld_only", "lcmd_only", "fgd", "clock_kl"]
+ABLATION_NOTE = ("The ablation rows train under a second DINO teacher (the same recipe, seed 1), with CLoCK again "
+                 "as their reference: the first teacher's weights were lost with the machine that trained it, and "
+                 "retraining does not reproduce a teacher across machines (RECIPE_NOTE). The second teacher's "
+                 "weights are committed (benchmarks/results/teachers/), so its students resume on any machine. Each "
+                 "row pairs with the same baseline seeds as the main comparison (a baseline has no teacher). The "
+                 "pass rule reads the main comparison, as it was set before the first teacher was lost; CLoCK "
+                 "under the second teacher is a replicate and is reported whichever way it goes.")
+TEACHERS_DIR = "benchmarks/results/teachers"  # weights of every teacher trained since 2026-12-02 (committed)
 TUNED = {"clock", "tcld_only", "lcmd_only", "clock_kl"}  # take the coefficients chosen on the tuning split
 # candidates tried on the tuning split (DINO, TUNING_SEEDS), one coefficient moved at a time. Set from
 # the gradient shares the first tuning run (defaults, seed 100) logged, not from any accuracy: its mean
@@ -332,7 +346,7 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
     if teacher is not None:
         extra.append(f"distill.teacher={teacher['checkpoint']}")
     cfg = load_config(os.path.join(args.configs, config), extra)
-    key = config_hash(cfg, teacher["config_hash"] if teacher else None)
+    key = config_hash(cfg, teacher_key(teacher) if teacher else None)
     path = os.path.join(args.runs_dir, f"{family}-{name}-{seed}.json")
     record = finished_run(path, key)
     if record is not None:
@@ -347,7 +361,7 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
                           "test": metric_subset(test_metrics(args, os.path.join(run_dir, "last.pt"), cfg))},
               "grad_shares": gradient_shares(run_dir), "seconds": round(time.time() - start, 1), "resumed": resumed,
               "threads": torch.get_num_threads(), "config_hash": key,
-              "teacher_hash": teacher["config_hash"] if teacher else None, "versions": versions()}
+              "teacher_hash": teacher_key(teacher) if teacher else None, "versions": versions()}
     write_json(path, record)
     print(f"{family} {name} seed {seed}: test mAP {record['metrics']['test']['mAP']:.4f}, KITTI Mod "
           f"{record['metrics']['test']['kitti_moderate']:.2f} ({record['seconds']:.0f} s)", flush=True)
@@ -412,19 +426,53 @@ def teacher_learned(teacher):
     return teacher is None or teacher["metrics"]["tuning"]["mAP"] >= MIN_TEACHER_MAP
 
 
-def family_teacher(args, family, retrain=False):
-    """The family's teacher (teacher.yaml with model.arch = family, seed 0): trained if it has no finished
-    record; a finished record is reused without its checkpoint (a run file is enough to report and to key
-    the students' runs), and retrain=True trains it again when its checkpoint is missing."""
-    name = "teacher"
+def run_name(variant, teacher_seed=0):
+    """A run's name in its folder and file: the variant, tagged with its teacher's seed when not the first."""
+    return variant if teacher_seed == 0 else f"{variant}-t{teacher_seed}"
+
+
+def teacher_key(teacher):
+    """What a student's run is keyed on: the teacher's config hash, and its committed weights when it has them."""
+    weights = teacher.get("weights")
+    return teacher["config_hash"] + (f"-{weights['sha256'][:16]}" if weights else "")
+
+
+def commit_teacher_weights(checkpoint, path):
+    """Write a teacher's last.pt without its optimizer and RNG state (a checkpoint `load_model` reads) to
+    `path`, to be committed: the same teacher on every machine. Returns its record entry."""
+    ckpt = read_checkpoint(checkpoint)
+    keep = ("format", "version", "arch", "classes", "config", "model", "ema", "epoch", "iteration", "metrics")
+    torch_save({k: ckpt[k] for k in keep if k in ckpt}, path)
+    return {"file": os.path.basename(path), "sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+
+
+def committed_teacher(args, record, path):
+    """The committed weights file of a teacher record, checked against the record's sha256."""
+    weights = os.path.join(args.teachers_dir, record["weights"]["file"])
+    if not os.path.isfile(weights):
+        raise SystemExit(f"{path}: its teacher's weights {weights} are missing (they are committed: restore them "
+                         f"from git, or delete {path} to train the teacher and its students again)")
+    if file_sha256(weights) != record["weights"]["sha256"]:
+        raise SystemExit(f"{weights}: not the weights recorded in {path} (sha256 differs)")
+    return weights
+
+
+def family_teacher(args, family, retrain=False, seed=0):
+    """The family's teacher (teacher.yaml with model.arch = family and `seed`): trained if it has no finished
+    record, its weights then written to --teachers-dir. A finished record is reused without its checkpoint (a
+    run file is enough to report and to key the students' runs); a student loads the committed weights, or,
+    for a teacher recorded before weights were committed, its last.pt, trained again (retrain=True) when missing."""
+    name = "teacher" if seed == 0 else f"teacher-s{seed}"
     run_dir = os.path.join(args.out, "runs", f"{family}-{name}")
     epochs, drop = schedule(args, family, teacher=True)
     cfg = load_config(os.path.join(args.configs, "teacher.yaml"),
-                      base_overrides(args, family, epochs, drop) + [f"output_dir={run_dir}"])
+                      base_overrides(args, family, epochs, drop) + [f"seed={seed}", f"output_dir={run_dir}"])
     key = config_hash(cfg)
     path = os.path.join(args.runs_dir, f"{family}-{name}.json")
     checkpoint = os.path.join(run_dir, "last.pt")
     record = finished_run(path, key)
+    if record is not None and record.get("weights"):
+        return {**record, "checkpoint": committed_teacher(args, record, path)}
     if record is not None and (os.path.isfile(checkpoint) or not retrain):
         return {**record, "checkpoint": checkpoint}
     if args.report_only:
@@ -436,7 +484,9 @@ def family_teacher(args, family, retrain=False):
                            "test": metric_subset(test_metrics(args, checkpoint, cfg))},
                "config_hash": key, "versions": versions(),
                "params": {"teacher": sum(p.numel() for p in build_model(cfg.model).parameters())}}
-    if record is not None and record["metrics"] != trained["metrics"]:
+    if record is not None and record["metrics"] == trained["metrics"]:
+        return {**record, "checkpoint": checkpoint}  # the recorded weights again: its students' keys stay valid
+    if record is not None:
         # the students already finished learned from the recorded weights: mixing in runs under other
         # weights would pair them as one teacher. Keep the retrained one aside, record nothing.
         aside = move_aside(run_dir, "retrained-differs")
@@ -445,8 +495,10 @@ def family_teacher(args, family, retrain=False):
                          f"same config and code: training is not reproducible across machines). Its students "
                          f"left to train would not pair with the finished ones; it is kept in {aside}. Finish "
                          f"them where the recorded checkpoint is, or delete the family's run files to redo them.")
+    os.makedirs(args.teachers_dir, exist_ok=True)
+    trained["weights"] = commit_teacher_weights(checkpoint, os.path.join(args.teachers_dir, f"{family}-{name}.pt"))
     write_json(path, trained)
-    return {**trained, "checkpoint": checkpoint}
+    return {**trained, "checkpoint": committed_teacher(args, trained, path)}
 
 
 def teacher_checkpoint(args, teacher):
@@ -485,7 +537,7 @@ def part_b(args):
         chosen, scores = choose_coefficients(args, dino_teacher)
         print(f"coefficients chosen on the tuning split: "
               f"{'none yet (tuning unfinished)' if chosen is None else chosen or 'the defaults'}", flush=True)
-    results, progress = {}, {}
+    results, progress, ablation_teachers = {}, {}, {}
     if scores:
         progress["tuning (DINO CLoCK)"] = [sum(n for _, _, n in scores), len(TUNING_GRID) * len(TUNING_SEEDS)]
     for family in args.families:
@@ -493,28 +545,33 @@ def part_b(args):
             continue  # its students would be measured against noise (report_b says so)
         seeds = range(args.seeds or SEEDS[family])
         count = progress.setdefault(f"{family} comparison", [0, 0])
-        # the main comparison first (baseline, CLoCK, KD-DETR), then the ablation rows; seed-major in
-        # each, so after any interruption the finished seeds are complete pairs
-        order = [(seed, name) for tier in (MAIN_VARIANTS, [v for v in VARIANTS if v not in MAIN_VARIANTS])
-                 for seed in seeds for name in tier]
+        # the main comparison first (baseline, CLoCK, KD-DETR), then the ablation rows, under the family's
+        # second teacher if it has one; seed-major in each, so after any interruption the finished seeds are
+        # complete pairs
+        second = ABLATION_TEACHER.get(family, 0)
+        tiers = [(MAIN_VARIANTS, 0), ([v for v in ABLATION_VARIANTS if second or v not in MAIN_VARIANTS], second)]
+        order = [(seed, variant, teacher_seed) for variants, teacher_seed in tiers for seed in seeds
+                 for variant in variants if family in VARIANTS[variant][2] and variant in args.variants]
+        family_teachers = {0: teachers[family]}
+        if any(teacher_seed for _, _, teacher_seed in order):  # trained (once) before the family's runs
+            family_teachers[second] = ablation_teachers[family] = family_teacher(args, family, seed=second)
         calls = []
-        for seed, name in order:
-            config, overrides, families = VARIANTS[name]
-            if family not in families or name not in args.variants:
-                continue
+        for seed, variant, teacher_seed in order:
+            config, overrides, _ = VARIANTS[variant]
             count[1] += 1
-            teacher = teachers[family] if name != "baseline" else None
-            if name != "baseline" and teacher is None:
+            teacher = family_teachers[teacher_seed] if variant != "baseline" else None
+            if variant != "baseline" and not (teacher is not None and teacher_learned(teacher)):
                 continue
-            if name in TUNED and chosen is None:
+            if variant in TUNED and chosen is None:
                 continue  # their coefficients are not chosen yet
-            extra = overrides + (chosen if name in TUNED else [])
-            calls.append((name, family, config, extra, seed, *schedule(args, family), teacher))
+            extra = overrides + (chosen if variant in TUNED else [])
+            calls.append((run_name(variant, teacher_seed), family, config, extra, seed, *schedule(args, family),
+                          teacher))
         for (name, _, _, _, seed, *_), record in zip(calls, run_all(args, calls)):
             if record is not None:
                 count[0] += 1
                 results.setdefault(family, {}).setdefault(name, {})[seed] = record
-    return report_b(args, teachers, results, chosen, scores, progress)
+    return report_b(args, teachers, results, chosen, scores, progress, ablation_teachers)
 
 
 # ---------------------------------------------------------------- (b) statistics and report
@@ -595,7 +652,29 @@ def coefficients_text(chosen, scores):
             f"{chosen or 'defaults'}, applied to {sorted(TUNED)}.")
 
 
-def report_b(args, teachers, results, chosen, scores, progress=None):
+def variant_table(baseline, runs):
+    """Markdown rows of every variant in `runs` ({name: {seed: record}}) against the baseline of its seeds."""
+    lines = ["| variant | seeds | min/run | mAP (mean +- sd) | delta mAP (mean +- sd) | 95% CI | p "
+             "| KITTI Mod (mean +- sd) | delta Mod (mean +- sd) | 95% CI | p |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+    for name, per_seed in runs.items():
+        row = [name, str(len(per_seed)), minutes_per_run(per_seed.values())]
+        for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
+            values = [r["metrics"]["test"][key] for r in per_seed.values()]
+            spread = f" +- {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+            row.append(fmt.format(statistics.mean(values)) + spread)
+            st = None if name == "baseline" else paired_delta(baseline, per_seed, key)
+            if st is None:
+                row += ["", "", ""]
+                continue
+            row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
+                    f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]",
+                    f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def report_b(args, teachers, results, chosen, scores, progress=None, ablation_teachers=None):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
              f"student{f' (max {args.max_iters} iterations: a smoke run, not a result)' if args.max_iters else ''}; "
@@ -610,6 +689,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
                                                  in progress.items())
                   + " (teachers: see below). A table with fewer seeds than planned is an interim reading.", ""]
     lines.append("Every number below is on the **test split**. Coefficients: " + coefficients_text(chosen, scores))
+    ablation_teachers = ablation_teachers or {}
     for family in args.families:
         teacher = teachers.get(family)
         runs = results.get(family, {})
@@ -630,23 +710,16 @@ def report_b(args, teachers, results, chosen, scores, progress=None):
         if not runs:
             lines += ["", "No comparison run finished yet."]
             continue
-        lines += ["", "| variant | seeds | min/run | mAP (mean +- sd) | delta mAP (mean +- sd) | 95% CI | p "
-                  "| KITTI Mod (mean +- sd) | delta Mod (mean +- sd) "
-                  "| 95% CI | p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
-        for name, per_seed in runs.items():
-            row = [name, str(len(per_seed)), minutes_per_run(per_seed.values())]
-            for key, fmt in (("mAP", "{:.4f}"), ("kitti_moderate", "{:.2f}")):
-                values = [r["metrics"]["test"][key] for r in per_seed.values()]
-                spread = f" +- {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
-                row.append(fmt.format(statistics.mean(values)) + spread)
-                st = None if name == "baseline" else paired_delta(baseline, per_seed, key)
-                if st is None:
-                    row += ["", "", ""]
-                    continue
-                row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
-                        f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]",
-                        f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"]
-            lines.append("| " + " | ".join(row) + " |")
+        tag = f"-t{ABLATION_TEACHER[family]}" if family in ABLATION_TEACHER else None
+        first = {name: per_seed for name, per_seed in runs.items() if not (tag and name.endswith(tag))}
+        lines += [""] + variant_table(baseline, first)
+        second = ablation_teachers.get(family)
+        if second is not None or len(first) < len(runs):
+            tm = second["metrics"]["test"] if second else None
+            lines += ["", f"Ablation rows, under the second teacher (seed {ABLATION_TEACHER[family]}"
+                      + (f"; mAP {tm['mAP']:.4f}, KITTI Mod {tm['kitti_moderate']:.2f}" if tm else "; unfinished")
+                      + "). " + ABLATION_NOTE, ""]
+            lines += variant_table(baseline, {name: per_seed for name, per_seed in runs.items() if name not in first})
         shares = [(name, mean_shares(per_seed.values())) for name, per_seed in runs.items()]
         shares = [(name, s) for name, s in shares if s]
         if shares:
@@ -714,6 +787,7 @@ def main():
                         help="(b) runs trained side by side, one thread each (see results/parallel_runs.md)")
     parser.add_argument("--out", default="bench_out/distill", help="(b) data and run folders (checkpoints)")
     parser.add_argument("--runs-dir", default=RUNS, help="(b) one json per finished run (commit these)")
+    parser.add_argument("--teachers-dir", default=TEACHERS_DIR, help="(b) the teachers' weights (commit these)")
     parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     body = part_a(args) if args.part == "a" else part_b(args)
