@@ -13,10 +13,12 @@
     separate tuning seeds; every reported number is on the test split, generated with another seed.
     Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
     and is reused when its hash still matches, so the A/B resumes after an interruption and on
-    another machine without checkpoints (a teacher is retrained there only when a student left to
-    train needs its weights, and the A/B stops if the retrained teacher's metrics differ from its
-    record: teacher training is not reproducible across CPUs); an interrupted run continues from its
-    last.pt. With
+    another machine without checkpoints. A teacher's weights are written to --teachers-dir (commit
+    them) and its students load them from there, the same teacher on every machine; a teacher
+    recorded before that is retrained only when a student left to train needs its weights, and the
+    A/B stops if the retrained teacher's metrics differ from its record (teacher training is not
+    reproducible across CPUs). DINO's ablation rows train under a second DINO teacher (seed 1,
+    ABLATION_TEACHER). An interrupted run continues from its last.pt. With
     --jobs 2 two runs train side by side, one thread each: on a 2-core VM that trained 1.17x the
     iterations per second of one run on two threads (benchmarks/results/parallel_runs.md).
 
@@ -99,8 +101,9 @@ HISTORY_NOTE = ("The first A/B (4 seeds, DINO only, the first CLoCK defaults and
                 "p ~ 0.1, not distinguishable from KD-DETR or FGD) measured older code; it is in this file's git "
                 "history.")
 PROTOCOL_NOTE = ("Order: the family's teacher, then the tuning grid (DINO CLoCK, tuning split only), then baseline, "
-                 "CLoCK and KD-DETR for every seed, then the ablation rows. Run files are keyed on a hash of the "
-                 "config and of clock_deploy/{models,distill,engine,data,eval}: an edit there makes every finished "
+                 "CLoCK and KD-DETR for every seed, then the ablation rows (DINO: under its second teacher). Run "
+                 "files are keyed on a hash of the config and of clock_deploy/{models,distill,engine,data,eval}: an "
+                 "edit there makes every finished "
                  "run stale, so those folders stay frozen until the A/B is done. Cost on a 2-core Intel Xeon VM: "
                  "DINO teacher 38.5 min; the tuning runs one at a time on 2 threads (DINO CLoCK ~14-15 min each); "
                  "from the comparison on two runs side by side on one thread each (--jobs 2: 1.17x the runs per "

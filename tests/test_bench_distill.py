@@ -220,3 +220,92 @@ def test_a_retrained_teacher_that_differs_stops_the_ab_instead_of_pairing_its_st
     assert not run_dir.exists()  # kept aside: a later call does not load it as the recorded teacher
     (aside,) = (tmp_path / "runs").glob("dab_detr-teacher.retrained-differs-*")
     assert (aside / "last.pt").read_bytes() == b"other weights"
+
+
+def test_teacher_seed_0_keeps_the_first_teachers_key_and_its_committed_weights_make_another_key():
+    first = load_config("configs/demo/teacher.yaml", ["output_dir=/tmp/a"])
+    assert bench_distill.config_hash(first) == bench_distill.config_hash(
+        load_config("configs/demo/teacher.yaml", ["seed=0", "output_dir=/tmp/b"]))  # records before seeds stay valid
+    assert bench_distill.config_hash(first) != bench_distill.config_hash(
+        load_config("configs/demo/teacher.yaml", ["seed=1", "output_dir=/tmp/a"]))
+    recorded = {"config_hash": "abc"}
+    assert bench_distill.teacher_key(recorded) == "abc"
+    assert bench_distill.teacher_key({**recorded, "weights": {"sha256": "f" * 64}}) == "abc-" + "f" * 16
+
+
+def test_a_new_teachers_weights_are_committed_and_another_machine_loads_them_without_training(monkeypatch, tmp_path):
+    import torch
+    from clock_deploy.engine.checkpoint import load_model, save_checkpoint
+    from clock_deploy.models.build import build_model
+    trained = {}
+
+    def fake_train(cfg):  # a real checkpoint of the teacher's model, with an optimizer state and RNG
+        trained["model"] = build_model(cfg.model)
+        save_checkpoint(os.path.join(cfg.output_dir, "last.pt"), trained["model"], cfg, ["Car"], 16, 100,
+                        optimizer={"state": torch.zeros(2)})
+        return {"mAP": 0.5}, False
+    os.makedirs(tmp_path / "runs" / "dino-teacher-s1")
+    monkeypatch.setattr(bench_distill, "train", fake_train)
+    monkeypatch.setattr(bench_distill, "test_metrics", lambda args, checkpoint, cfg: {"mAP": 0.4})
+    args = teacher_args(tmp_path)
+    args.teachers_dir = str(tmp_path / "teachers")
+    teacher = bench_distill.family_teacher(args, "dino", seed=1)
+    weights = tmp_path / "teachers" / "dino-teacher-s1.pt"
+    assert teacher["checkpoint"] == str(weights) and teacher["weights"]["file"] == "dino-teacher-s1.pt"
+    assert not {"optimizer", "rng"} & set(torch.load(weights, weights_only=True))
+    model, cfg, _ = load_model(str(weights))  # what a student's distill.teacher loads
+    assert cfg.seed == 1 and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                     trained["model"].state_dict().values()))
+
+    import shutil
+    shutil.rmtree(tmp_path / "runs")  # another machine: no run folder, only the committed files
+    monkeypatch.setattr(bench_distill, "train", lambda cfg: pytest.fail("a committed teacher was retrained"))
+    again = bench_distill.family_teacher(args, "dino", retrain=True, seed=1)
+    assert again["checkpoint"] == str(weights)
+    assert bench_distill.teacher_key(again) == bench_distill.teacher_key(teacher)  # its students' runs still match
+    weights.write_bytes(weights.read_bytes() + b"x")
+    with pytest.raises(SystemExit, match="dino-teacher-s1.pt: not the weights recorded in .*dino-teacher-s1.json"):
+        bench_distill.family_teacher(args, "dino", seed=1)
+    weights.unlink()
+    with pytest.raises(SystemExit, match="weights .*dino-teacher-s1.pt are missing"):
+        bench_distill.family_teacher(args, "dino", seed=1)
+
+
+def test_the_ablation_rows_train_under_the_second_teacher_and_the_main_comparison_under_the_first(monkeypatch):
+    def fake_teacher(args, family, retrain=False, seed=0):
+        return {"family": family, "seed": seed, "config_hash": f"t{seed}",
+                "metrics": {"tuning": {"mAP": 0.5}, "test": {"mAP": 0.5, "kitti_moderate": 50.0}}}
+    calls = []
+    monkeypatch.setattr(bench_distill, "family_teacher", fake_teacher)
+    monkeypatch.setattr(bench_distill, "ensure_data", lambda args, cfg: None)
+    monkeypatch.setattr(bench_distill, "run_all", lambda args, todo: calls.extend(todo) or [None] * len(todo))
+    monkeypatch.setattr(bench_distill, "report_b", lambda *a: a[-1])
+    args = SimpleNamespace(families=["dino", "deformable_detr"], seeds=2, variants=list(bench_distill.VARIANTS),
+                           tune=False, report_only=False, configs="configs/demo", epochs=12, out="/tmp/unused",
+                           train_images=800, tuning_images=200, max_iters=0)
+    ablation_teachers = bench_distill.part_b(args)
+    assert list(ablation_teachers) == ["dino"] and ablation_teachers["dino"]["seed"] == 1
+    runs = [(family, name, seed, teacher and teacher["seed"]) for name, family, _, _, seed, *_, teacher in calls]
+    main = [(n, None if n == "baseline" else 0) for n in ("baseline", "clock", "kd_detr")]
+    ablations = [(f"{n}-t1", 1) for n in ("clock", "tcld_only", "lcmd_only", "fgd", "clock_kl")]
+    assert runs == ([("dino", n, s, t) for s in (0, 1) for n, t in main]
+                    + [("dino", n, s, t) for s in (0, 1) for n, t in ablations]
+                    + [("deformable_detr", n, s, t) for s in (0, 1) for n, t in main])  # no ablation rows there
+
+
+def test_the_ablation_rows_are_a_table_of_their_own_under_the_second_teachers_line():
+    def record(m_ap):
+        return {"metrics": {"test": {"mAP": m_ap, "kitti_moderate": 50.0}}, "seconds": 600.0}
+    results = {"dino": {"baseline": {0: record(0.30), 1: record(0.40)}, "clock": {0: record(0.33), 1: record(0.42)},
+                        "clock-t1": {0: record(0.20), 1: record(0.30)}}}
+    args = SimpleNamespace(train_images=800, tuning_images=200, test_images=400, epochs=12, max_iters=0,
+                           configs="configs/demo", teacher_epochs=16, families=["dino"], runs_dir="runs", seeds=None)
+    second = {"metrics": {"test": {"mAP": 0.6, "kitti_moderate": 88.0}}}
+    lines = bench_distill.report_b(args, {}, results, [], [], None, {"dino": second}).splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("Ablation rows, under the second teacher"))
+    assert "(seed 1; mAP 0.6000, KITTI Mod 88.00)" in lines[heading]
+    rows = [i for i, line in enumerate(lines) if line.startswith("| clock")]
+    assert [lines[i].split("|")[1].strip() for i in rows] == ["clock", "clock-t1"] and rows[0] < heading < rows[1]
+    assert "| -0.1000 +- 0.0000 |" in lines[rows[1]]  # paired with the same baseline seeds
+    # the pass rule reads the first teacher's CLoCK row only (+0.03, +0.02: mean +0.025, half width 0.0635)
+    assert "dino (2 of 8 seeds): CLoCK's 95% CI lower bound -0.0385" in lines[-3]
