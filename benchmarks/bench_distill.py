@@ -72,9 +72,7 @@ VARIANTS = {
     "clock_kl": ("distill.yaml", ["distill.logit.cls_loss=kl"], ["dino"]),
 }
 MAIN_VARIANTS = ["baseline", "clock", "kd_detr"]  # run for every seed before the ablation rows
-# The ablation rows of a family train under a second teacher of that family (family -> its teacher seed), with
-# CLoCK again as their reference: the first DINO teacher's weights were lost with its machine and a retrain does
-# not reproduce them (RECIPE_NOTE), so ablations under a new teacher would not pair with the first CLoCK row.
+# family -> seed of the second teacher its ablation rows (CLoCK again first) train under; ABLATION_NOTE says why
 ABLATION_TEACHER = {"dino": 1}
 ABLATION_VARIANTS = ["clock", "tcld_only", "lcmd_only", "fgd", "clock_kl"]
 ABLATION_NOTE = ("The ablation rows train under a second DINO teacher (the same recipe, seed 1), with CLoCK again "
@@ -713,8 +711,8 @@ def report_b(args, teachers, results, chosen, scores, progress=None, ablation_te
         if not runs:
             lines += ["", "No comparison run finished yet."]
             continue
-        tag = f"-t{ABLATION_TEACHER[family]}" if family in ABLATION_TEACHER else None
-        first = {name: per_seed for name, per_seed in runs.items() if not (tag and name.endswith(tag))}
+        second_names = {run_name(v, ABLATION_TEACHER[family]) for v in ABLATION_VARIANTS if family in ABLATION_TEACHER}
+        first = {name: per_seed for name, per_seed in runs.items() if name not in second_names}
         lines += [""] + variant_table(baseline, first)
         second = ablation_teachers.get(family)
         if second is not None or len(first) < len(runs):
