@@ -675,6 +675,22 @@ def variant_table(baseline, runs):
     return lines
 
 
+def ablation_text(ablations, reference):
+    """Each ablation row minus CLoCK under the same teacher (`reference`), paired by seed: what a component
+    adds or costs."""
+    parts = []
+    for name, per_seed in ablations.items():
+        if name == reference or reference not in ablations:
+            continue
+        st = paired_delta(ablations[reference], per_seed)
+        if st is not None and st["n"] >= 2:
+            parts.append(f"{name} {st['mean']:+.4f} (CI [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}], p {st['p']:.2g}, "
+                         f"{st['n']} seeds)")
+    if not parts:
+        return []
+    return ["", f"Each row minus {reference} of the same seed (test mAP, paired): " + "; ".join(parts) + "."]
+
+
 def report_b(args, teachers, results, chosen, scores, progress=None, ablation_teachers=None):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
@@ -720,7 +736,9 @@ def report_b(args, teachers, results, chosen, scores, progress=None, ablation_te
             lines += ["", f"Ablation rows, under the second teacher (seed {ABLATION_TEACHER[family]}"
                       + (f"; mAP {tm['mAP']:.4f}, KITTI Mod {tm['kitti_moderate']:.2f}" if tm else "; unfinished")
                       + "). " + ABLATION_NOTE, ""]
-            lines += variant_table(baseline, {name: per_seed for name, per_seed in runs.items() if name not in first})
+            ablations = {name: per_seed for name, per_seed in runs.items() if name not in first}
+            lines += variant_table(baseline, ablations)
+            lines += ablation_text(ablations, run_name("clock", ABLATION_TEACHER[family]))
         shares = [(name, mean_shares(per_seed.values())) for name, per_seed in runs.items()]
         shares = [(name, s) for name, s in shares if s]
         if shares:

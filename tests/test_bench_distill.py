@@ -309,3 +309,15 @@ def test_the_ablation_rows_are_a_table_of_their_own_under_the_second_teachers_li
     assert "| -0.1000 +- 0.0000 |" in lines[rows[1]]  # paired with the same baseline seeds
     # the pass rule reads the first teacher's CLoCK row only (+0.03, +0.02: mean +0.025, half width 0.0635)
     assert "dino (2 of 8 seeds): CLoCK's 95% CI lower bound -0.0385" in lines[-3]
+
+
+def test_each_ablation_row_is_paired_with_clock_under_the_same_teacher():
+    def record(m_ap):
+        return {"metrics": {"test": {"mAP": m_ap, "kitti_moderate": 50.0}}}
+    ablations = {"clock-t1": {0: record(0.40), 1: record(0.50), 2: record(0.45)},
+                 "lcmd_only-t1": {0: record(0.43), 1: record(0.51), 3: record(0.9)},  # seed 3: no CLoCK to pair
+                 "fgd-t1": {0: record(0.41)}}  # one paired seed: no statistics yet
+    lines = bench_distill.ablation_text(ablations, "clock-t1")
+    assert lines[1].startswith("Each row minus clock-t1 of the same seed (test mAP, paired): lcmd_only-t1 +0.0200 ")
+    assert "2 seeds" in lines[1] and "fgd-t1" not in lines[1]
+    assert bench_distill.ablation_text({"fgd-t1": ablations["fgd-t1"]}, "clock-t1") == []
