@@ -678,9 +678,11 @@ def variant_table(baseline, runs):
 def ablation_text(ablations, reference):
     """Each ablation row minus CLoCK under the same teacher (`reference`), paired by seed: what a component
     adds or costs."""
+    if reference not in ablations:
+        return []
     parts = []
     for name, per_seed in ablations.items():
-        if name == reference or reference not in ablations:
+        if name == reference:
             continue
         st = paired_delta(ablations[reference], per_seed)
         if st is not None and st["n"] >= 2:
