@@ -318,12 +318,13 @@ def train(cfg):
     return run_training(cfg, resume=resume, progress=False), resume
 
 
-def test_metrics(args, checkpoint, cfg):
+def test_metrics(args, checkpoint, cfg, root=None):
+    """Metrics of a checkpoint on the test split (or on the scenes under `root`, all "val" but one)."""
     from clock_deploy.data.dataset import build_dataset
     from clock_deploy.engine.checkpoint import load_model
     from clock_deploy.eval.detector import evaluate_model
     model, _, _ = load_model(checkpoint)
-    data_cfg = dataclasses.replace(cfg.data, root=data_roots(args)[1])
+    data_cfg = dataclasses.replace(cfg.data, root=root or data_roots(args)[1])
     return evaluate_model(model, build_dataset(data_cfg, "val", train=False), cfg.data.img_size, cfg.export.topk,
                           batch=cfg.train.batch_size)
 
