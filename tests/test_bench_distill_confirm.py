@@ -1,0 +1,67 @@
+"""The choice, the bookkeeping and the pass rule of benchmarks/bench_distill_confirm.py (no training here)."""
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_distill_confirm as confirm  # noqa: E402
+
+from clock_deploy.io import read_json  # noqa: E402
+
+
+def tuning(*maps):
+    return [{"metrics": {"tuning": {"mAP": m}}} for m in maps]
+
+
+def test_the_choice_reads_only_the_tuning_split_and_a_tie_goes_to_the_full_clock():
+    records = {name: tuning(0.40, 0.42) for name in confirm.CANDIDATES}
+    records["lcmd_only"] = tuning(0.42, 0.44)
+    # a test number far above the others must not sway the choice
+    records["tcld_only"] = [{"metrics": {"tuning": {"mAP": 0.41}, "test": {"mAP": 0.9}}}] * 2
+    chosen, means = confirm.choose(records)
+    assert chosen == "lcmd_only" and means["lcmd_only"] == 0.43
+    records["lcmd_only"] = tuning(0.40, 0.42)
+    records["clock_kl"] = tuning(0.40, 0.42)
+    assert confirm.choose(records)[0] == "clock"
+
+
+def fresh_rows(deltas, kd_deltas):
+    record = lambda m: {"metrics": {"test": {"mAP": m}}}  # noqa: E731
+    return ({s: record(0.4) for s in range(len(deltas))},
+            {"lcmd_only-t1": {s: record(0.4 + d) for s, d in enumerate(deltas)},
+             "kd_detr-t1": {s: record(0.4 + d) for s, d in enumerate(kd_deltas)}})
+
+
+def test_the_pass_rule_waits_for_every_seed_and_needs_the_bound_above_zero_and_at_least_kd_detr():
+    baseline, rows = fresh_rows([0.03, 0.04, 0.05], [0.01, 0.02, 0.03])
+    assert ": met:" in confirm.verdict(baseline, rows, "lcmd_only", seeds=3)
+    assert "not read yet" in confirm.verdict(baseline, rows, "lcmd_only", seeds=4)
+    baseline, rows = fresh_rows([0.03, 0.04, 0.05], [0.05, 0.06, 0.07])  # KD-DETR ahead
+    assert "**not met**" in confirm.verdict(baseline, rows, "lcmd_only", seeds=3)
+    baseline, rows = fresh_rows([0.06, -0.05, 0.02], [0.0, 0.0, 0.0])   # lower bound below 0
+    assert "**not met**" in confirm.verdict(baseline, rows, "lcmd_only", seeds=3)
+
+
+def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_path):
+    run_dir = tmp_path / "runs" / "dino-clock-t1-0"
+    run_dir.mkdir(parents=True)
+    torch.save({"w": 1}, run_dir / "last.pt")
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    calls = []
+
+    def fake_metrics(args, checkpoint, cfg, root=None):
+        calls.append(root)
+        return {"mAP": 0.5 if root else 0.44}
+    monkeypatch.setattr(confirm.ab, "test_metrics", fake_metrics)
+    args = SimpleNamespace(out=str(tmp_path), runs_dir=str(tmp_path / "files"), report_only=False, test_images=400)
+    call = ("clock-t1", "dino", "distill.yaml", [], 0, 12, 11, None)
+    record = {"config_hash": "h", "metrics": {"test": {"mAP": 0.44}}}
+    first = confirm.evaluate(args, call, record)
+    assert first["fresh"]["mAP"] == 0.5 and confirm.reproduces(first) and len(calls) == 2
+    assert confirm.evaluate(args, call, record) == first and len(calls) == 2  # reused, not scored again
+    torch.save({"w": 2}, run_dir / "last.pt")
+    assert not confirm.reproduces(confirm.evaluate(args, call, {**record, "metrics": {"test": {"mAP": 0.40}}}))
+    stored = read_json(tmp_path / "files" / "fresh-dino-clock-t1-0.json")
+    assert len(calls) == 4 and stored["test_recorded"]["mAP"] == 0.40
