@@ -52,14 +52,18 @@ def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_
     calls = []
 
     def fake_metrics(args, checkpoint, cfg, root=None):
-        calls.append(root)
+        calls.append((root, torch.get_num_threads()))
         return {"mAP": 0.5 if root else 0.44}
     monkeypatch.setattr(confirm.ab, "test_metrics", fake_metrics)
     args = SimpleNamespace(out=str(tmp_path), runs_dir=str(tmp_path / "files"), report_only=False, test_images=400)
     call = ("clock-t1", "dino", "distill.yaml", [], 0, 12, 11, None)
-    record = {"config_hash": "h", "metrics": {"test": {"mAP": 0.44}}}
+    threads = torch.get_num_threads()
+    record = {"config_hash": "h", "metrics": {"test": {"mAP": 0.44}}, "threads": threads + 1}
     first = confirm.evaluate(args, call, record)
     assert first["fresh"]["mAP"] == 0.5 and confirm.reproduces(first) and len(calls) == 2
+    # the record's own test split is scored again at the thread count that scored it (the sums' order moves
+    # the mAP by ~3e-5), the fresh split at this process's, which is restored
+    assert calls[1] == (None, threads + 1) and calls[0][1] == threads == torch.get_num_threads()
     assert confirm.evaluate(args, call, record) == first and len(calls) == 2  # reused, not scored again
     torch.save({"w": 2}, run_dir / "last.pt")
     assert not confirm.reproduces(confirm.evaluate(args, call, {**record, "metrics": {"test": {"mAP": 0.40}}}))
