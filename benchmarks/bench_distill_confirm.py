@@ -107,7 +107,7 @@ def choose(records):
 def evaluate(args, call, record):
     """Metrics of a finished run's checkpoint on the fresh split (and again on the A/B's test split), reused
     from its json while the checkpoint is the same file."""
-    name, _, config, overrides, seed, epochs, drop, teacher = call
+    name, seed = call[0], call[4]
     run_dir = os.path.join(args.out, "runs", f"{FAMILY}-{name}-{seed}")
     checkpoint = os.path.join(run_dir, "last.pt")
     path = os.path.join(args.runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
@@ -167,7 +167,7 @@ def report(args, chosen, means, scored, retrained, original):
     lines += ab.variant_table(baseline, rows)
     lines += ["", verdict(baseline, rows, chosen, args.seeds)]
     lines += ["", "delta: row minus the baseline of the same seed; 95% CI: mean +- t(0.975, n-1) sd / sqrt(n); "
-              "p: two-sided paired t-test. min/run is not measured here (see distill.md). Per-run files: "
+              "p: two-sided paired t-test. min/run is left out here (distill.md times every variant). Per-run files: "
               f"{args.runs_dir}/ (dino-*: runs trained here, fresh-*: scores on the fresh split)."]
     command = " ".join(a for a in sys.argv if a != "--report-only")
     write_text(args.results, "\n".join(lines) + f"\n\nCommand: `python {command}`\n")
