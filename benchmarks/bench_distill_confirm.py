@@ -111,11 +111,12 @@ def evaluate(args, call, record):
     run_dir = os.path.join(args.out, "runs", f"{FAMILY}-{name}-{seed}")
     checkpoint = os.path.join(run_dir, "last.pt")
     path = os.path.join(args.runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
+    stored = read_json(path) if os.path.isfile(path) else None
     if not os.path.isfile(checkpoint):
-        return read_json(path) if os.path.isfile(path) else None  # scored on another machine, or not yet
+        return stored  # scored on another machine, or not yet
     sha = file_sha256(checkpoint)
-    if os.path.isfile(path) and read_json(path)["checkpoint_sha256"] == sha:
-        return read_json(path)
+    if stored is not None and stored["checkpoint_sha256"] == sha:
+        return stored
     if args.report_only:
         return None
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
