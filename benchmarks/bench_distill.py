@@ -225,15 +225,23 @@ def data_roots(args):
 
 
 def ensure_data(args, img_cfg):
-    from clock_deploy.data.synthetic import generate
     train_root, test_root = data_roots(args)
-    s = img_cfg.data.synth
     total = args.train_images + args.tuning_images
-    for root, num, seed, fraction in ((train_root, total, 0, args.tuning_images / total),
-                                      (test_root, args.test_images + 1, 1, args.test_images / (args.test_images + 1))):
-        if not os.path.isdir(root):  # the test scenes are all "val" but one (a split must keep a training image)
-            generate(root, num, seed=seed, height=s.height, width=s.width, val_fraction=fraction,
-                     max_objects=s.max_objects, progress=False)
+    ensure_scenes(train_root, total, 0, args.tuning_images / total, img_cfg.data.synth)
+    ensure_test_split(test_root, args.test_images, 1, img_cfg.data.synth)
+
+
+def ensure_test_split(root, images, seed, synth):
+    """`images` test scenes of `seed`: all "val" but one, because a split must keep a training image."""
+    ensure_scenes(root, images + 1, seed, images / (images + 1), synth)
+
+
+def ensure_scenes(root, num, seed, val_fraction, synth):
+    """`num` synthetic scenes of `seed` at `root`, generated once (an existing folder is reused)."""
+    from clock_deploy.data.synthetic import generate
+    if not os.path.isdir(root):
+        generate(root, num, seed=seed, height=synth.height, width=synth.width, val_fraction=val_fraction,
+                 max_objects=synth.max_objects, progress=False)
 
 
 def schedule(args, family, teacher=False):

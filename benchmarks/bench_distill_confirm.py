@@ -75,13 +75,8 @@ def fresh_root(args):
     return os.path.join(args.out, "data", f"synth_test{args.test_images}_s{FRESH_SEED}")
 
 
-def ensure_fresh_split(args):
-    from clock_deploy.data.synthetic import generate
-    root = fresh_root(args)
-    if not os.path.isdir(root):  # all "val" but one, like the A/B's test split
-        s = load_config(os.path.join(args.configs, "student.yaml")).data.synth
-        generate(root, args.test_images + 1, seed=FRESH_SEED, height=s.height, width=s.width,
-                 val_fraction=args.test_images / (args.test_images + 1), max_objects=s.max_objects, progress=False)
+def ensure_fresh_split(args, img_cfg):
+    ab.ensure_test_split(fresh_root(args), args.test_images, FRESH_SEED, img_cfg.data.synth)
 
 
 def ab_calls(args, teacher, chosen):
@@ -213,8 +208,9 @@ def main():
     print(f"chosen on the tuning split: {chosen} ({', '.join(f'{n} {m:.4f}' for n, m in means.items())})", flush=True)
     original = {r["seed"]: r for r in ab.run_all(read_ab, calls["baseline"]) if r is not None}
     if not args.report_only:
-        ab.ensure_data(args, load_config(os.path.join(args.configs, "student.yaml")))
-        ensure_fresh_split(args)
+        img_cfg = load_config(os.path.join(args.configs, "student.yaml"))
+        ab.ensure_data(args, img_cfg)
+        ensure_fresh_split(args, img_cfg)
     for stage in [None, *TRAINED]:  # score what exists, then train the baselines, then KD-DETR, scoring after each
         if stage:
             ab.run_all(args, calls[stage])

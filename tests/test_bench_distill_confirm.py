@@ -69,3 +69,17 @@ def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_
     assert not confirm.reproduces(confirm.evaluate(args, call, {**record, "metrics": {"test": {"mAP": 0.40}}}))
     stored = read_json(tmp_path / "files" / "fresh-dino-clock-t1-0.json")
     assert len(calls) == 4 and stored["test_recorded"]["mAP"] == 0.40
+
+
+def test_the_fresh_split_is_laid_out_like_the_ab_test_split_and_made_once(tmp_path):
+    from clock_deploy.data import kitti
+    synth = SimpleNamespace(height=64, width=96, max_objects=2)
+    args = SimpleNamespace(out=str(tmp_path), test_images=3)
+    confirm.ensure_fresh_split(args, SimpleNamespace(data=SimpleNamespace(synth=synth)))
+    root = confirm.fresh_root(args)
+    assert root.endswith(f"synth_test3_s{confirm.FRESH_SEED}")
+    assert len(kitti.read_split(root, "val")) == 3 and len(kitti.read_split(root, "train")) == 1
+    marker = os.path.join(root, "kept")
+    open(marker, "w").close()
+    confirm.ensure_fresh_split(args, SimpleNamespace(data=SimpleNamespace(synth=synth)))
+    assert os.path.exists(marker)  # an existing split is reused, never regenerated
