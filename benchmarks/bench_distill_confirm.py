@@ -162,6 +162,7 @@ def report(args, chosen, means, scored, retrained, original):
     lines += ["", f"Every number below is on the **fresh test split** (400 images, scenes of seed {FRESH_SEED}).", ""]
     lines += ab.variant_table(baseline, rows)
     lines += ["", verdict(baseline, rows, chosen, args.seeds)]
+    lines += exploratory(baseline, rows, chosen)
     lines += ["", "delta: row minus the baseline of the same seed; 95% CI: mean +- t(0.975, n-1) sd / sqrt(n); "
               "p: two-sided paired t-test. min/run is left out here (distill.md times every variant). Per-run files: "
               f"{args.runs_dir}/ (dino-*: runs trained here, fresh-*: scores on the fresh split)."]
@@ -180,6 +181,26 @@ def verdict(baseline, rows, chosen, seeds):
     return (f"Pass rule (the chosen configuration's lower bound above 0 and its mean gain at least KD-DETR's): "
             f"{'met' if met else '**not met**'}: {name} {gain['mean']:+.4f}, 95% CI [{gain['ci'][0]:+.4f}, "
             f"{gain['ci'][1]:+.4f}]; KD-DETR {kd['mean']:+.4f}.")
+
+
+def exploratory(baseline, rows, chosen):
+    """Paired comparisons read off the same run files that the plan did not name: they inform, never decide."""
+    kd_detr = rows.get(ab.run_name("kd_detr", TEACHER_SEED), {})
+    lines = ["", "## Exploratory (not in the plan)", "",
+             "| comparison | metric | seeds | delta (mean +- sd) | 95% CI | p |", "|---|---|---:|---:|---|---:|"]
+    pairs = [(f"{name} minus baseline", baseline, per_seed, key)
+             for name, per_seed in rows.items() if name != "baseline" for key in ("AP50", "AP75")]
+    pairs += [(f"{name} minus KD-DETR", kd_detr, rows.get(name, {}), key)
+              for name in (ab.run_name(chosen, TEACHER_SEED), ab.run_name("fgd", TEACHER_SEED))
+              for key in ("mAP", "kitti_moderate")]
+    for label, reference, per_seed, key in pairs:
+        st = ab.paired_delta(reference, per_seed, key) if reference else None
+        if st is None or st["n"] < 2:
+            continue
+        p = f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"
+        lines.append(f"| {label} | {key} | {st['n']} | {st['mean']:+.4f} +- {st['sd']:.4f} | "
+                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {p} |")
+    return lines
 
 
 def main():

@@ -83,3 +83,15 @@ def test_the_fresh_split_is_laid_out_like_the_ab_test_split_and_made_once(tmp_pa
     open(marker, "w").close()
     confirm.ensure_fresh_split(args, SimpleNamespace(data=SimpleNamespace(synth=synth)))
     assert os.path.exists(marker)  # an existing split is reused, never regenerated
+
+
+def test_the_exploratory_table_pairs_the_chosen_row_with_kd_detr_seed_by_seed():
+    record = lambda m: {"metrics": {"test": {k: m for k in ("mAP", "AP50", "AP75", "kitti_moderate")}}}  # noqa: E731
+    baseline = {s: record(0.4) for s in range(3)}
+    rows = {"baseline": baseline, "lcmd_only-t1": {s: record(0.4 + d) for s, d in enumerate([0.03, 0.05, 0.04])},
+            "kd_detr-t1": {s: record(0.4 + d) for s, d in enumerate([0.01, 0.04, 0.04])}}
+    lines = "\n".join(confirm.exploratory(baseline, rows, "lcmd_only"))
+    # per seed +0.02, +0.01, 0.00 against KD-DETR: mean +0.01, sd 0.01
+    assert "| lcmd_only-t1 minus KD-DETR | mAP | 3 | +0.0100 +- 0.0100 |" in lines
+    assert "| kd_detr-t1 minus baseline | AP75 | 3 | +0.0300 +- 0.0173 |" in lines
+    assert "baseline minus baseline" not in lines
