@@ -599,6 +599,11 @@ def paired_stats(deltas):
     return {"n": n, "mean": mean, "sd": sd, "ci": (mean - half, mean + half), "p": p}
 
 
+def p_text(p):
+    """A p-value as the results tables print it."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 def mean_shares(records):
     per_term = {}
     for record in records:
@@ -679,7 +684,7 @@ def variant_table(baseline, runs):
                 continue
             row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
                     f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]",
-                    f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"]
+                    p_text(st["p"])]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

@@ -194,12 +194,11 @@ def exploratory(baseline, rows, chosen):
               for name in (ab.run_name(chosen, TEACHER_SEED), ab.run_name("fgd", TEACHER_SEED))
               for key in ("mAP", "kitti_moderate")]
     for label, reference, per_seed, key in pairs:
-        st = ab.paired_delta(reference, per_seed, key) if reference else None
+        st = ab.paired_delta(reference, per_seed, key)  # None when no seed pairs (no KD-DETR runs yet)
         if st is None or st["n"] < 2:
             continue
-        p = f"{st['p']:.3f}" if st["p"] >= 0.001 else "< 0.001"
         lines.append(f"| {label} | {key} | {st['n']} | {st['mean']:+.4f} +- {st['sd']:.4f} | "
-                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {p} |")
+                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {ab.p_text(st['p'])} |")
     return lines
 
 
