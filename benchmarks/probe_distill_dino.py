@@ -1,0 +1,381 @@
+"""Where the DINO students of the distillation A/B differ, on the tuning split (a diagnostic, no training).
+
+The A/B (distill.md, distill_confirm.md) found that CLoCK's TCLD adds little to a DINO student and that
+every CLoCK configuration lowers KITTI Moderate AP while COCO mAP rises. This probe looks at the trained
+checkpoints of the A/B's DINO rows under the second teacher (and the baselines), all on the tuning split
+(the 200 validation images of the training scenes), so no test split is read.
+
+- (1) TCLD's own task: each model answers the same noisy GT queries (box noise 0.4, one copy, in its
+  own language: DINO's label embedding); how well it refines them (IoU to the GT box, share at or
+  above 0.7, class accuracy, confidence) and how close it lands to the teacher's answer.
+- (2) Per-metric deltas: each variant minus the baseline of its seed (paired), COCO AP by IoU and
+  size and KITTI Moderate AP per class.
+- (3) Car detections scoring above CAR_SCORE, each put in one bin, in score order: true positive
+  (IoU >= 0.7 with a car not yet taken), duplicate (IoU >= 0.7 with a car already taken), poorly
+  placed (IoU 0.3-0.7 with a car), on a van or truck (IoU >= 0.5), background.
+
+Each checkpoint's numbers are a json in --runs-dir keyed on the checkpoint's sha256, so a rerun reuses
+them and --report-only rewrites the results file from them on any machine.
+
+    python benchmarks/probe_distill_dino.py
+    python benchmarks/probe_distill_dino.py --report-only
+"""
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+import bench_distill as ab  # benchmarks/ is on sys.path when run as a script
+import bench_distill_confirm as confirm
+from clock_deploy.config import load_config
+from clock_deploy.io import file_sha256, read_json, write_json, write_text
+
+RESULTS = "benchmarks/results/distill_probe.md"
+RUNS = "benchmarks/results/distill_probe_runs"
+TEACHER = os.path.join(ab.TEACHERS_DIR, "dino-teacher-s1.pt")
+ROWS = ["baseline", "clock-t1", "tcld_only-t1", "lcmd_only-t1", "clock_kl-t1", "kd_detr-t1", "fgd-t1"]
+SEEDS = 8
+BOX_NOISE = 0.4      # the TCLD default
+QUERY_SEED = 1000    # the noisy GT queries are drawn once from this seed: every model answers the same ones
+CAR_SCORE = 0.3
+PROBE_VERSION = 2    # bump when a number below is computed differently: stored jsons are then recomputed
+METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl", "kitti_Car_moderate", "kitti_Pedestrian_moderate",
+           "kitti_Cyclist_moderate", "kitti_moderate"]
+PER_CLASS = [(name, metric) for name in ("Car", "Pedestrian", "Cyclist") for metric in ("AP50", "AP70", "AP")]
+BINS = ["true_positive", "duplicate", "poorly_placed", "on_van_or_truck", "background"]
+
+
+# ---------------------------------------------------------------- (1) noisy GT queries
+
+def box_iou_pairs(a, b):
+    """IoU of box a[i] with box b[i] (cxcywh, [..., 4]) -> [...]."""
+    from clock_deploy.models.box_ops import box_cxcywh_to_xyxy
+    a, b = box_cxcywh_to_xyxy(a), box_cxcywh_to_xyxy(b)
+    inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    area = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1)
+    return inter / (area - inter)
+
+
+def query_batches(dataset, num_classes, batch=20):
+    """[(images, noisy GT spec, exact GT spec)] over the split, the noise drawn from QUERY_SEED."""
+    from clock_deploy.data.dataset import collate_fn
+    from clock_deploy.distill.queries import ground_truth_queries
+    batches = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(QUERY_SEED)
+        for start in range(0, len(dataset), batch):
+            images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+            batches.append((images, ground_truth_queries(targets, num_classes, 1, BOX_NOISE),
+                            ground_truth_queries(targets, num_classes, 1, 0.0)))
+    return batches
+
+
+@torch.no_grad()
+def last_stage_answers(model, batches):
+    """The model's last decoder stage on each batch's noisy GT group: [(logits, boxes)]."""
+    from clock_deploy.distill.queries import query_group
+    answers = []
+    for images, spec, _ in batches:
+        last = model(images, groups=[query_group(model, spec)]).groups[0][-1]
+        answers.append((last.logits, last.boxes))
+    return answers
+
+
+def gt_query_stats(answers, batches, teacher_answers=None):
+    """Refinement of the noisy GT queries, over the real (not padding) slots."""
+    real = torch.cat([(~spec.pad_mask).flatten() for _, spec, _ in batches])
+    gt_boxes = torch.cat([gt.boxes.reshape(-1, 4) for _, _, gt in batches])[real]
+    labels = torch.cat([gt.labels.flatten() for _, _, gt in batches])[real]
+    anchors = torch.cat([spec.boxes.reshape(-1, 4) for _, spec, _ in batches])[real]
+    boxes = torch.cat([b.reshape(-1, 4) for _, b in answers])[real]
+    logits = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg, _ in answers])[real]
+    iou = box_iou_pairs(boxes, gt_boxes)
+    stats = {"queries": int(real.sum()), "anchor_iou": box_iou_pairs(anchors, gt_boxes).mean().item(),
+             "iou": iou.mean().item(), "iou_above_0.7": (iou >= 0.7).float().mean().item(),
+             "class_accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+             "confidence": logits.sigmoid().amax(-1).mean().item()}
+    if teacher_answers is not None:
+        teacher_boxes = torch.cat([b.reshape(-1, 4) for _, b in teacher_answers])[real]
+        stats["iou_to_teacher"] = box_iou_pairs(boxes, teacher_boxes).mean().item()
+    return stats
+
+
+@torch.no_grad()
+def tcld_weight_split(teacher, dataset, logit_cfg, batch=20):
+    """Where TCLD's normalizer sum_i w_i (w_i: the teacher's max class probability) sits, at the teacher's
+    last stage, for the A/B's query set (GT x repeats with noise + general random queries): the general
+    queries' share of the total weight and the mean w on each kind of slot."""
+    from clock_deploy.data.dataset import collate_fn
+    from clock_deploy.distill.queries import TargetQuerySampler, query_group
+    sampler = TargetQuerySampler(teacher.num_classes, logit_cfg.repeats, logit_cfg.box_noise, logit_cfg.random_queries)
+    gt_w, general_w = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(QUERY_SEED)
+        for start in range(0, len(dataset), batch):
+            images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+            spec = sampler(images, targets)
+            weight = teacher(images, groups=[query_group(teacher, spec)]).groups[0][-1].logits.sigmoid().amax(-1)
+            general = torch.zeros_like(spec.pad_mask)
+            general[:, -logit_cfg.random_queries:] = True
+            gt_w.append(weight[~general & ~spec.pad_mask])
+            general_w.append(weight[general])
+    gt_w, general_w = torch.cat(gt_w), torch.cat(general_w)
+    return {"general_share": (general_w.sum() / (general_w.sum() + gt_w.sum())).item(),
+            "gt_slots": len(gt_w), "general_slots": len(general_w),
+            "mean_w_gt": gt_w.mean().item(), "mean_w_general": general_w.mean().item(),
+            "query_set": f"repeats {logit_cfg.repeats}, box noise {logit_cfg.box_noise}, "
+                         f"{logit_cfg.random_queries} general queries"}
+
+
+# ---------------------------------------------------------------- (2), (3) detections
+
+def pixel_iou(a, b):
+    """IoU matrix of x1y1x2y2 boxes a [n, 4] and b [m, 4]."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    inter = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]),
+                    0, None).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def car_bins(gt, det, min_score=CAR_SCORE):
+    """Counts of one frame's Car detections above min_score in BINS (gt / det: KITTI annos dicts)."""
+    counts = dict.fromkeys(BINS, 0)
+    keep = (det["name"] == "Car") & (det["score"] > min_score)
+    boxes = det["bbox"][keep][np.argsort(-det["score"][keep], kind="stable")]
+    cars, others = gt["bbox"][gt["name"] == "Car"], gt["bbox"][np.isin(gt["name"], ["Van", "Truck"])]
+    to_car, to_other = pixel_iou(boxes, cars), pixel_iou(boxes, others)
+    taken = np.zeros(len(cars), dtype=bool)
+    for i in range(len(boxes)):
+        best = to_car[i].argmax() if len(cars) else -1
+        if best >= 0 and to_car[i, best] >= 0.7:
+            counts["duplicate" if taken[best] else "true_positive"] += 1
+            taken[best] = True
+        elif best >= 0 and to_car[i, best] >= 0.3:
+            counts["poorly_placed"] += 1
+        elif len(others) and to_other[i].max() >= 0.5:
+            counts["on_van_or_truck"] += 1
+        else:
+            counts["background"] += 1
+    return counts
+
+
+def detection_stats(model, dataset, image_hw, topk):
+    """COCO / KITTI metrics (as the A/B computes them) and the Car bins summed over the split."""
+    from clock_deploy.eval.evaluator import DetectionEvaluator
+    from clock_deploy.runtime import Detector
+    detector = Detector.for_model(model, dataset.classes, image_hw, topk, "cpu")
+    gt = [dataset.gt_annos(i) for i in range(len(dataset))]
+    evaluator = DetectionEvaluator(dataset.classes, gt, [dataset.image_size(i) for i in range(len(dataset))],
+                                   dataset.frame_ids)
+    for start in range(0, len(dataset), 8):
+        paths = [dataset.image_path(i) for i in range(start, min(start + 8, len(dataset)))]
+        for i, det in enumerate(detector(paths, score_threshold=0.0), start):
+            evaluator.update(i, det.boxes, det.scores, det.labels)
+    bins = dict.fromkeys(BINS, 0)
+    for frame_gt, frame_det in zip(gt, evaluator.detections):
+        for name, n in car_bins(frame_gt, frame_det).items():
+            bins[name] += n
+    return {"metrics": evaluator.summarize(), "per_class": per_class_coco(evaluator), "car_bins": bins}
+
+
+def per_class_coco(evaluator):
+    """{class: {"AP", "AP50", "AP70"}}: COCO AP per class (all areas, 100 detections), from the COCO
+    evaluation the A/B runs. DetectionEvaluator.summarize returns class means only, and clock_deploy/eval
+    stays as it is while the A/B's run files hash it, so the few lines that feed COCO are repeated here."""
+    import copy
+
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
+    frames = [(f, h, w, a) for f, (h, w), a in zip(evaluator.frame_ids, evaluator.image_sizes, evaluator.gt_annos)]
+    coco_gt = kitti_to_coco(frames, evaluator.classes)
+    image_ids = [image["id"] for image in coco_gt["images"]]
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    gt = COCO(copy.deepcopy(coco_gt), print_function=quiet)
+    dt = gt.loadRes([dict(r) for r in detections_to_coco(image_ids, evaluator.detections, evaluator.classes)])
+    coco = COCOeval_faster(gt, dt, iouType="bbox", print_function=quiet)
+    coco.evaluate()
+    coco.accumulate()
+    precision = np.asarray(coco.eval["precision"])  # [IoU 0.50:0.05:0.95, recall, class, area, max detections]
+    names = {c["id"]: c["name"] for c in coco_gt["categories"]}
+    out = {}
+    for k, cat_id in enumerate(coco.params.catIds):
+        curve = precision[:, :, k, 0, -1]
+        mean = lambda x: float(x[x > -1].mean()) if (x > -1).any() else float("nan")  # noqa: E731  (-1: no GT)
+        out[names[cat_id]] = {"AP": mean(curve), "AP50": mean(curve[0]), "AP70": mean(curve[4])}
+    return out
+
+
+# ---------------------------------------------------------------- per checkpoint, resumable
+
+def probe_checkpoint(path, stored_path, context):
+    """The probe's numbers for one checkpoint, reused from stored_path while the checkpoint is the same file."""
+    sha = file_sha256(path)
+    if os.path.isfile(stored_path):
+        stored = read_json(stored_path)
+        if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == PROBE_VERSION:
+            return stored
+    from clock_deploy.engine.checkpoint import load_model
+    torch.manual_seed(0)
+    model, cfg, _ = load_model(path)
+    answers = last_stage_answers(model, context["batches"])
+    record = {"checkpoint_sha256": sha, "probe_version": PROBE_VERSION,
+              "gt_queries": gt_query_stats(answers, context["batches"], context.get("teacher_answers")),
+              **detection_stats(model, context["dataset"], cfg.data.img_size, cfg.export.topk)}
+    write_json(stored_path, record)
+    return record
+
+
+def collect(cli):
+    """{row: {seed: record}} and the teacher's record, probing what is not stored yet."""
+    from clock_deploy.data.dataset import build_dataset
+    from clock_deploy.engine.checkpoint import load_model
+    teacher, cfg, _ = load_model(TEACHER)
+    root = ab.data_roots(argparse.Namespace(out=cli.out, train_images=800, tuning_images=200, test_images=400))[0]
+    dataset = build_dataset(dataclasses.replace(cfg.data, root=root), "val", train=False)
+    context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes)}
+    teacher_path = os.path.join(cli.runs_dir, "teacher-s1.json")
+    teacher_record = probe_checkpoint(TEACHER, teacher_path, context)
+    if "tcld_weights" not in teacher_record:
+        logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's query set
+        teacher_record["tcld_weights"] = tcld_weight_split(teacher, dataset, logit_cfg)
+        write_json(teacher_path, teacher_record)
+    context["teacher_answers"] = last_stage_answers(teacher, context["batches"])
+    rows = {}
+    for row in ROWS:
+        rows[row] = {}
+        for seed in range(cli.seeds):
+            checkpoint = os.path.join(cli.out, "runs", f"dino-{row}-{seed}", "last.pt")
+            if not os.path.isfile(checkpoint):
+                raise SystemExit(f"{checkpoint}: missing; this probe reads the A/B's DINO checkpoints "
+                                 f"(bench_distill.py part (b), bench_distill_confirm.py)")
+            rows[row][seed] = probe_checkpoint(checkpoint, os.path.join(cli.runs_dir, f"{row}-{seed}.json"), context)
+            print(f"{row} seed {seed}: mAP {rows[row][seed]['metrics']['mAP']:.4f}", flush=True)
+    return teacher_record, rows
+
+
+def stored(cli):
+    """What collect returns, read from the stored jsons only."""
+    def read(name):
+        path = os.path.join(cli.runs_dir, f"{name}.json")
+        return read_json(path) if os.path.isfile(path) else None
+    rows = {row: {s: r for s in range(cli.seeds) if (r := read(f"{row}-{s}")) is not None} for row in ROWS}
+    return read("teacher-s1"), rows
+
+
+# ---------------------------------------------------------------- report
+
+def mean_of(records, get):
+    return statistics.mean(get(r) for r in records.values())
+
+
+def delta_cell(baseline, records, get, fmt):
+    seeds = [s for s in records if s in baseline]
+    if len(seeds) < 2:
+        return "n/a"
+    st = ab.paired_stats([get(records[s]) - get(baseline[s]) for s in seeds])
+    return f"{st['mean']:{fmt}} [{st['ci'][0]:{fmt}}, {st['ci'][1]:{fmt}}]"
+
+
+def run_file_check(rows):
+    """How far each checkpoint's tuning-split mAP here is from the one its run file recorded: (count, max |diff|)."""
+    diffs = []
+    for row, records in rows.items():
+        runs_dir = confirm.RUNS if row in ("baseline", "kd_detr-t1") else ab.RUNS  # trained by the follow-up
+        for seed, record in records.items():
+            path = os.path.join(runs_dir, f"dino-{row}-{seed}.json")
+            if os.path.isfile(path):
+                diffs.append(abs(read_json(path)["metrics"]["tuning"]["mAP"] - record["metrics"]["mAP"]))
+    return len(diffs), max(diffs, default=float("nan"))
+
+
+def report(cli, teacher, rows):
+    baseline = rows["baseline"]
+    lines = ["# What differs between the DINO students (diagnostic, tuning split)", "",
+             "Written by benchmarks/probe_distill_dino.py. " + " ".join(__doc__.split("\n\n")[1].split()), "",
+             __doc__.split("\n\n")[2].replace("CAR_SCORE", str(CAR_SCORE)), "",
+             f"Checkpoints: `{cli.out}/runs/dino-<row>-<seed>/last.pt` (rows under the second teacher, "
+             f"`{TEACHER}`; baselines retrained by bench_distill_confirm.py), seeds 0-{cli.seeds - 1}. Deltas are "
+             "paired (same seed's baseline), mean [95% CI]. Command: `python benchmarks/probe_distill_dino.py`; "
+             f"{ab.machine()}.", "",
+             "Check: {} checkpoints' tuning-split mAP here is within {:.1e} of the value their run files recorded "
+             "(`{}`, and `{}` for the baselines and KD-DETR the follow-up trained; those were scored at 1 thread)."
+             .format(*run_file_check(rows), ab.RUNS, confirm.RUNS), "",
+             "## (1) TCLD's own task: refining noisy GT queries (last decoder stage)", "",
+             "| model | seeds | anchor IoU | IoU to GT | delta IoU vs baseline | IoU >= 0.7 | class accuracy "
+             "| confidence | IoU to the teacher's box |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    if teacher:
+        q = teacher["gt_queries"]
+        lines.append(f"| teacher | | {q['anchor_iou']:.3f} | {q['iou']:.3f} | | {q['iou_above_0.7']:.3f} | "
+                     f"{q['class_accuracy']:.3f} | {q['confidence']:.3f} | |")
+    for row, records in rows.items():
+        if not records:
+            continue
+        m = {k: mean_of(records, lambda r, k=k: r["gt_queries"][k])
+             for k in ("anchor_iou", "iou", "iou_above_0.7", "class_accuracy", "confidence", "iou_to_teacher")}
+        delta = "" if row == "baseline" else delta_cell(baseline, records, lambda r: r["gt_queries"]["iou"], "+.3f")
+        lines.append(f"| {row} | {len(records)} | {m['anchor_iou']:.3f} | {m['iou']:.3f} | {delta} | "
+                     f"{m['iou_above_0.7']:.3f} | {m['class_accuracy']:.3f} | {m['confidence']:.3f} | "
+                     f"{m['iou_to_teacher']:.3f} |")
+    if teacher and "tcld_weights" in teacher:
+        w = teacher["tcld_weights"]
+        lines += ["", f"TCLD's slot weights w_i at the teacher's last stage, for the A/B's queries ({w['query_set']}): "
+                  f"the general queries hold {w['general_share']:.1%} of sum_i w_i, the normalizer of both TCLD terms; "
+                  f"mean w {w['mean_w_gt']:.3f} on a GT slot, {w['mean_w_general']:.3f} on a general slot "
+                  f"({w['gt_slots']} GT and {w['general_slots']} general slots over the split)."]
+    lines += ["", "## (2) Each variant minus the baseline, per metric (COCO in [0, 1], KITTI in percent)", "",
+              "| row | " + " | ".join(k.replace("kitti_", "KITTI ").replace("_moderate", " Mod") for k in METRICS)
+              + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for row, records in rows.items():
+        if row == "baseline" or not records:
+            continue
+        cells = [delta_cell(baseline, records, lambda r, k=k: r["metrics"][k], "+.3f" if "kitti" not in k else "+.2f")
+                 for k in METRICS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "COCO AP per class (IoU 0.5, 0.7 and 0.5:0.95; all sizes), each variant minus the baseline:", "",
+              "| row | " + " | ".join(f"{name} {metric}" for name, metric in PER_CLASS) + " |",
+              "|---" * (len(PER_CLASS) + 1) + "|"]
+    for row, records in rows.items():
+        if row == "baseline" or not records:
+            continue
+        cells = [delta_cell(baseline, records, lambda r, n=name, m=metric: r["per_class"][n][m], "+.3f")
+                 for name, metric in PER_CLASS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", f"## (3) Car detections scoring above {CAR_SCORE}, per bin (mean count over the split's 200 "
+              "images; delta vs baseline paired)", "",
+              "| row | " + " | ".join(BINS) + " | delta duplicate | delta true_positive |",
+              "|---" * (len(BINS) + 3) + "|"]
+    for row, records in rows.items():
+        if not records:
+            continue
+        means = " | ".join(f"{mean_of(records, lambda r, b=b: r['car_bins'][b]):.1f}" for b in BINS)
+        deltas = ["", ""] if row == "baseline" else [
+            delta_cell(baseline, records, lambda r, b=b: r["car_bins"][b], "+.1f")
+            for b in ("duplicate", "true_positive")]
+        lines.append(f"| {row} | {means} | " + " | ".join(deltas) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the results file from the jsons")
+    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--out", default="bench_out/distill", help="the A/B's data and run folders (checkpoints)")
+    parser.add_argument("--runs-dir", default=RUNS, help="this probe's per-checkpoint jsons (commit these)")
+    parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--threads", type=int, default=2)
+    cli = parser.parse_args()
+    torch.set_num_threads(cli.threads)
+    teacher, rows = stored(cli) if cli.report_only else collect(cli)
+    write_text(cli.results, report(cli, teacher, rows))
+    print(open(cli.results).read())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The counting rules of benchmarks/probe_distill_dino.py (no checkpoints here)."""
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import probe_distill_dino as probe  # noqa: E402
+
+from clock_deploy.distill.queries import QuerySpec  # noqa: E402
+
+
+def annos(names, boxes, scores=None):
+    out = {"name": np.array(names, dtype=str), "bbox": np.array(boxes, dtype=np.float64).reshape(-1, 4),
+           "truncated": np.zeros(len(names)), "occluded": np.zeros(len(names), np.int64)}
+    if scores is not None:
+        out["score"] = np.array(scores, dtype=np.float64)
+    return out
+
+
+def test_each_car_detection_above_the_score_lands_in_one_bin():
+    gt = annos(["Car", "Car", "Van", "Pedestrian"],
+               [[0, 0, 100, 50], [200, 0, 300, 50], [400, 0, 500, 50], [600, 0, 620, 60]])
+    det = annos(["Car", "Car", "Car", "Car", "Car", "Car", "Pedestrian"],
+                [[0, 0, 100, 50],      # true positive (the higher score takes the car)
+                 [2, 0, 100, 50],      # duplicate of the same car
+                 [230, 0, 330, 50],    # IoU 0.54 with the second car: poorly placed
+                 [400, 0, 500, 50],    # on the van
+                 [700, 100, 760, 150],  # background
+                 [200, 0, 300, 50],    # a perfect box, but under the score threshold
+                 [600, 0, 620, 60]],   # not a Car detection
+                [0.9, 0.8, 0.7, 0.6, 0.5, 0.1, 0.95])
+    assert probe.car_bins(gt, det) == dict.fromkeys(probe.BINS, 1)
+
+
+def test_the_higher_score_is_the_true_positive_and_a_frame_without_cars_is_all_background():
+    gt = annos(["Car"], [[0, 0, 100, 50]])
+    det = annos(["Car", "Car"], [[0, 0, 100, 50], [1, 0, 100, 50]], [0.4, 0.9])
+    assert probe.car_bins(gt, det)["true_positive"] == 1 and probe.car_bins(gt, det)["duplicate"] == 1
+    assert probe.car_bins(annos([], []), det)["background"] == 2
+
+
+def test_gt_query_stats_skip_padding_and_an_unmoved_anchor_scores_the_anchor_iou():
+    gt_boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]])
+    anchors = torch.tensor([[[0.55, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]])  # the second slot is padding
+    pad = torch.tensor([[False, True]])
+    labels = torch.tensor([[1, 3]])
+    batches = [(None, QuerySpec(labels, anchors, pad), QuerySpec(labels, gt_boxes, pad))]
+    logits = torch.tensor([[[-5.0, 2.0, -5.0], [9.0, -9.0, -9.0]]])
+    stats = probe.gt_query_stats([(logits, anchors)], batches, teacher_answers=[(logits, gt_boxes)])
+    assert stats["queries"] == 1
+    assert abs(stats["anchor_iou"] - 0.15 / 0.25) < 1e-6  # 0.15 x 0.2 overlap over a 0.05 union
+    assert stats["iou"] == stats["anchor_iou"] == stats["iou_to_teacher"]
+    assert stats["class_accuracy"] == 1.0 and abs(stats["confidence"] - torch.tensor(2.0).sigmoid().item()) < 1e-6
+
+
+def test_deltas_pair_seed_with_seed_and_need_two_seeds():
+    baseline = {0: 1.0, 1: 2.0}
+    cell = probe.delta_cell(baseline, {0: 2.0, 1: 4.0, 2: 100.0}, lambda r: r, "+.1f")
+    assert cell.startswith("+1.5 [")  # seed 2 has no baseline and is left out
+    assert probe.delta_cell(baseline, {0: 2.0}, lambda r: r, "+.1f") == "n/a"
+
+
+class FixedTeacher(torch.nn.Module):
+    """Answers a class-hinted slot (non-zero content) with logits 0 and a class-free one with -2."""
+    num_classes, hidden_dim = 3, 4
+
+    def __init__(self):
+        super().__init__()
+        self.label_enc = torch.nn.Embedding(3, 4)
+        torch.nn.init.ones_(self.label_enc.weight)
+
+    def forward(self, images, groups):
+        hinted = groups[0].content.abs().sum(-1) > 0
+        logits = torch.where(hinted, 0.0, -2.0)[..., None].expand(-1, -1, self.num_classes)
+        return SimpleNamespace(groups=[[SimpleNamespace(logits=logits)]])
+
+
+def test_tcld_weight_split_counts_gt_and_general_slots_and_skips_padding():
+    def item(boxes):
+        return torch.zeros(3, 8, 8), {"boxes": torch.tensor(boxes), "labels": torch.zeros(len(boxes), dtype=torch.long)}
+    dataset = [item([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]), item([[0.6, 0.6, 0.2, 0.2]])]
+    cfg = SimpleNamespace(repeats=3, box_noise=0.4, random_queries=4)
+    split = probe.tcld_weight_split(FixedTeacher(), dataset, cfg)
+    gt_w, general_w = 0.5, torch.tensor(-2.0).sigmoid().item()
+    assert (split["gt_slots"], split["general_slots"]) == (9, 8)  # 3 padding slots of the second image left out
+    assert abs(split["general_share"] - 8 * general_w / (8 * general_w + 9 * gt_w)) < 1e-6
+    assert abs(split["mean_w_gt"] - gt_w) < 1e-6 and abs(split["mean_w_general"] - general_w) < 1e-6
+
+
+def test_per_class_coco_scores_each_class_apart():
+    from clock_deploy.eval.evaluator import DetectionEvaluator
+    classes = ["Car", "Pedestrian", "Cyclist"]
+    gt = annos(["Car", "Pedestrian"], [[100, 100, 300, 200], [400, 100, 440, 200]])
+    evaluator = DetectionEvaluator(classes, [gt], [(375, 1242)], ["000000"])
+    # the car exactly, the pedestrian 20 px too low: IoU 80 / 120 = 0.67, a hit at 0.5 but not at 0.7
+    evaluator.update(0, [[100, 100, 300, 200], [400, 120, 440, 220]], [0.9, 0.8], [0, 1])
+    per_class = probe.per_class_coco(evaluator)
+    assert per_class["Car"] == {"AP": 1.0, "AP50": 1.0, "AP70": 1.0}
+    assert per_class["Pedestrian"]["AP50"] == 1.0 and per_class["Pedestrian"]["AP70"] == 0.0
+    assert 0.0 < per_class["Pedestrian"]["AP"] < 1.0
+    assert np.isnan(per_class["Cyclist"]["AP"])  # no ground truth
