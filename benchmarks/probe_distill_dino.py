@@ -5,8 +5,8 @@ every CLoCK configuration lowers KITTI Moderate AP while COCO mAP rises. This pr
 checkpoints of the A/B's DINO rows under the second teacher (and the baselines), all on the tuning split
 (the 200 validation images of the training scenes), so no test split is read.
 
-- (1) TCLD's own task: each model answers the same noisy GT queries (box noise 0.4, one copy, in its
-  own language: DINO's label embedding); how well it refines them (IoU to the GT box, share at or
+- (1) TCLD's own task: each model answers the same noisy GT queries (the A/B's TCLD box noise, one
+  copy, in its own language: DINO's label embedding); how well it refines them (IoU to the GT box, share at or
   above 0.7, class accuracy, confidence) and how close it lands to the teacher's answer.
 - (2) Per-metric deltas: each variant minus the baseline of its seed (paired), COCO AP by IoU and
   size and KITTI Moderate AP per class.
@@ -39,7 +39,6 @@ RUNS = "benchmarks/results/distill_probe_runs"
 TEACHER = os.path.join(ab.TEACHERS_DIR, "dino-teacher-s1.pt")
 ROWS = ["baseline", "clock-t1", "tcld_only-t1", "lcmd_only-t1", "clock_kl-t1", "kd_detr-t1", "fgd-t1"]
 SEEDS = 8
-BOX_NOISE = 0.4      # the TCLD default
 QUERY_SEED = 1000    # the noisy GT queries are drawn once from this seed: every model answers the same ones
 CAR_SCORE = 0.3
 PROBE_VERSION = 2    # bump when a number below is computed differently: stored jsons are then recomputed
@@ -60,7 +59,7 @@ def box_iou_pairs(a, b):
     return inter / (area - inter)
 
 
-def query_batches(dataset, num_classes, batch=20):
+def query_batches(dataset, num_classes, box_noise, batch=20):
     """[(images, noisy GT spec, exact GT spec)] over the split, the noise drawn from QUERY_SEED."""
     from clock_deploy.data.dataset import collate_fn
     from clock_deploy.distill.queries import ground_truth_queries
@@ -69,7 +68,7 @@ def query_batches(dataset, num_classes, batch=20):
         torch.manual_seed(QUERY_SEED)
         for start in range(0, len(dataset), batch):
             images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
-            batches.append((images, ground_truth_queries(targets, num_classes, 1, BOX_NOISE),
+            batches.append((images, ground_truth_queries(targets, num_classes, 1, box_noise),
                             ground_truth_queries(targets, num_classes, 1, 0.0)))
     return batches
 
@@ -222,7 +221,6 @@ def probe_checkpoint(path, stored_path, context):
         if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == PROBE_VERSION:
             return stored
     from clock_deploy.engine.checkpoint import load_model
-    torch.manual_seed(0)
     model, cfg, _ = load_model(path)
     answers = last_stage_answers(model, context["batches"])
     record = {"checkpoint_sha256": sha, "probe_version": PROBE_VERSION,
@@ -239,11 +237,11 @@ def collect(cli):
     teacher, cfg, _ = load_model(TEACHER)
     root = ab.data_roots(argparse.Namespace(out=cli.out, train_images=800, tuning_images=200, test_images=400))[0]
     dataset = build_dataset(dataclasses.replace(cfg.data, root=root), "val", train=False)
-    context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes)}
+    logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's TCLD queries
+    context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes, logit_cfg.box_noise)}
     teacher_path = os.path.join(cli.runs_dir, "teacher-s1.json")
     teacher_record = probe_checkpoint(TEACHER, teacher_path, context)
     if "tcld_weights" not in teacher_record:
-        logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's query set
         teacher_record["tcld_weights"] = tcld_weight_split(teacher, dataset, logit_cfg)
         write_json(teacher_path, teacher_record)
     context["teacher_answers"] = last_stage_answers(teacher, context["batches"])
