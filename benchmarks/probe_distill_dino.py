@@ -130,6 +130,29 @@ def tcld_weight_split(teacher, dataset, logit_cfg, batch=20):
                          f"{logit_cfg.random_queries} general queries"}
 
 
+@torch.no_grad()
+def lcmd_class_weights(teacher, dataset, batch=20):
+    """Per class: its share of LCMD's foreground weight sum_p M_p S_p, of the foreground pixels and of the
+    objects, on the teacher's memory grids (where LcmdLoss weighs its errors). Each class is weighed with
+    its own boxes only, so a pixel two classes' boxes share counts for both (rare in these scenes)."""
+    from clock_deploy.data.dataset import collate_fn
+    from clock_deploy.distill.clock import location_weights
+    totals = {name: {"weight": 0.0, "pixels": 0, "objects": 0} for name in dataset.classes}
+    grids = None
+    for start in range(0, len(dataset), batch):
+        images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+        grids = grids or [tuple(m.shape[-2:]) for m in teacher(images[:1]).memory]
+        for k, name in enumerate(dataset.classes):
+            of_class = [{"boxes": t["boxes"][t["labels"] == k]} for t in targets]
+            totals[name]["objects"] += sum(len(t["boxes"]) for t in of_class)
+            for height, width in grids:
+                fg, scale = location_weights(of_class, height, width)
+                totals[name]["weight"] += scale[fg].sum().item()
+                totals[name]["pixels"] += int(fg.sum())
+    sums = {key: sum(t[key] for t in totals.values()) for key in ("weight", "pixels", "objects")}
+    return {name: {f"{key}_share": t[key] / sums[key] for key in sums} for name, t in totals.items()}
+
+
 # ---------------------------------------------------------------- (2), (3) detections
 
 def pixel_iou(a, b):
@@ -241,8 +264,9 @@ def collect(cli):
     context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes, logit_cfg.box_noise)}
     teacher_path = os.path.join(cli.runs_dir, "teacher-s1.json")
     teacher_record = probe_checkpoint(TEACHER, teacher_path, context)
-    if "tcld_weights" not in teacher_record:
+    if "tcld_weights" not in teacher_record or "lcmd_class_weights" not in teacher_record:
         teacher_record["tcld_weights"] = tcld_weight_split(teacher, dataset, logit_cfg)
+        teacher_record["lcmd_class_weights"] = lcmd_class_weights(teacher, dataset)
         write_json(teacher_path, teacher_record)
     context["teacher_answers"] = last_stage_answers(teacher, context["batches"])
     rows = {}
@@ -327,6 +351,15 @@ def report(cli, teacher, rows):
                   f"the general queries hold {w['general_share']:.1%} of sum_i w_i, the normalizer of both TCLD terms; "
                   f"mean w {w['mean_w_gt']:.3f} on a GT slot, {w['mean_w_general']:.3f} on a general slot "
                   f"({w['gt_slots']} GT and {w['general_slots']} general slots over the split)."]
+    if teacher and "lcmd_class_weights" in teacher:
+        shares = teacher["lcmd_class_weights"]
+        per_pixel = {name: c["weight_share"] / c["pixels_share"] for name, c in shares.items() if c["pixels_share"]}
+        lines += ["", "LCMD's foreground weight by class (sum_p M_p S_p with each class's own boxes, on the teacher's "
+                  "memory grids, over the split): " + "; ".join(
+                      f"{name} {c['weight_share']:.1%} of the weight on {c['pixels_share']:.1%} of the foreground "
+                      f"pixels ({c['objects_share']:.1%} of the objects)" for name, c in shares.items())
+                  + ". Per pixel, relative to a Car pixel: " + ", ".join(
+                      f"{name} {w / per_pixel['Car']:.1f}x" for name, w in per_pixel.items() if name != "Car") + "."]
     lines += ["", "## (2) Each variant minus the baseline, per metric (COCO in [0, 1], KITTI in percent)", "",
               "| row | " + " | ".join(k.replace("kitti_", "KITTI ").replace("_moderate", " Mod") for k in METRICS)
               + " |", "|---" * (len(METRICS) + 1) + "|"]

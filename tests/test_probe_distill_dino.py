@@ -102,3 +102,21 @@ def test_per_class_coco_scores_each_class_apart():
     assert per_class["Pedestrian"]["AP50"] == 1.0 and per_class["Pedestrian"]["AP70"] == 0.0
     assert 0.0 < per_class["Pedestrian"]["AP"] < 1.0
     assert np.isnan(per_class["Cyclist"]["AP"])  # no ground truth
+
+
+def test_lcmd_class_weights_give_each_box_the_same_weight_whatever_its_area():
+    class Grid(torch.nn.Module):
+        def forward(self, images):
+            return SimpleNamespace(memory=[torch.zeros(1, 4, 10, 10)])
+    items = [(torch.zeros(3, 10, 10), {"boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.8, 0.8, 0.2, 0.2]]),
+                                       "labels": torch.tensor([0, 1])})]
+    shares = probe.lcmd_class_weights(Grid(), ListDataset(items, ["Car", "Pedestrian", "Cyclist"]))
+    assert abs(shares["Car"]["weight_share"] - 0.5) < 1e-6 and abs(shares["Pedestrian"]["weight_share"] - 0.5) < 1e-6
+    assert abs(shares["Car"]["pixels_share"] - 16 / 20) < 1e-6  # 4x4 pixels against 2x2
+    assert shares["Cyclist"] == {"weight_share": 0.0, "pixels_share": 0.0, "objects_share": 0.0}
+
+
+class ListDataset(list):
+    def __init__(self, items, classes):
+        super().__init__(items)
+        self.classes = classes
