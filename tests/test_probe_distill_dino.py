@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import probe_distill_dino as probe  # noqa: E402
 
 from clock_deploy.distill.queries import QuerySpec  # noqa: E402
+from clock_deploy.io import read_json  # noqa: E402
 
 
 def annos(names, boxes, scores=None):
@@ -120,3 +121,12 @@ class ListDataset(list):
     def __init__(self, items, classes):
         super().__init__(items)
         self.classes = classes
+
+
+def test_the_run_file_check_reads_each_split_from_the_files_that_scored_it(monkeypatch):
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the committed run files are repo-relative
+    assert probe.recorded_map("clock-t1", 0, "fresh") == 0.462533  # the follow-up's fresh-split score
+    assert probe.recorded_map("clock-t1", 0, "tuning") == 0.483793  # the A/B's run file
+    assert probe.recorded_map("baseline", 0, "tuning") == read_json(
+        "benchmarks/results/distill_confirm_runs/dino-baseline-0.json")["metrics"]["tuning"]["mAP"]  # retrained
+    assert probe.recorded_map("clock-t1", 99, "tuning") is None
