@@ -6,8 +6,10 @@ checkpoints of the A/B's DINO rows under the second teacher (and the baselines).
 tuning split only (the 200 validation images of the training scenes), so no test split is read.
 
 - (1) TCLD's own task: each model answers the same noisy GT queries (the A/B's TCLD box noise, one
-  copy, in its own language: DINO's label embedding); how well it refines them (IoU to the GT box, share at or
-  above 0.7, class accuracy, confidence) and how close it lands to the teacher's answer.
+  copy, in its own language: DINO's label embedding); how well it refines them (IoU to the GT box,
+  share at or above 0.7, class accuracy, confidence) and how close it lands to the teacher's answer.
+  From the teacher and the scenes alone: how TCLD's slot weights split between GT and general
+  queries, and how LCMD's foreground weight splits between the classes.
 - (2) Per-metric deltas: each variant minus the baseline of its seed (paired), COCO AP by IoU and
   size and KITTI Moderate AP per class.
 - (3) Car detections scoring above CAR_SCORE, each put in one bin, in score order: true positive
