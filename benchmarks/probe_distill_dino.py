@@ -64,15 +64,20 @@ def box_iou_pairs(a, b):
     return inter / (area - inter)
 
 
-def query_batches(dataset, num_classes, box_noise, batch=20):
-    """[(images, noisy GT spec, exact GT spec)] over the split, the noise drawn from QUERY_SEED."""
+def dataset_batches(dataset, batch=20):
+    """(images, targets) of the whole dataset, `batch` images at a time, in order."""
     from clock_deploy.data.dataset import collate_fn
+    for start in range(0, len(dataset), batch):
+        yield collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+
+
+def query_batches(dataset, num_classes, box_noise):
+    """[(images, noisy GT spec, exact GT spec)] over the split, the noise drawn from QUERY_SEED."""
     from clock_deploy.distill.queries import ground_truth_queries
     batches = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(QUERY_SEED)
-        for start in range(0, len(dataset), batch):
-            images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+        for images, targets in dataset_batches(dataset):
             batches.append((images, ground_truth_queries(targets, num_classes, 1, box_noise),
                             ground_truth_queries(targets, num_classes, 1, 0.0)))
     return batches
@@ -109,18 +114,16 @@ def gt_query_stats(answers, batches, teacher_answers=None):
 
 
 @torch.no_grad()
-def tcld_weight_split(teacher, dataset, logit_cfg, batch=20):
+def tcld_weight_split(teacher, dataset, logit_cfg):
     """Where TCLD's normalizer sum_i w_i (w_i: the teacher's max class probability) sits, at the teacher's
     last stage, for the A/B's query set (GT x repeats with noise + general random queries): the general
     queries' share of the total weight and the mean w on each kind of slot."""
-    from clock_deploy.data.dataset import collate_fn
     from clock_deploy.distill.queries import TargetQuerySampler, query_group
     sampler = TargetQuerySampler(teacher.num_classes, logit_cfg.repeats, logit_cfg.box_noise, logit_cfg.random_queries)
     gt_w, general_w = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(QUERY_SEED)
-        for start in range(0, len(dataset), batch):
-            images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+        for images, targets in dataset_batches(dataset):
             spec = sampler(images, targets)
             weight = teacher(images, groups=[query_group(teacher, spec)]).groups[0][-1].logits.sigmoid().amax(-1)
             general = torch.zeros_like(spec.pad_mask)
@@ -136,16 +139,14 @@ def tcld_weight_split(teacher, dataset, logit_cfg, batch=20):
 
 
 @torch.no_grad()
-def lcmd_class_weights(teacher, dataset, batch=20):
+def lcmd_class_weights(teacher, dataset):
     """Per class: its share of LCMD's foreground weight sum_p M_p S_p, of the foreground pixels and of the
     objects, on the teacher's memory grids (where LcmdLoss weighs its errors). Each class is weighed with
     its own boxes only, so a pixel two classes' boxes share counts for both (rare in these scenes)."""
-    from clock_deploy.data.dataset import collate_fn
     from clock_deploy.distill.clock import location_weights
     totals = {name: {"weight": 0.0, "pixels": 0, "objects": 0} for name in dataset.classes}
     grids = None
-    for start in range(0, len(dataset), batch):
-        images, targets = collate_fn([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+    for images, targets in dataset_batches(dataset):
         grids = grids or [tuple(m.shape[-2:]) for m in teacher(images[:1]).memory]
         for k, name in enumerate(dataset.classes):
             of_class = [{"boxes": t["boxes"][t["labels"] == k]} for t in targets]
@@ -161,13 +162,9 @@ def lcmd_class_weights(teacher, dataset, batch=20):
 # ---------------------------------------------------------------- (2), (3) detections
 
 def pixel_iou(a, b):
-    """IoU matrix of x1y1x2y2 boxes a [n, 4] and b [m, 4]."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    inter = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]),
-                    0, None).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
+    """IoU matrix [n, m] of x1y1x2y2 pixel boxes (numpy [n, 4], [m, 4]), by the models' box_iou in float64."""
+    from clock_deploy.models.box_ops import box_iou
+    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))[0].numpy()
 
 
 def car_bins(gt, det, min_score=CAR_SCORE):
@@ -193,7 +190,9 @@ def car_bins(gt, det, min_score=CAR_SCORE):
 
 
 def detection_stats(model, dataset, image_hw, topk):
-    """COCO / KITTI metrics (as the A/B computes them) and the Car bins summed over the split."""
+    """COCO / KITTI metrics (as the A/B computes them) and the Car bins summed over the split. The loop is
+    eval.detector.evaluate_detector's, which returns only the summary; the bins need the evaluator's
+    detections, and clock_deploy/eval stays as it is while the A/B's run files hash it."""
     from clock_deploy.eval.evaluator import DetectionEvaluator
     from clock_deploy.runtime import Detector
     detector = Detector.for_model(model, dataset.classes, image_hw, topk, "cpu")
@@ -241,21 +240,28 @@ def per_class_coco(evaluator):
 
 # ---------------------------------------------------------------- per checkpoint, resumable
 
-def probe_checkpoint(path, stored_path, context):
-    """The probe's numbers for one checkpoint, reused from stored_path while the checkpoint is the same file."""
-    sha = file_sha256(path)
+def reused_or_probed(checkpoint, stored_path, probe):
+    """The stored record of a checkpoint while it is the same file and the probe the same version, else
+    {sha, version, **probe()} written to stored_path."""
+    sha = file_sha256(checkpoint)
     if os.path.isfile(stored_path):
         stored = read_json(stored_path)
         if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == PROBE_VERSION:
             return stored
-    from clock_deploy.engine.checkpoint import load_model
-    model, cfg, _ = load_model(path)
-    answers = last_stage_answers(model, context["batches"])
-    record = {"checkpoint_sha256": sha, "probe_version": PROBE_VERSION,
-              "gt_queries": gt_query_stats(answers, context["batches"], context.get("teacher_answers")),
-              **detection_stats(model, context["dataset"], cfg.data.img_size, cfg.export.topk)}
+    record = {"checkpoint_sha256": sha, "probe_version": PROBE_VERSION, **probe()}
     write_json(stored_path, record)
     return record
+
+
+def model_stats(model, cfg, context, answers=None, teacher_answers=None):
+    """(1) and (2)-(3) for one model; `answers`: its last_stage_answers when already computed."""
+    answers = answers if answers is not None else last_stage_answers(model, context["batches"])
+    return {"gt_queries": gt_query_stats(answers, context["batches"], teacher_answers),
+            **detection_stats(model, context["dataset"], cfg.data.img_size, cfg.export.topk)}
+
+
+def record_path(cli, name):
+    return os.path.join(cli.runs_dir, f"{name}.json")
 
 
 def split_root(cli):
@@ -273,13 +279,11 @@ def collect(cli):
     dataset = build_dataset(dataclasses.replace(cfg.data, root=split_root(cli)), "val", train=False)
     logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's TCLD queries
     context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes, logit_cfg.box_noise)}
-    teacher_path = os.path.join(cli.runs_dir, "teacher-s1.json")
-    teacher_record = probe_checkpoint(TEACHER, teacher_path, context)
-    if "tcld_weights" not in teacher_record or "lcmd_class_weights" not in teacher_record:
-        teacher_record["tcld_weights"] = tcld_weight_split(teacher, dataset, logit_cfg)
-        teacher_record["lcmd_class_weights"] = lcmd_class_weights(teacher, dataset)
-        write_json(teacher_path, teacher_record)
-    context["teacher_answers"] = last_stage_answers(teacher, context["batches"])
+    teacher_answers = last_stage_answers(teacher, context["batches"])  # what every student is compared with
+    teacher_record = reused_or_probed(TEACHER, record_path(cli, "teacher-s1"), lambda: {
+        **model_stats(teacher, cfg, context, answers=teacher_answers),
+        "tcld_weights": tcld_weight_split(teacher, dataset, logit_cfg),
+        "lcmd_class_weights": lcmd_class_weights(teacher, dataset)})
     rows = {}
     for row in ROWS:
         rows[row] = {}
@@ -288,7 +292,8 @@ def collect(cli):
             if not os.path.isfile(checkpoint):
                 raise SystemExit(f"{checkpoint}: missing; this probe reads the A/B's DINO checkpoints "
                                  f"(bench_distill.py part (b), bench_distill_confirm.py)")
-            rows[row][seed] = probe_checkpoint(checkpoint, os.path.join(cli.runs_dir, f"{row}-{seed}.json"), context)
+            rows[row][seed] = reused_or_probed(checkpoint, record_path(cli, f"{row}-{seed}"), lambda: model_stats(
+                *load_model(checkpoint)[:2], context, teacher_answers=teacher_answers))
             print(f"{row} seed {seed}: mAP {rows[row][seed]['metrics']['mAP']:.4f}", flush=True)
     return teacher_record, rows
 
@@ -296,7 +301,7 @@ def collect(cli):
 def stored(cli):
     """What collect returns, read from the stored jsons only."""
     def read(name):
-        path = os.path.join(cli.runs_dir, f"{name}.json")
+        path = record_path(cli, name)
         return read_json(path) if os.path.isfile(path) else None
     rows = {row: {s: r for s in range(cli.seeds) if (r := read(f"{row}-{s}")) is not None} for row in ROWS}
     return read("teacher-s1"), rows
