@@ -13,12 +13,15 @@
     separate tuning seeds; every reported number is on the test split, generated with another seed.
     Each finished run is a small json in --runs-dir (metrics on both splits, config hash, versions)
     and is reused when its hash still matches, so the A/B resumes after an interruption and on
-    another machine without checkpoints. A teacher's weights are written to --teachers-dir (commit
-    them) and its students load them from there, the same teacher on every machine; a teacher
-    recorded before that is retrained only when a student left to train needs its weights, and the
-    A/B stops if the retrained teacher's metrics differ from its record (teacher training is not
-    reproducible across CPUs). DINO's ablation rows train under a second DINO teacher (seed 1,
-    ABLATION_TEACHER). An interrupted run continues from its last.pt. With
+    another machine without checkpoints. After an edit of the code a run depends on (CODE_FOLDERS),
+    --report-only still reads the run files of the same config, as recorded, and the report names
+    the code that wrote them; a config key added later is listed in LATER_KEYS with the value that
+    keeps the old behaviour, so the runs recorded before it keep their hash. A teacher's weights are
+    written to --teachers-dir (commit them) and its students load them from there, the same teacher
+    on every machine; a teacher recorded before that is retrained only when a student left to train
+    needs its weights, and the A/B stops if the retrained teacher's metrics differ from its record
+    (teacher training is not reproducible across CPUs). DINO's ablation rows train under a second
+    DINO teacher (seed 1, ABLATION_TEACHER). An interrupted run continues from its last.pt. With
     --jobs 2 two runs train side by side, one thread each: on a 2-core VM that trained 1.17x the
     iterations per second of one run on two threads (benchmarks/results/parallel_runs.md).
 
@@ -100,9 +103,9 @@ HISTORY_NOTE = ("The first A/B (4 seeds, DINO only, the first CLoCK defaults and
                 "history.")
 PROTOCOL_NOTE = ("Order: the family's teacher, then the tuning grid (DINO CLoCK, tuning split only), then baseline, "
                  "CLoCK and KD-DETR for every seed, then the ablation rows (DINO: under its second teacher). Run "
-                 "files are keyed on a hash of the config and of clock_deploy/{models,distill,engine,data,eval}: an "
-                 "edit there makes every finished "
-                 "run stale, so those folders stay frozen until the A/B is done. Cost on a 2-core Intel Xeon VM: "
+                 "files are keyed on a hash of the config and of clock_deploy/{models,distill,engine,data,eval}: after "
+                 "an edit there a training run trains a run again, while --report-only reads a run file of the same "
+                 "config as recorded and names the code that wrote it. Cost on a 2-core Intel Xeon VM: "
                  "DINO teacher 38.5 min; the tuning runs one at a time on 2 threads (DINO CLoCK ~14-15 min each); "
                  "from the comparison on two runs side by side on one thread each (--jobs 2: 1.17x the runs per "
                  "hour, benchmarks/results/parallel_runs.md): DINO baseline ~10 min, CLoCK ~27-30 min, KD-DETR "
@@ -261,32 +264,48 @@ def base_overrides(args, family, epochs, drop):
     return extra + ([f"train.max_iters={args.max_iters}"] if args.max_iters else [])
 
 
+CODE_FOLDERS = ("models", "distill", "engine", "data", "eval")  # the packages a run's result depends on
+
+
 @functools.lru_cache(maxsize=None)
 def code_hash():
     """Fingerprint of the code a run depends on: a change there makes old run files stale. Read once,
     when the process starts using it: the modules it runs were imported then, so an edit made while
     the A/B runs must not be recorded as the code of the runs after it."""
     digest = hashlib.sha256()
-    for folder in ("models", "distill", "engine", "data", "eval"):
+    for folder in CODE_FOLDERS:
         for path in sorted(glob.glob(os.path.join("clock_deploy", folder, "*.py"))):
             digest.update(path.encode())
             digest.update(open(path, "rb").read())
     return digest.hexdigest()[:16]
 
 
+# Config keys added after runs were recorded, each with the value that does what the code did before
+# the key existed: at that value the key is left out of a run's settings, so the runs recorded before it
+# keep their hash. One entry per new key, e.g. {"distill.mem.some_option": "old_behaviour"}.
+LATER_KEYS = {}
+
+
 def run_settings(cfg):
-    """The config as a dict, less where the run is written and the device: what decides its result."""
+    """The config as a dict, less where the run is written, the device and any LATER_KEYS at their old
+    value: what decides its result."""
     data = to_dict(cfg)
     data.pop("output_dir")
     data.pop("device")
+    for dotted, old_value in LATER_KEYS.items():
+        *parents, key = dotted.split(".")
+        section = functools.reduce(lambda d, k: d.get(k, {}), parents, data)
+        if key in section and section[key] == old_value:
+            del section[key]
     return data
 
 
-def config_hash(cfg, teacher_hash=None):
-    """Hash of everything that decides a run's result (not where it is written)."""
+def config_hash(cfg, teacher_hash=None, code=None):
+    """Hash of everything that decides a run's result (not where it is written), under the code hash
+    `code` (default: the code now)."""
     data = run_settings(cfg)
     data["distill"]["teacher"] = teacher_hash
-    text = json.dumps({"config": data, "code": code_hash()}, sort_keys=True)
+    text = json.dumps({"config": data, "code": code or code_hash()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -337,16 +356,34 @@ def test_metrics(args, checkpoint, cfg, root=None):
                           batch=cfg.train.batch_size)
 
 
-def finished_run(path, expected_hash):
-    """The stored record of a run if it is there and still matches its config and code."""
+def finished_run(path, cfg, teacher_hash=None, older_code=False):
+    """The stored record of a run of `cfg` if it is there and still matches its config and the code now.
+
+    With older_code (reports: --report-only), also a record of the same config written by older code of
+    clock_deploy/: a report reads it as recorded (recorded_code says which code that was) instead of
+    losing it, while a training run trains it again under the code now."""
     if not os.path.isfile(path):
         return None
     record = read_json(path)
-    if record.get("config_hash") == expected_hash:
+    expected = config_hash(cfg, teacher_hash)
+    if record.get("config_hash") == expected:
         return record
-    print(f"{path}: config or code changed since it ran (hash {record.get('config_hash')} != {expected_hash}); "
-          f"running it again", flush=True)
+    recorded = record.get("versions", {}).get("code_hash")
+    if older_code and recorded and record.get("config_hash") == config_hash(cfg, teacher_hash, recorded):
+        return record
+    print(f"{path}: config or code changed since it ran (hash {record.get('config_hash')} != {expected}); "
+          + ("not read" if older_code else "running it again"), flush=True)
     return None
+
+
+def recorded_code(records):
+    """A report's line naming the older code that wrote some of its run files ([] when all are current)."""
+    older = sorted({r["versions"]["code_hash"] for r in records if r and r.get("versions")} - {code_hash()})
+    if not older:
+        return []
+    return [f"Run files read as recorded: written by clock_deploy/{{{','.join(CODE_FOLDERS)}}} with code hash "
+            f"{', '.join(older)} (the commit is in each file's versions); the code now hashes to {code_hash()}. "
+            f"Their configs match the code now; a training run would train them again.", ""]
 
 
 def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
@@ -356,9 +393,10 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
     if teacher is not None:
         extra.append(f"distill.teacher={teacher['checkpoint']}")
     cfg = load_config(os.path.join(args.configs, config), extra)
-    key = config_hash(cfg, teacher_key(teacher) if teacher else None)
+    teacher_hash = teacher_key(teacher) if teacher else None
+    key = config_hash(cfg, teacher_hash)
     path = os.path.join(args.runs_dir, f"{family}-{name}-{seed}.json")
-    record = finished_run(path, key)
+    record = finished_run(path, cfg, teacher_hash, older_code=args.report_only)
     if record is not None:
         return record
     if args.report_only:
@@ -371,7 +409,7 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
                           "test": metric_subset(test_metrics(args, os.path.join(run_dir, "last.pt"), cfg))},
               "grad_shares": gradient_shares(run_dir), "seconds": round(time.time() - start, 1), "resumed": resumed,
               "threads": torch.get_num_threads(), "config_hash": key,
-              "teacher_hash": teacher_key(teacher) if teacher else None, "versions": versions()}
+              "teacher_hash": teacher_hash, "versions": versions()}
     write_json(path, record)
     print(f"{family} {name} seed {seed}: test mAP {record['metrics']['test']['mAP']:.4f}, KITTI Mod "
           f"{record['metrics']['test']['kitti_moderate']:.2f} ({record['seconds']:.0f} s)", flush=True)
@@ -480,7 +518,7 @@ def family_teacher(args, family, retrain=False, seed=0):
     key = config_hash(cfg)
     path = os.path.join(args.runs_dir, f"{family}-{name}.json")
     checkpoint = os.path.join(run_dir, "last.pt")
-    record = finished_run(path, key)
+    record = finished_run(path, cfg, older_code=args.report_only)
     if record is not None and record.get("weights"):
         return {**record, "checkpoint": committed_teacher(args, record, path)}
     if record is not None and (os.path.isfile(checkpoint) or not retrain):
@@ -717,6 +755,8 @@ def report_b(args, teachers, results, chosen, scores, progress=None, ablation_te
     lines += [BUDGET_NOTE, ""]
     lines += [RECIPE_NOTE, ""] if any(family in FAMILY_SCHEDULE for family in args.families) else []
     lines += [PROTOCOL_NOTE, "", HISTORY_NOTE, ""]
+    lines += recorded_code([*teachers.values(), *(ablation_teachers or {}).values(),
+                            *(r for runs in results.values() for per_seed in runs.values() for r in per_seed.values())])
     if progress:
         lines += ["Runs finished: " + "; ".join(f"{what} {done} of {planned}" for what, (done, planned)
                                                  in progress.items())

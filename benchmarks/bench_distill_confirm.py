@@ -139,10 +139,11 @@ def as_records(scored):
     return {r["seed"]: {"metrics": {"test": r["fresh"]}, "resumed": True} for r in scored}
 
 
-def report(args, chosen, means, scored, retrained, original):
+def report(args, chosen, means, scored, retrained, original, records):
     lines = ["# Distillation: confirmation on a fresh test split (DINO)", "",
              "Written by benchmarks/bench_distill_confirm.py.", "", "## Plan (pre-registered)", "", PLAN, "",
              "## Results", "", f"{ab.machine()}.", ""]
+    lines += ab.recorded_code(records)
     lines.append("Tuning-split mAP of the candidates (mean over the seeds; the choice): "
                  + ", ".join(f"{name} {mean:.4f}" for name, mean in means.items()) + f" -> **{chosen}**.")
     unusable = [f"{r['name']} seed {r['seed']}" for rows in scored.values() for r in rows
@@ -239,7 +240,8 @@ def main():
         scored = {name: [s for s in (evaluate(args, call, r) for call, r in zip(calls[name], records[name])
                                      if r is not None) if s is not None] for name in REUSED + TRAINED}
         retrained = {r["seed"]: r for r in records["baseline"] if r is not None}
-        report(args, chosen, means, scored, retrained, original)
+        report(args, chosen, means, scored, retrained, original,
+               [*(r for rows in records.values() for r in rows), *original.values()])
         if args.report_only:
             break
     print(open(args.results).read())

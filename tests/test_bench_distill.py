@@ -30,13 +30,36 @@ def test_config_hash_ignores_where_a_run_is_written_but_not_what_it_runs():
     assert bench_distill.config_hash(a, "t1") != bench_distill.config_hash(a, "t2")  # another teacher
 
 
-def test_stale_run_file_is_not_reused(tmp_path):
+def test_stale_run_file_is_not_trained_on_but_a_report_reads_a_run_of_older_code_with_the_same_config(tmp_path):
     from clock_deploy.io import write_json
+    cfg = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a"])
+    other = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "distill.lambda_mem=3"])
     path = tmp_path / "dino-clock-0.json"
-    write_json(path, {"config_hash": "old", "metrics": {}})
-    assert bench_distill.finished_run(str(path), "new") is None
-    assert bench_distill.finished_run(str(path), "old")["config_hash"] == "old"
-    assert bench_distill.finished_run(str(tmp_path / "missing.json"), "old") is None
+    write_json(path, {"config_hash": bench_distill.config_hash(cfg, "t1"), "metrics": {}})
+    assert bench_distill.finished_run(str(path), cfg, "t1")["metrics"] == {}
+    assert bench_distill.finished_run(str(path), other, "t1") is None
+    assert bench_distill.finished_run(str(path), cfg, "t2") is None
+    assert bench_distill.finished_run(str(tmp_path / "missing.json"), cfg, "t1") is None
+
+    old_code = {"config_hash": bench_distill.config_hash(cfg, "t1", code="0ld"), "versions": {"code_hash": "0ld"}}
+    write_json(path, old_code)
+    assert bench_distill.finished_run(str(path), cfg, "t1") is None             # training: trained again
+    assert bench_distill.finished_run(str(path), cfg, "t1", older_code=True) == old_code  # a report reads it
+    assert bench_distill.finished_run(str(path), other, "t1", older_code=True) is None    # not another config
+    assert "0ld" in bench_distill.recorded_code([old_code])[0]
+    assert bench_distill.recorded_code([{"versions": {"code_hash": bench_distill.code_hash()}}, None]) == []
+
+
+def test_a_later_config_key_at_its_old_value_keeps_the_hash_of_runs_recorded_before_it(monkeypatch):
+    cfg = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a"])
+    before = bench_distill.config_hash(cfg)
+    # as if distill.mem.beta had been added after the runs, with the value the older code used
+    monkeypatch.setitem(bench_distill.LATER_KEYS, "distill.mem.beta", cfg.distill.mem.beta)
+    assert "beta" not in bench_distill.run_settings(cfg)["distill"]["mem"]
+    assert bench_distill.config_hash(cfg) != before  # the key is gone from the settings...
+    changed = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "distill.mem.beta=4.0"])
+    assert bench_distill.run_settings(changed)["distill"]["mem"]["beta"] == 4.0  # ...unless it does something new
+    assert bench_distill.config_hash(changed) != bench_distill.config_hash(cfg)
 
 
 def test_resumed_runs_are_left_out_of_minutes_per_run():
@@ -192,7 +215,7 @@ def teacher_args(tmp_path):
 
 def test_a_finished_teacher_is_reused_without_its_checkpoint_until_a_run_needs_it(monkeypatch, tmp_path):
     record = {"family": "dab_detr", "metrics": {"tuning": {"mAP": 0.2}, "test": {"mAP": 0.2}}}
-    monkeypatch.setattr(bench_distill, "finished_run", lambda path, key: record)
+    monkeypatch.setattr(bench_distill, "finished_run", lambda *args, **kwargs: record)
     monkeypatch.setattr(bench_distill, "train", lambda cfg: pytest.fail("a finished teacher was retrained"))
     args = teacher_args(tmp_path)
     teacher = bench_distill.family_teacher(args, "dab_detr")
@@ -204,7 +227,7 @@ def test_a_finished_teacher_is_reused_without_its_checkpoint_until_a_run_needs_i
 def test_a_retrained_teacher_that_differs_stops_the_ab_instead_of_pairing_its_students_with_the_old_ones(
         monkeypatch, tmp_path):
     recorded = {"family": "dab_detr", "metrics": {"tuning": {"mAP": 0.175}, "test": {"mAP": 0.180}}}
-    monkeypatch.setattr(bench_distill, "finished_run", lambda path, key: recorded)
+    monkeypatch.setattr(bench_distill, "finished_run", lambda *args, **kwargs: recorded)
     def fake_train(cfg):  # the checkpoint was missing (another machine): trained again, other weights
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "last.pt"), "wb") as f:
