@@ -283,7 +283,7 @@ def code_hash():
 # Config keys added after runs were recorded, each with the value that does what the code did before
 # the key existed: at that value the key is left out of a run's settings, so the runs recorded before it
 # keep their hash. One entry per new key, e.g. {"distill.mem.some_option": "old_behaviour"}.
-LATER_KEYS = {}
+LATER_KEYS = {"distill.logit.content": "own"}
 
 
 def run_settings(cfg):

@@ -323,6 +323,23 @@ def test_query_content_comes_from_each_models_own_embedding(arch):
         assert "teacher" in calls and "student" in calls
 
 
+@pytest.mark.parametrize("content", ["own", "zero"])
+def test_distill_logit_content_zero_asks_dino_without_its_label_embedding(content):
+    cfg = tiny_config("dino", method="clock")
+    cfg.distill.logit.content = content
+    teacher, student = tiny_model(tiny_config("dino", hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    asked = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_hook(lambda m, args, kwargs, out, name=name: asked.update({name: kwargs["groups"]}),
+                                    with_kwargs=True)
+    _, losses = distill_losses(distiller, student)
+    for groups in asked.values():
+        (group,) = groups
+        assert group.content.any() == (content == "own")  # "own": label_enc of the GT slots' classes
+    assert losses["loss_logit_cls"] > 0
+
+
 def test_deformable_group_position_carries_box_size():
     from clock_deploy.distill.queries import class_free
     cfg = tiny_config("deformable_detr")  # one-stage: the reference point is only the centre

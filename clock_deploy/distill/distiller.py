@@ -193,7 +193,8 @@ def _build_distiller(cfg, teacher, student):
         tcld = QueryDistillLoss(tau=lc.tau, cls_loss=lc.cls_loss, w_cls=lc.w_cls, w_l1=lc.w_l1, w_giou=lc.w_giou,
                                 stages="consistent", weight=dc.lambda_logit, prefix="loss_logit")
         sampler = TargetQuerySampler(num_classes, lc.repeats, lc.box_noise, lc.random_queries)
-        return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, teacher_dtype=dc.teacher_dtype)
+        return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, own_content=lc.content == "own",
+                         teacher_dtype=dc.teacher_dtype)
 
     if dc.method == "kd_detr":
         kc = dc.kd_detr
