@@ -376,6 +376,12 @@ def finished_run(path, cfg, teacher_hash=None, older_code=False):
     return None
 
 
+def reads_older_code(args):
+    """Whether run files of older code are read as recorded: by a report (--report-only), never by a
+    run that trains (run_all's first, reading pass keeps the flag of the run it is part of)."""
+    return getattr(args, "older_code", args.report_only)
+
+
 def recorded_code(records):
     """A report's line naming the older code that wrote some of its run files ([] when all are current)."""
     older = sorted({r["versions"]["code_hash"] for r in records if r and r.get("versions")} - {code_hash()})
@@ -396,7 +402,7 @@ def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=
     teacher_hash = teacher_key(teacher) if teacher else None
     key = config_hash(cfg, teacher_hash)
     path = os.path.join(args.runs_dir, f"{family}-{name}-{seed}.json")
-    record = finished_run(path, cfg, teacher_hash, older_code=args.report_only)
+    record = finished_run(path, cfg, teacher_hash, older_code=reads_older_code(args))
     if record is not None:
         return record
     if args.report_only:
@@ -420,7 +426,7 @@ def run_all(args, calls):
     """run_once(args, *call) for every call, in order; --jobs of them at a time, one thread each, in
     worker processes. Finished runs are read here; a lone unfinished run trains here on every thread.
     A teacher whose checkpoint is missing (another machine) is retrained only when a run left to train needs it."""
-    reuse = argparse.Namespace(**{**vars(args), "report_only": True})
+    reuse = argparse.Namespace(**{**vars(args), "report_only": True, "older_code": reads_older_code(args)})
     records = [run_once(reuse, *call) for call in calls]
     todo = [i for i, record in enumerate(records) if record is None]
     if args.report_only or not todo:
@@ -518,7 +524,7 @@ def family_teacher(args, family, retrain=False, seed=0):
     key = config_hash(cfg)
     path = os.path.join(args.runs_dir, f"{family}-{name}.json")
     checkpoint = os.path.join(run_dir, "last.pt")
-    record = finished_run(path, cfg, older_code=args.report_only)
+    record = finished_run(path, cfg, older_code=reads_older_code(args))
     if record is not None and record.get("weights"):
         return {**record, "checkpoint": committed_teacher(args, record, path)}
     if record is not None and (os.path.isfile(checkpoint) or not retrain):

@@ -50,6 +50,24 @@ def test_stale_run_file_is_not_trained_on_but_a_report_reads_a_run_of_older_code
     assert bench_distill.recorded_code([{"versions": {"code_hash": bench_distill.code_hash()}}, None]) == []
 
 
+def test_a_run_that_trains_trains_a_run_of_older_code_again_and_a_report_reads_it(monkeypatch, tmp_path):
+    from clock_deploy.io import write_json
+    args = SimpleNamespace(**vars(teacher_args(tmp_path)), jobs=1)
+    call = ("baseline", "dino", "student.yaml", [], 0, 12, 8, None)
+    cfg = load_config("configs/demo/student.yaml", bench_distill.base_overrides(args, "dino", 12, 8)
+                      + ["seed=0", f"output_dir={tmp_path / 'runs' / 'dino-baseline-0'}"])
+    old_code = {"config_hash": bench_distill.config_hash(cfg, code="0ld"), "versions": {"code_hash": "0ld"}}
+    write_json(tmp_path / "dino-baseline-0.json", old_code)
+
+    def train(cfg):
+        raise RuntimeError("trained")
+    monkeypatch.setattr(bench_distill, "train", train)
+    with pytest.raises(RuntimeError, match="trained"):
+        bench_distill.run_all(args, [call])
+    report = SimpleNamespace(**{**vars(args), "report_only": True})
+    assert bench_distill.run_all(report, [call]) == [old_code]
+
+
 def test_a_later_config_key_at_its_old_value_keeps_the_hash_of_runs_recorded_before_it(monkeypatch):
     cfg = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a"])
     before = bench_distill.config_hash(cfg)
