@@ -71,12 +71,12 @@ def reading(args, runs_dir=None):
     return argparse.Namespace(**{**vars(args), "runs_dir": runs_dir or args.runs_dir, "report_only": True})
 
 
-def fresh_root(args):
-    return os.path.join(args.out, "data", f"synth_test{args.test_images}_s{FRESH_SEED}")
+def fresh_root(args, seed=FRESH_SEED):
+    return os.path.join(args.out, "data", f"synth_test{args.test_images}_s{seed}")
 
 
-def ensure_fresh_split(args, img_cfg):
-    ab.ensure_test_split(fresh_root(args), args.test_images, FRESH_SEED, img_cfg.data.synth)
+def ensure_fresh_split(args, img_cfg, seed=FRESH_SEED):
+    ab.ensure_test_split(fresh_root(args, seed), args.test_images, seed, img_cfg.data.synth)
 
 
 def ab_calls(args, teacher, chosen):
@@ -99,9 +99,10 @@ def choose(records):
     return max(CANDIDATES, key=lambda name: (means[name], -CANDIDATES.index(name))), means
 
 
-def evaluate(args, call, record):
-    """Metrics of a finished run's checkpoint on the fresh split (and again on the A/B's test split), reused
-    from its json while the checkpoint is the same file."""
+def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None):
+    """Metrics of a finished run's checkpoint on the fresh split of `seed_of_split` (and again on the A/B's
+    test split, unless `verified`, an earlier score of the same checkpoint, has that), reused from its json
+    while the checkpoint is the same file."""
     name, seed = call[0], call[4]
     run_dir = os.path.join(args.out, "runs", f"{FAMILY}-{name}-{seed}")
     checkpoint = os.path.join(run_dir, "last.pt")
@@ -115,13 +116,16 @@ def evaluate(args, call, record):
     if args.report_only:
         return None
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    fresh = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg, fresh_root(args)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(record.get("threads", threads))  # another thread count moves the mAP by ~3e-5
-    try:
-        again = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg))
-    finally:
-        torch.set_num_threads(threads)
+    fresh = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg, fresh_root(args, seed_of_split)))
+    if verified is not None and verified["checkpoint_sha256"] == sha:
+        again = verified["test_again"]
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(record.get("threads", threads))  # another thread count moves the mAP by ~3e-5
+        try:
+            again = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg))
+        finally:
+            torch.set_num_threads(threads)
     result = {"name": name, "seed": seed, "checkpoint_sha256": sha, "config_hash": record["config_hash"],
               "fresh": fresh, "test_again": again, "test_recorded": record["metrics"]["test"]}
     write_json(path, result)
