@@ -152,8 +152,10 @@ def main():
     earlier = {name: cli.confirm_runs for name in FROM_AB + FROM_CONFIRM}  # the first follow-up checked these
 
     def verified(name, seed):
+        if name not in earlier:
+            return None
         path = os.path.join(earlier[name], f"fresh-{confirm.FAMILY}-{calls[name][seed][0]}-{seed}.json")
-        return read_json(path) if name in earlier and os.path.isfile(path) else None
+        return read_json(path) if os.path.isfile(path) else None
     scored = {}
     for name in ["baseline", CURRENT, CANDIDATE, "kd_detr", "lcmd_only", "fgd"]:
         results = [confirm.evaluate(args, call, record, FRESH_SEED, verified(name, call[4]))
