@@ -47,6 +47,7 @@ SEEDS = 8
 QUERY_SEED = 1000    # the noisy GT queries are drawn once from this seed: every model answers the same ones
 CAR_SCORE = 0.3
 PROBE_VERSION = 2    # bump when a number below is computed differently: stored jsons are then recomputed
+TEACHER_PROBE_VERSION = 3  # the teacher's record: version 3 adds FGD's class weights
 METRICS = ["mAP", "AP50", "AP75", "APs", "APm", "APl", "kitti_Car_moderate", "kitti_Pedestrian_moderate",
            "kitti_Cyclist_moderate", "kitti_moderate"]
 PER_CLASS = [(name, metric) for name in ("Car", "Pedestrian", "Cyclist") for metric in ("AP50", "AP70", "AP")]
@@ -139,21 +140,26 @@ def tcld_weight_split(teacher, dataset, logit_cfg):
 
 
 @torch.no_grad()
-def lcmd_class_weights(teacher, dataset):
-    """Per class: its share of LCMD's foreground weight sum_p M_p S_p, of the foreground pixels and of the
-    objects, on the teacher's memory grids (where LcmdLoss weighs its errors). Each class is weighed with
-    its own boxes only, so a pixel two classes' boxes share counts for both (rare in these scenes)."""
+def class_weight_shares(teacher, dataset, fgd_temperature=None):
+    """Per class: its share of a map term's foreground weight, of the foreground pixels and of the objects.
+    LCMD (default): sum_p M_p S_p on the teacher's memory grids, where LcmdLoss weighs its errors. FGD
+    (fgd_temperature set): sum_p M_p S_p A_p on the teacher's backbone feature maps, A its spatial attention
+    at that temperature, the pixel weight FgdLoss puts on its focal term. Each class is weighed with its
+    own boxes only, so a pixel two classes' boxes share counts for both (rare in these scenes)."""
+    from clock_deploy.distill.baselines import attention_maps
     from clock_deploy.distill.clock import location_weights
     totals = {name: {"weight": 0.0, "pixels": 0, "objects": 0} for name in dataset.classes}
-    grids = None
     for images, targets in dataset_batches(dataset):
-        grids = grids or [tuple(m.shape[-2:]) for m in teacher(images[:1]).memory]
+        out = teacher(images if fgd_temperature else images[:1])
+        maps = out.features if fgd_temperature else out.memory
+        attention = [attention_maps(m, fgd_temperature)[0] if fgd_temperature else None for m in maps]
         for k, name in enumerate(dataset.classes):
             of_class = [{"boxes": t["boxes"][t["labels"] == k]} for t in targets]
             totals[name]["objects"] += sum(len(t["boxes"]) for t in of_class)
-            for height, width in grids:
-                fg, scale = location_weights(of_class, height, width)
-                totals[name]["weight"] += scale[fg].sum().item()
+            for level, spatial in zip(maps, attention):
+                fg, scale = location_weights(of_class, *level.shape[-2:])
+                weight = scale if spatial is None else scale * spatial
+                totals[name]["weight"] += weight[fg].sum().item()
                 totals[name]["pixels"] += int(fg.sum())
     sums = {key: sum(t[key] for t in totals.values()) for key in ("weight", "pixels", "objects")}
     return {name: {f"{key}_share": t[key] / sums[key] for key in sums} for name, t in totals.items()}
@@ -240,15 +246,15 @@ def per_class_coco(evaluator):
 
 # ---------------------------------------------------------------- per checkpoint, resumable
 
-def reused_or_probed(checkpoint, stored_path, probe):
+def reused_or_probed(checkpoint, stored_path, probe, version=PROBE_VERSION):
     """The stored record of a checkpoint while it is the same file and the probe the same version, else
     {sha, version, **probe()} written to stored_path."""
     sha = file_sha256(checkpoint)
     if os.path.isfile(stored_path):
         stored = read_json(stored_path)
-        if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == PROBE_VERSION:
+        if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == version:
             return stored
-    record = {"checkpoint_sha256": sha, "probe_version": PROBE_VERSION, **probe()}
+    record = {"checkpoint_sha256": sha, "probe_version": version, **probe()}
     write_json(stored_path, record)
     return record
 
@@ -278,12 +284,14 @@ def collect(cli):
     teacher, cfg, _ = load_model(TEACHER)
     dataset = build_dataset(dataclasses.replace(cfg.data, root=split_root(cli)), "val", train=False)
     logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's TCLD queries
+    fgd_cfg = load_config(os.path.join(ab.DEMO, "distill_fgd.yaml")).distill.fgd   # the A/B's FGD
     context = {"dataset": dataset, "batches": query_batches(dataset, teacher.num_classes, logit_cfg.box_noise)}
     teacher_answers = last_stage_answers(teacher, context["batches"])  # what every student is compared with
     teacher_record = reused_or_probed(TEACHER, record_path(cli, "teacher-s1"), lambda: {
         **model_stats(teacher, cfg, context, answers=teacher_answers),
         "tcld_weights": tcld_weight_split(teacher, dataset, logit_cfg),
-        "lcmd_class_weights": lcmd_class_weights(teacher, dataset)})
+        "lcmd_class_weights": class_weight_shares(teacher, dataset),
+        "fgd_class_weights": class_weight_shares(teacher, dataset, fgd_cfg.temperature)}, TEACHER_PROBE_VERSION)
     rows = {}
     for row in ROWS:
         rows[row] = {}
@@ -338,6 +346,17 @@ def run_file_check(rows, split):
     return len(diffs), max(diffs, default=float("nan"))
 
 
+def class_weight_text(shares, where):
+    """One line: each class's share of the weight, of the foreground pixels and of the objects, and its
+    weight per pixel relative to a Car pixel."""
+    per_pixel = {name: c["weight_share"] / c["pixels_share"] for name, c in shares.items() if c["pixels_share"]}
+    return (f"{where}: " + "; ".join(
+        f"{name} {c['weight_share']:.1%} of the weight on {c['pixels_share']:.1%} of the foreground "
+        f"pixels ({c['objects_share']:.1%} of the objects)" for name, c in shares.items())
+        + ". Per pixel, relative to a Car pixel: " + ", ".join(
+            f"{name} {w / per_pixel['Car']:.1f}x" for name, w in per_pixel.items() if name != "Car") + ".")
+
+
 def report(cli, teacher, rows):
     baseline = rows["baseline"]
     split = SPLIT_NAMES[cli.split]
@@ -379,15 +398,12 @@ def report(cli, teacher, rows):
                   f"the general queries hold {w['general_share']:.1%} of sum_i w_i, the normalizer of both TCLD terms; "
                   f"mean w {w['mean_w_gt']:.3f} on a GT slot, {w['mean_w_general']:.3f} on a general slot "
                   f"({w['gt_slots']} GT and {w['general_slots']} general slots over the split)."]
-    if teacher and "lcmd_class_weights" in teacher:
-        shares = teacher["lcmd_class_weights"]
-        per_pixel = {name: c["weight_share"] / c["pixels_share"] for name, c in shares.items() if c["pixels_share"]}
-        lines += ["", "LCMD's foreground weight by class (sum_p M_p S_p with each class's own boxes, on the teacher's "
-                  "memory grids, over the split): " + "; ".join(
-                      f"{name} {c['weight_share']:.1%} of the weight on {c['pixels_share']:.1%} of the foreground "
-                      f"pixels ({c['objects_share']:.1%} of the objects)" for name, c in shares.items())
-                  + ". Per pixel, relative to a Car pixel: " + ", ".join(
-                      f"{name} {w / per_pixel['Car']:.1f}x" for name, w in per_pixel.items() if name != "Car") + "."]
+    for key, where in (("lcmd_class_weights", "LCMD's foreground weight by class (sum_p M_p S_p with each class's "
+                                             "own boxes, on the teacher's memory grids, over the split)"),
+                       ("fgd_class_weights", "FGD's foreground weight by class, for comparison (sum_p M_p S_p A_p, "
+                                             "A the teacher's spatial attention, on its backbone feature maps)")):
+        if teacher and key in teacher:
+            lines += ["", class_weight_text(teacher[key], where)]
     lines += ["", "## (2) Each variant minus the baseline, per metric (COCO in [0, 1], KITTI in percent)", "",
               "| row | " + " | ".join(k.replace("kitti_", "KITTI ").replace("_moderate", " Mod") for k in METRICS)
               + " |", "|---" * (len(METRICS) + 1) + "|"]

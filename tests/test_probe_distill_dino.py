@@ -111,10 +111,30 @@ def test_lcmd_class_weights_give_each_box_the_same_weight_whatever_its_area():
             return SimpleNamespace(memory=[torch.zeros(1, 4, 10, 10)])
     items = [(torch.zeros(3, 10, 10), {"boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.8, 0.8, 0.2, 0.2]]),
                                        "labels": torch.tensor([0, 1])})]
-    shares = probe.lcmd_class_weights(Grid(), ListDataset(items, ["Car", "Pedestrian", "Cyclist"]))
+    shares = probe.class_weight_shares(Grid(), ListDataset(items, ["Car", "Pedestrian", "Cyclist"]))
     assert abs(shares["Car"]["weight_share"] - 0.5) < 1e-6 and abs(shares["Pedestrian"]["weight_share"] - 0.5) < 1e-6
     assert abs(shares["Car"]["pixels_share"] - 16 / 20) < 1e-6  # 4x4 pixels against 2x2
     assert shares["Cyclist"] == {"weight_share": 0.0, "pixels_share": 0.0, "objects_share": 0.0}
+
+
+def test_fgd_class_weights_follow_the_teachers_spatial_attention():
+    items = [(torch.zeros(3, 10, 10), {"boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.8, 0.8, 0.2, 0.2]]),
+                                       "labels": torch.tensor([0, 1])})]
+    dataset = ListDataset(items, ["Car", "Pedestrian", "Cyclist"])
+
+    class Features(torch.nn.Module):
+        def __init__(self, hot):
+            super().__init__()
+            self.hot = hot
+
+        def forward(self, images):
+            features = torch.ones(len(images), 4, 10, 10)
+            features[:, :, self.hot[0], self.hot[1]] = 3.0  # where the teacher's features are strong
+            return SimpleNamespace(features=[features])
+    flat = probe.class_weight_shares(Features((slice(0, 0), slice(0, 0))), dataset, fgd_temperature=0.5)
+    assert abs(flat["Car"]["weight_share"] - 0.5) < 1e-6  # uniform attention: LCMD's split
+    on_car = probe.class_weight_shares(Features((slice(1, 5), slice(1, 5))), dataset, fgd_temperature=0.5)
+    assert on_car["Car"]["weight_share"] > 0.95 and on_car["Car"]["pixels_share"] == flat["Car"]["pixels_share"]
 
 
 class ListDataset(list):
