@@ -107,6 +107,12 @@ def report(args, chosen, means, scored, records):
     if chosen is not None:
         lines += ["", confirm.verdict(baseline, rows, chosen, args.seeds)]
         lines += confirm.exploratory(baseline, rows, chosen)
+        current, candidate = (rows.get(ab.run_name(n, confirm.TEACHER_SEED), {}) for n in (CURRENT, CANDIDATE))
+        for key in ("mAP", "kitti_moderate"):  # the candidate against the current CLoCK, seed by seed
+            st = ab.paired_delta(current, candidate, key)
+            if st is not None and st["n"] >= 2:
+                lines.append(f"| {CANDIDATE} minus {CURRENT} | {key} | {st['n']} | {st['mean']:+.4f} +- "
+                             f"{st['sd']:.4f} | [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {ab.p_text(st['p'])} |")
     lines += ["", "delta: row minus the baseline of the same seed; 95% CI: mean +- t(0.975, n-1) sd / sqrt(n); "
               "p: two-sided paired t-test. min/run is left out here. Per-run files: "
               f"{args.runs_dir}/ (dino-*: the candidate's runs, fresh-*: scores on the fresh split)."]
