@@ -83,14 +83,14 @@ def choose(current, candidate):
     return (CANDIDATE if means[CANDIDATE] > means[CURRENT] else CURRENT), means
 
 
-def report(args, chosen, means, scored, records):
+def report(args, chosen, means, scored, records, candidate_runs):
     lines = ["# Distillation: zero-content target-aware queries on DINO (second follow-up)", "",
              "Written by benchmarks/bench_distill_content.py.", "", "## Plan (pre-registered)", "", PLAN, "",
              "## Results", "", f"{ab.machine()}.", ""]
     lines += ab.recorded_code(records)
     if chosen is None:
-        lines.append(f"Tuning-split choice: not made yet ({len([r for r in records if r])} run files read; the "
-                     f"candidate's 8 seeds must finish first).")
+        lines.append(f"Tuning-split choice: not made yet ({candidate_runs} of the candidate's {args.seeds} runs "
+                     f"finished).")
     else:
         lines.append("Tuning-split mAP (mean over the seeds; the choice): "
                      + ", ".join(f"{name} {mean:.4f}" for name, mean in means.items()) + f" -> **{chosen}**.")
@@ -155,19 +155,16 @@ def main():
     if chosen is not None:
         print(f"chosen on the tuning split: {chosen} ({', '.join(f'{n} {m:.4f}' for n, m in means.items())})",
               flush=True)
-    earlier = {name: cli.confirm_runs for name in FROM_AB + FROM_CONFIRM}  # the first follow-up checked these
 
-    def verified(name, seed):
-        if name not in earlier:
-            return None
-        path = os.path.join(earlier[name], f"fresh-{confirm.FAMILY}-{calls[name][seed][0]}-{seed}.json")
-        return read_json(path) if os.path.isfile(path) else None
+    def verified(name, seed):  # the first follow-up checked every reused checkpoint against its record
+        path = os.path.join(cli.confirm_runs, f"fresh-{confirm.FAMILY}-{calls[name][seed][0]}-{seed}.json")
+        return read_json(path) if name != CANDIDATE and os.path.isfile(path) else None
     scored = {}
     for name in ["baseline", CURRENT, CANDIDATE, "kd_detr", "lcmd_only", "fgd"]:
         results = [confirm.evaluate(args, call, record, FRESH_SEED, verified(name, call[4]))
                    for call, record in zip(calls[name], records[name]) if record is not None]
         scored[name] = [s for s in results if s is not None]
-    report(args, chosen, means, scored, [r for rows in records.values() for r in rows])
+    report(args, chosen, means, scored, [r for rows in records.values() for r in rows], len(finished))
     print(open(args.results).read())
 
 
