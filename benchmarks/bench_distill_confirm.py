@@ -71,6 +71,35 @@ def reading(args, runs_dir=None):
     return argparse.Namespace(**{**vars(args), "runs_dir": runs_dir or args.runs_dir, "report_only": True})
 
 
+def reading_full_budget(args, runs_dir):
+    """reading(args, runs_dir) for rows trained at the full budget, also when this run is a smoke test."""
+    return argparse.Namespace(**{**vars(reading(args, runs_dir)), "max_iters": 0})
+
+
+def follow_up_parser(description, seeds, runs, results):
+    """The arguments every DINO follow-up takes; a follow-up adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the results file")
+    parser.add_argument("--seeds", type=int, default=seeds, help="paired seeds 0..N-1 (fewer: a smoke test)")
+    parser.add_argument("--max-iters", type=int, default=0, help="stop every new run after N iterations (smoke test)")
+    parser.add_argument("--out", default="bench_out/distill", help="the A/B's data and run folders (checkpoints)")
+    parser.add_argument("--ab-runs", default=ab.RUNS, help="the A/B's run files (read only)")
+    parser.add_argument("--runs-dir", default=runs, help="this follow-up's run files (commit these)")
+    parser.add_argument("--results", default=results)
+    return parser
+
+
+def ab_dino_rows(args, ab_runs):
+    """(reader of the A/B's run files, run_once calls of its DINO rows as the A/B made them): the teachers'
+    records and the coefficients the A/B chose on the tuning split, read from its run files."""
+    read_ab = reading_full_budget(args, ab_runs)
+    first, second = ab.family_teacher(read_ab, FAMILY), ab.family_teacher(read_ab, FAMILY, seed=TEACHER_SEED)
+    if first is None or second is None:
+        raise SystemExit(f"{ab_runs}: the DINO teachers' records are missing (run bench_distill.py part (b) first)")
+    return read_ab, ab_calls(args, second, ab.choose_coefficients(read_ab, first)[0])
+
+
 def fresh_root(args, seed=FRESH_SEED):
     return os.path.join(args.out, "data", f"synth_test{args.test_images}_s{seed}")
 
@@ -188,8 +217,9 @@ def verdict(baseline, rows, chosen, seeds):
             f"{gain['ci'][1]:+.4f}]; KD-DETR {kd['mean']:+.4f}.")
 
 
-def exploratory(baseline, rows, chosen):
-    """Paired comparisons read off the same run files that the plan did not name: they inform, never decide."""
+def exploratory(baseline, rows, chosen, extra_pairs=()):
+    """Paired comparisons read off the same run files that the plan did not name: they inform, never decide.
+    extra_pairs: more (label, reference, per_seed, key) after the standard ones."""
     kd_detr = rows.get(ab.run_name("kd_detr", TEACHER_SEED), {})
     lines = ["", "## Exploratory (not in the plan)", "",
              "| comparison | metric | seeds | delta (mean +- sd) | 95% CI | p |", "|---|---|---:|---:|---|---:|"]
@@ -198,7 +228,7 @@ def exploratory(baseline, rows, chosen):
     pairs += [(f"{name} minus KD-DETR", kd_detr, rows.get(name, {}), key)
               for name in (ab.run_name(chosen, TEACHER_SEED), ab.run_name("fgd", TEACHER_SEED))
               for key in ("mAP", "kitti_moderate")]
-    for label, reference, per_seed, key in pairs:
+    for label, reference, per_seed, key in [*pairs, *extra_pairs]:
         st = ab.paired_delta(reference, per_seed, key)  # None when no seed pairs (no KD-DETR runs yet)
         if st is None or st["n"] < 2:
             continue
@@ -208,23 +238,10 @@ def exploratory(baseline, rows, chosen):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the results file")
-    parser.add_argument("--seeds", type=int, default=SEEDS, help="paired seeds 0..N-1 (fewer: a smoke test)")
-    parser.add_argument("--max-iters", type=int, default=0, help="stop every new run after N iterations (smoke test)")
-    parser.add_argument("--out", default="bench_out/distill", help="the A/B's data and run folders (checkpoints)")
-    parser.add_argument("--ab-runs", default=ab.RUNS, help="the A/B's run files (read only)")
-    parser.add_argument("--runs-dir", default=RUNS, help="this follow-up's run files (commit these)")
-    parser.add_argument("--results", default=RESULTS)
-    cli = parser.parse_args()
+    cli = follow_up_parser(__doc__.split("\n")[0], SEEDS, RUNS, RESULTS).parse_args()
     args = run_args(cli)
     ab.versions()  # the commit now, at the start
-    read_ab = argparse.Namespace(**{**vars(reading(args, cli.ab_runs)), "max_iters": 0})
-    first, second = ab.family_teacher(read_ab, FAMILY), ab.family_teacher(read_ab, FAMILY, seed=TEACHER_SEED)
-    if first is None or second is None:
-        raise SystemExit(f"{cli.ab_runs}: the DINO teachers' records are missing (run bench_distill.py part (b) first)")
-    calls = ab_calls(args, second, ab.choose_coefficients(read_ab, first)[0])
+    read_ab, calls = ab_dino_rows(args, cli.ab_runs)
     records = {name: ab.run_all(read_ab, calls[name]) for name in REUSED}
     missing = [f"{name} seed {seed}" for name in REUSED for seed, r in enumerate(records[name]) if r is None]
     if missing:

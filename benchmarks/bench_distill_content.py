@@ -11,7 +11,6 @@ them) and the committed teacher.
     python benchmarks/bench_distill_content.py [--jobs 2]
     python benchmarks/bench_distill_content.py --report-only    # rewrite the results file from the run files
 """
-import argparse
 import os
 import statistics
 import sys
@@ -61,19 +60,10 @@ test of 2 training iterations on seed 0) and not changed after:
    way, so their A/B results stand."""
 
 
-def run_args(cli):
-    """The first follow-up's settings, with this follow-up's folders."""
-    return argparse.Namespace(**{**vars(confirm.run_args(cli)), "runs_dir": cli.runs_dir, "results": cli.results})
-
-
-def calls_for(args, teacher, coefficients):
-    """{row: run_once calls}: the A/B's and the first follow-up's rows as they were made, and the candidate's."""
-    calls = confirm.ab_calls(args, teacher, coefficients)
-    config, overrides, _ = ab.VARIANTS[CURRENT]
-    calls[CANDIDATE] = [(ab.run_name(CANDIDATE, confirm.TEACHER_SEED), confirm.FAMILY, config,
-                         overrides + coefficients + CANDIDATE_OVERRIDES, seed, *ab.schedule(args, confirm.FAMILY),
-                         teacher) for seed in range(args.seeds)]
-    return calls
+def candidate_calls(current_calls):
+    """run_once calls of the candidate: the current CLoCK's calls with CANDIDATE_OVERRIDES added."""
+    return [(ab.run_name(CANDIDATE, confirm.TEACHER_SEED), family, config, overrides + CANDIDATE_OVERRIDES, *rest)
+            for _, family, config, overrides, *rest in current_calls]
 
 
 def choose(current, candidate):
@@ -106,13 +96,9 @@ def report(args, chosen, means, scored, records, candidate_runs):
     lines += ab.variant_table(baseline, rows)
     if chosen is not None:
         lines += ["", confirm.verdict(baseline, rows, chosen, args.seeds)]
-        lines += confirm.exploratory(baseline, rows, chosen)
         current, candidate = (rows.get(ab.run_name(n, confirm.TEACHER_SEED), {}) for n in (CURRENT, CANDIDATE))
-        for key in ("mAP", "kitti_moderate"):  # the candidate against the current CLoCK, seed by seed
-            st = ab.paired_delta(current, candidate, key)
-            if st is not None and st["n"] >= 2:
-                lines.append(f"| {CANDIDATE} minus {CURRENT} | {key} | {st['n']} | {st['mean']:+.4f} +- "
-                             f"{st['sd']:.4f} | [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {ab.p_text(st['p'])} |")
+        lines += confirm.exploratory(baseline, rows, chosen, [  # the candidate against the current CLoCK
+            (f"{CANDIDATE} minus {CURRENT}", current, candidate, key) for key in ("mAP", "kitti_moderate")])
     lines += ["", "delta: row minus the baseline of the same seed; 95% CI: mean +- t(0.975, n-1) sd / sqrt(n); "
               "p: two-sided paired t-test. min/run is left out here. Per-run files: "
               f"{args.runs_dir}/ (dino-*: the candidate's runs, fresh-*: scores on the fresh split)."]
@@ -121,27 +107,14 @@ def report(args, chosen, means, scored, records, candidate_runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the results file")
-    parser.add_argument("--seeds", type=int, default=confirm.SEEDS, help="paired seeds 0..N-1 (fewer: a smoke test)")
-    parser.add_argument("--max-iters", type=int, default=0, help="stop every new run after N iterations (smoke test)")
-    parser.add_argument("--out", default="bench_out/distill", help="the A/B's data and run folders (checkpoints)")
-    parser.add_argument("--ab-runs", default=ab.RUNS, help="the A/B's run files (read only)")
+    parser = confirm.follow_up_parser(__doc__.split("\n")[0], confirm.SEEDS, RUNS, RESULTS)
     parser.add_argument("--confirm-runs", default=confirm.RUNS, help="the first follow-up's run files (read only)")
-    parser.add_argument("--runs-dir", default=RUNS, help="this follow-up's run files (commit these)")
-    parser.add_argument("--results", default=RESULTS)
     cli = parser.parse_args()
-    args = run_args(cli)
+    args = confirm.run_args(cli)  # the first follow-up's settings, with this follow-up's folders
     ab.versions()  # the commit now, at the start
-    # the rows read were trained at the full budget, also when this run is a smoke test
-    read_ab = argparse.Namespace(**{**vars(confirm.reading(args, cli.ab_runs)), "max_iters": 0})
-    read_confirm = argparse.Namespace(**{**vars(confirm.reading(args, cli.confirm_runs)), "max_iters": 0})
-    first = ab.family_teacher(read_ab, confirm.FAMILY)
-    second = ab.family_teacher(read_ab, confirm.FAMILY, seed=confirm.TEACHER_SEED)
-    if first is None or second is None:
-        raise SystemExit(f"{cli.ab_runs}: the DINO teachers' records are missing")
-    calls = calls_for(args, second, ab.choose_coefficients(read_ab, first)[0])
+    read_ab, calls = confirm.ab_dino_rows(args, cli.ab_runs)
+    calls[CANDIDATE] = candidate_calls(calls[CURRENT])
+    read_confirm = confirm.reading_full_budget(args, cli.confirm_runs)
     records = {name: ab.run_all(read_ab, calls[name]) for name in FROM_AB}
     records.update({name: ab.run_all(read_confirm, calls[name]) for name in FROM_CONFIRM})
     missing = [f"{name} seed {seed}" for name, rows in records.items() for seed, r in enumerate(rows) if r is None]

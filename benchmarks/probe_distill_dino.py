@@ -149,15 +149,18 @@ def class_weight_shares(teacher, dataset, fgd_temperature=None):
     from clock_deploy.distill.baselines import attention_maps
     from clock_deploy.distill.clock import location_weights
     totals = {name: {"weight": 0.0, "pixels": 0, "objects": 0} for name in dataset.classes}
+    lcmd_levels = None
     for images, targets in dataset_batches(dataset):
-        out = teacher(images if fgd_temperature else images[:1])
-        maps = out.features if fgd_temperature else out.memory
-        attention = [attention_maps(m, fgd_temperature)[0] if fgd_temperature else None for m in maps]
+        if fgd_temperature:  # (grid, the teacher's spatial attention on this batch) per level
+            levels = [(m.shape[-2:], attention_maps(m, fgd_temperature)[0]) for m in teacher(images).features]
+        else:  # LCMD's weight depends on the grid sizes only: one forward finds them
+            lcmd_levels = lcmd_levels or [(m.shape[-2:], None) for m in teacher(images[:1]).memory]
+            levels = lcmd_levels
         for k, name in enumerate(dataset.classes):
             of_class = [{"boxes": t["boxes"][t["labels"] == k]} for t in targets]
             totals[name]["objects"] += sum(len(t["boxes"]) for t in of_class)
-            for level, spatial in zip(maps, attention):
-                fg, scale = location_weights(of_class, *level.shape[-2:])
+            for grid, spatial in levels:
+                fg, scale = location_weights(of_class, *grid)
                 weight = scale if spatial is None else scale * spatial
                 totals[name]["weight"] += weight[fg].sum().item()
                 totals[name]["pixels"] += int(fg.sum())
