@@ -265,6 +265,7 @@ def base_overrides(args, family, epochs, drop):
 
 
 CODE_FOLDERS = ("models", "distill", "engine", "data", "eval")  # the packages a run's result depends on
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,10 +274,10 @@ def code_hash():
     when the process starts using it: the modules it runs were imported then, so an edit made while
     the A/B runs must not be recorded as the code of the runs after it."""
     digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted(glob.glob(os.path.join("clock_deploy", folder, "*.py"))):
+    for folder in CODE_FOLDERS:  # paths relative to the repository, whatever the working directory
+        for path in sorted(glob.glob(os.path.join("clock_deploy", folder, "*.py"), root_dir=REPO)):
             digest.update(path.encode())
-            digest.update(open(path, "rb").read())
+            digest.update(open(os.path.join(REPO, path), "rb").read())
     return digest.hexdigest()[:16]
 
 
@@ -392,14 +393,19 @@ def recorded_code(records):
             f"Their configs match the code now; a training run would train them again.", ""]
 
 
-def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
-    """Train one (family, variant, seed) or reuse its record; returns the record."""
+def run_config(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
+    """(config, teacher key) of one (family, variant, seed) run, written to <out>/runs/<family>-<name>-<seed>."""
     run_dir = os.path.join(args.out, "runs", f"{family}-{name}-{seed}")
     extra = base_overrides(args, family, epochs, drop) + list(overrides) + [f"seed={seed}", f"output_dir={run_dir}"]
     if teacher is not None:
         extra.append(f"distill.teacher={teacher['checkpoint']}")
-    cfg = load_config(os.path.join(args.configs, config), extra)
-    teacher_hash = teacher_key(teacher) if teacher else None
+    return load_config(os.path.join(args.configs, config), extra), (teacher_key(teacher) if teacher else None)
+
+
+def run_once(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
+    """Train one (family, variant, seed) or reuse its record; returns the record."""
+    cfg, teacher_hash = run_config(args, name, family, config, overrides, seed, epochs, drop, teacher)
+    run_dir = cfg.output_dir
     key = config_hash(cfg, teacher_hash)
     path = os.path.join(args.runs_dir, f"{family}-{name}-{seed}.json")
     record = finished_run(path, cfg, teacher_hash, older_code=reads_older_code(args))
@@ -433,19 +439,26 @@ def run_all(args, calls):
         return records
     for teacher in {id(calls[i][-1]): calls[i][-1] for i in todo if calls[i][-1] is not None}.values():
         teacher_checkpoint(args, teacher)
-    if args.jobs <= 1 or len(todo) == 1:
-        for i in todo:
-            records[i] = run_once(args, *calls[i])
-        return records
-    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
-    try:  # submitted in order, so the pool trains them in order
-        futures = {i: pool.submit(run_once, args, *calls[i]) for i in todo}
-        for i, future in futures.items():
-            records[i] = future.result()
-    finally:  # on an error: let the running runs finish (their json is written), start no new one
-        pool.shutdown(wait=True, cancel_futures=True)
+    for i, record in zip(todo, list(in_workers(args.jobs, run_once, [(args, *calls[i]) for i in todo]))):
+        records[i] = record
     return records
+
+
+def in_workers(jobs, function, argument_lists):
+    """function(*arguments) for each of argument_lists, yielded in order as they finish: `jobs` at a time
+    in worker processes, one thread each; a single one (or jobs <= 1) runs here on every thread."""
+    if jobs <= 1 or len(argument_lists) == 1:
+        for arguments in argument_lists:
+            yield function(*arguments)
+        return
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+    try:  # submitted in order, so the pool runs them in order
+        futures = [pool.submit(function, *arguments) for arguments in argument_lists]
+        for future in futures:
+            yield future.result()
+    finally:  # on an error: let the running ones finish (their json is written), start no new one
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def minutes_per_run(records):
@@ -819,9 +832,18 @@ def report_b(args, teachers, results, chosen, scores, progress=None, ablation_te
 
 # ---------------------------------------------------------------- report file
 
+def cpu_model():
+    """The CPU's model name (Linux), else the architecture: runs trained on different CPUs do not reproduce."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    return (f"torch {torch.__version__}, {cpu_model()}, "
             f"{torch.get_num_threads()} threads, 1-minute load average {load:.1f} when this section was written")
 
 

@@ -10,6 +10,7 @@ interruption. It needs the checkpoints of the A/B's DINO rows under the second t
     python benchmarks/bench_distill_confirm.py --report-only    # rewrite the results file from the run files
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -128,16 +129,27 @@ def choose(records):
     return max(CANDIDATES, key=lambda name: (means[name], -CANDIDATES.index(name))), means
 
 
-def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None):
+def trained_to_end(run_dir):
+    """Whether the run in run_dir finished training (the trainer logs "done" last): a run stopped partway,
+    e.g. a restore interrupted, leaves a last.pt that must not be scored."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return bool(lines) and json.loads(lines[-1]).get("event") == "done"
+
+
+def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, trained_again=False):
     """Metrics of a finished run's checkpoint on the fresh split of `seed_of_split` (and again on the A/B's
     test split, unless `verified`, an earlier score of the same checkpoint, has that), reused from its json
-    while the checkpoint is the same file."""
+    while the checkpoint is the same file. trained_again: the checkpoint is restore()'s, not the record's."""
     name, seed = call[0], call[4]
     run_dir = os.path.join(args.out, "runs", f"{FAMILY}-{name}-{seed}")
     checkpoint = os.path.join(run_dir, "last.pt")
     path = os.path.join(args.runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
     stored = read_json(path) if os.path.isfile(path) else None
-    if not os.path.isfile(checkpoint):
+    if not os.path.isfile(checkpoint) or not trained_to_end(run_dir):
         return stored  # scored on another machine, or not yet
     sha = file_sha256(checkpoint)
     if stored is not None and stored["checkpoint_sha256"] == sha:
@@ -157,10 +169,27 @@ def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None):
             torch.set_num_threads(threads)
     result = {"name": name, "seed": seed, "checkpoint_sha256": sha, "config_hash": record["config_hash"],
               "fresh": fresh, "test_again": again, "test_recorded": record["metrics"]["test"]}
+    if trained_again:
+        result.update(trained_again=True, cpu=ab.cpu_model(), versions=ab.versions())
     write_json(path, result)
     print(f"{name} seed {seed}: fresh mAP {result['fresh']['mAP']:.4f} (test again "
           f"{result['test_again']['mAP']:.4f}, recorded {record['metrics']['test']['mAP']:.4f})", flush=True)
     return result
+
+
+def restore(args, call, record, seed_of_split=FRESH_SEED, verified=None):
+    """Train a finished run again here from its call (same config, seed, student initialization and data
+    order) when its checkpoint was lost with the machine that trained it, at the thread count of its
+    record, then evaluate() it. Training does not reproduce across CPUs: the score keeps the retrained
+    checkpoint's own test-split mAP beside the record's."""
+    cfg, _ = ab.run_config(args, *call)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(record.get("threads", threads))
+    try:
+        ab.train(cfg)  # continues a restore that was interrupted on this machine
+    finally:
+        torch.set_num_threads(threads)
+    return evaluate(args, call, record, seed_of_split, verified, trained_again=True)
 
 
 def reproduces(result):

@@ -49,6 +49,7 @@ def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_
     run_dir.mkdir(parents=True)
     torch.save({"w": 1}, run_dir / "last.pt")
     (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "log.jsonl").write_text('{"event": "done", "epochs": 12}\n')
     calls = []
 
     def fake_metrics(args, checkpoint, cfg, root=None):
@@ -95,3 +96,30 @@ def test_the_exploratory_table_pairs_the_chosen_row_with_kd_detr_seed_by_seed():
     assert "| lcmd_only-t1 minus KD-DETR | mAP | 3 | +0.0100 +- 0.0100 |" in lines
     assert "| kd_detr-t1 minus baseline | AP75 | 3 | +0.0300 +- 0.0173 |" in lines
     assert "baseline minus baseline" not in lines
+
+
+def test_a_run_stopped_partway_is_not_scored_and_a_restore_trains_it_at_its_records_thread_count(
+        monkeypatch, tmp_path):
+    run_dir = tmp_path / "runs" / "dino-clock-t1-0"
+    run_dir.mkdir(parents=True)
+    torch.save({"w": 1}, run_dir / "last.pt")
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "log.jsonl").write_text('{"epoch": 3, "iteration": 30, "loss": 1.0}\n')
+    monkeypatch.setattr(confirm.ab, "test_metrics", lambda args, checkpoint, cfg, root=None: {"mAP": 0.5})
+    args = SimpleNamespace(out=str(tmp_path), runs_dir=str(tmp_path / "files"), report_only=False, test_images=400)
+    call = ("clock-t1", "dino", "distill.yaml", [], 0, 12, 11, None)
+    threads = torch.get_num_threads()
+    record = {"config_hash": "h", "metrics": {"test": {"mAP": 0.44}}, "threads": threads + 1}
+    assert confirm.evaluate(args, call, record) is None  # its last.pt is not the end of training
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(torch.get_num_threads())
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write('{"event": "done", "epochs": 12}\n')
+    monkeypatch.setattr(confirm.ab, "train", fake_train)
+    monkeypatch.setattr(confirm.ab, "run_config", lambda args, *call: (SimpleNamespace(), None))
+    result = confirm.restore(args, call, record)
+    assert trained == [threads + 1] and torch.get_num_threads() == threads
+    assert result["trained_again"] and result["fresh"]["mAP"] == 0.5 and not confirm.reproduces(result)
+    assert read_json(tmp_path / "files" / "fresh-dino-clock-t1-0.json")["trained_again"]

@@ -21,3 +21,30 @@ def test_the_candidate_is_the_current_clock_with_zero_content_and_is_scored_on_a
     import bench_distill_confirm as confirm
     assert content.CANDIDATE_OVERRIDES == ["distill.logit.content=zero"]
     assert content.FRESH_SEED not in (0, 1, confirm.FRESH_SEED)
+
+
+def scored_runs(*pairs):
+    return {name: [{"name": content.ab.run_name(name, 0 if name == "baseline" else 1), "seed": seed}]
+            for name, seed in pairs}
+
+
+def test_lost_checkpoints_train_again_seed_by_seed_with_the_pass_rules_rows_first():
+    calls = {name: [(content.ab.run_name(name, 0 if name == "baseline" else 1), "dino", "x.yaml", [], seed)
+                    for seed in range(2)] for name in content.ROWS}
+    order = content.restore_order(content.CANDIDATE, calls, scored_runs(("kd_detr", 0)), seeds=2)
+    names = [(name, call[4]) for name, call in order]
+    assert names[:5] == [("baseline", 0), (content.CANDIDATE, 0), ("baseline", 1), ("kd_detr", 1),
+                         (content.CANDIDATE, 1)]  # kd_detr seed 0 is scored already
+    assert [n for n, _ in names[5:]] == ["clock", "lcmd_only", "fgd"] * 2
+    unchosen = content.restore_order(None, calls, {}, seeds=1)  # no choice yet: both CLoCK rows first
+    assert [n for n, _ in unchosen][:4] == ["baseline", "kd_detr", content.CURRENT, content.CANDIDATE]
+
+
+def test_a_retrained_run_counts_whether_or_not_it_reproduces_and_the_report_says_by_how_much():
+    score = {"name": "clock-t1", "seed": 3, "test_again": {"mAP": 0.45}, "test_recorded": {"mAP": 0.44}}
+    assert not content.counts(score)  # a reused checkpoint that does not reproduce is left out
+    again = {**score, "trained_again": True, "cpu": "Some CPU"}
+    assert content.counts(again)
+    assert "clock-t1 3 +0.0100" in content.retrained_text({"clock": [again]})[1]
+    assert "Some CPU" in content.retrained_text({"clock": [again]})[1]
+    assert content.retrained_text({"clock": [score]}) == []
