@@ -257,10 +257,17 @@ def schedule(args, family, teacher=False):
     return args.epochs * scale, (args.epochs - 1) * scale
 
 
+# Defaults that changed after the A/B's runs were recorded, pinned at the value those runs trained with so
+# their records keep their hash (a variant's own overrides come after these and win). The A/B therefore
+# measures CLoCK as it was then; drop a pin (and train the A/B again) to measure the default now.
+RECORDED_DEFAULTS = ["distill.logit.content=own"]  # zero since the second DINO follow-up (distill_content.md)
+
+
 def base_overrides(args, family, epochs, drop):
     train_root, _ = data_roots(args)
     extra = [f"model.arch={family}", f"data.root={train_root}", f"train.epochs={epochs}",
              f"train.lr_drop_epochs=[{drop}]", "train.eval_every=0"] + FAMILY_SCHEDULE.get(family, (1, []))[1]
+    extra += RECORDED_DEFAULTS
     return extra + ([f"train.max_iters={args.max_iters}"] if args.max_iters else [])
 
 

@@ -179,10 +179,11 @@ class TcldConfig:
     repeats: int = 3              # noisy copies of the GT query set
     box_noise: float = 0.4        # DN-DETR noise of the GT anchors: centre shift and scale, relative to the box size
     random_queries: int = 100     # extra uniformly sampled anchors ("general sampling")
-    # content of the target-aware queries: "own" = the model's own label embedding where it has one
-    # (DINO's denoising label_enc; zero content elsewhere), "zero" = zero content for every family
-    # (DINO then asks them as class-free queries, like its matching queries, not as denoising queries)
-    content: str = choice("own", "zero")
+    # content of the target-aware queries: "zero" = zero content for every family (DINO asks them as
+    # class-free queries, like its matching queries), "own" = the model's own label embedding where it has
+    # one (DINO's denoising label_enc: then they are denoising queries). Zero was chosen on the tuning
+    # split (benchmarks/results/distill_content.md); DAB-DETR and Deformable DETR get zero content either way.
+    content: str = choice("zero", "own")
 
 
 @dataclass

@@ -362,3 +362,14 @@ def test_each_ablation_row_is_paired_with_clock_under_the_same_teacher():
     assert lines[1].startswith("Each row minus clock-t1 of the same seed (test mAP, paired): lcmd_only-t1 +0.0200 ")
     assert "2 seeds" in lines[1] and "fgd-t1" not in lines[1]
     assert bench_distill.ablation_text({"fgd-t1": ablations["fgd-t1"]}, "clock-t1") == []
+
+
+def test_the_ab_keeps_the_query_content_its_runs_trained_with_and_a_variant_can_still_set_it():
+    args = SimpleNamespace(out="o", configs=bench_distill.DEMO, train_images=8, tuning_images=2, test_images=4,
+                           max_iters=0)
+    recorded, _ = bench_distill.run_config(args, "clock", "dino", "distill.yaml", [], 0, 2, 1)
+    assert recorded.distill.logit.content == "own"  # the default then: its run files keep their hash
+    zero, _ = bench_distill.run_config(args, "clock_zero", "dino", "distill.yaml", ["distill.logit.content=zero"],
+                                       0, 2, 1)
+    assert zero.distill.logit.content == "zero"
+    assert bench_distill.config_hash(recorded) != bench_distill.config_hash(zero)
