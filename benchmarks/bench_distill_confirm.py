@@ -167,10 +167,11 @@ def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, traine
             again = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg))
         finally:
             torch.set_num_threads(threads)
+    # checkpoints never leave the machine that trained them, so the CPU scoring one is the CPU that trained it
     result = {"name": name, "seed": seed, "checkpoint_sha256": sha, "config_hash": record["config_hash"],
-              "fresh": fresh, "test_again": again, "test_recorded": record["metrics"]["test"]}
+              "fresh": fresh, "test_again": again, "test_recorded": record["metrics"]["test"], "cpu": ab.cpu_model()}
     if trained_again:
-        result.update(trained_again=True, cpu=ab.cpu_model(), versions=ab.versions())
+        result.update(trained_again=True, versions=ab.versions())
     write_json(path, result)
     print(f"{name} seed {seed}: fresh mAP {result['fresh']['mAP']:.4f} (test again "
           f"{result['test_again']['mAP']:.4f}, recorded {record['metrics']['test']['mAP']:.4f})", flush=True)

@@ -113,6 +113,18 @@ def retrained_text(scored):
             f"{diffs} (0 where training reproduced)."]
 
 
+def mixed_cpu_text(scored):
+    """A report line naming the seeds whose scored runs were trained on different CPUs: training drifts
+    across CPUs (retrained_text), so those pairs carry that drift on top of the seed's own variation."""
+    cpus = {}
+    for rows in scored.values():
+        for r in rows:
+            cpus.setdefault(r["seed"], set()).add(r.get("cpu", "unrecorded"))
+    mixed = [f"{seed} ({', '.join(sorted(names))})" for seed, names in sorted(cpus.items()) if len(names) > 1]
+    return ["", "Seeds whose scored runs were trained on different CPUs: " + ("; ".join(mixed) if mixed else "none")
+            + "."]
+
+
 def report(args, chosen, means, scored, records, candidate_runs):
     lines = ["# Distillation: zero-content target-aware queries on DINO (second follow-up)", "",
              "Written by benchmarks/bench_distill_content.py.", "", "## Plan (pre-registered)", "", PLAN, "",
@@ -127,7 +139,7 @@ def report(args, chosen, means, scored, records, candidate_runs):
     unusable = [f"{r['name']} seed {r['seed']}" for rows in scored.values() for r in rows if not counts(r)]
     lines += ["", "Checkpoints that do not reproduce their record's test mAP (left out): "
               + (", ".join(unusable) if unusable else "none") + "."]
-    lines += retrained_text(scored)
+    lines += retrained_text(scored) + mixed_cpu_text(scored)
     rows = {name: confirm.as_records([r for r in per_seed if counts(r)]) for name, per_seed in scored.items()}
     rows = {ab.run_name(name, 0 if name == "baseline" else confirm.TEACHER_SEED): per_seed
             for name, per_seed in rows.items() if per_seed}

@@ -48,3 +48,10 @@ def test_a_retrained_run_counts_whether_or_not_it_reproduces_and_the_report_says
     assert "clock-t1 3 +0.0100" in content.retrained_text({"clock": [again]})[1]
     assert "Some CPU" in content.retrained_text({"clock": [again]})[1]
     assert content.retrained_text({"clock": [score]}) == []
+
+
+def test_the_report_names_the_seeds_whose_runs_were_trained_on_different_cpus():
+    scored = {"baseline": [{"seed": 0, "cpu": "A"}, {"seed": 1, "cpu": "A"}],
+              "kd_detr": [{"seed": 0, "cpu": "B"}, {"seed": 1, "cpu": "A"}]}
+    assert content.mixed_cpu_text(scored)[1].endswith("CPUs: 0 (A, B).")
+    assert content.mixed_cpu_text({"baseline": [{"seed": 0, "cpu": "A"}]})[1].endswith("CPUs: none.")
