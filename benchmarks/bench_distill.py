@@ -664,7 +664,9 @@ def paired_stats(deltas):
 
 
 def p_text(p):
-    """A p-value as the results tables print it."""
+    """A p-value as the results tables print it ("-" where there is none: fewer than 2 seeds)."""
+    if math.isnan(p):
+        return "-"
     return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
@@ -745,6 +747,9 @@ def variant_table(baseline, runs):
             st = None if name == "baseline" else paired_delta(baseline, per_seed, key)
             if st is None:
                 row += ["", "", ""]
+                continue
+            if st["n"] < 2:  # one pair: a difference, no spread
+                row += [fmt.format(st["mean"]), "-", "-"]
                 continue
             row += [f"{fmt.format(st['mean'])} +- {fmt.format(st['sd'])}",
                     f"[{fmt.format(st['ci'][0])}, {fmt.format(st['ci'][1])}]",

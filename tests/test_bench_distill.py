@@ -20,6 +20,14 @@ def test_paired_stats_by_hand():
     assert bench_distill.paired_stats([0.5])["sd"] != bench_distill.paired_stats([0.5])["sd"]  # nan: one seed
 
 
+def test_a_single_pair_is_printed_as_a_difference_without_spread_ci_or_p():
+    record = lambda m: {"metrics": {"test": {"mAP": m, "kitti_moderate": 70.0}}, "resumed": True}  # noqa: E731
+    (row,) = bench_distill.variant_table({0: record(0.40)}, {"clock": {0: record(0.43)}})[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:7] == ["0.0300", "-", "-"] and "nan" not in row and "< 0.001" not in row
+    assert bench_distill.p_text(float("nan")) == "-" and bench_distill.p_text(0.0004) == "< 0.001"
+
+
 def test_config_hash_ignores_where_a_run_is_written_but_not_what_it_runs():
     a = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/a", "seed=1"])
     b = load_config("configs/demo/distill.yaml", ["output_dir=/tmp/b", "seed=1", "device=cpu"])
