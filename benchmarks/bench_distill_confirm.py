@@ -10,6 +10,7 @@ interruption. It needs the checkpoints of the A/B's DINO rows under the second t
     python benchmarks/bench_distill_confirm.py --report-only    # rewrite the results file from the run files
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -129,6 +130,17 @@ def choose(records):
     return max(CANDIDATES, key=lambda name: (means[name], -CANDIDATES.index(name))), means
 
 
+@contextlib.contextmanager
+def threads_of(record):
+    """Torch at the thread count of `record`'s run (the order of float sums follows it), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(record.get("threads", threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def trained_to_end(run_dir):
     """Whether the run in run_dir finished training (the trainer logs "done" last): a run stopped partway,
     e.g. a restore interrupted, leaves a last.pt that must not be scored."""
@@ -161,12 +173,8 @@ def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, traine
     if verified is not None and verified["checkpoint_sha256"] == sha:
         again = verified["test_again"]
     else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(record.get("threads", threads))  # another thread count moves the mAP by ~3e-5
-        try:
+        with threads_of(record):  # another thread count moves the mAP by ~3e-5
             again = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg))
-        finally:
-            torch.set_num_threads(threads)
     # checkpoints never leave the machine that trained them, so the CPU scoring one is the CPU that trained it
     result = {"name": name, "seed": seed, "checkpoint_sha256": sha, "config_hash": record["config_hash"],
               "fresh": fresh, "test_again": again, "test_recorded": record["metrics"]["test"], "cpu": ab.cpu_model()}
@@ -184,12 +192,8 @@ def restore(args, call, record, seed_of_split=FRESH_SEED, verified=None):
     record, then evaluate() it. Training does not reproduce across CPUs: the score keeps the retrained
     checkpoint's own test-split mAP beside the record's."""
     cfg, _ = ab.run_config(args, *call)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(record.get("threads", threads))
-    try:
+    with threads_of(record):
         ab.train(cfg)  # continues a restore that was interrupted on this machine
-    finally:
-        torch.set_num_threads(threads)
     return evaluate(args, call, record, seed_of_split, verified, trained_again=True)
 
 
