@@ -400,9 +400,14 @@ def recorded_code(records):
             f"Their configs match the code now; a training run would train them again.", ""]
 
 
+def run_dir_of(out, family, name, seed):
+    """Where one (family, variant, seed) run trains: its checkpoints and log."""
+    return os.path.join(out, "runs", f"{family}-{name}-{seed}")
+
+
 def run_config(args, name, family, config, overrides, seed, epochs, drop, teacher=None):
-    """(config, teacher key) of one (family, variant, seed) run, written to <out>/runs/<family>-<name>-<seed>."""
-    run_dir = os.path.join(args.out, "runs", f"{family}-{name}-{seed}")
+    """(config, teacher key) of one (family, variant, seed) run, written to run_dir_of()."""
+    run_dir = run_dir_of(args.out, family, name, seed)
     extra = base_overrides(args, family, epochs, drop) + list(overrides) + [f"seed={seed}", f"output_dir={run_dir}"]
     if teacher is not None:
         extra.append(f"distill.teacher={teacher['checkpoint']}")

@@ -155,19 +155,19 @@ def trained_to_end(run_dir):
 def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, trained_again=False):
     """Metrics of a finished run's checkpoint on the fresh split of `seed_of_split` (and again on the A/B's
     test split, unless `verified`, an earlier score of the same checkpoint, has that), reused from its json
-    while the checkpoint is the same file. trained_again: the checkpoint is restore()'s, not the record's."""
+    while it scores the run of `record` (same config hash). A checkpoint of the same run trained again
+    later, by another follow-up or on another machine, never replaces a score: the first one is the
+    committed result. trained_again: the checkpoint is restore()'s, not the record's."""
     name, seed = call[0], call[4]
-    run_dir = os.path.join(args.out, "runs", f"{FAMILY}-{name}-{seed}")
+    run_dir = ab.run_dir_of(args.out, FAMILY, name, seed)
     checkpoint = os.path.join(run_dir, "last.pt")
     path = os.path.join(args.runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
     stored = read_json(path) if os.path.isfile(path) else None
-    if not os.path.isfile(checkpoint) or not trained_to_end(run_dir):
-        return stored  # scored on another machine, or not yet
-    sha = file_sha256(checkpoint)
-    if stored is not None and stored["checkpoint_sha256"] == sha:
+    if stored is not None and stored["config_hash"] == record["config_hash"]:
         return stored
-    if args.report_only:
-        return None
+    if not os.path.isfile(checkpoint) or not trained_to_end(run_dir) or args.report_only:
+        return None  # not trained here, not to the end, or only reading
+    sha = file_sha256(checkpoint)
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     fresh = ab.metric_subset(ab.test_metrics(args, checkpoint, cfg, fresh_root(args, seed_of_split)))
     if verified is not None and verified["checkpoint_sha256"] == sha:

@@ -299,7 +299,7 @@ def collect(cli):
     for row in ROWS:
         rows[row] = {}
         for seed in range(cli.seeds):
-            checkpoint = os.path.join(cli.out, "runs", f"dino-{row}-{seed}", "last.pt")
+            checkpoint = os.path.join(ab.run_dir_of(cli.out, "dino", row, seed), "last.pt")
             if not os.path.isfile(checkpoint):
                 raise SystemExit(f"{checkpoint}: missing; this probe reads the A/B's DINO checkpoints "
                                  f"(bench_distill.py part (b), bench_distill_confirm.py)")

@@ -44,7 +44,8 @@ def test_the_pass_rule_waits_for_every_seed_and_needs_the_bound_above_zero_and_a
     assert "**not met**" in confirm.verdict(baseline, rows, "lcmd_only", seeds=3)
 
 
-def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_path):
+def test_a_run_is_scored_once_and_a_checkpoint_trained_again_later_never_replaces_its_score(
+        monkeypatch, tmp_path):
     run_dir = tmp_path / "runs" / "dino-clock-t1-0"
     run_dir.mkdir(parents=True)
     torch.save({"w": 1}, run_dir / "last.pt")
@@ -66,10 +67,16 @@ def test_a_checkpoint_is_scored_once_and_again_when_it_changes(monkeypatch, tmp_
     # the mAP by ~3e-5), the fresh split at this process's, which is restored
     assert calls[1] == (None, threads + 1) and calls[0][1] == threads == torch.get_num_threads()
     assert confirm.evaluate(args, call, record) == first and len(calls) == 2  # reused, not scored again
+    torch.save({"w": 2}, run_dir / "last.pt")  # the same run trained again, e.g. by a later follow-up
+    assert confirm.evaluate(args, call, record) == first and len(calls) == 2
+    (run_dir / "last.pt").unlink()  # another machine: the committed score is still read
+    assert confirm.evaluate(args, call, record) == first
     torch.save({"w": 2}, run_dir / "last.pt")
-    assert not confirm.reproduces(confirm.evaluate(args, call, {**record, "metrics": {"test": {"mAP": 0.40}}}))
+    changed = {**record, "config_hash": "h2", "metrics": {"test": {"mAP": 0.40}}}  # another run: scored anew
+    assert confirm.evaluate(SimpleNamespace(**{**vars(args), "report_only": True}), call, changed) is None
+    assert not confirm.reproduces(confirm.evaluate(args, call, changed))
     stored = read_json(tmp_path / "files" / "fresh-dino-clock-t1-0.json")
-    assert len(calls) == 4 and stored["test_recorded"]["mAP"] == 0.40
+    assert len(calls) == 4 and stored["test_recorded"]["mAP"] == 0.40 and stored["config_hash"] == "h2"
 
 
 def test_the_fresh_split_is_laid_out_like_the_ab_test_split_and_made_once(tmp_path):
