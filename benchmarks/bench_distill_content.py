@@ -113,6 +113,33 @@ def retrained_text(scored):
             f"{diffs} (0 where training reproduced)."]
 
 
+def gain_drift_lines(scored):
+    """Exploratory table: how far training on this machine moved each row's gain over the baseline on the
+    seed-1 test split, seed by seed (retrained gain minus recorded gain), on the seeds where the row and
+    its baseline were both trained again. A drift of the size of the gain means the machine that trains
+    the runs is part of what a gain measures."""
+    again = {name: {r["seed"]: r for r in rows if r.get("trained_again")} for name, rows in scored.items()}
+    base = again.get("baseline", {})
+
+    def drift(run, baseline):
+        return ((run["test_again"]["mAP"] - baseline["test_again"]["mAP"])
+                - (run["test_recorded"]["mAP"] - baseline["test_recorded"]["mAP"]))
+    lines = []
+    for name, per_seed in again.items():
+        seeds = sorted(s for s in per_seed if s in base and name != "baseline")
+        if len(seeds) < 2:
+            continue
+        st = ab.paired_stats([drift(per_seed[s], base[s]) for s in seeds])
+        lines.append(f"| {per_seed[seeds[0]]['name']} | {st['n']} | {st['mean']:+.4f} +- {st['sd']:.4f} | "
+                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {ab.p_text(st['p'])} |")
+    if not lines:
+        return []
+    return ["", "Machine drift of each row's mAP gain on the seed-1 test split (gain of the runs trained again "
+            "minus the recorded gain, same config and seed; seeds where the row and its baseline were both "
+            "trained again):", "", "| row | seeds | drift (mean +- sd) | 95% CI | p |", "|---|---:|---:|---|---:|",
+            *lines]
+
+
 def mixed_cpu_text(scored):
     """A report line naming the seeds whose scored runs were trained on different CPUs: training drifts
     across CPUs (retrained_text), so those pairs carry that drift on top of the seed's own variation."""
@@ -148,9 +175,11 @@ def report(args, chosen, means, scored, records, candidate_runs):
     lines += ab.variant_table(baseline, rows)
     if chosen is not None:
         lines += ["", confirm.verdict(baseline, rows, chosen, args.seeds)]
+        lines += confirm.unchosen_at_bar(baseline, rows, chosen, args.seeds)
         current, candidate = (rows.get(ab.run_name(n, confirm.TEACHER_SEED), {}) for n in (CURRENT, CANDIDATE))
         lines += confirm.exploratory(baseline, rows, chosen, [  # the candidate against the current CLoCK
             (f"{CANDIDATE} minus {CURRENT}", current, candidate, key) for key in ("mAP", "kitti_moderate")])
+        lines += gain_drift_lines(scored)
     lines += ["", "delta: row minus the baseline of the same seed; 95% CI: mean +- t(0.975, n-1) sd / sqrt(n); "
               "p: two-sided paired t-test. min/run is left out here. Per-run files: "
               f"{args.runs_dir}/ (dino-*: the candidate's runs, fresh-*: scores on the fresh split)."]

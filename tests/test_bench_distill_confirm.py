@@ -44,6 +44,24 @@ def test_the_pass_rule_waits_for_every_seed_and_needs_the_bound_above_zero_and_a
     assert "**not met**" in confirm.verdict(baseline, rows, "lcmd_only", seeds=3)
 
 
+def test_holm_adjusts_in_step_down_order_and_keeps_the_order_given():
+    adjusted = confirm.holm([0.046, 0.002, 0.022])
+    assert [round(p, 3) for p in adjusted] == [0.046, 0.006, 0.044]
+    assert confirm.holm([0.04, 0.03]) == [0.06, 0.06]  # monotone: a larger p never gets a smaller adjusted one
+
+
+def test_a_row_not_chosen_that_clears_the_bar_is_named_with_its_holm_p_and_the_chosen_row_is_not():
+    baseline, rows = fresh_rows([0.03, 0.04, 0.05], [0.01, 0.02, 0.03])
+    record = lambda m: {"metrics": {"test": {"mAP": m}}}  # noqa: E731
+    rows["clock-t1"] = {s: record(0.4 + d) for s, d in enumerate([0.06, -0.05, 0.02])}  # bound below 0
+    line = "\n".join(confirm.unchosen_at_bar(baseline, rows, "clock", seeds=3))
+    assert "lcmd_only-t1 +0.0400" in line and "Holm" in line and "3 rows compared" in line
+    assert "clock-t1 " not in line and "kd_detr-t1 " not in line  # both bounds below 0
+    line = "\n".join(confirm.unchosen_at_bar(baseline, rows, "lcmd_only", seeds=3))
+    assert line.endswith("they decide nothing): none.")
+    assert confirm.unchosen_at_bar(baseline, rows, "clock", seeds=4) == []  # not every seed scored yet
+
+
 def test_a_run_is_scored_once_and_a_checkpoint_trained_again_later_never_replaces_its_score(
         monkeypatch, tmp_path):
     run_dir = tmp_path / "runs" / "dino-clock-t1-0"

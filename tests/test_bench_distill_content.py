@@ -55,3 +55,16 @@ def test_the_report_names_the_seeds_whose_runs_were_trained_on_different_cpus():
               "kd_detr": [{"seed": 0, "cpu": "B"}, {"seed": 1, "cpu": "A"}]}
     assert content.mixed_cpu_text(scored)[1].endswith("CPUs: 0 (A, B).")
     assert content.mixed_cpu_text({"baseline": [{"seed": 0, "cpu": "A"}]})[1].endswith("CPUs: none.")
+
+
+def test_the_drift_table_pairs_each_retrained_row_with_its_retrained_baseline_seed_by_seed():
+    def run(name, seed, again, recorded, trained_again=True):
+        return {"name": name, "seed": seed, "trained_again": trained_again,
+                "test_again": {"mAP": again}, "test_recorded": {"mAP": recorded}}
+    scored = {"baseline": [run("baseline", 0, 0.40, 0.41), run("baseline", 1, 0.42, 0.42),
+                           run("baseline", 2, 0.40, 0.40, trained_again=False)],
+              "clock": [run("clock-t1", 0, 0.45, 0.43), run("clock-t1", 1, 0.46, 0.44), run("clock-t1", 2, 0.9, 0.1)]}
+    table = "\n".join(content.gain_drift_lines(scored))
+    # seed 0: (0.45 - 0.40) - (0.43 - 0.41) = +0.03; seed 1: +0.02; seed 2 is left out (its baseline is recorded)
+    assert "| clock-t1 | 2 | +0.0250 +- 0.0071 |" in table and "| baseline |" not in table
+    assert content.gain_drift_lines({"baseline": scored["baseline"]}) == []
