@@ -781,6 +781,27 @@ def ablation_text(ablations, reference):
     return ["", f"Each row minus {reference} of the same seed (test mAP, paired): " + "; ".join(parts) + "."]
 
 
+# Pre-registered DINO follow-ups to this A/B, each writing its own results file in benchmarks/results/.
+FOLLOW_UPS = {"distill_confirm.md": "one of full CLoCK, TCLD only, LCMD only, softmax KL, chosen on the tuning "
+                                    "split, scored on a fresh split",
+              "distill_content.md": "full CLoCK with zero-content target-aware queries, chosen over the full CLoCK "
+                                    "on the tuning split, scored on another fresh split"}
+
+
+def follow_up_lines(results_dir):
+    """The pass-rule line of each follow-up's results file, quoted as written there: the reader of this file
+    sees what was tried after it without a number copied by hand."""
+    lines = []
+    for name, what in FOLLOW_UPS.items():
+        path = os.path.join(results_dir, name)
+        if not os.path.isfile(path):
+            continue
+        verdicts = [line for line in open(path).read().splitlines() if line.startswith("Pass rule")]
+        lines.append(f"- {name} ({what}): " + (verdicts[0] if verdicts else "no pass rule read yet."))
+    return (["", "DINO follow-ups (pre-registered; each reads its pass rule on the configuration it chose; rows, "
+             "KITTI AP and the reading are in their files and docs/clock_method.md):", "", *lines] if lines else [])
+
+
 def report_b(args, teachers, results, chosen, scores, progress=None, ablation_teachers=None):
     lines = [f"Synthetic KITTI, {args.train_images} training images, tuning split {args.tuning_images} images "
              f"(seed 0 scenes), test split {args.test_images} images generated with seed 1; {args.epochs} epochs per "
@@ -838,6 +859,7 @@ def report_b(args, teachers, results, chosen, scores, progress=None, ablation_te
                       "distill.grad_share_every): " + "; ".join(
                           f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for name, s in shares) + "."]
     lines += ["", criterion_text(args, results)]
+    lines += follow_up_lines(os.path.join(REPO, os.path.dirname(RESULTS)))
     lines += ["", "delta: variant minus the baseline of the same seed (same student initialization, data order, flips "
               "and denoising noise: the distillers draw their random queries from a side stream). "
               "95% CI: mean +- t(0.975, n-1) sd / sqrt(n); p: two-sided paired t-test. min/run: mean wall minutes "

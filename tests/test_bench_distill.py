@@ -357,7 +357,8 @@ def test_the_ablation_rows_are_a_table_of_their_own_under_the_second_teachers_li
     assert [lines[i].split("|")[1].strip() for i in rows] == ["clock", "clock-t1"] and rows[0] < heading < rows[1]
     assert "| -0.1000 +- 0.0000 |" in lines[rows[1]]  # paired with the same baseline seeds
     # the pass rule reads the first teacher's CLoCK row only (+0.03, +0.02: mean +0.025, half width 0.0635)
-    assert "dino (2 of 8 seeds): CLoCK's 95% CI lower bound -0.0385" in lines[-3]
+    assert "dino (2 of 8 seeds): CLoCK's 95% CI lower bound -0.0385" in next(
+        line for line in lines if line.startswith("Pass rule"))
 
 
 def test_each_ablation_row_is_paired_with_clock_under_the_same_teacher():
@@ -381,3 +382,11 @@ def test_the_ab_keeps_the_query_content_its_runs_trained_with_and_a_variant_can_
                                        0, 2, 1)
     assert zero.distill.logit.content == "zero"
     assert bench_distill.config_hash(recorded) != bench_distill.config_hash(zero)
+
+
+def test_the_report_quotes_each_follow_ups_pass_rule_line_and_skips_a_follow_up_not_run(tmp_path):
+    (tmp_path / "distill_content.md").write_text("# x\n\nPass rule (...): **not met**: clock_zero-t1 +0.0117.\n")
+    lines = bench_distill.follow_up_lines(str(tmp_path))
+    assert "- distill_content.md (" in lines[-1] and lines[-1].endswith("**not met**: clock_zero-t1 +0.0117.")
+    assert not any("distill_confirm.md" in line for line in lines)
+    assert bench_distill.follow_up_lines(str(tmp_path / "none")) == []
