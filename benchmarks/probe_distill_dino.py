@@ -199,52 +199,17 @@ def car_bins(gt, det, min_score=CAR_SCORE):
 
 
 def detection_stats(model, dataset, image_hw, topk):
-    """COCO / KITTI metrics (as the A/B computes them) and the Car bins summed over the split. The loop is
-    eval.detector.evaluate_detector's, which returns only the summary; the bins need the evaluator's
-    detections, and clock_deploy/eval stays as it is while the A/B's run files hash it."""
-    from clock_deploy.eval.evaluator import DetectionEvaluator
+    """COCO / KITTI metrics (as the A/B computes them), COCO AP per class and the Car bins summed over
+    the split."""
+    from clock_deploy.eval.detector import collect_detections
     from clock_deploy.runtime import Detector
-    detector = Detector.for_model(model, dataset.classes, image_hw, topk, "cpu")
-    gt = [dataset.gt_annos(i) for i in range(len(dataset))]
-    evaluator = DetectionEvaluator(dataset.classes, gt, [dataset.image_size(i) for i in range(len(dataset))],
-                                   dataset.frame_ids)
-    for start in range(0, len(dataset), 8):
-        paths = [dataset.image_path(i) for i in range(start, min(start + 8, len(dataset)))]
-        for i, det in enumerate(detector(paths, score_threshold=0.0), start):
-            evaluator.update(i, det.boxes, det.scores, det.labels)
+    evaluator = collect_detections(Detector.for_model(model, dataset.classes, image_hw, topk, "cpu"), dataset,
+                                   batch=8)
     bins = dict.fromkeys(BINS, 0)
-    for frame_gt, frame_det in zip(gt, evaluator.detections):
+    for frame_gt, frame_det in zip(evaluator.gt_annos, evaluator.detections):
         for name, n in car_bins(frame_gt, frame_det).items():
             bins[name] += n
-    return {"metrics": evaluator.summarize(), "per_class": per_class_coco(evaluator), "car_bins": bins}
-
-
-def per_class_coco(evaluator):
-    """{class: {"AP", "AP50", "AP70"}}: COCO AP per class (all areas, 100 detections), from the COCO
-    evaluation the A/B runs. DetectionEvaluator.summarize returns class means only, and clock_deploy/eval
-    stays as it is while the A/B's run files hash it, so the few lines that feed COCO are repeated here."""
-    import copy
-
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
-    frames = [(f, h, w, a) for f, (h, w), a in zip(evaluator.frame_ids, evaluator.image_sizes, evaluator.gt_annos)]
-    coco_gt = kitti_to_coco(frames, evaluator.classes)
-    image_ids = [image["id"] for image in coco_gt["images"]]
-    quiet = lambda *args, **kwargs: None  # noqa: E731
-    gt = COCO(copy.deepcopy(coco_gt), print_function=quiet)
-    dt = gt.loadRes([dict(r) for r in detections_to_coco(image_ids, evaluator.detections, evaluator.classes)])
-    coco = COCOeval_faster(gt, dt, iouType="bbox", print_function=quiet)
-    coco.evaluate()
-    coco.accumulate()
-    precision = np.asarray(coco.eval["precision"])  # [IoU 0.50:0.05:0.95, recall, class, area, max detections]
-    names = {c["id"]: c["name"] for c in coco_gt["categories"]}
-    out = {}
-    for k, cat_id in enumerate(coco.params.catIds):
-        curve = precision[:, :, k, 0, -1]
-        mean = lambda x: float(x[x > -1].mean()) if (x > -1).any() else float("nan")  # noqa: E731  (-1: no GT)
-        out[names[cat_id]] = {"AP": mean(curve), "AP50": mean(curve[0]), "AP70": mean(curve[4])}
-    return out
+    return {"metrics": evaluator.summarize(), "per_class": evaluator.per_class_coco(), "car_bins": bins}
 
 
 # ---------------------------------------------------------------- per checkpoint, resumable

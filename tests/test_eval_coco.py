@@ -130,6 +130,20 @@ def test_identical_to_pycocotools_on_random_data():
     assert list(ours.values()) == pytest.approx(list(expected), abs=1e-6)
 
 
+def test_per_class_coco_scores_each_class_apart_and_averages_to_the_summary():
+    gt = annos(("Car", [100, 100, 300, 200]), ("Pedestrian", [400, 100, 440, 200]))
+    evaluator = DetectionEvaluator(CLASSES, [gt], [(375, 1242)], ["000000"])
+    # the car exactly, the pedestrian 20 px too low: IoU 80 / 120 = 0.67, a hit at 0.5 but not at 0.7
+    evaluator.update(0, [[100, 100, 300, 200], [400, 120, 440, 220]], [0.9, 0.8], [0, 1])
+    per_class = evaluator.per_class_coco()
+    assert per_class["Car"] == {"AP": 1.0, "AP50": 1.0, "AP70": 1.0}
+    assert per_class["Pedestrian"]["AP50"] == 1.0 and per_class["Pedestrian"]["AP70"] == 0.0
+    assert 0.0 < per_class["Pedestrian"]["AP"] < 1.0
+    assert np.isnan(per_class["Cyclist"]["AP"])  # no ground truth
+    # the classes' mean is the summary's mAP (COCO averages over the classes with ground truth)
+    assert evaluator.summarize()["mAP"] == pytest.approx((1.0 + per_class["Pedestrian"]["AP"]) / 2)
+
+
 def test_coco_map_is_quiet(capsys):
     evaluate([annos(("Car", LARGE))], [annos(("Car", LARGE, 0.9))])
     assert capsys.readouterr().out == ""

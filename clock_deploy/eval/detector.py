@@ -5,7 +5,13 @@ from clock_deploy.eval.evaluator import DetectionEvaluator
 
 def evaluate_detector(detector, dataset, limit=0, batch=1, progress=False):
     """COCO / KITTI metrics (DetectionEvaluator.summarize) of a runtime Detector on the first `limit`
-    images of `dataset` (0 = all), `batch` images per call; export parity and the bench both use it.
+    images of `dataset` (0 = all), `batch` images per call; export parity and the bench both use it."""
+    return collect_detections(detector, dataset, limit, batch, progress).summarize()
+
+
+def collect_detections(detector, dataset, limit=0, batch=1, progress=False):
+    """A DetectionEvaluator holding a runtime Detector's detections on the first `limit` images of
+    `dataset` (0 = all), for metrics beyond summarize (per class, per detection).
 
     Images are read from their files and go through the runtime preprocessing, as in deployment.
     """
@@ -20,7 +26,7 @@ def evaluate_detector(detector, dataset, limit=0, batch=1, progress=False):
         paths = [dataset.image_path(i) for i in range(start, min(start + batch, count))]
         for i, det in enumerate(detector(paths, score_threshold=0.0), start):
             evaluator.update(i, det.boxes, det.scores, det.labels)
-    return evaluator.summarize()
+    return evaluator
 
 
 def evaluate_model(model, dataset, image_hw, topk=100, device="cpu", batch=8, progress=False):

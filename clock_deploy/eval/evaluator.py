@@ -4,7 +4,7 @@ import numpy as np
 
 from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
 from clock_deploy.data.kitti import frame_file, write_label
-from clock_deploy.eval.coco import coco_map
+from clock_deploy.eval.coco import coco_map, coco_per_class
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, DIFFICULTIES, kitti_eval
 
 
@@ -54,10 +54,7 @@ class DetectionEvaluator:
         Cyclist among the classes, "kitti_<Class>_<difficulty>" and "kitti_easy" / "kitti_moderate" /
         "kitti_hard" (R40, percent; each averages the classes with ground truth at that difficulty,
         nan if none has)."""
-        frames = [(f, h, w, a) for f, (h, w), a in zip(self.frame_ids, self.image_sizes, self.gt_annos)]
-        coco_gt = kitti_to_coco(frames, self.classes)
-        image_ids = [image["id"] for image in coco_gt["images"]]
-        coco = coco_map(coco_gt, detections_to_coco(image_ids, self.detections, self.classes))
+        coco = coco_map(*self._coco())
         metrics = {"mAP": coco["AP"], **{k: coco[k] for k in ("AP50", "AP75", "APs", "APm", "APl")}}
         kitti_classes = self.kitti_classes()
         if kitti_classes:
@@ -68,6 +65,17 @@ class DetectionEvaluator:
             for difficulty in DIFFICULTIES:
                 metrics[f"kitti_{difficulty}"] = kitti[f"mAP_{difficulty}_R40"]
         return metrics
+
+    def per_class_coco(self):
+        """{class: {"AP", "AP50", "AP70"}}: COCO AP of each class apart (summarize averages them)."""
+        return coco_per_class(*self._coco())
+
+    def _coco(self):
+        """(ground truth, detections) in COCO form."""
+        frames = [(f, h, w, a) for f, (h, w), a in zip(self.frame_ids, self.image_sizes, self.gt_annos)]
+        coco_gt = kitti_to_coco(frames, self.classes)
+        image_ids = [image["id"] for image in coco_gt["images"]]
+        return coco_gt, detections_to_coco(image_ids, self.detections, self.classes)
 
 
 def write_kitti_detections(out_dir, frame_ids, dets, classes):
