@@ -216,11 +216,17 @@ def detection_stats(model, dataset, image_hw, topk):
 
 def reused_or_probed(checkpoint, stored_path, probe, version=PROBE_VERSION):
     """The stored record of a checkpoint while it is the same file and the probe the same version, else
-    {sha, version, **probe()} written to stored_path."""
+    {sha, version, **probe()} written to stored_path. A stored record of another checkpoint stops the
+    probe: here the run was trained again (training does not reproduce across CPUs), and probing the
+    retrained file would replace the record of the one the results were read from."""
     sha = file_sha256(checkpoint)
     if os.path.isfile(stored_path):
         stored = read_json(stored_path)
-        if stored.get("checkpoint_sha256") == sha and stored.get("probe_version") == version:
+        if stored.get("checkpoint_sha256") != sha:
+            raise SystemExit(f"{stored_path}: probes another checkpoint than {checkpoint} (sha256 "
+                             f"{stored.get('checkpoint_sha256', '?')[:12]} vs {sha[:12]}; trained again on this "
+                             "machine?). Use --report-only, or move the record aside to probe this checkpoint.")
+        if stored.get("probe_version") == version:
             return stored
     record = {"checkpoint_sha256": sha, "probe_version": version, **probe()}
     write_json(stored_path, record)

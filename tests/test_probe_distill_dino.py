@@ -4,6 +4,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -136,3 +137,21 @@ def test_the_run_file_check_reads_each_split_from_the_files_that_scored_it(monke
     assert probe.recorded_map("baseline", 0, "tuning") == read_json(
         "benchmarks/results/distill_confirm_runs/dino-baseline-0.json")["metrics"]["tuning"]["mAP"]  # retrained
     assert probe.recorded_map("clock-t1", 99, "tuning") is None
+
+
+def test_a_stored_probe_is_reused_reprobed_for_a_new_version_and_never_replaced_by_another_checkpoint(tmp_path):
+    checkpoint, stored = tmp_path / "last.pt", str(tmp_path / "row-0.json")
+    checkpoint.write_bytes(b"weights")
+    calls = []
+
+    def probe_once():
+        calls.append(1)
+        return {"metrics": {"mAP": 0.5}}
+    first = probe.reused_or_probed(str(checkpoint), stored, probe_once, version=1)
+    assert probe.reused_or_probed(str(checkpoint), stored, probe_once, version=1) == first and len(calls) == 1
+    probe.reused_or_probed(str(checkpoint), stored, probe_once, version=2)  # a newer probe of the same file
+    assert len(calls) == 2
+    checkpoint.write_bytes(b"weights trained again")
+    with pytest.raises(SystemExit, match="probes another checkpoint"):
+        probe.reused_or_probed(str(checkpoint), stored, probe_once, version=2)
+    assert read_json(stored)["probe_version"] == 2 and len(calls) == 2  # the record is kept
