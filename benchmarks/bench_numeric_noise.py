@@ -96,7 +96,7 @@ def stats_lines(runs):
     spread = statistics.stdev(runs[("default", s)]["metrics"]["test"]["mAP"] for s in seeds)
     return lines + ["", f"AVX2 minus default, {st['n']} seeds: {st['mean']:+.4f} +- {st['sd']:.4f}, 95% CI "
                         f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}], p {ab.p_text(st['p'])}; root mean square "
-                        f"{rms:.4f}. The same seed's baselines across seeds (default kernels): sd {spread:.4f}.",
+                        f"{rms:.4f}. The baseline's own spread across the seeds (default kernels): sd {spread:.4f}.",
                     "", "A paired delta (variant minus baseline of one seed) holds two runs, so kernel noise of this "
                         f"size alone gives it an sd of about the root mean square above ({rms:.4f}): at that sd, "
                         f"a 95% CI of half width 0.01 mAP needs {seeds_for(rms, 0.01)} paired seeds."]
