@@ -27,6 +27,9 @@ from clock_deploy.io import read_json, write_json, write_text
 
 RUNS = "benchmarks/results/numeric_noise_runs"
 RESULTS = "benchmarks/results/numeric_noise.md"
+# The second follow-up's baselines trained again (bench_distill_content.py): the same runs as the
+# default-kernel ones here, scored on the same test split, so they show whether training repeats.
+EARLIER = "benchmarks/results/distill_content_runs/fresh-dino-baseline-{seed}.json"
 FAMILY = "dino"
 # Environment that selects each kernel set; it must be set before torch is imported, so each run is its
 # own process.
@@ -102,6 +105,22 @@ def stats_lines(runs):
                         f"a 95% CI of half width 0.01 mAP needs {seeds_for(rms, 0.01)} paired seeds."]
 
 
+def repeat_lines(runs, earlier):
+    """Whether each default-kernel run repeats the earlier training of the same run on the same CPU model:
+    `earlier` maps seed -> that run's file (its test_again mAP is rounded to 6 digits)."""
+    same_cpu = [seed for seed, record in earlier.items() if record.get("trained_again")
+                and ("default", seed) in runs and record["cpu"] == runs[("default", seed)]["cpu"]]
+    if not same_cpu:
+        return []
+    equal = [seed for seed in same_cpu
+             if round(runs[("default", seed)]["metrics"]["test"]["mAP"], 6) == earlier[seed]["test_again"]["mAP"]]
+    return ["", f"Repeatability: the default-kernel run equals the same baseline trained in an earlier session "
+                f"on the same CPU model ({os.path.dirname(EARLIER)}/, test mAP to the 6 digits stored there) on "
+                f"{len(equal)} of {len(same_cpu)} seeds" + (" (seeds " + ", ".join(
+                    str(seed) for seed in sorted(set(same_cpu) - set(equal))) + " differ)" if len(equal) <
+                                                            len(same_cpu) else "") + "."]
+
+
 def seeds_for(sd, half_width):
     """The fewest paired seeds whose 95% t interval at this sd is narrower than +-half_width."""
     from scipy import stats
@@ -111,11 +130,16 @@ def seeds_for(sd, half_width):
     return n
 
 
+def earlier_runs(seeds):
+    return {seed: read_json(EARLIER.format(seed=seed)) for seed in range(seeds)
+            if os.path.isfile(EARLIER.format(seed=seed))}
+
+
 def report(cli, runs):
     lines = ["# Run-to-run noise from the CPU kernels alone (DINO baseline)", "", "Written by "
              "benchmarks/bench_numeric_noise.py.", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              f"{ab.machine()}. Runs: {cli.runs_dir}/ (their cpu and cpu_capability say where and how each trained).",
-             "", *stats_lines(runs), "", f"Command: `python benchmarks/bench_numeric_noise.py --jobs {cli.jobs} "
+             "", *stats_lines(runs), *repeat_lines(runs, earlier_runs(cli.seeds)), "", f"Command: `python benchmarks/bench_numeric_noise.py --jobs {cli.jobs} "
              f"--seeds {cli.seeds}`"]
     write_text(cli.results, "\n".join(lines) + "\n")
 

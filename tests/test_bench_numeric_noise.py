@@ -31,3 +31,16 @@ def test_seeds_for_is_the_first_n_whose_t_interval_is_narrow_enough():
 def test_each_kernel_set_is_named_by_the_environment_that_selects_it():
     assert noise.KERNELS["default"] == {}
     assert noise.KERNELS["avx2"]["ATEN_CPU_CAPABILITY"] == "avx2"
+
+
+def test_repeatability_counts_seeds_whose_run_equals_the_earlier_one_on_the_same_cpu():
+    def mine(m, cpu="Xeon"):
+        return {"cpu": cpu, "metrics": {"test": {"mAP": m}}}
+
+    def earlier(m, cpu="Xeon"):
+        return {"cpu": cpu, "trained_again": True, "test_again": {"mAP": m}}
+    runs = {("default", 0): mine(0.43833468), ("default", 1): mine(0.5), ("default", 2): mine(0.6, "EPYC")}
+    text = "\n".join(noise.repeat_lines(runs, {0: earlier(0.438335), 1: earlier(0.500001), 2: earlier(0.6)}))
+    assert "on 1 of 2 seeds (seeds 1 differ)" in text  # seed 2 trained on another CPU: not compared
+    assert noise.repeat_lines(runs, {2: earlier(0.6)}) == []
+    assert noise.repeat_lines(runs, {0: {**earlier(0.438335), "trained_again": False}}) == []
