@@ -139,7 +139,8 @@ def report(cli, runs):
     lines = ["# Run-to-run noise from the CPU kernels alone (DINO baseline)", "", "Written by "
              "benchmarks/bench_numeric_noise.py.", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              f"{ab.machine()}. Runs: {cli.runs_dir}/ (their cpu and cpu_capability say where and how each trained).",
-             "", *stats_lines(runs), *repeat_lines(runs, earlier_runs(cli.seeds)), "", f"Command: `python benchmarks/bench_numeric_noise.py --jobs {cli.jobs} "
+             "", *stats_lines(runs), *repeat_lines(runs, earlier_runs(cli.seeds)),
+             "", f"Command: `python benchmarks/bench_numeric_noise.py --jobs {cli.jobs} "
              f"--seeds {cli.seeds}`"]
     write_text(cli.results, "\n".join(lines) + "\n")
 
