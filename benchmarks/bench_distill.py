@@ -788,18 +788,30 @@ FOLLOW_UPS = {"distill_confirm.md": "one of full CLoCK, TCLD only, LCMD only, so
                                     "on the tuning split, scored on another fresh split"}
 
 
+NOISE = ("numeric_noise.md", "AVX2 minus default", "the DINO baseline trained twice per seed on one CPU, default "
+         "vs AVX2 kernels: noise that paired seeds do not pair")
+
+
+def quoted_line(path, prefix):
+    """The first line of a results file that starts with `prefix`, or None (file or line not there yet)."""
+    if not os.path.isfile(path):
+        return None
+    return next((line for line in open(path).read().splitlines() if line.startswith(prefix)), None)
+
+
 def follow_up_lines(results_dir):
-    """The pass-rule line of each follow-up's results file, quoted as written there: the reader of this file
-    sees what was tried after it without a number copied by hand."""
+    """The pass-rule line of each follow-up's results file, and the reading of the kernel-noise run, quoted as
+    written there: the reader of this file sees what was tried after it without a number copied by hand."""
     lines = []
     for name, what in FOLLOW_UPS.items():
-        path = os.path.join(results_dir, name)
-        if not os.path.isfile(path):
-            continue
-        verdicts = [line for line in open(path).read().splitlines() if line.startswith("Pass rule")]
-        lines.append(f"- {name} ({what}): " + (verdicts[0] if verdicts else "no pass rule read yet."))
-    return (["", "DINO follow-ups (pre-registered; each reads its pass rule on the configuration it chose; rows, "
-             "KITTI AP and the reading are in their files and docs/clock_method.md):", "", *lines] if lines else [])
+        if os.path.isfile(os.path.join(results_dir, name)):
+            verdict = quoted_line(os.path.join(results_dir, name), "Pass rule")
+            lines.append(f"- {name} ({what}): " + (verdict or "no pass rule read yet."))
+    lines = (["", "DINO follow-ups (pre-registered; each reads its pass rule on the configuration it chose; rows, "
+              "KITTI AP and the reading are in their files and docs/clock_method.md):", "", *lines] if lines else [])
+    name, prefix, what = NOISE
+    noise = quoted_line(os.path.join(results_dir, name), prefix)
+    return lines + (["", f"Run-to-run noise ({name}, {what}): {noise}"] if noise else [])
 
 
 def report_b(args, teachers, results, chosen, scores, progress=None, ablation_teachers=None):

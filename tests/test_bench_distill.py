@@ -390,3 +390,11 @@ def test_the_report_quotes_each_follow_ups_pass_rule_line_and_skips_a_follow_up_
     assert "- distill_content.md (" in lines[-1] and lines[-1].endswith("**not met**: clock_zero-t1 +0.0117.")
     assert not any("distill_confirm.md" in line for line in lines)
     assert bench_distill.follow_up_lines(str(tmp_path / "none")) == []
+
+
+def test_the_report_quotes_the_kernel_noise_reading_when_it_exists(tmp_path):
+    (tmp_path / "numeric_noise.md").write_text("# x\n\nAVX2 minus default, 8 seeds: +0.0035 +- 0.0072.\n")
+    lines = bench_distill.follow_up_lines(str(tmp_path))
+    assert lines[-1].startswith("Run-to-run noise (numeric_noise.md, ")
+    assert lines[-1].endswith(": AVX2 minus default, 8 seeds: +0.0035 +- 0.0072.")
+    assert not any("follow-ups" in line for line in lines)  # no follow-up file here
