@@ -804,8 +804,9 @@ def follow_up_lines(results_dir):
     written there: the reader of this file sees what was tried after it without a number copied by hand."""
     lines = []
     for name, what in FOLLOW_UPS.items():
-        if os.path.isfile(os.path.join(results_dir, name)):
-            verdict = quoted_line(os.path.join(results_dir, name), "Pass rule")
+        path = os.path.join(results_dir, name)
+        if os.path.isfile(path):
+            verdict = quoted_line(path, "Pass rule")
             lines.append(f"- {name} ({what}): " + (verdict or "no pass rule read yet."))
     lines = (["", "DINO follow-ups (pre-registered; each reads its pass rule on the configuration it chose; rows, "
               "KITTI AP and the reading are in their files and docs/clock_method.md):", "", *lines] if lines else [])

@@ -152,6 +152,11 @@ def trained_to_end(run_dir):
     return bool(lines) and json.loads(lines[-1]).get("event") == "done"
 
 
+def fresh_file(runs_dir, name, seed):
+    """The file that holds the fresh-split score of one run."""
+    return os.path.join(runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
+
+
 def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, trained_again=False):
     """Metrics of a finished run's checkpoint on the fresh split of `seed_of_split` (and again on the A/B's
     test split, unless `verified`, an earlier score of the same checkpoint, has that), reused from its json
@@ -161,7 +166,7 @@ def evaluate(args, call, record, seed_of_split=FRESH_SEED, verified=None, traine
     name, seed = call[0], call[4]
     run_dir = ab.run_dir_of(args.out, FAMILY, name, seed)
     checkpoint = os.path.join(run_dir, "last.pt")
-    path = os.path.join(args.runs_dir, f"fresh-{FAMILY}-{name}-{seed}.json")
+    path = fresh_file(args.runs_dir, name, seed)
     stored = read_json(path) if os.path.isfile(path) else None
     if stored is not None and stored["config_hash"] == record["config_hash"]:
         return stored

@@ -213,7 +213,7 @@ def main():
               flush=True)
 
     def verified(name, seed):  # the first follow-up checked every reused checkpoint against its record
-        path = os.path.join(cli.confirm_runs, f"fresh-{confirm.FAMILY}-{calls[name][seed][0]}-{seed}.json")
+        path = confirm.fresh_file(cli.confirm_runs, calls[name][seed][0], seed)
         return read_json(path) if name != CANDIDATE and os.path.isfile(path) else None
     scored = {}
     for name in ROWS:

@@ -22,14 +22,13 @@ import subprocess
 import sys
 
 import bench_distill as ab  # benchmarks/ is on sys.path when run as a script
+import bench_distill_confirm as confirm
+import bench_distill_content as content
 from clock_deploy.config import load_config
 from clock_deploy.io import read_json, write_json, write_text
 
 RUNS = "benchmarks/results/numeric_noise_runs"
 RESULTS = "benchmarks/results/numeric_noise.md"
-# The second follow-up's baselines trained again (bench_distill_content.py): the same runs as the
-# default-kernel ones here, scored on the same test split, so they show whether training repeats.
-EARLIER = "benchmarks/results/distill_content_runs/fresh-dino-baseline-{seed}.json"
 FAMILY = "dino"
 # Environment that selects each kernel set; it must be set before torch is imported, so each run is its
 # own process.
@@ -107,18 +106,18 @@ def stats_lines(runs):
 
 def repeat_lines(runs, earlier):
     """Whether each default-kernel run repeats the earlier training of the same run on the same CPU model:
-    `earlier` maps seed -> that run's file (its test_again mAP is rounded to 6 digits)."""
+    `earlier` maps seed -> that run's fresh-split score file, whose test_again holds its test-split metrics
+    as ab.metric_subset rounds them."""
     same_cpu = [seed for seed, record in earlier.items() if record.get("trained_again")
                 and ("default", seed) in runs and record["cpu"] == runs[("default", seed)]["cpu"]]
     if not same_cpu:
         return []
-    equal = [seed for seed in same_cpu
-             if round(runs[("default", seed)]["metrics"]["test"]["mAP"], 6) == earlier[seed]["test_again"]["mAP"]]
+    differ = [seed for seed in same_cpu if ab.metric_subset(runs[("default", seed)]["metrics"]["test"])["mAP"]
+              != earlier[seed]["test_again"]["mAP"]]
+    which = f" (seeds {', '.join(map(str, differ))} differ)" if differ else ""
     return ["", f"Repeatability: the default-kernel run equals the same baseline trained in an earlier session "
-                f"on the same CPU model ({os.path.dirname(EARLIER)}/, test mAP to the 6 digits stored there) on "
-                f"{len(equal)} of {len(same_cpu)} seeds" + (" (seeds " + ", ".join(
-                    str(seed) for seed in sorted(set(same_cpu) - set(equal))) + " differ)" if len(equal) <
-                                                            len(same_cpu) else "") + "."]
+                f"on the same CPU model ({content.RUNS}/, test mAP to the 6 digits stored there) on "
+                f"{len(same_cpu) - len(differ)} of {len(same_cpu)} seeds{which}."]
 
 
 def seeds_for(sd, half_width):
@@ -131,8 +130,10 @@ def seeds_for(sd, half_width):
 
 
 def earlier_runs(seeds):
-    return {seed: read_json(EARLIER.format(seed=seed)) for seed in range(seeds)
-            if os.path.isfile(EARLIER.format(seed=seed))}
+    """The second follow-up's baselines trained again (bench_distill_content.py): the same runs as the
+    default-kernel ones here, scored on the same test split, so they show whether training repeats."""
+    paths = {seed: confirm.fresh_file(content.RUNS, "baseline", seed) for seed in range(seeds)}
+    return {seed: read_json(path) for seed, path in paths.items() if os.path.isfile(path)}
 
 
 def report(cli, runs):
