@@ -52,8 +52,8 @@ import torch
 
 from clock_deploy.config import load_config, to_dict
 from clock_deploy.distill import build_distiller
-from clock_deploy.engine.trainer import TrainStep
-from clock_deploy.engine.checkpoint import read_checkpoint
+from clock_deploy.training.trainer import TrainStep
+from clock_deploy.checkpoint import read_checkpoint
 from clock_deploy.io import file_sha256, read_json, torch_save, write_json, write_text
 from clock_deploy.models.build import build_criterion, build_model
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
@@ -347,7 +347,7 @@ def set_aside_other_run(cfg):
 
 def train(cfg):
     """run_training, continuing the run in cfg.output_dir if it was interrupted: (metrics, resumed)."""
-    from clock_deploy.engine.commands import run_training
+    from clock_deploy.training.commands import run_training
     set_aside_other_run(cfg)
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
     return run_training(cfg, resume=resume, progress=False), resume
@@ -356,8 +356,8 @@ def train(cfg):
 def test_metrics(args, checkpoint, cfg, root=None):
     """Metrics of a checkpoint on the test split (or on the scenes under `root`, all "val" but one)."""
     from clock_deploy.data.dataset import build_dataset
-    from clock_deploy.engine.checkpoint import load_model
-    from clock_deploy.eval.detector import evaluate_model
+    from clock_deploy.checkpoint import load_model
+    from clock_deploy.eval.loop import evaluate_model
     model, _, _ = load_model(checkpoint)
     data_cfg = dataclasses.replace(cfg.data, root=root or data_roots(args)[1])
     return evaluate_model(model, build_dataset(data_cfg, "val", train=False), cfg.data.img_size, cfg.export.topk,

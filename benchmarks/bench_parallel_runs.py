@@ -28,9 +28,9 @@ def child(config, threads, iters, out):
 
     import torch
     torch.set_num_threads(threads)
-    import clock_deploy.engine.trainer as trainer
+    import clock_deploy.training.trainer as trainer
     from clock_deploy.config import load_config
-    from clock_deploy.engine.commands import run_training
+    from clock_deploy.training.commands import run_training
 
     class TimedLoader:  # stands in for the trainer's tqdm bar: one time stamp per batch
         def __init__(self, loader, **_):

@@ -67,7 +67,7 @@ def build_pair(arch, small, folder):
     import transformers
 
     from clock_deploy.convert.importer import import_to_checkpoint
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
 
     torch.manual_seed(0)
     hf_model = getattr(transformers, HF_CLASSES[arch])(hf_config(arch, small)).eval()
@@ -95,7 +95,7 @@ def load_for(impl, arch, path):
     if impl == "transformers":
         import transformers
         return getattr(transformers, HF_CLASSES[arch]).from_pretrained(path).eval()
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
     return load_model(path)[0]
 
 

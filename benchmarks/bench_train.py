@@ -19,7 +19,7 @@ import time
 import torch
 
 from clock_deploy.config import load_config
-from clock_deploy.engine.trainer import TrainStep
+from clock_deploy.training.trainer import TrainStep
 from clock_deploy.io import write_text
 from clock_deploy.models.build import build_criterion, build_model
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script

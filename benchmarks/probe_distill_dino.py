@@ -201,7 +201,7 @@ def car_bins(gt, det, min_score=CAR_SCORE):
 def detection_stats(model, dataset, image_hw, topk):
     """COCO / KITTI metrics (as the A/B computes them), COCO AP per class and the Car bins summed over
     the split."""
-    from clock_deploy.eval.detector import collect_detections
+    from clock_deploy.eval.loop import collect_detections
     from clock_deploy.runtime import Detector
     evaluator = collect_detections(Detector.for_model(model, dataset.classes, image_hw, topk, "cpu"), dataset,
                                    batch=8)
@@ -254,7 +254,7 @@ def split_root(cli):
 def collect(cli):
     """{row: {seed: record}} and the teacher's record, probing what is not stored yet."""
     from clock_deploy.data.dataset import build_dataset
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
     teacher, cfg, _ = load_model(TEACHER)
     dataset = build_dataset(dataclasses.replace(cfg.data, root=split_root(cli)), "val", train=False)
     logit_cfg = load_config(os.path.join(ab.DEMO, "distill.yaml")).distill.logit  # the A/B's TCLD queries

@@ -17,8 +17,8 @@ from clock_deploy.errors import UserError
 COMMANDS = {
     "data": ("clock_deploy.data.commands", "data", "Synthesize, convert and inspect KITTI / COCO data."),
     "eval": ("clock_deploy.eval.commands", "eval_cmd", "KITTI AP (R40/R11) and COCO mAP of detection files."),
-    "train": ("clock_deploy.engine.commands", "train", "Train a teacher or a baseline student."),
-    "distill": ("clock_deploy.engine.commands", "distill", "Distill a student from a teacher (CLoCK, KD-DETR, FGD)."),
+    "train": ("clock_deploy.training.commands", "train", "Train a teacher or a baseline student."),
+    "distill": ("clock_deploy.training.commands", "distill", "Distill a student from a teacher (CLoCK, KD-DETR, FGD)."),
     "import": ("clock_deploy.convert.commands", "import_cmd",
                "Convert a pretrained DETR (transformers folder, official .pth) into a checkpoint."),
     "export": ("clock_deploy.export.commands", "export",
@@ -27,7 +27,7 @@ COMMANDS = {
                "Build a TensorRT engine from an exported ONNX, on the device."),
     "calibrate": ("clock_deploy.export.commands", "calibrate",
                   "Choose an INT8 calibration set and write its manifest."),
-    "bench": ("clock_deploy.bench.commands", "bench", "Latency and accuracy of models x backends, side by side."),
+    "bench": ("clock_deploy.measure.commands", "bench", "Latency and accuracy of models x backends, side by side."),
     "pipeline": ("clock_deploy.pipeline", "pipeline", "Synthesize -> train -> distill -> export -> bench, resumable."),
 }
 

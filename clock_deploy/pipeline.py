@@ -100,8 +100,8 @@ class Pipeline:
         return ", ".join(counts)
 
     def train(self, name, cfg):
-        from clock_deploy.engine.checkpoint import read_checkpoint
-        from clock_deploy.engine.commands import run_training
+        from clock_deploy.checkpoint import read_checkpoint
+        from clock_deploy.training.commands import run_training
 
         last = self.checkpoint(name)
         resume = False
@@ -130,8 +130,8 @@ class Pipeline:
         there) and copied into the bench's artifact cache, so the bench measures these very files.
         """
         from clock_deploy.artifact import sidecar_path
-        from clock_deploy.bench.artifacts import artifact_path, is_fresh, read_model
-        from clock_deploy.bench.backends import parse_backend
+        from clock_deploy.measure.artifacts import artifact_path, is_fresh, read_model
+        from clock_deploy.measure.backends import parse_backend
         from clock_deploy.export.exporter import Exporter
 
         checkpoint = self.checkpoint("distill")
@@ -169,8 +169,8 @@ class Pipeline:
         return {"settings": settings, "files": {f: file_sha256(f) for f in files if os.path.isfile(f)}}
 
     def bench(self, cfg_data):
-        from clock_deploy.bench.report import print_report, read_reports
-        from clock_deploy.bench.runner import BenchResult, run_bench
+        from clock_deploy.measure.report import print_report, read_reports
+        from clock_deploy.measure.runner import BenchResult, run_bench
 
         stamp = os.path.join(self.bench_dir, "inputs.json")
         inputs = self.bench_inputs(cfg_data)

@@ -9,9 +9,9 @@ import torch
 
 from clock_deploy.config import load_config
 from clock_deploy.data.dataset import build_dataset
-from clock_deploy.engine import distributed as dist
-from clock_deploy.engine.commands import seed_everything
-from clock_deploy.engine.trainer import Trainer
+from clock_deploy.training import distributed as dist
+from clock_deploy.training.commands import seed_everything
+from clock_deploy.training.trainer import Trainer
 from clock_deploy.models.build import build_criterion, build_model
 
 config, out_dir = sys.argv[1], sys.argv[2]

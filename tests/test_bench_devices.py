@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from clock_deploy.bench.devices import Clock, System, detect, load_during, load_sample, parse_jetson_clocks
+from clock_deploy.measure.devices import Clock, System, detect, load_during, load_sample, parse_jetson_clocks
 from clock_deploy.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "jetson")

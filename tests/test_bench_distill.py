@@ -284,7 +284,7 @@ def test_teacher_seed_0_keeps_the_first_teachers_key_and_its_committed_weights_m
 
 def test_a_new_teachers_weights_are_committed_and_another_machine_loads_them_without_training(monkeypatch, tmp_path):
     import torch
-    from clock_deploy.engine.checkpoint import load_model, save_checkpoint
+    from clock_deploy.checkpoint import load_model, save_checkpoint
     from clock_deploy.models.build import build_model
     trained = {}
 

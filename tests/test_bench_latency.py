@@ -1,6 +1,6 @@
 import pytest
 
-from clock_deploy.bench.latency import measure, summarize
+from clock_deploy.measure.latency import measure, summarize
 
 
 class FakeClock:

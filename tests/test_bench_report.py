@@ -5,8 +5,8 @@ import struct
 
 from rich.console import Console
 
-from clock_deploy.bench.devices import DeviceProfile
-from clock_deploy.bench.report import (BenchRow, NotRun, PLOT_DPI, PLOT_SIZE_IN, csv_text, load_warnings,
+from clock_deploy.measure.devices import DeviceProfile
+from clock_deploy.measure.report import (BenchRow, NotRun, PLOT_DPI, PLOT_SIZE_IN, csv_text, load_warnings,
                                        pareto_front, print_report, read_reports, write_reports)
 
 

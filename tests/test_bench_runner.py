@@ -5,15 +5,15 @@ import os
 import numpy as np
 import pytest
 
-from clock_deploy.bench import artifacts, backends, runner
-from clock_deploy.bench.artifacts import is_fresh
-from clock_deploy.bench.backends import Backend, parse_backend, unavailable_reason
-from clock_deploy.bench.devices import DeviceProfile
-from clock_deploy.bench.report import ARCH_NAMES
+from clock_deploy.measure import artifacts, backends, runner
+from clock_deploy.measure.artifacts import is_fresh
+from clock_deploy.measure.backends import Backend, parse_backend, unavailable_reason
+from clock_deploy.measure.devices import DeviceProfile
+from clock_deploy.measure.report import ARCH_NAMES
 from clock_deploy.cli import run
 from clock_deploy.data.annotations import open_split
 from clock_deploy.errors import UserError
-from clock_deploy.eval.detector import evaluate_detector
+from clock_deploy.eval.loop import evaluate_detector
 
 # ---------------------------------------------------------------- backend names and availability
 
@@ -192,7 +192,7 @@ def tiny_checkpoint(tmp_path_factory, synth_root):
 
     from clock_deploy.config import Config
     from clock_deploy.data.kitti import class_names
-    from clock_deploy.engine.checkpoint import save_checkpoint
+    from clock_deploy.checkpoint import save_checkpoint
     from clock_deploy.models.build import build_model
 
     cfg = Config()

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from clock_deploy.config import from_dict, load_config, to_dict
-from clock_deploy.convert.class_head import CLASS_HEAD, load_pretrained, match_classes, transfer_state
-from clock_deploy.engine.checkpoint import save_checkpoint
+from clock_deploy.convert.class_head import CLASS_HEAD, match_classes, transfer_state
+from clock_deploy.training.pretrained import load_pretrained
+from clock_deploy.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.models.build import build_model
 

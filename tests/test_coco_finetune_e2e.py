@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from clock_deploy.convert.importer import import_to_checkpoint
-from clock_deploy.engine.checkpoint import load_model
-from clock_deploy.engine.commands import run_training
+from clock_deploy.checkpoint import load_model
+from clock_deploy.training.commands import run_training
 from clock_deploy.export.exporter import Exporter
 from clock_deploy.runtime import Detector
 

@@ -10,9 +10,9 @@ from torch import nn
 from clock_deploy.config import Config
 from clock_deploy.distill import build_distiller
 from clock_deploy.distill.queries import TargetQuerySampler, query_group
-from clock_deploy.engine.checkpoint import save_checkpoint
-from clock_deploy.engine.commands import load_teacher
-from clock_deploy.engine.trainer import TrainStep
+from clock_deploy.checkpoint import save_checkpoint
+from clock_deploy.training.commands import load_teacher
+from clock_deploy.training.trainer import TrainStep
 from clock_deploy.errors import UserError
 from clock_deploy.export.onnx import expected_tracing_notes_silenced
 from clock_deploy.models.build import build_criterion, build_model
@@ -425,7 +425,7 @@ def test_repeats_without_noise_is_a_user_error():
 # ---------------------------------------------------------------- gradient shares
 
 def test_gradient_shares_by_hand():
-    from clock_deploy.engine.trainer import gradient_shares
+    from clock_deploy.training.trainer import gradient_shares
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     losses = {"loss_ce": (3 * w).sum(), "loss_mem": (w * w).sum(), "class_error": torch.tensor(5.0)}
     shares = gradient_shares(losses, ("loss_mem",), [w])
@@ -438,7 +438,7 @@ def test_gradient_shares_by_hand():
 
 def test_distill_run_logs_gradient_shares(tmp_path, make_synthetic_data, make_train_config):
     import json
-    from clock_deploy.engine.commands import run_training
+    from clock_deploy.training.commands import run_training
     data = make_synthetic_data(tmp_path / "data", num_images=4)  # its own: the logged iterations depend on the size
     teacher_cfg = make_train_config(data, str(tmp_path / "teacher"), extra=["train.max_iters=1", "train.eval_every=-1"])
     run_training(teacher_cfg, progress=False)

@@ -413,7 +413,7 @@ def test_eval_command_runs_a_model_first(tmp_path, synthetic_data, make_train_co
     import torch
 
     from clock_deploy.data.kitti import read_split
-    from clock_deploy.engine.checkpoint import save_checkpoint
+    from clock_deploy.checkpoint import save_checkpoint
     from clock_deploy.models.build import build_model
 
     root = synthetic_data

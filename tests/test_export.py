@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from clock_deploy.cli import cli, run
-from clock_deploy.engine.checkpoint import save_checkpoint
+from clock_deploy.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
 from clock_deploy.export.onnx import export_onnx
 from clock_deploy.export.parity import ParityError, check_parity, judge_map, parity_report, run_onnx, run_torch, verdict
@@ -246,7 +246,7 @@ def test_cli_export_int8_with_a_calibration_manifest(checkpoint, tmp_path):
 
 def test_cli_export_fails_loudly_beyond_tolerance(checkpoint, tmp_path, capsys, student_io):
     ckpt, root = checkpoint
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
     model, cfg, _ = load_model(ckpt)
     cfg.export.parity_tol = 1e-12  # float32 rounding alone is above this
     strict = tmp_path / "strict.pt"

@@ -8,8 +8,8 @@ import torch
 from clock_deploy.cli import cli, run
 from clock_deploy.config import Config, DistillConfig
 from clock_deploy.data.kitti import class_names
-from clock_deploy.engine.checkpoint import load_model, read_checkpoint
-from clock_deploy.engine.commands import load_teacher
+from clock_deploy.checkpoint import load_model, read_checkpoint
+from clock_deploy.training.commands import load_teacher
 from clock_deploy.runtime import Detector
 from official_params import DEFORMABLE_R50_TWO_STAGE, deformable_params
 

@@ -24,8 +24,8 @@ from clock_deploy import io
 from clock_deploy.cli import cli, run
 from clock_deploy.config import dump, load_config
 from clock_deploy.data import kitti
-from clock_deploy.engine.checkpoint import read_checkpoint
-from clock_deploy.engine.commands import run_training
+from clock_deploy.checkpoint import read_checkpoint
+from clock_deploy.training.commands import run_training
 from clock_deploy.errors import UserError
 from clock_deploy.eval.commands import eval_cmd
 from clock_deploy.eval.evaluator import write_kitti_detections
@@ -152,7 +152,7 @@ def _train_script(config):
     return (f"import sys; sys.path.insert(0, {REPO!r})\n"
             "import torch; torch.set_num_threads(1)\n"
             "from clock_deploy.config import load_config\n"
-            "from clock_deploy.engine.commands import run_training\n"
+            "from clock_deploy.training.commands import run_training\n"
             f"run_training(load_config({str(config)!r}), progress=False)\n")
 
 
@@ -201,7 +201,7 @@ def test_kill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_pa
 
 def test_an_evaluation_error_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, synthetic_data,
                                                                              make_train_config, monkeypatch):
-    from clock_deploy.engine import trainer
+    from clock_deploy.training import trainer
     out = tmp_path / "run"
     cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=1"])
     real = trainer.evaluate_model
@@ -403,7 +403,7 @@ def test_a_sidecar_with_fewer_classes_than_the_model_outputs_is_one_line():
 
 def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_path):
     from clock_deploy.artifact import batch_spec, build_metadata, write_metadata
-    from clock_deploy.bench.artifacts import is_fresh
+    from clock_deploy.measure.artifacts import is_fresh
 
     artifact = tmp_path / "m.onnx"
     artifact.write_bytes(b"old model")
@@ -420,7 +420,7 @@ def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_p
 def test_a_measuring_child_dies_with_its_killed_bench(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = (f"import sys, os, time; sys.path.insert(0, {REPO!r}); "
-             "from clock_deploy.bench.job import _die_with_parent; _die_with_parent(); "
+             "from clock_deploy.measure.job import _die_with_parent; _die_with_parent(); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = ("import os, subprocess, sys, time; "
               "env = dict(os.environ, CLOCK_DEPLOY_BENCH_PARENT=str(os.getpid())); "

@@ -12,9 +12,9 @@ from PIL import Image
 
 from clock_deploy.artifact import batch_spec, read_metadata, write_metadata
 from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor
-from clock_deploy.engine.checkpoint import save_checkpoint
+from clock_deploy.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
-from clock_deploy.eval.detector import evaluate_artifact
+from clock_deploy.eval.loop import evaluate_artifact
 from clock_deploy.export.onnx import export_onnx
 from clock_deploy.runtime import Detector
 from clock_deploy.runtime.preprocess import preprocess
@@ -103,7 +103,7 @@ def test_onnx_runtime_path_imports_neither_torch_nor_the_exporter(artifacts):
 
 def test_static_batch_model_is_fed_full_batches(artifacts, tmp_path, student_io):
     height, width = student_io.height, student_io.width
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
     model, cfg, _ = load_model(artifacts["ckpt"])
     path = str(tmp_path / "static.onnx")
     export_onnx(model, path, height=height, width=width, topk=cfg.export.topk, dynamic=False, batch=2, simplify=False)
@@ -205,8 +205,8 @@ def test_evaluate_artifact_gives_the_same_metrics_for_torch_and_onnx(artifacts):
 def test_training_time_evaluation_is_the_runtime_evaluation_and_leaves_the_run_alone(artifacts):
     # training evaluates its in-memory model through the same loop as export parity and the bench
     from clock_deploy.data.dataset import build_dataset
-    from clock_deploy.engine.checkpoint import load_model
-    from clock_deploy.eval.detector import evaluate_model
+    from clock_deploy.checkpoint import load_model
+    from clock_deploy.eval.loop import evaluate_model
     cfg = artifacts["cfg"]
     dataset = build_dataset(cfg.data, "val", train=False)
     model, _, _ = load_model(artifacts["ckpt"])

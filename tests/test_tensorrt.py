@@ -405,8 +405,8 @@ def test_real_engine_matches_onnxruntime(tmp_path, precision, student_io, make_t
 
 
 def test_bench_layers_column_comes_from_the_engine_sidecar(tmp_path):
-    from clock_deploy.bench.report import COLUMNS
-    from clock_deploy.bench.runner import engine_layers
+    from clock_deploy.measure.report import COLUMNS
+    from clock_deploy.measure.runner import engine_layers
 
     engine = _engine_with_sidecar(tmp_path, "10.3.0")
     assert engine_layers(engine) is None  # built before the precision report existed
@@ -419,7 +419,7 @@ def test_bench_layers_column_comes_from_the_engine_sidecar(tmp_path):
 
 def test_describing_an_engine_does_not_hash_it_loading_it_does(tmp_path, monkeypatch):
     import clock_deploy.artifact
-    from clock_deploy.bench.runner import engine_layers
+    from clock_deploy.measure.runner import engine_layers
     from clock_deploy.runtime import Detector
 
     engine = _engine_with_sidecar(tmp_path, "10.3.0")

@@ -17,7 +17,7 @@ import torch
 from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
 from clock_deploy.convert import dab_detr, deformable, dino
 from clock_deploy.convert.common import args_dict, fit_problems
-from clock_deploy.engine.checkpoint import FORMAT, save_checkpoint
+from clock_deploy.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import read_json
 

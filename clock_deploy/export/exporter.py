@@ -53,7 +53,7 @@ class Exporter:
         export.dynamic_batch, else 1); exclude_nodes: nodes kept in float besides export.exclude_nodes."""
         from clock_deploy.artifact import batch_spec, input_spec
         from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from clock_deploy.engine.checkpoint import load_model
+        from clock_deploy.checkpoint import load_model
         from clock_deploy.io import file_sha256
         from clock_deploy.models.deform_attn import set_sampling
 
@@ -99,7 +99,7 @@ class Exporter:
 
     def check(self, path, meta, parity_images, map_images):
         """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
-        from clock_deploy.eval.detector import evaluate_detector
+        from clock_deploy.eval.loop import evaluate_detector
         from clock_deploy.export.parity import (check_parity, judge_map, map_difference, parity_report, run_onnx,
                                                 run_torch)
         from clock_deploy.models.deploy import ExportWrapper

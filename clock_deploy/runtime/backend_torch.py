@@ -43,7 +43,7 @@ def checkpoint_metadata(cfg, classes, model, source=None):
 
 def load_checkpoint(path, device="cpu"):
     """(TorchBackend, metadata) for a training checkpoint."""
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
 
     model, cfg, ckpt = load_model(path)
     backend, _ = model_backend(model, ckpt["classes"], cfg.data.img_size, cfg.export.topk, device)

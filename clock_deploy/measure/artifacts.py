@@ -22,7 +22,7 @@ NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def read_model(name, path):
-    from clock_deploy.engine.checkpoint import checkpoint_config, read_checkpoint
+    from clock_deploy.checkpoint import checkpoint_config, read_checkpoint
 
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)

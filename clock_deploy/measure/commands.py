@@ -1,8 +1,8 @@
 """`clock-deploy bench`: latency, memory and accuracy of models x backends, side by side."""
 import click
 
-from clock_deploy.bench.backends import DEFAULT_BACKENDS
-from clock_deploy.bench.devices import DEVICES
+from clock_deploy.measure.backends import DEFAULT_BACKENDS
+from clock_deploy.measure.devices import DEVICES
 
 
 def comma_list(text):
@@ -36,8 +36,8 @@ def comma_list(text):
 def bench(device, models, names, backends, data_root, split, calib, out_dir, warmup, runs, batch, threads,
           max_images, in_process):
     """Benchmark models x backends: latency percentiles, memory, size, COCO mAP and KITTI AP."""
-    from clock_deploy.bench.report import print_report
-    from clock_deploy.bench.runner import run_bench
+    from clock_deploy.measure.report import print_report
+    from clock_deploy.measure.runner import run_bench
 
     result = run_bench(comma_list(models), comma_list(backends), device=device, data_root=data_root, split=split,
                        out_dir=out_dir, names=comma_list(names) or None, calib=calib, warmup=warmup, runs=runs,

@@ -407,7 +407,7 @@ def write_reports(out_dir, rows, not_run, profile, settings):
 def read_reports(out_dir):
     """(rows, not_run, profile, settings, files) of the reports write_reports left in out_dir, as
     BenchResult takes them; files is {} when they are missing or unreadable (written by another version)."""
-    from clock_deploy.bench.devices import DeviceProfile
+    from clock_deploy.measure.devices import DeviceProfile
     from clock_deploy.errors import UserError
 
     paths = {kind: os.path.join(out_dir, name) for kind, name in REPORT_FILES.items()}

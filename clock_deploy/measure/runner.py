@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from clock_deploy.bench.artifacts import artifact_path, export_artifacts, read_model
-from clock_deploy.bench.backends import DEFAULT_BACKENDS, parse_backend, unavailable_reason
-from clock_deploy.bench.devices import detect
-from clock_deploy.bench.isolation import WORK_DIR_PREFIX, run_isolated
-from clock_deploy.bench.job import run_job
-from clock_deploy.bench.report import BenchRow, NotRun, write_reports
+from clock_deploy.measure.artifacts import artifact_path, export_artifacts, read_model
+from clock_deploy.measure.backends import DEFAULT_BACKENDS, parse_backend, unavailable_reason
+from clock_deploy.measure.devices import detect
+from clock_deploy.measure.isolation import WORK_DIR_PREFIX, run_isolated
+from clock_deploy.measure.job import run_job
+from clock_deploy.measure.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import remove_stale_folders
 

@@ -1,8 +1,8 @@
 """One measurement, run in a process of its own: latency, memory and accuracy of one artifact on one
-backend (`python -m clock_deploy.bench.job JOB.json RESULT.json`, started by bench/isolation.py).
+backend (`python -m clock_deploy.measure.job JOB.json RESULT.json`, started by measure/isolation.py).
 
 Nothing here imports torch unless the backend is torch: the split is read by the torch-free
-readers of data/annotations.py and scored with eval/detector.py, so an onnxruntime / TensorRT row
+readers of data/annotations.py and scored with eval/loop.py, so an onnxruntime / TensorRT row
 does not carry torch's memory; the evaluation code (numba, COCO eval) is imported only after the
 memory reading.
 """
@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from clock_deploy.bench.devices import load_during, load_sample
-from clock_deploy.bench.latency import measure
+from clock_deploy.measure.devices import load_during, load_sample
+from clock_deploy.measure.latency import measure
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_json
 from clock_deploy.nvidia import TensorRTUnavailable, import_cudart
@@ -73,7 +73,7 @@ def load_detector(artifact, runtime, device, threads):
     from clock_deploy.runtime import Detector
 
     if runtime == "torch":
-        from clock_deploy.bench.devices import apply_threads
+        from clock_deploy.measure.devices import apply_threads
         apply_threads(threads)
         return Detector.load(artifact, backend="torch", device=device, score_threshold=0.0)
     if runtime == "onnxruntime":  # built here to pass the thread count to the session
@@ -109,7 +109,7 @@ def run_job(job):
                     cuda_events=gpu and job["runtime"] == "torch")
     result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
               "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
-    from clock_deploy.eval.detector import evaluate_detector  # numba, COCO eval: after the memory reading
+    from clock_deploy.eval.loop import evaluate_detector  # numba, COCO eval: after the memory reading
 
     result["metrics"] = evaluate_detector(detector, split, limit=count, batch=job["batch"],
                                           progress=job.get("progress", False))
@@ -134,7 +134,7 @@ def _die_with_parent():
 
 
 def _job_main(argv):
-    """`python -m clock_deploy.bench.job JOB.json RESULT.json`: run one job, write its result."""
+    """`python -m clock_deploy.measure.job JOB.json RESULT.json`: run one job, write its result."""
     job_path, result_path = argv
     _die_with_parent()
     with open(job_path) as f:

@@ -36,7 +36,7 @@ def load_teacher(cfg, device):
 
     Loading it leaves the training RNG stream as in plain training (paired A/B runs of a seed).
     """
-    from clock_deploy.engine.checkpoint import load_model
+    from clock_deploy.checkpoint import load_model
     from clock_deploy.data.kitti import class_names
 
     if not cfg.distill.teacher:
@@ -53,8 +53,8 @@ def load_teacher(cfg, device):
 
 def run_training(cfg, resume=False, progress=True):
     """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics."""
-    from clock_deploy.engine import distributed as dist
-    from clock_deploy.engine.trainer import Trainer
+    from clock_deploy.training import distributed as dist
+    from clock_deploy.training.trainer import Trainer
     from clock_deploy.models.build import build_criterion, build_model
 
     device = dist.init_from_env(cfg.device)
@@ -63,7 +63,7 @@ def run_training(cfg, resume=False, progress=True):
         train_set, val_set = _datasets(cfg)
         model = build_model(cfg.model)
         if cfg.model.pretrained and not resume:  # a resumed run holds its own weights
-            from clock_deploy.convert.class_head import load_pretrained
+            from clock_deploy.training.pretrained import load_pretrained
             lines = load_pretrained(model, cfg.model, train_set.classes)
             if dist.is_main():
                 log.info("\n".join(lines))

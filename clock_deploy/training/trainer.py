@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from clock_deploy.data.dataset import collate_fn
-from clock_deploy.engine import distributed as dist
-from clock_deploy.engine.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
-from clock_deploy.engine.ema import ModelEMA
+from clock_deploy.training import distributed as dist
+from clock_deploy.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
+from clock_deploy.training.ema import ModelEMA
 from clock_deploy.errors import UserError
-from clock_deploy.eval.detector import evaluate_model
+from clock_deploy.eval.loop import evaluate_model
 from clock_deploy.eval.units import metrics_text
 from clock_deploy.io import write_error, write_json
 from clock_deploy.models.build import param_groups

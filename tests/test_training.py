@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from clock_deploy.config import dump
-from clock_deploy.engine.checkpoint import load_model, read_checkpoint
-from clock_deploy.engine.commands import run_training
-from clock_deploy.engine.trainer import Trainer, TrainingDiverged, lr_factor
+from clock_deploy.checkpoint import load_model, read_checkpoint
+from clock_deploy.training.commands import run_training
+from clock_deploy.training.trainer import Trainer, TrainingDiverged, lr_factor
 from clock_deploy.errors import UserError
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.data.dataset import build_dataset
@@ -103,7 +103,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synthetic_data,
 
 def test_train_refuses_a_distill_config(tmp_path):
     from click.testing import CliRunner
-    from clock_deploy.engine.commands import train
+    from clock_deploy.training.commands import train
 
     cfg = tmp_path / "d.yaml"
     cfg.write_text("distill:\n  method: clock\n")
@@ -132,7 +132,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path, synthetic_data, make_train_config
 def test_tiny_dino_overfits_a_few_synthetic_scenes(tmp_path, make_train_config):
     """The whole training stack (data, model, criterion, trainer, evaluation) can fit 4 scenes."""
     from clock_deploy.data.synthetic import generate
-    from clock_deploy.eval.detector import evaluate_model
+    from clock_deploy.eval.loop import evaluate_model
 
     generate(str(tmp_path / "data"), 4, seed=3, val_fraction=0.25, progress=False)
     steps = 250  # batch 4 = the whole set: one iteration per epoch

@@ -1,4 +1,4 @@
-"""Process isolation: each measurement runs in a fresh Python process (bench/job.py), so its peak RSS
+"""Process isolation: each measurement runs in a fresh Python process (measure/job.py), so its peak RSS
 is that of one model on one backend and thread pools or a CUDA context do not leak into the next."""
 import json
 import os
@@ -18,7 +18,7 @@ def run_isolated(job, work_dir):
     write_json(job_path, job)
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]),  # OpenMP / MKL pools follow --threads too
                CLOCK_DEPLOY_BENCH_PARENT=str(os.getpid()))
-    done = subprocess.run([sys.executable, "-m", "clock_deploy.bench.job", job_path, result_path],
+    done = subprocess.run([sys.executable, "-m", "clock_deploy.measure.job", job_path, result_path],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
