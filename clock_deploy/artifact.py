@@ -11,12 +11,13 @@ its metadata_props, so a lone .onnx still loads; an engine cannot, so its sideca
 travel with it.
 """
 import datetime
+import json
 import math
 import os
 
 from clock_deploy import __version__
 from clock_deploy.errors import UserError
-from clock_deploy.io import file_sha256, read_json, write_json
+from clock_deploy.io import atomic_path, file_sha256, read_json, write_json
 
 FORMAT = "clock-deploy-artifact-v1"
 PRECISIONS = ("fp32", "fp16", "int8")  # also export.precision's choices (config.py imports them from here)
@@ -180,11 +181,7 @@ def _check_fields(meta, path):
 
 def embed_metadata(onnx_path, meta):
     """Store `meta` as JSON under metadata_props[EMBEDDED_KEY] of the ONNX file (rewritten atomically)."""
-    import json
-
-    import onnx
-
-    from clock_deploy.io import atomic_path
+    import onnx  # start-up: onnx only when an ONNX file is opened
 
     model = onnx.load(os.fspath(onnx_path))
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
@@ -195,9 +192,7 @@ def embed_metadata(onnx_path, meta):
 
 def embedded_metadata(onnx_path):
     """The metadata embedded in an ONNX file, or None."""
-    import json
-
-    import onnx
+    import onnx  # start-up: onnx only when an ONNX file is opened
 
     try:
         model = onnx.load(os.fspath(onnx_path), load_external_data=False)

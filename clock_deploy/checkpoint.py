@@ -14,6 +14,7 @@ from clock_deploy import __version__
 from clock_deploy.config import ConfigError, from_dict, to_dict
 from clock_deploy.errors import UserError
 from clock_deploy.io import torch_save
+from clock_deploy.models.build import build_model
 
 FORMAT = "clock-deploy-checkpoint-v1"
 
@@ -101,8 +102,6 @@ def load_model(path, map_location="cpu", use_ema=True):
 
     Returns (model in eval mode, config, checkpoint dict).
     """
-    from clock_deploy.models.build import build_model
-
     ckpt = read_checkpoint(path, map_location)
     cfg = checkpoint_config(ckpt, path)
     cfg.model.backbone.weights = None  # the checkpoint already holds the backbone weights

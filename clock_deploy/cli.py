@@ -79,6 +79,7 @@ def _log_handler():
     """A RichHandler that prints INFO records as the bare message (they are the command's running
     commentary, read by people and scripts alike) and warnings / errors with their level; progress
     bars step aside for each record, as for tqdm.write."""
+    # start-up: rich and tqdm only once a command runs, so `clock-deploy --help` stays instant
     from rich.console import Console
     from rich.logging import RichHandler
     from tqdm import tqdm

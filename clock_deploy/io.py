@@ -108,7 +108,8 @@ def write_json(path, data):
 
 
 def torch_save(obj, path):
-    import torch
+    import torch  # torch-free: io.py sits below the runtime, which loads ONNX / engines without torch
+
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)

@@ -33,7 +33,7 @@ def import_tensorrt(builder=None):
 def import_cudart():
     """cuda-python's CUDA runtime bindings (cuda.bindings.runtime)."""
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # optional: cuda-python, the [trt] / [rtx] extras
     except ImportError:
         raise TensorRTUnavailable(f"cuda-python is not installed: {INSTALL_HINT}") from None
     return cudart

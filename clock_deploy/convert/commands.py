@@ -12,7 +12,7 @@ def import_cmd(src, out, arch):
     SRC is a transformers folder (config.json + model.safetensors) of Deformable DETR or DAB-DETR,
     or an original .pth of Deformable-DETR, DAB-DETR or DINO (4-scale, ResNet). Nothing is downloaded.
     """
-    from clock_deploy.convert.importer import import_to_checkpoint
+    from clock_deploy.convert.importer import import_to_checkpoint  # start-up: `import --help` needs no torch
 
     for line in import_to_checkpoint(src, out, arch):
         click.echo(line)

@@ -11,7 +11,9 @@ import torch
 
 from clock_deploy.convert.common import (args_dict, fit_problems, hf_resnet_backbone_rules, layer_count, rename,
                                          resnet_depth, resnet_stages, split_in_proj, torchvision_backbone_rules)
+from clock_deploy.config import ModelConfig, from_dict
 from clock_deploy.errors import UserError
+from clock_deploy.models.build import build_model
 
 ARCH = "dab_detr"
 
@@ -78,9 +80,6 @@ OFFICIAL_RULES = [
 
 def _check_against_model(overrides, state, source):
     """Every project key filled with the right shape, nothing left over (model built on `meta`)."""
-    from clock_deploy.config import ModelConfig, from_dict
-    from clock_deploy.models.build import build_model
-
     cfg = from_dict(overrides, cls=ModelConfig, where=source)
     with torch.device("meta"):
         expected = build_model(cfg).state_dict()

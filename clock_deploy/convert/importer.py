@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
 from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
 from clock_deploy.convert import dab_detr, deformable, dino
@@ -20,6 +21,7 @@ from clock_deploy.convert.common import args_dict, fit_problems
 from clock_deploy.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import read_json
+from clock_deploy.models.build import build_model
 
 HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr"}
 
@@ -82,7 +84,6 @@ def read_hf_folder(folder):
     weights = os.path.join(folder, "model.safetensors")
     if os.path.isfile(weights):
         try:
-            from safetensors.torch import load_file
             state = load_file(weights)
         except Exception as e:
             raise UserError(f"{weights}: not a readable safetensors file ({one_line(e)})") from None
@@ -159,8 +160,6 @@ def _class_names(hf_config, num_classes):
 
 def build_imported_model(imported, where):
     """Config + model with the converted weights loaded strictly (errors name what does not fit)."""
-    from clock_deploy.models.build import build_model
-
     try:
         cfg = from_dict({"model": imported.overrides}, Config, where=f"{where} (derived config)")
     except ConfigError as e:

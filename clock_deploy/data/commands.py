@@ -8,7 +8,11 @@ from rich.table import Table
 
 from clock_deploy.config import SynthConfig
 from clock_deploy.data import kitti
+from clock_deploy.data.coco import kitti_to_coco
+from clock_deploy.data.images import image_size
+from clock_deploy.data.synthetic import generate
 from clock_deploy.errors import UserError
+from clock_deploy.io import write_json
 
 HEIGHT_BINS = [0, 25, 40, 80, 150, np.inf]  # 25 / 40 px are the KITTI difficulty limits
 
@@ -28,7 +32,6 @@ def data():
 @click.option("--max-objects", default=SynthConfig.max_objects, show_default=True, type=int)
 def synth(out, num_images, seed, height, width, val_fraction, max_objects):
     """Write a synthetic KITTI-format dataset (same seed, same bytes)."""
-    from clock_deploy.data.synthetic import generate
     summary = generate(out, num_images, seed=seed, height=height, width=width, val_fraction=val_fraction,
                        max_objects=max_objects)
     splits = summary["splits"]
@@ -44,9 +47,6 @@ def synth(out, num_images, seed, height, width, val_fraction, max_objects):
 @click.option("--classes", default="kitti3", show_default=True, type=click.Choice(sorted(kitti.CLASS_MAPS)))
 def convert(kitti_root, split, out, classes):
     """Convert a KITTI split to COCO json (DontCare and neighbour classes become crowd regions)."""
-    from clock_deploy.data.coco import kitti_to_coco
-    from clock_deploy.data.images import image_size
-    from clock_deploy.io import write_json
     frames = []
     for frame_id in kitti.read_split(kitti_root, split):
         height, width = image_size(kitti.image_path(kitti_root, frame_id), verify=True)

@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -12,8 +13,6 @@ def _quiet(*args, **kwargs):
 
 def _accumulated(coco_gt, results, log):
     """The COCO bbox evaluation of `results` against `coco_gt`, evaluated and accumulated."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
     # the COCO api adds keys to the dicts it is given: work on copies
     gt = COCO(copy.deepcopy(coco_gt), print_function=log)
     dt = gt.loadRes([dict(r) for r in results])

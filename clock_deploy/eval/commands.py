@@ -2,15 +2,18 @@
 import os
 
 import click
+from tqdm import tqdm
 
 from clock_deploy.data.coco import detections_to_coco, kitti_to_coco
-from clock_deploy.data.kitti import (CLASS_MAPS, KITTI_CLASSES, check_frame_id, class_names, empty_annos, read_label,
-                                     read_label_counted, read_split, read_split_file)
+from clock_deploy.data.kitti import (CLASS_MAPS, KITTI_CLASSES, check_frame_id, class_names, empty_annos, image_path,
+                                     read_label, read_label_counted, read_split, read_split_file)
 from clock_deploy.errors import UserError
 from clock_deploy.eval.coco import coco_map
+from clock_deploy.eval.evaluator import write_kitti_detections
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, format_kitti, kitti_eval
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import write_json
+from clock_deploy.runtime import Detector
 
 
 def _label_dir(gt):
@@ -59,12 +62,6 @@ def _read_detections(path):
 
 def _detect(model, label_dir, frame_ids, det, device):
     """Run `model` on the frames' images (<root>/training/image_2) and write its KITTI detection files."""
-    from tqdm import tqdm
-
-    from clock_deploy.data.kitti import image_path
-    from clock_deploy.eval.evaluator import write_kitti_detections
-    from clock_deploy.runtime import Detector
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(label_dir)))
     detector = Detector.load(model, device=device, score_threshold=0.0)
     dets = []

@@ -1,6 +1,9 @@
 """Accuracy of a runtime Detector (any backend: checkpoint, ONNX, TensorRT) on a dataset split."""
+from tqdm import tqdm
+
 from clock_deploy.errors import UserError
 from clock_deploy.eval.evaluator import DetectionEvaluator
+from clock_deploy.runtime import Detector
 
 
 def evaluate_detector(detector, dataset, limit=0, batch=1, progress=False):
@@ -15,8 +18,6 @@ def collect_detections(detector, dataset, limit=0, batch=1, progress=False):
 
     Images are read from their files and go through the runtime preprocessing, as in deployment.
     """
-    from tqdm import tqdm
-
     if list(detector.classes) != list(dataset.classes):
         raise UserError(f"the model's classes {detector.classes} differ from the dataset's {dataset.classes}")
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
@@ -34,9 +35,7 @@ def evaluate_model(model, dataset, image_hw, topk=100, device="cpu", batch=8, pr
     run at `image_hw` with `topk` detections per image as its export would be. The model's
     train/eval mode and the global RNG are left as they were, so evaluating does not change a run.
     """
-    import torch
-
-    from clock_deploy.runtime import Detector
+    import torch  # torch-free: evaluating an ONNX or an engine needs no torch
 
     was_training = model.training
     try:
@@ -49,6 +48,4 @@ def evaluate_model(model, dataset, image_hw, topk=100, device="cpu", batch=8, pr
 
 def evaluate_artifact(path, dataset, limit=0, device="cpu", backend=None):
     """Metrics of an exported model (.onnx / .engine) or a checkpoint (.pt) through the runtime."""
-    from clock_deploy.runtime import Detector
-
     return evaluate_detector(Detector.load(path, backend=backend, device=device), dataset, limit)

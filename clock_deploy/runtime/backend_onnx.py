@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import onnxruntime as ort
 
 from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.errors import UserError, one_line
@@ -13,8 +14,6 @@ OUTPUT_TYPES = {"scores": ("tensor(float)", 2), "labels": ("tensor(int64)", 2), 
 
 def choose_providers(device="cpu", providers=None):
     """Execution providers for `device` ("cpu", "cuda", "cuda:N"), or check an explicit list."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if providers:
         missing = [p for p in providers if p not in available]
@@ -58,9 +57,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path, meta, device="cpu", providers=None, threads=0):
-        import onnxruntime as ort
-
-        path = os.fspath(path)
+            path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()

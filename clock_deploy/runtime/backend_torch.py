@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from clock_deploy.artifact import batch_spec, build_metadata, input_spec
+from clock_deploy.checkpoint import load_model
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.models.deform_attn import model_sampling
 from clock_deploy.models.deploy import ExportWrapper
@@ -43,8 +44,6 @@ def checkpoint_metadata(cfg, classes, model, source=None):
 
 def load_checkpoint(path, device="cpu"):
     """(TorchBackend, metadata) for a training checkpoint."""
-    from clock_deploy.checkpoint import load_model
-
     model, cfg, ckpt = load_model(path)
     backend, _ = model_backend(model, ckpt["classes"], cfg.data.img_size, cfg.export.topk, device)
     return backend, checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})

@@ -69,15 +69,15 @@ class Detector:
         if not os.path.isfile(path):
             raise UserError(f"model file not found: {path}")
         if backend == "torch":
-            from clock_deploy.runtime.backend_torch import load_checkpoint
+            from clock_deploy.runtime.backend_torch import load_checkpoint  # torch-free: torch only for a .pt
             impl, meta = load_checkpoint(path, device)
             return cls(impl, meta, score_threshold)
         meta = read_metadata(path)
         if backend == "onnxruntime":
-            from clock_deploy.runtime.backend_onnx import OnnxBackend
+            from clock_deploy.runtime.backend_onnx import OnnxBackend  # start-up: onnxruntime only for an ONNX
             impl = OnnxBackend(path, meta, device, providers)
         else:
-            from clock_deploy.runtime.backend_tensorrt import TensorRTBackend
+            from clock_deploy.runtime.backend_tensorrt import TensorRTBackend  # optional: TensorRT
             impl = TensorRTBackend(path, meta, "cuda" if device == "cpu" else device)
         return cls(impl, meta, score_threshold)
 
@@ -86,7 +86,7 @@ class Detector:
                   device: str = "cpu") -> "Detector":
         """Detector over an in-memory torch model (training-time evaluation, export parity): the
         deployment preprocessing, every one of the `topk` detections kept. Puts the model in eval mode."""
-        from clock_deploy.runtime.backend_torch import model_backend
+        from clock_deploy.runtime.backend_torch import model_backend  # torch-free: torch only for a torch model
         impl, meta = model_backend(model, classes, image_hw, topk, device)
         return cls(impl, meta, score_threshold=0.0)
 

@@ -7,9 +7,17 @@ import click
 import numpy as np
 import torch
 
+from clock_deploy.checkpoint import load_model
 from clock_deploy.config import dump, load_config
+from clock_deploy.data.dataset import build_dataset
+from clock_deploy.data.kitti import class_names
+from clock_deploy.distill import build_distiller
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
+from clock_deploy.models.build import build_criterion, build_model
+from clock_deploy.training import distributed as dist
+from clock_deploy.training.pretrained import load_pretrained
+from clock_deploy.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
@@ -22,7 +30,6 @@ def seed_everything(seed):
 
 
 def _datasets(cfg):
-    from clock_deploy.data.dataset import build_dataset
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False) if cfg.train.eval_every >= 0 else None
     if len(train_set.classes) != cfg.model.num_classes:
@@ -36,9 +43,6 @@ def load_teacher(cfg, device):
 
     Loading it leaves the training RNG stream as in plain training (paired A/B runs of a seed).
     """
-    from clock_deploy.checkpoint import load_model
-    from clock_deploy.data.kitti import class_names
-
     if not cfg.distill.teacher:
         raise UserError("distill.method needs a teacher: set distill.teacher to a checkpoint from `clock-deploy train`")
     with torch.random.fork_rng(devices=[]):  # building the model draws its (then overwritten) init
@@ -53,24 +57,18 @@ def load_teacher(cfg, device):
 
 def run_training(cfg, resume=False, progress=True):
     """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics."""
-    from clock_deploy.training import distributed as dist
-    from clock_deploy.training.trainer import Trainer
-    from clock_deploy.models.build import build_criterion, build_model
-
     device = dist.init_from_env(cfg.device)
     try:
         seed_everything(cfg.seed)
         train_set, val_set = _datasets(cfg)
         model = build_model(cfg.model)
         if cfg.model.pretrained and not resume:  # a resumed run holds its own weights
-            from clock_deploy.training.pretrained import load_pretrained
             lines = load_pretrained(model, cfg.model, train_set.classes)
             if dist.is_main():
                 log.info("\n".join(lines))
         criterion = build_criterion(cfg.loss, cfg.model)
         distiller = None
         if cfg.distill.method != "none":
-            from clock_deploy.distill import build_distiller
             distiller = build_distiller(cfg, load_teacher(cfg, device), model)
         # the checkpoint is checked against the config (Trainer) before config.yaml is replaced
         trainer = Trainer(cfg, model, criterion, train_set, val_set, distiller=distiller, device=device,

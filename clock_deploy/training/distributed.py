@@ -4,6 +4,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from clock_deploy.errors import UserError
+
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
@@ -41,7 +43,6 @@ def resolve_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from clock_deploy.errors import UserError
         raise UserError(f"device '{device}' was requested but no CUDA GPU is available (use device=cpu)")
     return device
 
