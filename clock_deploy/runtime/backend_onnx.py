@@ -57,7 +57,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path, meta, device="cpu", providers=None, threads=0):
-            path = os.fspath(path)
+        path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()
