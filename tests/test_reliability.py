@@ -458,3 +458,61 @@ def test_work_folders_of_killed_benches_are_removed(tmp_path):
     io.remove_stale_folders(str(tmp_path), "clock-deploy-bench-")
     assert not stale.exists() and mine.exists()
     shutil.rmtree(mine)
+
+
+# ---------------------------------------------------------------- issue 40: nothing outside the output is touched
+
+def cli_error(capsys, argv):
+    """Run the CLI, expect exit code 2 and one error line; return that line."""
+    with pytest.raises(SystemExit) as e:
+        run(cli, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, make_tiny_student, student_io):
+    from clock_deploy.checkpoint import save_checkpoint
+    model, cfg = make_tiny_student("deformable_detr", "gather")
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    save_checkpoint(path, model, cfg, student_io.classes, epoch=1, iteration=1)
+    return path
+
+
+def test_synth_does_not_delete_through_a_symlinked_label_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the issue's reproducer, as typed
+    victim, out = tmp_path / "victim", tmp_path / "out"
+    victim.mkdir()
+    (out / "training").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious\n")
+    (out / "synthetic.json").write_text("{}")
+    os.symlink(victim, out / "training" / "label_2")
+    line = cli_error(capsys, ["data", "synth", "--out", "out", "--num-images", "2"])
+    assert line == (f"error: out/training/label_2 leads outside the output folder out (a symlink to {victim}); "
+                    "refusing to write through it")
+    assert os.listdir(victim) == ["notes.txt"] and (victim / "notes.txt").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "a/b", "..", ""])
+def test_export_name_must_be_a_plain_file_name(tmp_path, capsys, tiny_checkpoint, name):
+    out = tmp_path / "out"
+    line = cli_error(capsys, ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out), "--name", name])
+    assert line == f"error: --name must be a plain file name (no folders, '..' or absolute path), got {name!r}"
+    assert not out.exists() and not (tmp_path / "escaped.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["training/label_2", "training", "."])
+def test_eval_refuses_to_write_detections_into_the_dataset(tmp_path, capsys, make_synthetic_data, tiny_checkpoint,
+                                                            where):
+    root = make_synthetic_data(tmp_path / "data", 4)
+    labels = {f: (tmp_path / "data" / "training" / "label_2" / f).read_text()
+              for f in os.listdir(tmp_path / "data" / "training" / "label_2")}
+    det = os.path.join(root, where, "det") if where != "training/label_2" else os.path.join(root, where)
+    # a label folder as --gt protects its dataset's training/ folder; a root as --gt protects all of it
+    for gt in (root, os.path.join(root, "training", "label_2"))[:1 if where == "." else 2]:
+        line = cli_error(capsys, ["eval", "--gt", gt, "--det", det, "--model", str(tiny_checkpoint)])
+        assert line.startswith(f"error: --det {det} is inside the dataset folder ") and "that --gt reads" in line
+    assert {f: (tmp_path / "data" / "training" / "label_2" / f).read_text()
+            for f in os.listdir(tmp_path / "data" / "training" / "label_2")} == labels

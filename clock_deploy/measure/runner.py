@@ -23,7 +23,7 @@ from clock_deploy.measure.isolation import WORK_DIR_PREFIX, run_isolated
 from clock_deploy.measure.job import run_job
 from clock_deploy.measure.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError, one_line
-from clock_deploy.io import remove_stale_folders
+from clock_deploy.io import check_inside, remove_stale_folders
 
 
 def make_row(model, backend, artifact, size_mb, result):
@@ -104,6 +104,7 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
             runnable.append(b)
     models = [read_model(n, m) for n, m in zip(names, models)]
     artifacts_dir = os.path.join(out_dir, "artifacts")
+    check_inside(out_dir, artifacts_dir)  # stale exports there are replaced
     bar = tqdm(total=len(models) * len(runnable), desc="bench", unit="run", disable=not progress)
     rows = []
     for model in models:
