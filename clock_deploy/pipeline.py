@@ -112,7 +112,7 @@ class Pipeline:
                 return
             log.info(f"{last} stopped at epoch {ckpt['epoch']}: resuming")
             resume = True
-        run_training(cfg, resume=resume)
+        run_training(cfg, resume=resume, overwrite=not resume)  # forced, or no last.pt: starts afresh
 
     @property
     def export_dir(self):

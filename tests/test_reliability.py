@@ -516,3 +516,45 @@ def test_eval_refuses_to_write_detections_into_the_dataset(tmp_path, capsys, mak
         assert line.startswith(f"error: --det {det} is inside the dataset folder ") and "that --gt reads" in line
     assert {f: (tmp_path / "data" / "training" / "label_2" / f).read_text()
             for f in os.listdir(tmp_path / "data" / "training" / "label_2")} == labels
+
+
+# ---------------------------------------------------------------- issue 40: no silent overwrite
+
+def test_training_into_a_finished_run_needs_resume_or_overwrite(tmp_path, capsys, synthetic_data, make_train_config):
+    out = tmp_path / "run"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=0"])
+    run_training(cfg, progress=False)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.json")}
+    dump(cfg, tmp_path / "run.yaml")
+    line = cli_error(capsys, ["train", "--cfg", str(tmp_path / "run.yaml")])
+    assert line == (f"error: {out} holds a run (last.pt, metrics.json): pass --resume to continue it or "
+                    "--overwrite to replace it (or choose another --output-dir)")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert cli_error(capsys, ["train", "--cfg", str(tmp_path / "run.yaml"), "--resume", "--overwrite"]) == \
+        "error: --resume and --overwrite exclude each other: continue the run or replace it"
+
+    (out / "log.jsonl").write_text('{"event": "from the old run"}\n')
+    run(cli, ["train", "--cfg", str(tmp_path / "run.yaml"), "--overwrite", "train.eval_every=-1"])
+    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()  # nothing of the old run stays
+    assert "old run" not in (out / "log.jsonl").read_text()
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1 and (out / "last.pt").read_bytes() != before["last.pt"]
+
+
+def test_pipeline_skips_finished_stages_resumes_stopped_ones_and_replaces_forced_ones(tmp_path, monkeypatch,
+                                                                                       tiny_checkpoint):
+    from clock_deploy.pipeline import Pipeline
+    from clock_deploy.training import commands
+    calls = []
+    monkeypatch.setattr(commands, "run_training", lambda cfg, **kw: calls.append(kw))
+    pipe = object.__new__(Pipeline)  # only what Pipeline.train reads
+    pipe.out, pipe.force = str(tmp_path), set()
+    (tmp_path / "teacher").mkdir()
+    shutil.copy(tiny_checkpoint, tmp_path / "teacher" / "last.pt")  # epoch 1
+    cfg = load_config(None, ["train.epochs=1"])
+    pipe.train("teacher", cfg)
+    assert calls == []
+    pipe.train("teacher", load_config(None, ["train.epochs=3"]))
+    assert calls == [{"resume": True, "overwrite": False}]
+    pipe.force = {"teacher"}
+    pipe.train("teacher", cfg)
+    assert calls[-1] == {"resume": False, "overwrite": True}
