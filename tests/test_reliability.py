@@ -558,3 +558,74 @@ def test_pipeline_skips_finished_stages_resumes_stopped_ones_and_replaces_forced
     pipe.force = {"teacher"}
     pipe.train("teacher", cfg)
     assert calls[-1] == {"resume": False, "overwrite": True}
+
+
+# ---------------------------------------------------------------- issue 40: one writer per output
+
+HOLD_LOCK = ("import sys; sys.path.insert(0, {repo!r})\n"
+             "from clock_deploy.lock import output_lock\n"
+             "with output_lock({folder!r}, 'train'):\n"
+             "    print('locked', flush=True)\n"
+             "    sys.stdin.read()\n")
+
+
+@contextlib.contextmanager
+def lock_holder(folder):
+    """Another process holding the lock of `folder` until the block ends (or it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(repo=REPO, folder=str(folder))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(tmp_path, capsys, synthetic_data,
+                                                                   make_train_config, tiny_checkpoint):
+    import socket
+    out = tmp_path / "out"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=-1"])
+    dump(cfg, tmp_path / "train.yaml")
+    distill = make_train_config(synthetic_data, str(out), extra=["distill.method=clock", "distill.teacher=t.pt"])
+    dump(distill, tmp_path / "distill.yaml")
+    commands = {
+        "train": ["train", "--cfg", str(tmp_path / "train.yaml")],
+        "distill": ["distill", "--cfg", str(tmp_path / "distill.yaml")],
+        "export": ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out)],
+        "bench": ["bench", "--models", str(tiny_checkpoint), "--data", synthetic_data, "--out", str(out),
+                  "--backends", "torch", "--runs", "1", "--warmup", "0", "--max-images", "1"],
+    }
+    with lock_holder(out) as holder:
+        for name, argv in commands.items():
+            line = cli_error(capsys, argv)
+            assert line.startswith(f"error: {out} is being written by `train` (pid {holder.pid} on host "
+                                   f"{socket.gethostname()}, started "), (name, line)
+        assert os.listdir(out) == [".clock-deploy.lock"]  # none of them wrote anything
+    assert not out.joinpath(".clock-deploy.lock").exists()  # released on exit
+    run_training(cfg, progress=False)  # the folder is free again
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_the_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    from clock_deploy.lock import LOCK_NAME, output_lock
+    with lock_holder(tmp_path) as holder:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind by kill -9
+    with output_lock(tmp_path, "export"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with output_lock(tmp_path, "export"):  # nested in one process: allowed
+            pass
+        assert (tmp_path / LOCK_NAME).exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"taking over the lock of `train` (pid {holder.pid} on host" in warnings[0]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "command": "train"}))
+    with pytest.raises(UserError) as e:
+        with output_lock(tmp_path, "train"):
+            pass
+    assert one_line(e).startswith(f"{tmp_path} is locked by `train` (pid 1 on host elsewhere")

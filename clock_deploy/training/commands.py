@@ -1,4 +1,5 @@
 """`clock-deploy train` and `clock-deploy distill`."""
+import contextlib
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ import torch
 from clock_deploy.config import dump, load_config
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
+from clock_deploy.lock import output_lock
 
 log = logging.getLogger(__name__)
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
@@ -73,13 +75,23 @@ def claim_output(output_dir, resume=False, overwrite=False):
 def run_training(cfg, resume=False, progress=True, overwrite=False):
     """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics.
 
-    A folder that already holds a run needs resume (continue it) or overwrite (replace it)."""
+    A folder that already holds a run needs resume (continue it) or overwrite (replace it); a folder
+    another process is writing is refused (lock.py)."""
+
+    # torchrun: rank 0 writes the outputs and holds the lock (the process group is not up yet)
+    lock = (output_lock(cfg.output_dir, "distill" if cfg.distill.method != "none" else "train")
+            if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext())
+    with lock:
+        if os.environ.get("RANK", "0") == "0":
+            claim_output(cfg.output_dir, resume, overwrite)
+        return _run_training(cfg, resume, progress)
+
+
+def _run_training(cfg, resume, progress):
     from clock_deploy.training import distributed as dist
     from clock_deploy.training.trainer import Trainer
     from clock_deploy.models.build import build_criterion, build_model
 
-    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 writes the outputs (the group is not up yet)
-        claim_output(cfg.output_dir, resume, overwrite)
     device = dist.init_from_env(cfg.device)
     try:
         seed_everything(cfg.seed)
