@@ -629,3 +629,91 @@ def test_the_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_pat
         with output_lock(tmp_path, "train"):
             pass
     assert one_line(e).startswith(f"{tmp_path} is locked by `train` (pid 1 on host elsewhere")
+
+
+# ---------------------------------------------------------------- issue 40: bounded inputs
+
+@pytest.mark.parametrize("override, message", [
+    ("data.img_size=[100000, 100000]", r"'data.img_size\[0\]' must be an integer from 32 to 4096, got 100000"),
+    ("data.img_size=[64]", "'data.img_size' must have 2 entries, got \\[64\\]"),
+    ("data.img_size=[64, 8]", r"'data.img_size\[1\]' must be an integer from 32 to 4096, got 8"),
+    ("train.batch_size=100000", "'train.batch_size' must be at most 4096, got 100000"),
+    ("model.num_queries=1000000", "'model.num_queries' must be at most 10000, got 1000000"),
+    ("model.dn.num_queries=-1", "'model.dn.num_queries' must be at least 0, got -1"),
+    (f"model.n_points={2**63}", f"'model.n_points' must be at most 64, got {2**63}"),
+    ("model.num_feature_levels=9", "'model.num_feature_levels' must be at most 8, got 9"),
+    ("model.hidden_dim=1000000", "'model.hidden_dim' must be at most 65536, got 1000000"),
+    ("model.dec_layers=1000", "'model.dec_layers' must be at most 64, got 1000"),
+    ("model.backbone.return_levels=[[1], 2, 3]",
+     r"'model.backbone.return_levels\[0\]' must be an integer from 0 to 3, got \[1\]"),
+    ("model.backbone.return_levels=[1, 4]", r"'model.backbone.return_levels\[1\]' must be an integer from 0 to 3"),
+    ("model.backbone.return_levels=[]", "'model.backbone.return_levels' must have 1 to 4 entries, got \\[\\]"),
+    ("model.backbone.return_levels=[2, 2]", "'model.backbone.return_levels' must not repeat an entry"),
+    ("train.lr_drop_epochs=[null]", r"'train.lr_drop_epochs\[0\]' must be an integer from 0 to 100000, got None"),
+    ("train.lr_drop_epochs=[-3]", r"'train.lr_drop_epochs\[0\]' must be an integer from 0 to 100000, got -3"),
+    ("seed=-1", "'seed' must be at least 0, got -1"),
+    ("seed=1e20", "'seed' must be an integer, got '1e20'"),
+    ("seed=1.0e+20", "'seed' must be an integer, got 1e\\+20"),
+    (f"seed={2**32}", f"'seed' must be at most {2**32 - 1}, got {2**32}"),
+    ("data.synth.seed=-5", "'data.synth.seed' must be at least 0, got -5"),
+    ("device=tpu", "'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("device=cuda:x", "'device' must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("export.topk=0", "'export.topk' must be greater than 0, got 0"),
+])
+def test_each_bound_is_one_line_naming_the_key(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert re.fullmatch(f"command line '{re.escape(override)}': {message}.*", one_line(e))
+
+
+def test_bounded_values_reach_the_cli_as_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("seed: -1\n")
+    assert cli_error(capsys, ["train", "--cfg", str(tmp_path / "c.yaml")]) == \
+        f"error: {tmp_path / 'c.yaml'}:1: 'seed' must be at least 0, got -1"
+
+
+def test_values_in_errors_are_shortened(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"seed: [{', '.join(['123456789'] * 5000)}]\noutput_dir: {{a: 1}}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(tmp_path / "c.yaml"))
+    assert one_line(e) == (f"{tmp_path / 'c.yaml'}:1: 'seed' must be an integer, got [123456789, 123456789, "
+                           "123456789, 123456789, 123456789, 123456789, 123456789,...")
+
+
+def test_num_workers_is_capped_at_the_cpu_count_with_a_warning(caplog):
+    cfg = load_config(None, ["data.num_workers=1000000"])
+    assert cfg.data.num_workers == os.cpu_count()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"command line 'data.num_workers=1000000': data.num_workers=1000000 is more than the {os.cpu_count()} "
+        f"CPUs here; using {os.cpu_count()}"]
+    assert load_config(None, ["data.num_workers=1"]).data.num_workers == 1
+
+
+BOMB = "a: &a [" + ",".join(["lol"] * 9) + "]\n" + "".join(
+    f"{b}: &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, r"c.yaml:1: invalid YAML: its aliases expand to more than 100000 values"),
+    ("x: &x [1, *x]\n", r"c.yaml:1: invalid YAML: its aliases expand to more than 100000 values"),
+    ("a: &a 1\nb: [" + ", ".join(["*a"] * 101) + "]\n", r"c.yaml:2: invalid YAML: more than 100 aliases \(\*name\)"),
+])
+def test_yaml_alias_bombs_are_refused_fast_within_a_memory_limit(tmp_path, text, message):
+    """The probe runs in a child limited to 1 GiB of address space and 20 s (the issue's bomb took ~4.9 GB)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    code = (f"import resource, sys; sys.path.insert(0, {REPO!r})\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from clock_deploy.config import load_config\n"
+            "from clock_deploy.errors import UserError\n"
+            "try:\n"
+            f"    load_config({str(path)!r})\n"
+            "except UserError as e:\n"
+            "    print(e)\n")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and time.time() - start < 20, out.stderr[-500:]
+    assert re.fullmatch(f"{re.escape(str(tmp_path))}/{message}\n", out.stdout), out.stdout
+    # a config that uses a few aliases still loads
+    path.write_text("seed: &s 3\ntrain: {epochs: *s}\n")
+    assert load_config(str(path)).train.epochs == 3
