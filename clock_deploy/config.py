@@ -8,8 +8,11 @@ ConfigError naming the key, the file and the line it came from.
 """
 import dataclasses
 import difflib
+import logging
 import math
 import os
+import re
+import reprlib
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,24 +42,45 @@ def choice(default, *others):
     return field(default=default, metadata={"choices": (default,) + others})
 
 
-def at_least(default, low):
-    """A number field that must be >= `low`."""
-    return field(default=default, metadata={"min": low})
+def at_least(default, low, high=None):
+    """A number field that must be >= `low` (and <= `high` when given)."""
+    return field(default=default, metadata={"min": low, "max": high})
 
 
-def positive(default):
-    """A number field that must be > 0."""
-    return field(default=default, metadata={"min": 0, "exclusive": True})
+def positive(default, high=None):
+    """A number field that must be > 0 (and <= `high` when given)."""
+    return field(default=default, metadata={"min": 0, "exclusive": True, "max": high})
+
+
+def int_list(default, low, high, length=(1, None), unique=False):
+    """A list of integers in [low, high] with min..max entries (max None = no limit)."""
+    return field(default_factory=lambda: list(default),
+                 metadata={"items": (low, high), "length": length, "unique": unique})
+
+
+def matching(default, pattern, description):
+    """A string field that must match regular expression `pattern` (described to the user as `description`)."""
+    return field(default=default, metadata={"pattern": pattern, "description": description})
+
+
+# Upper bounds keep a few bytes of config from asking for gigabytes (issue 40): generous for real
+# models (DINO-5scale: 900 queries, 6 layers, 2048 FFN) and far below what fits in memory.
+MAX_SIDE = 4096        # pixels, network input height / width
+MAX_QUERIES = 10_000
+MAX_WIDTH = 65_536     # hidden_dim, ffn_dim
+MAX_LAYERS = 64
+MAX_SEED = 2**32 - 1   # numpy's seed range
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d{1,2}"
 
 
 @dataclass
 class SynthConfig:
-    num_images: int = 400         # training + validation images generated
+    num_images: int = positive(400, 1_000_000)  # training + validation images generated
     val_fraction: float = 0.25
-    height: int = 188             # KITTI aspect ratio (375 x 1242) at half size
-    width: int = 620
-    seed: int = 0
-    max_objects: int = 8
+    height: int = at_least(188, 64, MAX_SIDE)  # KITTI aspect ratio (375 x 1242) at half size
+    width: int = at_least(620, 64, MAX_SIDE)
+    seed: int = at_least(0, 0, MAX_SEED)
+    max_objects: int = positive(8, 1000)
 
 
 @dataclass
@@ -66,9 +90,9 @@ class DataConfig:
     classes: str = choice("kitti3", "kitti8")   # Car/Pedestrian/Cyclist, or all 8 KITTI classes
     train_split: str = "train"
     val_split: str = "val"
-    img_size: list = field(default_factory=lambda: [192, 640])  # network input H, W
+    img_size: list = int_list([192, 640], 32, MAX_SIDE, length=(2, 2))  # network input H, W
     hflip: float = 0.5
-    num_workers: int = at_least(0, 0)
+    num_workers: int = at_least(0, 0)  # capped at the CPU count (load_config warns)
     synth: SynthConfig = field(default_factory=SynthConfig)  # used when `root` does not exist yet
 
 
@@ -79,12 +103,12 @@ class BackboneConfig:
     weights: Optional[str] = None  # torchvision-format ResNet state dict (.pth)
     frozen_bn: bool = True
     freeze_stem: bool = True      # keep conv1 + layer1 frozen (DETR practice) when weights are loaded
-    return_levels: list = field(default_factory=lambda: [1, 2, 3])  # 0..3 -> strides 4, 8, 16, 32 (layer1..layer4)
+    return_levels: list = int_list([1, 2, 3], 0, 3, length=(1, 4), unique=True)  # 0..3 -> strides 4, 8, 16, 32
 
 
 @dataclass
 class DenoisingConfig:
-    num_queries: int = 100        # total denoising queries (DINO dn_number)
+    num_queries: int = at_least(100, 0, MAX_QUERIES)  # total denoising queries (DINO dn_number)
     label_noise: float = 0.5
     box_noise: float = 0.4        # DINO_4scale.py dn_box_noise_scale
 
@@ -99,17 +123,17 @@ class DabConfig:
 @dataclass
 class ModelConfig:
     arch: str = choice(*ARCHS)
-    num_classes: int = 3
+    num_classes: int = positive(3, 10_000)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    hidden_dim: int = 256
-    num_queries: int = 300
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    ffn_dim: int = 1024
+    hidden_dim: int = positive(256, MAX_WIDTH)
+    num_queries: int = positive(300, MAX_QUERIES)
+    nheads: int = positive(8, 256)
+    enc_layers: int = at_least(6, 0, MAX_LAYERS)
+    dec_layers: int = positive(6, MAX_LAYERS)
+    ffn_dim: int = positive(1024, MAX_WIDTH)
     dropout: float = 0.0
-    num_feature_levels: int = 4   # multi-scale models; DAB-DETR uses the last level only
-    n_points: int = 4             # deformable attention sampling points
+    num_feature_levels: int = positive(4, 8)  # multi-scale models; DAB-DETR uses the last level only
+    n_points: int = positive(4, 64)  # deformable attention sampling points
     sampling: str = choice(*SAMPLING_MODES)  # deformable attention sampling implementation
     box_refine: bool = True       # Deformable DETR iterative box refinement
     two_stage: bool = False       # Deformable DETR two-stage (DINO is always two-stage)
@@ -140,13 +164,13 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = positive(12)
-    batch_size: int = positive(4)
+    epochs: int = positive(12, 100_000)
+    batch_size: int = positive(4, 4096)
     lr: float = positive(1e-4)
     lr_backbone_mult: float = at_least(0.1, 0)
     weight_decay: float = at_least(1e-4, 0)
     warmup_iters: int = at_least(0, 0)
-    lr_drop_epochs: list = field(default_factory=lambda: [11])
+    lr_drop_epochs: list = int_list([11], 0, 100_000, length=(0, 100))
     lr_drop_factor: float = at_least(0.1, 0)
     clip_max_norm: float = at_least(0.1, 0)
     amp: bool = True              # only used on CUDA
@@ -176,9 +200,9 @@ class TcldConfig:
     w_cls: float = 1.0
     w_l1: float = 5.0
     w_giou: float = 2.0
-    repeats: int = 3              # noisy copies of the GT query set
+    repeats: int = at_least(3, 0, 100)  # noisy copies of the GT query set
     box_noise: float = 0.4        # DN-DETR noise of the GT anchors: centre shift and scale, relative to the box size
-    random_queries: int = 100     # extra uniformly sampled anchors ("general sampling")
+    random_queries: int = at_least(100, 0, MAX_QUERIES)  # extra uniformly sampled anchors ("general sampling")
     # content of the target-aware queries: "zero" = zero content for every family (DINO asks them as
     # class-free queries, like its matching queries), "own" = the model's own label embedding where it has
     # one (DINO's denoising label_enc: then they are denoising queries). Zero was chosen on the tuning
@@ -188,7 +212,7 @@ class TcldConfig:
 
 @dataclass
 class KdDetrConfig:
-    random_queries: int = 100     # shared random anchors (nn.Embedding(n, 4)-style, redrawn every step)
+    random_queries: int = at_least(100, 0, MAX_QUERIES)  # shared random anchors (redrawn every step)
     teacher_anchors: bool = True  # the teacher's own query anchors with zero content, answered by its matching queries
     tau: float = 10.0
     w_cls: float = 1.0
@@ -226,7 +250,7 @@ class ExportConfig:
     opset: int = 17
     # detections per image in the graph output; training-time evaluation and the torch runtime keep
     # the same number, so their mAP is the exported model's
-    topk: int = 100
+    topk: int = positive(100, MAX_QUERIES)
     dynamic_batch: bool = True
     simplify: bool = True         # onnxslim
     precision: str = choice(*PRECISIONS)
@@ -241,9 +265,9 @@ class ExportConfig:
 @dataclass
 class Config:
     """A training / distillation / export run."""
-    seed: int = 0
+    seed: int = at_least(0, 0, MAX_SEED)
     output_dir: str = "runs/exp"
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    device: str = matching("auto", DEVICE_PATTERN, "auto, cpu, cuda or cuda:N")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -276,8 +300,52 @@ class PipelineConfig:
 
 # ---------------------------------------------------------------- loading
 
+MAX_ALIASES = 100        # *alias references in one file; a config needs a handful
+MAX_EXPANDED_NODES = 100_000  # values once every alias is expanded (a config has a few hundred)
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key."""
+    """SafeLoader that remembers the line of every mapping key and refuses alias bombs: a few hundred
+    bytes of nested aliases expand to gigabytes when the config is flattened or printed."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name)",
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node):
+        if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise yaml.constructor.ConstructorError(None, None, f"its aliases expand to more than "
+                                                    f"{MAX_EXPANDED_NODES} values", node.start_mark)
+        return super().construct_document(node)
+
+
+def _expanded_size(node, sizes):
+    """How many nodes `node` is once aliases are expanded (each shared node counted once per use,
+    computed once per node); a node containing itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)] if sizes[id(node)] is not None else MAX_EXPANDED_NODES + 1
+    sizes[id(node)] = None  # being counted: meeting it again means it contains itself
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_EXPANDED_NODES:
+            break
+    sizes[id(node)] = total
+    return total
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -358,7 +426,7 @@ def load_flat(path, _seen=()):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
         line = getattr(data, "lines", {}).get("_base_")
-        raise ConfigError(f"{path}:{line}: _base_ must be a file name or a list of file names, got {bases!r}")
+        raise ConfigError(f"{path}:{line}: _base_ must be a file name or a list of file names, got {short(bases)}")
     flat = {}
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), base)
@@ -380,10 +448,11 @@ def parse_overrides(overrides):
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = yaml.load(text, Loader=_LineLoader) if text != "" else ""  # the alias budget applies here too
         except yaml.YAMLError:
             value = text
-        flat[key.strip()] = (value, f"command line '{item}'")
+        shown = item if len(item) <= 100 else item[:97] + "..."
+        flat[key.strip()] = (value, f"command line '{shown}'")
     return flat
 
 
@@ -394,7 +463,7 @@ def _field_types(cls):
 def _check_map_entry(value, key, where):
     """A table entry (e.g. model.class_map.Car): a name, or null."""
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{where}: '{key}' must be a name or null, got {value!r}")
+        raise ConfigError(f"{where}: '{key}' must be a name or null, got {short(value)}")
     return value
 
 
@@ -410,10 +479,10 @@ def _check_value(value, ftype, f, key, where):
         raise ConfigError(f"{where}: '{key}' must be {ftype.__name__}, got null")
     if ftype is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {short(value)}")
     elif ftype is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {short(value)}")
     elif ftype is float:
         if isinstance(value, str):  # yaml reads '1e-4' (no dot) as a string
             try:
@@ -421,33 +490,68 @@ def _check_value(value, ftype, f, key, where):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a number, got {short(value)}")
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {short(value)}")
     elif ftype is str:
         if not isinstance(value, str):
             value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a string, got {short(value)}")
     elif ftype is list or origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a list, got {short(value)}")
         value = list(value)
     elif ftype is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping of names, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a mapping of names, got {short(value)}")
         value = {str(k): _check_map_entry(v, f"{key}.{k}", where) for k, v in value.items()}
-    low = f.metadata.get("min")
-    if low is not None and (value < low or (value == low and f.metadata.get("exclusive"))):
-        bound = f"greater than {low}" if f.metadata.get("exclusive") else f"at least {low}"
-        raise ConfigError(f"{where}: '{key}' must be {bound}, got {value!r}")
+    _check_bounds(value, f.metadata, key, where)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"{where}: '{key}' must be one of {list(choices)}, got {value!r}{extra}")
+        raise ConfigError(f"{where}: '{key}' must be one of {list(choices)}, got {short(value)}{extra}")
     return value
+
+
+def _check_bounds(value, meta, key, where):
+    """The range of a number, the entries of an integer list, the form of a string (field metadata)."""
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (value == low and meta.get("exclusive"))):
+        bound = f"greater than {low}" if meta.get("exclusive") else f"at least {low}"
+        raise ConfigError(f"{where}: '{key}' must be {bound}, got {short(value)}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: '{key}' must be at most {high}, got {short(value)}")
+    if "items" in meta:
+        _check_int_list(value, meta, key, where)
+    pattern = meta.get("pattern")
+    if pattern and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{where}: '{key}' must be {meta['description']}, got {short(value)}")
+
+
+def _check_int_list(values, meta, key, where):
+    (low, high), (fewest, most) = meta["items"], meta["length"]
+    if len(values) < fewest or (most is not None and len(values) > most):
+        count = f"{fewest}" if fewest == most else f"{fewest} to {most}" if most else f"at least {fewest}"
+        raise ConfigError(f"{where}: '{key}' must have {count} entries, got {short(values)}")
+    for i, item in enumerate(values):
+        if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+            raise ConfigError(f"{where}: '{key}[{i}]' must be an integer from {low} to {high}, got {short(item)} "
+                              f"(in {short(values)})")
+    if meta.get("unique") and len(set(values)) != len(values):
+        raise ConfigError(f"{where}: '{key}' must not repeat an entry, got {short(values)}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 8, 8, 3
+
+
+def short(value, limit=80):
+    """repr(value) cut to `limit` characters: an error line stays one readable line whatever the input."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _unknown_key(key, known, where):
@@ -507,7 +611,19 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
     """Load `path` (with its _base_ chain) and `overrides` into a validated `cls`."""
     flat = load_flat(path) if path else {}
     flat.update(parse_overrides(overrides))
-    return build(cls, flat)
+    cfg = build(cls, flat)
+    if isinstance(cfg, Config):
+        _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
+    return cfg
+
+
+def _cap_workers(data, where):
+    """More DataLoader workers than CPUs only costs memory (each is a forked copy of the process)."""
+    cpus = os.cpu_count() or 1
+    if data.num_workers > cpus:
+        logging.getLogger(__name__).warning(f"{where}: data.num_workers={data.num_workers} is more than the "
+                                            f"{cpus} CPUs here; using {cpus}")
+        data.num_workers = cpus
 
 
 def to_dict(cfg):

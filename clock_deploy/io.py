@@ -44,6 +44,30 @@ def remove_stale_folders(parent, prefix):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def is_inside(path, folder):
+    """Whether `path` (after resolving symlinks) is `folder` or below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_inside(root, *folders):
+    """Refuse to write through a symlinked folder that leads out of the output root `root`: a writer
+    that deletes stale files or replaces files there would touch data that is not its own."""
+    for folder in folders:
+        if os.path.lexists(folder) and not is_inside(folder, root):
+            raise UserError(f"{folder} leads outside the output folder {root} (a symlink to "
+                            f"{os.path.realpath(folder)}); refusing to write through it")
+
+
+def plain_file_name(name, flag):
+    """`name` as a bare file name (no folder separators, no '..', not absolute), else a UserError naming `flag`."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or os.path.isabs(name) or (os.altsep and os.altsep in name))
+    if bad:
+        raise UserError(f"{flag} must be a plain file name (no folders, '..' or absolute path), got {name!r}")
+    return name
+
+
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:

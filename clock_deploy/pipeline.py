@@ -19,6 +19,7 @@ from clock_deploy.config import PipelineConfig, load_config
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_json
+from clock_deploy.lock import output_lock
 
 log = logging.getLogger(__name__)
 STAGES = ("data", "teacher", "student", "distill", "export", "bench")
@@ -112,7 +113,7 @@ class Pipeline:
                 return
             log.info(f"{last} stopped at epoch {ckpt['epoch']}: resuming")
             resume = True
-        run_training(cfg, resume=resume)
+        run_training(cfg, resume=resume, overwrite=not resume)  # forced, or no last.pt: starts afresh
 
     @property
     def export_dir(self):
@@ -139,7 +140,8 @@ class Pipeline:
         if is_fresh(int8, [checkpoint, self.cfg.calib], batch=1) and "export" not in self.force:
             log.info(f"{int8} is up to date: skipped")
         else:
-            Exporter(checkpoint, self.export_dir, "last", overrides={"calib": self.cfg.calib}, batch=1).run("int8")
+            with output_lock(self.export_dir, "pipeline export"):
+                Exporter(checkpoint, self.export_dir, "last", overrides={"calib": self.cfg.calib}, batch=1).run("int8")
         model = read_model("distilled", checkpoint)
         for name in DEPLOY_BACKENDS:
             backend = parse_backend(name)

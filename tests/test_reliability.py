@@ -458,3 +458,262 @@ def test_work_folders_of_killed_benches_are_removed(tmp_path):
     io.remove_stale_folders(str(tmp_path), "clock-deploy-bench-")
     assert not stale.exists() and mine.exists()
     shutil.rmtree(mine)
+
+
+# ---------------------------------------------------------------- issue 40: nothing outside the output is touched
+
+def cli_error(capsys, argv):
+    """Run the CLI, expect exit code 2 and one error line; return that line."""
+    with pytest.raises(SystemExit) as e:
+        run(cli, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, make_tiny_student, student_io):
+    from clock_deploy.checkpoint import save_checkpoint
+    model, cfg = make_tiny_student("deformable_detr", "gather")
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    save_checkpoint(path, model, cfg, student_io.classes, epoch=1, iteration=1)
+    return path
+
+
+def test_synth_does_not_delete_through_a_symlinked_label_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the issue's reproducer, as typed
+    victim, out = tmp_path / "victim", tmp_path / "out"
+    victim.mkdir()
+    (out / "training").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious\n")
+    (out / "synthetic.json").write_text("{}")
+    os.symlink(victim, out / "training" / "label_2")
+    line = cli_error(capsys, ["data", "synth", "--out", "out", "--num-images", "2"])
+    assert line == (f"error: out/training/label_2 leads outside the output folder out (a symlink to {victim}); "
+                    "refusing to write through it")
+    assert os.listdir(victim) == ["notes.txt"] and (victim / "notes.txt").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "a/b", "..", ""])
+def test_export_name_must_be_a_plain_file_name(tmp_path, capsys, tiny_checkpoint, name):
+    out = tmp_path / "out"
+    line = cli_error(capsys, ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out), "--name", name])
+    assert line == f"error: --name must be a plain file name (no folders, '..' or absolute path), got {name!r}"
+    assert not out.exists() and not (tmp_path / "escaped.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["training/label_2", "training", "."])
+def test_eval_refuses_to_write_detections_into_the_dataset(tmp_path, capsys, make_synthetic_data, tiny_checkpoint,
+                                                            where):
+    root = make_synthetic_data(tmp_path / "data", 4)
+    labels = {f: (tmp_path / "data" / "training" / "label_2" / f).read_text()
+              for f in os.listdir(tmp_path / "data" / "training" / "label_2")}
+    det = os.path.join(root, where, "det") if where != "training/label_2" else os.path.join(root, where)
+    # a label folder as --gt protects its dataset's training/ folder; a root as --gt protects all of it
+    for gt in (root, os.path.join(root, "training", "label_2"))[:1 if where == "." else 2]:
+        line = cli_error(capsys, ["eval", "--gt", gt, "--det", det, "--model", str(tiny_checkpoint)])
+        assert line.startswith(f"error: --det {det} is inside the dataset folder ") and "that --gt reads" in line
+    assert {f: (tmp_path / "data" / "training" / "label_2" / f).read_text()
+            for f in os.listdir(tmp_path / "data" / "training" / "label_2")} == labels
+
+
+# ---------------------------------------------------------------- issue 40: no silent overwrite
+
+def test_training_into_a_finished_run_needs_resume_or_overwrite(tmp_path, capsys, synthetic_data, make_train_config):
+    out = tmp_path / "run"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=0"])
+    run_training(cfg, progress=False)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.json")}
+    dump(cfg, tmp_path / "run.yaml")
+    line = cli_error(capsys, ["train", "--cfg", str(tmp_path / "run.yaml")])
+    assert line == (f"error: {out} holds a run (last.pt, metrics.json): pass --resume to continue it or "
+                    "--overwrite to replace it (or choose another --output-dir)")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert cli_error(capsys, ["train", "--cfg", str(tmp_path / "run.yaml"), "--resume", "--overwrite"]) == \
+        "error: --resume and --overwrite exclude each other: continue the run or replace it"
+
+    (out / "log.jsonl").write_text('{"event": "from the old run"}\n')
+    run(cli, ["train", "--cfg", str(tmp_path / "run.yaml"), "--overwrite", "train.eval_every=-1"])
+    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()  # nothing of the old run stays
+    assert "old run" not in (out / "log.jsonl").read_text()
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1 and (out / "last.pt").read_bytes() != before["last.pt"]
+
+
+def test_pipeline_skips_finished_stages_resumes_stopped_ones_and_replaces_forced_ones(tmp_path, monkeypatch,
+                                                                                       tiny_checkpoint):
+    from clock_deploy.pipeline import Pipeline
+    from clock_deploy.training import commands
+    calls = []
+    monkeypatch.setattr(commands, "run_training", lambda cfg, **kw: calls.append(kw))
+    pipe = object.__new__(Pipeline)  # only what Pipeline.train reads
+    pipe.out, pipe.force = str(tmp_path), set()
+    (tmp_path / "teacher").mkdir()
+    shutil.copy(tiny_checkpoint, tmp_path / "teacher" / "last.pt")  # epoch 1
+    cfg = load_config(None, ["train.epochs=1"])
+    pipe.train("teacher", cfg)
+    assert calls == []
+    pipe.train("teacher", load_config(None, ["train.epochs=3"]))
+    assert calls == [{"resume": True, "overwrite": False}]
+    pipe.force = {"teacher"}
+    pipe.train("teacher", cfg)
+    assert calls[-1] == {"resume": False, "overwrite": True}
+
+
+# ---------------------------------------------------------------- issue 40: one writer per output
+
+HOLD_LOCK = ("import sys; sys.path.insert(0, {repo!r})\n"
+             "from clock_deploy.lock import output_lock\n"
+             "with output_lock({folder!r}, 'train'):\n"
+             "    print('locked', flush=True)\n"
+             "    sys.stdin.read()\n")
+
+
+@contextlib.contextmanager
+def lock_holder(folder):
+    """Another process holding the lock of `folder` until the block ends (or it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(repo=REPO, folder=str(folder))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(tmp_path, capsys, synthetic_data,
+                                                                   make_train_config, tiny_checkpoint):
+    import socket
+    out = tmp_path / "out"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=-1"])
+    dump(cfg, tmp_path / "train.yaml")
+    distill = make_train_config(synthetic_data, str(out), extra=["distill.method=clock", "distill.teacher=t.pt"])
+    dump(distill, tmp_path / "distill.yaml")
+    commands = {
+        "train": ["train", "--cfg", str(tmp_path / "train.yaml")],
+        "distill": ["distill", "--cfg", str(tmp_path / "distill.yaml")],
+        "export": ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out)],
+        "bench": ["bench", "--models", str(tiny_checkpoint), "--data", synthetic_data, "--out", str(out),
+                  "--backends", "torch", "--runs", "1", "--warmup", "0", "--max-images", "1"],
+    }
+    with lock_holder(out) as holder:
+        for name, argv in commands.items():
+            line = cli_error(capsys, argv)
+            assert line.startswith(f"error: {out} is being written by `train` (pid {holder.pid} on host "
+                                   f"{socket.gethostname()}, started "), (name, line)
+        assert os.listdir(out) == [".clock-deploy.lock"]  # none of them wrote anything
+    assert not out.joinpath(".clock-deploy.lock").exists()  # released on exit
+    run_training(cfg, progress=False)  # the folder is free again
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_the_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    from clock_deploy.lock import LOCK_NAME, output_lock
+    with lock_holder(tmp_path) as holder:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind by kill -9
+    with output_lock(tmp_path, "export"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with output_lock(tmp_path, "export"):  # nested in one process: allowed
+            pass
+        assert (tmp_path / LOCK_NAME).exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"taking over the lock of `train` (pid {holder.pid} on host" in warnings[0]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "command": "train"}))
+    with pytest.raises(UserError) as e:
+        with output_lock(tmp_path, "train"):
+            pass
+    assert one_line(e).startswith(f"{tmp_path} is locked by `train` (pid 1 on host elsewhere")
+
+
+# ---------------------------------------------------------------- issue 40: bounded inputs
+
+@pytest.mark.parametrize("override, message", [
+    ("data.img_size=[100000, 100000]", r"'data.img_size\[0\]' must be an integer from 32 to 4096, got 100000"),
+    ("data.img_size=[64]", "'data.img_size' must have 2 entries, got \\[64\\]"),
+    ("data.img_size=[64, 8]", r"'data.img_size\[1\]' must be an integer from 32 to 4096, got 8"),
+    ("train.batch_size=100000", "'train.batch_size' must be at most 4096, got 100000"),
+    ("model.num_queries=1000000", "'model.num_queries' must be at most 10000, got 1000000"),
+    ("model.dn.num_queries=-1", "'model.dn.num_queries' must be at least 0, got -1"),
+    (f"model.n_points={2**63}", f"'model.n_points' must be at most 64, got {2**63}"),
+    ("model.num_feature_levels=9", "'model.num_feature_levels' must be at most 8, got 9"),
+    ("model.hidden_dim=1000000", "'model.hidden_dim' must be at most 65536, got 1000000"),
+    ("model.dec_layers=1000", "'model.dec_layers' must be at most 64, got 1000"),
+    ("model.backbone.return_levels=[[1], 2, 3]",
+     r"'model.backbone.return_levels\[0\]' must be an integer from 0 to 3, got \[1\]"),
+    ("model.backbone.return_levels=[1, 4]", r"'model.backbone.return_levels\[1\]' must be an integer from 0 to 3"),
+    ("model.backbone.return_levels=[]", "'model.backbone.return_levels' must have 1 to 4 entries, got \\[\\]"),
+    ("model.backbone.return_levels=[2, 2]", "'model.backbone.return_levels' must not repeat an entry"),
+    ("train.lr_drop_epochs=[null]", r"'train.lr_drop_epochs\[0\]' must be an integer from 0 to 100000, got None"),
+    ("train.lr_drop_epochs=[-3]", r"'train.lr_drop_epochs\[0\]' must be an integer from 0 to 100000, got -3"),
+    ("seed=-1", "'seed' must be at least 0, got -1"),
+    ("seed=1e20", "'seed' must be an integer, got '1e20'"),
+    ("seed=1.0e+20", "'seed' must be an integer, got 1e\\+20"),
+    (f"seed={2**32}", f"'seed' must be at most {2**32 - 1}, got {2**32}"),
+    ("data.synth.seed=-5", "'data.synth.seed' must be at least 0, got -5"),
+    ("device=tpu", "'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("device=cuda:x", "'device' must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("export.topk=0", "'export.topk' must be greater than 0, got 0"),
+])
+def test_each_bound_is_one_line_naming_the_key(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert re.fullmatch(f"command line '{re.escape(override)}': {message}.*", one_line(e))
+
+
+def test_bounded_values_reach_the_cli_as_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("seed: -1\n")
+    assert cli_error(capsys, ["train", "--cfg", str(tmp_path / "c.yaml")]) == \
+        f"error: {tmp_path / 'c.yaml'}:1: 'seed' must be at least 0, got -1"
+
+
+def test_values_in_errors_are_shortened(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"seed: [{', '.join(['123456789'] * 5000)}]\noutput_dir: {{a: 1}}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(tmp_path / "c.yaml"))
+    assert one_line(e) == (f"{tmp_path / 'c.yaml'}:1: 'seed' must be an integer, got [123456789, 123456789, "
+                           "123456789, 123456789, 123456789, 123456789, 123456789,...")
+
+
+def test_num_workers_is_capped_at_the_cpu_count_with_a_warning(caplog):
+    cfg = load_config(None, ["data.num_workers=1000000"])
+    assert cfg.data.num_workers == os.cpu_count()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"command line 'data.num_workers=1000000': data.num_workers=1000000 is more than the {os.cpu_count()} "
+        f"CPUs here; using {os.cpu_count()}"]
+    assert load_config(None, ["data.num_workers=1"]).data.num_workers == 1
+
+
+BOMB = "a: &a [" + ",".join(["lol"] * 9) + "]\n" + "".join(
+    f"{b}: &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, r"c.yaml:1: invalid YAML: its aliases expand to more than 100000 values"),
+    ("x: &x [1, *x]\n", r"c.yaml:1: invalid YAML: its aliases expand to more than 100000 values"),
+    ("a: &a 1\nb: [" + ", ".join(["*a"] * 101) + "]\n", r"c.yaml:2: invalid YAML: more than 100 aliases \(\*name\)"),
+])
+def test_yaml_alias_bombs_are_refused_fast_within_a_memory_limit(tmp_path, text, message):
+    """The probe runs in a child limited to 1 GiB of address space and 20 s (the issue's bomb took ~4.9 GB)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    code = (f"import resource, sys; sys.path.insert(0, {REPO!r})\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from clock_deploy.config import load_config\n"
+            "from clock_deploy.errors import UserError\n"
+            "try:\n"
+            f"    load_config({str(path)!r})\n"
+            "except UserError as e:\n"
+            "    print(e)\n")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and time.time() - start < 20, out.stderr[-500:]
+    assert re.fullmatch(f"{re.escape(str(tmp_path))}/{message}\n", out.stdout), out.stdout
+    # a config that uses a few aliases still loads
+    path.write_text("seed: &s 3\ntrain: {epochs: *s}\n")
+    assert load_config(str(path)).train.epochs == 3

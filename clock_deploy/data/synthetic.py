@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from clock_deploy.data import kitti
 from clock_deploy.errors import UserError
-from clock_deploy.io import atomic_path, write_error, write_text
+from clock_deploy.io import atomic_path, check_inside, write_error, write_text
 
 CAMERA_HEIGHT = 1.65      # m, KITTI camera above the road
 REFERENCE_HEIGHT = 188    # image height the pixel sizes below are chosen for
@@ -452,6 +452,8 @@ def _prepare_root(root, frame_ids):
     if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, MARKER)):
         raise UserError(f"{root} exists and was not written by `clock-deploy data synth` (no {MARKER}); "
                         "choose an empty or new directory")
+    check_inside(root, *(os.path.join(root, *parts) for parts in (
+        ("training",), ("training", "image_2"), ("training", "label_2"), ("ImageSets",))))
     keep = set(frame_ids)
     for folder, ext in (("image_2", ".png"), ("label_2", ".txt")):
         path = os.path.join(root, "training", folder)

@@ -12,7 +12,7 @@ from clock_deploy.eval.coco import coco_map
 from clock_deploy.eval.evaluator import write_kitti_detections
 from clock_deploy.eval.kitti import CLASS_MIN_OVERLAP, format_kitti, kitti_eval
 from clock_deploy.eval.units import ap_text
-from clock_deploy.io import write_json
+from clock_deploy.io import is_inside, write_json
 from clock_deploy.runtime import Detector
 
 
@@ -60,6 +60,15 @@ def _read_detections(path):
     return annos, fixes
 
 
+def _check_det_outside_dataset(det, gt, label_dir):
+    """--model writes --det: never into the dataset it evaluates against (it would replace ground truth)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(label_dir)))
+    for folder in (gt, label_dir, os.path.join(root, "training")):
+        if os.path.isdir(folder) and is_inside(det, folder):
+            raise UserError(f"--det {det} is inside the dataset folder {folder} that --gt reads; "
+                            "write detections to a folder outside the dataset")
+
+
 def _detect(model, label_dir, frame_ids, det, device):
     """Run `model` on the frames' images (<root>/training/image_2) and write its KITTI detection files."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(label_dir)))
@@ -91,6 +100,7 @@ def eval_cmd(gt, det, model, device, split, classes, with_coco, json_path):
     if not frame_ids:
         raise UserError(f"--gt: no label files to evaluate in {label_dir}")
     if model:
+        _check_det_outside_dataset(det, gt, label_dir)
         _detect(model, label_dir, frame_ids, det, device)
     elif not os.path.isdir(det):
         raise UserError(f"--det: no such folder: {det} (or pass --model to write it)")

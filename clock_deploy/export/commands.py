@@ -5,6 +5,7 @@ import click
 from clock_deploy.config import SAMPLING_MODES
 from clock_deploy.errors import UserError
 from clock_deploy.export.exporter import Exporter
+from clock_deploy.lock import output_lock
 from clock_deploy.nvidia import BUILDERS
 
 BATCH_HELP = ("Batch sizes: MIN,OPT,MAX (TensorRT profile) or N (1..N, tuned for N; the batch of a static model) "
@@ -59,9 +60,10 @@ def export(ckpt, onnx_flag, trt, builder, precision, calib, calib_root, calib_im
                  "workspace_gb": workspace_gb, "dla_core": dla_core, "dynamic_batch": dynamic}
     exporter = Exporter(ckpt, out_dir, name, overrides=overrides, img_size=parse_imgsz(imgsz) if imgsz else None,
                         sampling=sampling, batch=batch, exclude_nodes=exclude_node)
-    summary = exporter.run(precision, trt=trt, calib_root=calib_root, sensitivity=sensitivity,
-                           sensitivity_images=sensitivity_images, parity_images=parity_images,
-                           map_images=map_images, timing_cache=timing_cache, builder=builder)
+    with output_lock(exporter.out_dir, "export"):  # one export per folder: parity reads the files it writes
+        summary = exporter.run(precision, trt=trt, calib_root=calib_root, sensitivity=sensitivity,
+                               sensitivity_images=sensitivity_images, parity_images=parity_images,
+                               map_images=map_images, timing_cache=timing_cache, builder=builder)
     for key, path in summary.items():
         click.echo(f"{key}: {path}")
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
-from clock_deploy.io import write_json
+from clock_deploy.io import plain_file_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class Exporter:
         self.source = {"checkpoint": self.ckpt_path, "sha256": file_sha256(self.ckpt_path),
                        "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
         self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
-        self.name = name or os.path.splitext(os.path.basename(self.ckpt_path))[0]
+        stem = os.path.splitext(os.path.basename(self.ckpt_path))[0]
+        self.name = plain_file_name(name, "--name") if name is not None else stem
         exp = self.cfg.export
         for key, value in (overrides or {}).items():
             if not hasattr(exp, key):

@@ -23,7 +23,8 @@ from clock_deploy.measure.isolation import WORK_DIR_PREFIX, run_isolated
 from clock_deploy.measure.job import run_job
 from clock_deploy.measure.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError, one_line
-from clock_deploy.io import remove_stale_folders
+from clock_deploy.io import check_inside, remove_stale_folders
+from clock_deploy.lock import output_lock
 
 
 def make_row(model, backend, artifact, size_mb, result):
@@ -90,9 +91,16 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
     isolate: measure each combination in its own process (peak RSS and threads per measurement).
     system: devices.System to read the device from (tests).
     """
+    names = _check_inputs(models, names, warmup, runs, batch, max_images, data_root)
+    with output_lock(out_dir, "bench"):  # one bench per folder: its artifacts and reports are replaced
+        return _run_bench(models, backends, device, data_root, split, out_dir, names, calib, warmup, runs, batch,
+                          threads, max_images, isolate, progress, system)
+
+
+def _run_bench(models, backends, device, data_root, split, out_dir, names, calib, warmup, runs, batch, threads,
+               max_images, isolate, progress, system):
     from tqdm import tqdm
 
-    names = _check_inputs(models, names, warmup, runs, batch, max_images, data_root)
     backends = list(dict.fromkeys(parse_backend(b) for b in backends))
     profile = detect(device, threads, system)
     not_run, runnable = [], []
@@ -104,6 +112,7 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
             runnable.append(b)
     models = [read_model(n, m) for n, m in zip(names, models)]
     artifacts_dir = os.path.join(out_dir, "artifacts")
+    check_inside(out_dir, artifacts_dir)  # stale exports there are replaced
     bar = tqdm(total=len(models) * len(runnable), desc="bench", unit="run", disable=not progress)
     rows = []
     for model in models:

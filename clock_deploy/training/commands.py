@@ -1,4 +1,5 @@
 """`clock-deploy train` and `clock-deploy distill`."""
+import contextlib
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ from clock_deploy.data.kitti import class_names
 from clock_deploy.distill import build_distiller
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import metrics_text
+from clock_deploy.lock import output_lock
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.training import distributed as dist
 from clock_deploy.training.pretrained import load_pretrained
@@ -55,8 +57,41 @@ def load_teacher(cfg, device):
     return teacher.to(device).eval()
 
 
-def run_training(cfg, resume=False, progress=True):
-    """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics."""
+RUN_FILES = ("last.pt", "metrics.json")        # a folder holding one of these holds a run
+REPLACED_FILES = RUN_FILES + ("best.pt", "log.jsonl")  # what --overwrite removes, so nothing of the old run stays
+
+
+def claim_output(output_dir, resume=False, overwrite=False):
+    """A folder that holds a run is continued (resume) or replaced (overwrite), never silently."""
+    held = [f for f in RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    if not held or resume:
+        return
+    if not overwrite:
+        raise UserError(f"{output_dir} holds a run ({', '.join(held)}): pass --resume to continue it or "
+                        "--overwrite to replace it (or choose another --output-dir)")
+    for name in REPLACED_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    log.warning(f"{output_dir}: replacing the run that was there (--overwrite)")
+
+
+def run_training(cfg, resume=False, progress=True, overwrite=False):
+    """Train (or distill, when cfg.distill.method != 'none') as configured; return final metrics.
+
+    A folder that already holds a run needs resume (continue it) or overwrite (replace it); a folder
+    another process is writing is refused (lock.py)."""
+
+    # torchrun: rank 0 writes the outputs and holds the lock (the process group is not up yet)
+    lock = (output_lock(cfg.output_dir, "distill" if cfg.distill.method != "none" else "train")
+            if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext())
+    with lock:
+        if os.environ.get("RANK", "0") == "0":
+            claim_output(cfg.output_dir, resume, overwrite)
+        return _run_training(cfg, resume, progress)
+
+
+def _run_training(cfg, resume, progress):
     device = dist.init_from_env(cfg.device)
     try:
         seed_everything(cfg.seed)
@@ -85,10 +120,14 @@ def _command(name, help_text):
     @click.option("--cfg", "cfg_path", required=True, type=click.Path(dir_okay=False),
                   help="YAML config (configs/demo/*.yaml, configs/kitti/*.yaml).")
     @click.option("--resume", is_flag=True, help="Continue from <output_dir>/last.pt exactly where it stopped.")
+    @click.option("--overwrite", is_flag=True,
+                  help="Replace the run already in the output folder (its last.pt, best.pt, metrics.json and "
+                       "log.jsonl are deleted first). Without --resume or --overwrite a folder holding a run is "
+                       "refused.")
     @click.option("--output-dir", default=None, help="Override output_dir from the config.")
     @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (overrides the config).")
     @overrides_argument
-    def command(cfg_path, resume, output_dir, device, overrides):
+    def command(cfg_path, resume, overwrite, output_dir, device, overrides):
         extra = list(overrides)
         if output_dir:
             extra.append(f"output_dir={output_dir}")
@@ -98,7 +137,9 @@ def _command(name, help_text):
         if name == "train" and cfg.distill.method != "none":
             raise UserError(f"{cfg_path}: distill.method={cfg.distill.method}; use `clock-deploy distill` "
                             f"for distillation configs")
-        metrics = run_training(cfg, resume=resume)
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other: continue the run or replace it")
+        metrics = run_training(cfg, resume=resume, overwrite=overwrite)
         click.echo(f"done: {cfg.output_dir}/last.pt {metrics_text(metrics)}".rstrip())
     return command
 
