@@ -84,16 +84,16 @@ def flatten(data, prefix=""):
     return flat
 
 
-def resolved_settings(cfg):
-    """Every config key of a run (dotted) and its value, less IGNORED_KEYS."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in IGNORED_KEYS}
+def resolved_settings(cfg, ignored=IGNORED_KEYS):
+    """Every config key of a run (dotted) and its value, less the `ignored` keys."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in ignored}
 
 
-def explicit_settings(cfg):
+def explicit_settings(cfg, ignored=IGNORED_KEYS):
     """The keys a run sets away from their defaults: what its key is computed from. A key added to the
     schema later, at its default, is not among them, so it leaves every recorded key as it was."""
-    defaults = resolved_settings(Config())
-    return {k: v for k, v in resolved_settings(cfg).items() if k not in defaults or defaults[k] != v}
+    defaults = resolved_settings(Config(), ignored)
+    return {k: v for k, v in resolved_settings(cfg, ignored).items() if k not in defaults or defaults[k] != v}
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,10 +130,13 @@ def commit():
 # ---------------------------------------------------------------- run registry
 
 class RunRegistry:
-    """The finished runs of a study: <folder>/<name>.json, each a record written by `record()`."""
+    """The finished runs of a study: <folder>/<name>.json, each a record written by `record()`. `locations`:
+    config keys that only say where an input lies on this machine (e.g. data.root); they are left out of the
+    key, and the study passes what the input is in `inputs` instead."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, locations=()):
         self.folder = folder
+        self.ignored = IGNORED_KEYS + tuple(locations)
 
     def path(self, name):
         return os.path.join(self.folder, f"{name}.json")
@@ -142,8 +145,9 @@ class RunRegistry:
         """Write the record of a finished run of `cfg`, keyed as `find` looks it up; returns it."""
         folders = tuple(folders)
         record = {"name": name, **fields,
-                  "key": run_key(explicit_settings(cfg), inputs, code_hash(folders)),
-                  "settings": explicit_settings(cfg), "config": resolved_settings(cfg), "inputs": inputs,
+                  "key": run_key(explicit_settings(cfg, self.ignored), inputs, code_hash(folders)),
+                  "settings": explicit_settings(cfg, self.ignored), "config": resolved_settings(cfg, self.ignored),
+                  "inputs": inputs,
                   "code": {"hash": code_hash(folders), "folders": list(folders), "commit": commit()}}
         write_json(self.path(name), record)
         return record
@@ -161,10 +165,10 @@ class RunRegistry:
             key = record["key"]
         except (UserError, KeyError, TypeError) as e:
             return None, f"{path}: not a run record ({e})"
-        changed = changed_defaults(recorded_config, resolved_settings(cfg))
+        changed = changed_defaults(recorded_config, resolved_settings(cfg, self.ignored))
         if changed:
             return None, f"{path}: trained with other values of {', '.join(changed)}"
-        settings = explicit_settings(cfg)
+        settings = explicit_settings(cfg, self.ignored)
         if key == run_key(settings, inputs, code_hash(tuple(folders))):
             return record, "current"
         if older_code and key == run_key(settings, inputs, recorded_code):

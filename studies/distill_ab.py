@@ -128,7 +128,13 @@ def metric_subset(metrics):
 
 
 def registry(args):
-    return bk.RunRegistry(args.runs_dir)
+    """The run files; a run is keyed on what its data is (data_inputs), not on where --out put it."""
+    return bk.RunRegistry(args.runs_dir, locations=("data.root",))
+
+
+def data_inputs(args):
+    """What the training + tuning and the test scenes are (their folder names say how they were generated)."""
+    return {"data": [os.path.basename(root) for root in data_roots(args)]}
 
 
 # ---------------------------------------------------------------- teachers and runs
@@ -138,7 +144,7 @@ def family_teacher(args, family):
     None under --report-only when it has none. Raises ConfigError for a family this code does not know."""
     name = f"{family}-teacher"
     cfg = run_config(args, family, "teacher.yaml", [], 0, name)
-    record, why = registry(args).find(name, cfg, {}, code_folders(cfg), older_code=args.report_only)
+    record, why = registry(args).find(name, cfg, data_inputs(args), code_folders(cfg), older_code=args.report_only)
     if record is None and args.report_only:
         return None
     if record is None:
@@ -147,7 +153,8 @@ def family_teacher(args, family):
         os.makedirs(args.teachers_dir, exist_ok=True)
         weights = os.path.join(args.teachers_dir, f"{name}.pt")
         commit_weights(os.path.join(cfg.output_dir, "last.pt"), weights)
-        record = registry(args).record(name, cfg, {}, code_folders(cfg), family=family, variant="teacher", seed=0,
+        record = registry(args).record(name, cfg, data_inputs(args), code_folders(cfg), family=family,
+                                       variant="teacher", seed=0,
                                        **fields, weights={"file": os.path.basename(weights),
                                                           "sha256": file_sha256(weights)})
     weights = os.path.join(args.teachers_dir, record["weights"]["file"])
@@ -171,7 +178,9 @@ def student(args, family, variant, seed, teacher):
     config, overrides = VARIANTS[variant]
     name = f"{family}-{variant}-{seed}"
     cfg = run_config(args, family, config, overrides, seed, name, teacher if variant != "baseline" else None)
-    inputs = {"teacher": teacher["key"] + "-" + teacher["weights"]["sha256"][:16]} if variant != "baseline" else {}
+    inputs = data_inputs(args)
+    if variant != "baseline":
+        inputs["teacher"] = teacher["key"] + "-" + teacher["weights"]["sha256"][:16]
     return name, cfg, inputs
 
 

@@ -1,5 +1,4 @@
 """studies/bookkeeping.py: run keys that survive schema growth, the machine record, paired statistics."""
-import dataclasses
 import math
 
 import pytest
@@ -7,23 +6,15 @@ import torch
 
 from clock_deploy import config as config_module
 from clock_deploy.config import load_config
+from clock_deploy.io import write_json
 from studies import bookkeeping as bk
 
 
-def add_config_key(monkeypatch, section, name, default):
-    """Add field `name` with `default` to the config dataclass `section`, as a new key in config.py would."""
-    new = dataclasses.field(default=default)
-    new.name, new.type, new._field_type = name, type(default), dataclasses._FIELD
-    monkeypatch.setitem(section.__dataclass_fields__, name, new)
-    monkeypatch.setitem(section.__annotations__, name, type(default))
-    monkeypatch.setattr(section, name, default, raising=False)
-
-
-def test_a_key_added_at_its_default_is_not_among_a_runs_explicit_settings(monkeypatch):
+def test_a_key_added_at_its_default_is_not_among_a_runs_explicit_settings(add_config_key):
     cfg = load_config(None, ["distill.method=clock", "train.epochs=3", "output_dir=x", "distill.teacher=t.pt"])
     before = bk.explicit_settings(cfg)
     assert before == {"distill.method": "clock", "train.epochs": 3}  # where it is written or its teacher lies: not
-    add_config_key(monkeypatch, config_module.TcldConfig, "new_knob", 0.0)
+    add_config_key(config_module.TcldConfig, "new_knob", 0.0)
     grown = load_config(None, ["distill.method=clock", "train.epochs=3", "output_dir=x"])
     assert bk.resolved_settings(grown)["distill.logit.new_knob"] == 0.0  # the key is really in the config
     assert bk.explicit_settings(grown) == before
@@ -51,13 +42,13 @@ def test_a_changed_default_makes_a_record_stale_but_a_new_or_removed_key_does_no
     cfg = load_config(None, [])
     record = registry.record("run", cfg, {}, ("models",))
     record["config"]["train.lr"] = 1e-3  # trained when lr's default was 1e-3
-    bk.write_json(registry.path("run"), record)
+    write_json(registry.path("run"), record)
     found, why = registry.find("run", cfg, {}, ("models",))
     assert found is None and "train.lr" in why
     record["config"]["train.lr"] = cfg.train.lr
     del record["config"]["train.amp"]                  # a key the schema had not yet
     record["config"]["train.gone_knob"] = 7            # a key removed since
-    bk.write_json(registry.path("run"), record)
+    write_json(registry.path("run"), record)
     assert registry.find("run", cfg, {}, ("models",))[1] == "current"
 
 
