@@ -113,6 +113,15 @@ def test_a_variant_this_code_does_not_train_is_listed_not_run(tmp_path):
     assert "Not run: gt_denoise: this code does not train it (" in text  # distill.method=gt_denoise: not yet here
 
 
+def test_a_family_whose_teacher_is_below_its_floor_trains_no_student(tmp_path, monkeypatch):
+    monkeypatch.setitem(distill_ab.MIN_TEACHER_MAP, "dino", 0.5)  # the generated teachers reach 0.4
+    args = args_for(tmp_path, "--families", "dino")
+    write_runs(args, {"dino": {"baseline": [0.2, 0.3], "clock": [0.3, 0.4]}})
+    text = report(args)
+    assert "Not run: students: the teacher's test mAP 0.4000 is below 0.5 (MIN_TEACHER_MAP)" in text
+    assert "| clock |" not in text
+
+
 def test_every_committed_run_file_is_read_by_report_only_on_the_current_code():
     committed = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(distill_ab.RUNS, "*.json")))
     results = distill_ab.collect(distill_ab.parse_args(["--report-only"]))
