@@ -1,11 +1,11 @@
 """Runs per hour on a small CPU: one training run on all threads vs two side by side, one thread each.
 
-Decides `bench_distill.py --jobs`. Each round times the same real training (`run_training` on a run
+Decides `python -m studies.distill_ab --jobs`. Each round times the same real training (`run_training` on a run
 config of the A/B: its data, teacher and model) alone on --threads threads, then as two copies side
 by side on one thread each; rounds alternate so drift in the machine's speed hits both alike. A run
 stops after --iters timed iterations (the first 5 are warm-up), before any evaluation.
 
-    python benchmarks/bench_parallel_runs.py --config bench_out/distill/runs/dino-clock_tune4-101/config.yaml
+    python benchmarks/bench_parallel_runs.py --config bench_out/distill_ab/runs/dino-clock-0/config.yaml
 
 Writes benchmarks/results/parallel_runs.md.
 """
@@ -81,7 +81,8 @@ def main():
     if args.child:
         return child(args.config, args.child, args.iters, args.out)
     if not os.path.isfile(args.config):
-        sys.exit(f"{args.config}: no such config (run bench_distill.py --part b first, or pass any run's config.yaml)")
+        sys.exit(f"{args.config}: no such config (run python -m studies.distill_ab first, or pass any run's "
+                 f"config.yaml)")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main():
     lines += [f"| {i + 1} | {a * 1000:.0f} | {s[0] * 1000:.0f}, {s[1] * 1000:.0f} | {x:.2f} |"
               for i, (a, s, x) in enumerate(rows)]
     lines += ["", f"Median ratio: {statistics.median(x for _, _, x in rows):.2f}x the runs per hour with "
-              "`bench_distill.py --jobs 2`.", "", f"Command: `python {' '.join(sys.argv)}`", ""]
+              "`python -m studies.distill_ab --jobs 2`.", "", f"Command: `python {' '.join(sys.argv)}`", ""]
     write_text(args.results, "\n".join(lines))
     print("\n".join(lines))
 

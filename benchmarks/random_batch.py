@@ -1,4 +1,4 @@
-"""A fixed training batch for the timing benchmarks (shared by bench_train.py and bench_distill.py)."""
+"""A fixed training batch for the timing benchmarks (shared by bench_train.py and bench_distill_step.py)."""
 import torch
 
 

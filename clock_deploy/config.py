@@ -206,7 +206,7 @@ class TcldConfig:
     # content of the target-aware queries: "zero" = zero content for every family (DINO asks them as
     # class-free queries, like its matching queries), "own" = the model's own label embedding where it has
     # one (DINO's denoising label_enc: then they are denoising queries). Zero was chosen on the tuning
-    # split (benchmarks/results/distill_content.md); DAB-DETR and Deformable DETR get zero content either way.
+    # split (studies/archive/distill_content/report.md); DAB-DETR and Deformable DETR get zero content either way.
     content: str = choice("zero", "own")
 
 

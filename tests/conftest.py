@@ -3,6 +3,7 @@
 The factories are session-scoped fixtures that return a plain function (they hold no state), so
 module-scoped fixtures can use them too. Ask for them by name; never import this module.
 """
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -220,3 +221,18 @@ def make_hf_dab():
     transformers' own ResNet (no timm, nothing downloaded), every weight perturbed (zero-initialized box
     heads included) so each term of the forward counts."""
     return _hf_dab
+
+
+# ---------------------------------------------------------------- schema growth (studies' run records)
+
+@pytest.fixture
+def add_config_key(monkeypatch):
+    """add_config_key(section, name, default): add field `name` at `default` to the config dataclass `section`
+    (e.g. clock_deploy.config.TcldConfig) for this test, as a new key in config.py would."""
+    def add(section, name, default):
+        new = dataclasses.field(default=default)
+        new.name, new.type, new._field_type = name, type(default), dataclasses._FIELD
+        monkeypatch.setitem(section.__dataclass_fields__, name, new)
+        monkeypatch.setitem(section.__annotations__, name, type(default))
+        monkeypatch.setattr(section, name, default, raising=False)
+    return add

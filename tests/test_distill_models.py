@@ -339,7 +339,7 @@ def test_distill_logit_content_zero_asks_dino_without_its_label_embedding(conten
 
 
 def test_target_aware_queries_have_zero_content_by_default():
-    # chosen on the tuning split by the second DINO follow-up (benchmarks/results/distill_content.md)
+    # chosen on the tuning split by the second DINO follow-up (studies/archive/distill_content/report.md)
     assert tiny_config("dino", method="clock").distill.logit.content == "zero"
 
 

@@ -127,3 +127,14 @@ def test_the_reason_check_finds_unexplained_imports():
     source = ("import os\n\n\ndef f():\n    import json\n\n\ndef g():\n    # start-up: numba compiles on import\n"
               "    import numba\n    import rich  # optional\n")
     assert _unexplained_lazy_imports(source) == [5]
+
+
+def test_the_product_never_imports_the_studies_and_nothing_edits_sys_path():
+    # studies/ is research on the product, never installed with it; tests import it from the repository root
+    offenders = {m: sorted(i for i in _imports(p) if i.split(".")[0] == "studies") for m, p in _modules().items()}
+    assert {m: i for m, i in offenders.items() if i} == {}
+    root = os.path.dirname(PACKAGE)
+    studies = [os.path.join(folder, name) for folder, _, files in os.walk(os.path.join(root, "studies"))
+               for name in files if name.endswith(".py")]
+    assert any(p.endswith(os.path.join("studies", "bookkeeping.py")) for p in studies)
+    assert [p for p in studies if "sys.path" in open(p).read()] == []  # one package, imported as one

@@ -33,3 +33,9 @@ def test_ci_runs_the_readme_commands_with_the_constraints():
     assert len(commands) == 2 and all("-c constraints.txt" in c for c in commands)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in ci.splitlines() and "ruff check" in ci
+
+
+def test_only_the_product_is_installed_and_tests_find_the_studies_from_the_root():
+    project = tomllib.loads(_read("pyproject.toml"))
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["clock_deploy*"]
+    assert project["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]

@@ -1,0 +1,189 @@
+"""studies/distill_ab.py: the live A/B trains and scores runs resumably, reads its run files, pairs only runs
+of one machine type, and its records survive a config key added at its default."""
+import glob
+import os
+
+import pytest
+
+from clock_deploy import config as config_module
+from clock_deploy.io import file_sha256, read_json
+from studies import bookkeeping as bk
+from studies import distill_ab
+
+XEON = {"cpu": "Intel Xeon", "capability": "AVX512", "threads": 2, "torch": "2.13"}
+EPYC = {"cpu": "AMD EPYC", "capability": "AVX2", "threads": 1, "torch": "2.13"}
+# a stand-in for the gt_denoise control until this code has it: any variant that loads and differs
+STAND_IN = ("distill.yaml", ["distill.use_mem=false"])
+
+
+def args_for(tmp_path, *extra):
+    return distill_ab.parse_args(["--runs-dir", str(tmp_path / "runs"), "--teachers-dir", str(tmp_path / "teachers"),
+                                  "--results", str(tmp_path / "report.md"), "--out", str(tmp_path / "out"), *extra])
+
+
+def write_runs(args, maps, machine=XEON, seeds=None, parts=None):
+    """Records as a finished A/B writes them: maps {family: {variant: [test mAP per seed]}}."""
+    registry = distill_ab.registry(args)
+    for family, per_variant in maps.items():
+        tcfg = distill_ab.run_config(args, family, "teacher.yaml", [], 0, f"{family}-teacher")
+        teacher = registry.record(f"{family}-teacher", tcfg, distill_ab.data_inputs(args),
+                                  distill_ab.code_folders(tcfg), metrics={"test": {"mAP": 0.4, "kitti_moderate": 70.0}},
+                                  parts=[XEON], machine=XEON, resumed=False,
+                                  weights={"file": "t.pt", "sha256": "0" * 64})
+        teacher["checkpoint"] = "t.pt"
+        for variant, maps_per_seed in per_variant.items():
+            for seed, value in zip(seeds or range(len(maps_per_seed)), maps_per_seed):
+                name, cfg, inputs = distill_ab.student(args, family, variant, seed, teacher)
+                registry.record(name, cfg, inputs, distill_ab.code_folders(cfg), family=family, variant=variant,
+                                seed=seed, metrics={"test": {"mAP": value, "kitti_moderate": 100 * value}},
+                                machine=machine, parts=parts or [machine], resumed=bool(parts))
+
+
+def report(args):
+    distill_ab.main(["--report-only", "--runs-dir", args.runs_dir, "--teachers-dir", args.teachers_dir,
+                     "--results", args.results, "--out", args.out, "--families", *args.families])
+    return open(args.results).read()
+
+
+AB = {"dino": {"baseline": [0.20, 0.22, 0.24], "clock": [0.23, 0.26, 0.27], "gt_denoise": [0.21, 0.23, 0.25],
+               "kd_detr": [0.22, 0.23, 0.25], "fgd": [0.24, 0.25, 0.28]},
+      "deformable_detr": {"baseline": [0.10, 0.12, 0.11], "clock": [0.15, 0.16, 0.16],
+                          "gt_denoise": [0.12, 0.13, 0.12], "kd_detr": [0.11, 0.14, 0.12]}}
+
+
+def test_the_report_pairs_by_seed_and_reads_the_pass_rule_off_the_runs(monkeypatch, tmp_path):
+    monkeypatch.setitem(distill_ab.VARIANTS, "gt_denoise", STAND_IN)
+    args = args_for(tmp_path, "--families", "dino", "deformable_detr")
+    write_runs(args, AB)
+    text = report(args)
+    # dino CLoCK - baseline: deltas 0.03, 0.04, 0.03 -> mean 0.0333, sd 0.0058
+    assert "| clock | 3 | 0.2533 +- 0.0208 | +0.0333 +- +0.0058 |" in text
+    assert "clock minus fgd (test mAP, 3 paired seeds): -0.0033" in text
+    assert "Paired on one machine type: Intel Xeon / AVX512 (threads 2)." in text
+    # both lower bounds above 0 in both families, CLoCK's gain above KD-DETR's in both
+    assert "Pass rule: met on the runs finished so far (both lower bounds above 0 in: dino, deformable_detr" in text
+    assert text.count("Holm p") == 5  # 4 tests and the legend
+
+
+def test_the_pass_rule_fails_when_clock_gains_less_than_kd_detr(monkeypatch, tmp_path):
+    monkeypatch.setitem(distill_ab.VARIANTS, "gt_denoise", STAND_IN)
+    args = args_for(tmp_path, "--families", "dino", "deformable_detr")
+    ab = {family: dict(runs) for family, runs in AB.items()}
+    ab["deformable_detr"]["kd_detr"] = [0.16, 0.17, 0.17]
+    write_runs(args, ab)
+    assert "**not met** on the runs finished so far (both lower bounds above 0 in: dino, deformable_detr; " \
+           "CLoCK's mean gain below KD-DETR's in: deformable_detr)" in report(args)
+
+
+def test_only_runs_of_one_machine_type_pair_and_the_report_says_which(monkeypatch, tmp_path):
+    args = args_for(tmp_path, "--families", "dino")
+    write_runs(args, {"dino": {"baseline": [0.20, 0.22], "clock": [0.23, 0.26]}})
+    write_runs(args, {"dino": {"baseline": [0.5], "clock": [0.1]}}, machine=EPYC, seeds=[2])
+    write_runs(args, {"dino": {"clock": [0.9]}}, seeds=[3], parts=[XEON, EPYC])  # resumed on another CPU
+    text = report(args)
+    assert "Paired on one machine type: Intel Xeon / AVX512 (threads 2); left out: 2 runs on AMD EPYC / AVX2, " \
+           "1 runs on mixed: Intel Xeon / AVX512 + AMD EPYC / AVX2." in text
+    assert "| clock | 2 | 0.2450 +- 0.0212 | +0.0350 +- +0.0071 |" in text  # seeds 0 and 1 only
+    args.machine = "AMD EPYC / AVX2"
+    distill_ab.main(["--report-only", "--runs-dir", args.runs_dir, "--results", args.results, "--out", args.out,
+                     "--families", "dino", "--machine", "AMD EPYC / AVX2"])
+    assert "| clock | 1 | 0.1000 | -0.4000 |" in open(args.results).read()
+
+
+def test_a_config_key_added_at_its_default_keeps_every_record_read_and_the_report_unchanged(
+        monkeypatch, tmp_path, add_config_key):
+    monkeypatch.setitem(distill_ab.VARIANTS, "gt_denoise", STAND_IN)
+    args = args_for(tmp_path, "--families", "dino", "deformable_detr")
+    write_runs(args, AB)
+    before = report(args)
+    add_config_key(config_module.TcldConfig, "new_knob", 0.0)
+    add_config_key(config_module.TrainConfig, "new_schedule", "cosine")
+    assert bk.resolved_settings(config_module.Config())["distill.logit.new_knob"] == 0.0
+    # read from another --out (another machine's disk): the data are the same, so are the keys
+    read = distill_ab.collect(distill_ab.parse_args(["--report-only", "--runs-dir", args.runs_dir,
+                                                     "--families", "dino", "deformable_detr", "--out", "elsewhere"]))
+    assert sum(len(s) for e in read.values() for s in e["runs"].values()) == len(glob.glob(args.runs_dir + "/*")) - 2
+    assert report(args) == before
+
+
+def test_a_variant_this_code_does_not_train_is_listed_not_run(tmp_path):
+    args = args_for(tmp_path, "--families", "dino")
+    write_runs(args, {"dino": {"baseline": [0.2]}})
+    text = report(args)
+    assert "Not run: gt_denoise: this code does not train it (" in text  # distill.method=gt_denoise: not yet here
+
+
+def test_a_family_whose_teacher_is_below_its_floor_trains_no_student(tmp_path, monkeypatch):
+    monkeypatch.setitem(distill_ab.MIN_TEACHER_MAP, "dino", 0.5)  # the generated teachers reach 0.4
+    args = args_for(tmp_path, "--families", "dino")
+    write_runs(args, {"dino": {"baseline": [0.2, 0.3], "clock": [0.3, 0.4]}})
+    text = report(args)
+    assert "Not run: students: the teacher's test mAP 0.4000 is below 0.5 (MIN_TEACHER_MAP)" in text
+    assert "| clock |" not in text
+
+
+def test_every_committed_run_file_is_read_by_report_only_on_the_current_code():
+    committed = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(distill_ab.RUNS, "*.json")))
+    results = distill_ab.collect(distill_ab.parse_args(["--report-only"]))
+    read = [r["name"] for e in results.values() for s in e["runs"].values() for r in s.values()]
+    read += [e["teacher"]["name"] for e in results.values() if e["teacher"]]
+    assert sorted(read) == committed  # none committed yet: the generated records above stand in for them
+
+
+TINY = """seed: 0
+device: cpu
+data: {img_size: [64, 96], synth: {height: 64, width: 192, max_objects: 4}}
+model: {arch: dino, num_classes: 3, backbone: {depth: 18, width: 8, return_levels: [2, 3]}, hidden_dim: 32,
+        nheads: 2, enc_layers: 1, dec_layers: 2, ffn_dim: 64, num_queries: 10, num_feature_levels: 2,
+        dn: {num_queries: 10}}
+train: {batch_size: 2, log_every: 1, warmup_iters: 2}
+export: {topk: 10}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_ab(tmp_path_factory):
+    """A finished tiny A/B (DINO teacher, baseline and CLoCK of one seed, 2 iterations each)."""
+    root = tmp_path_factory.mktemp("ab")
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / "student.yaml").write_text(TINY)
+    (configs / "teacher.yaml").write_text("_base_: student.yaml\n")
+    (configs / "distill.yaml").write_text("_base_: student.yaml\ndistill: {method: clock, logit: "
+                                          "{random_queries: 10}, grad_share_every: 0}\n")
+    argv = ["--configs", str(configs), "--families", "dino", "--variants", "baseline", "clock", "--seeds", "1",
+            "--epochs", "1", "--teacher-epochs", "1", "--train-images", "6", "--tuning-images", "2",
+            "--test-images", "2", "--max-iters", "2", "--out", str(root / "out"), "--runs-dir", str(root / "runs"),
+            "--teachers-dir", str(root / "teachers"), "--results", str(root / "report.md")]
+    distill_ab.main(argv)
+    return root, argv
+
+
+def test_a_tiny_ab_trains_records_its_machine_and_reports(tiny_ab):
+    root, _ = tiny_ab
+    runs = root / "runs"
+    assert sorted(os.listdir(runs)) == ["dino-baseline-0.json", "dino-clock-0.json", "dino-teacher.json"]
+    teacher = read_json(runs / "dino-teacher.json")
+    assert teacher["weights"]["sha256"] == file_sha256(root / "teachers" / "dino-teacher.pt")
+    clock = read_json(runs / "dino-clock-0.json")
+    assert clock["inputs"] == {"data": ["synth_train6_val2_s0", "synth_test2_s1"],
+                               "teacher": teacher["key"] + "-" + teacher["weights"]["sha256"][:16]}
+    assert clock["machine"] == bk.machine() and clock["parts"] == [bk.machine()] and clock["resumed"] is False
+    assert clock["code"]["folders"] == ["models", "data", "training", "eval", "distill"]
+    assert "distill" not in read_json(runs / "dino-baseline-0.json")["code"]["folders"]
+    assert f"Paired on one machine type: {bk.machine_type(clock)} (threads 1)." in open(root / "report.md").read()
+
+
+def test_a_rerun_reads_finished_runs_and_resumes_an_interrupted_one(tiny_ab, monkeypatch):
+    root, argv = tiny_ab
+    before = read_json(root / "runs" / "dino-baseline-0.json")
+    os.remove(root / "runs" / "dino-baseline-0.json")  # stopped after its last checkpoint, before its record
+    trained = []
+    from clock_deploy.training import commands
+    real = commands.run_training
+    monkeypatch.setattr(commands, "run_training", lambda cfg, **kw: trained.append(cfg.output_dir) or real(cfg, **kw))
+    distill_ab.main(argv)
+    assert [os.path.basename(d) for d in trained] == ["dino-baseline-0"]  # teacher and CLoCK read, not retrained
+    after = read_json(root / "runs" / "dino-baseline-0.json")
+    assert after["resumed"] is True and after["parts"] == [bk.machine(), bk.machine()]
+    assert after["key"] == before["key"] and after["metrics"]["test"] == before["metrics"]["test"]
