@@ -44,20 +44,23 @@ def ordinary_float(x):
     return x
 
 
+def side_seed(*integers):
+    """A 64-bit seed from integers only (run seed, epoch, iteration, rank): the same on every CPU,
+    thread count and instruction set, unlike anything computed in floating point from the data."""
+    digest = hashlib.sha256(":".join(str(int(i)) for i in integers).encode())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
 @contextlib.contextmanager
-def side_rng(images):
-    """Random draws inside come from a side stream and leave the global RNG as it was.
+def side_rng(seed, device):
+    """Random draws inside come from a side stream seeded by `seed` and leave the global RNG as it was.
 
     The global stream also drives data augmentation and DINO's denoising noise, so a distilled
-    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B). The
-    side stream is seeded from the global state and the batch: it changes every step, and it
-    resumes exactly because the global state is checkpointed.
+    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B).
     """
-    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
-    digest.update(repr(float(images.float().sum())).encode())
-    devices = [images.device] if images.device.type == "cuda" else []
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        torch.manual_seed(seed)
         yield
 
 
@@ -69,16 +72,25 @@ class Distiller(nn.Module):
     `teacher_anchor_queries`: the student also answers the teacher's own query anchors (KD-DETR),
     placed before the shared group; the teacher's matching queries give the targets.
     Query terms get the padding mask of the student group they read.
+
+    The sampler draws from a side stream seeded by (seed, epoch, iteration, rank), which the trainer
+    sets before every step with `begin_step`; a caller that never sets it gets the same queries at
+    every call.
     """
 
     def __init__(self, teacher, map_terms=None, query_terms=None, sampler=None, own_content=True,
-                 teacher_anchor_queries=False, teacher_dtype="fp32"):
+                 teacher_anchor_queries=False, teacher_dtype="fp32", seed=0):
         super().__init__()
+        self.seed, self.step_key = seed, (0, 0, 0)
         self.teacher = teacher.eval().requires_grad_(False)
         self.map_terms = nn.ModuleDict(map_terms or {})
         self.query_terms = nn.ModuleDict(query_terms or {})
         self.sampler, self.own_content = sampler, own_content
         self.teacher_anchor_queries, self.teacher_dtype = teacher_anchor_queries, teacher_dtype
+
+    def begin_step(self, epoch, iteration, rank=0):
+        """Which step the next forward is: the side stream's seed is (seed, epoch, iteration, rank)."""
+        self.step_key = (epoch, iteration, rank)
 
     def train(self, mode=True):
         super().train(mode)
@@ -98,7 +110,7 @@ class Distiller(nn.Module):
         image_hw = tuple(images.shape[-2:])
         spec = None
         if self.sampler is not None:
-            with side_rng(images):
+            with side_rng(side_seed(self.seed, *self.step_key), images.device):
                 spec = self.sampler(images, targets)
         teacher_out = self.run_teacher(images, spec)
         specs = [spec] if spec is not None else []
@@ -157,7 +169,10 @@ def build_distiller(cfg, teacher, student):
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _build_distiller(cfg, teacher, student)
+        distiller = _build_distiller(cfg, teacher, student)
+    if distiller is not None:
+        distiller.seed = cfg.seed  # the side stream's queries are a function of (seed, epoch, iteration, rank)
+    return distiller
 
 
 def _build_distiller(cfg, teacher, student):
