@@ -187,6 +187,16 @@ def test_query_distill_by_hand_with_padding():
     assert both["loss_logit_box"].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_kd_detr_l1_averages_the_four_coordinates():
+    # one slot, boxes apart by (0.1, 0, 0, 0.2): summed L1 0.3 (TCLD, DETR), averaged 0.075 (KD-DETR's code)
+    teacher = output(groups=[[StageOutput(torch.zeros(1, 1, 3), torch.tensor([[[0.6, 0.5, 0.2, 0.4]]]))]])
+    student = output(groups=[[StageOutput(torch.zeros(1, 1, 3), torch.tensor([[[0.5, 0.5, 0.2, 0.2]]]))]])
+    summed = QueryDistillLoss(w_l1=5.0, w_giou=0.0)(student, teacher)["loss_logit_box"]
+    averaged = QueryDistillLoss(w_l1=5.0, w_giou=0.0, l1_mean=True)(student, teacher)["loss_logit_box"]
+    assert summed.item() == pytest.approx(5 * 0.3, rel=1e-5)
+    assert averaged.item() == pytest.approx(5 * 0.075, rel=1e-5)
+
+
 def test_query_distill_without_group_is_zero():
     terms = QueryDistillLoss()(output(), output(), None)
     assert terms["loss_logit_cls"] == 0 and terms["loss_logit_box"] == 0
@@ -201,11 +211,17 @@ def test_ground_truth_queries_layout():
     assert spec.labels[0].tolist() == [1, 2, 1, 2, 1, 2] and spec.labels[1].tolist() == [3] * 6
     assert torch.allclose(spec.boxes[0, 2:4], targets[0]["boxes"])
     assert not spec.pad_mask[0].any() and spec.pad_mask[1].all()
+    assert spec.segments == (2, 2, 2)  # one attention block per repeat, as DN-DETR's denoising groups
+    # DN-DETR's layout: every repeat padded to the most GT boxes of an image, not only the last one
+    uneven = ground_truth_queries([targets[0], target([[0.5, 0.5, 0.2, 0.2]], [0])], 3, 2, 0.0)
+    assert uneven.labels.tolist() == [[1, 2, 1, 2], [0, 3, 0, 3]]
+    assert uneven.pad_mask.tolist() == [[False] * 4, [False, True, False, True]]
 
     torch.manual_seed(0)
     sampler = TargetQuerySampler(num_classes=3, repeats=3, box_noise=0.4, random_count=5)
     spec = sampler(torch.zeros(2, 3, 8, 8), targets)
     assert spec.boxes.shape == (2, 11, 4) and spec.labels[:, 6:].eq(3).all() and not spec.pad_mask[:, 6:].any()
+    assert spec.segments == (2, 2, 2, 5)  # the general queries are their own block too
     gt = targets[0]["boxes"].repeat(3, 1)
     shift = (spec.boxes[0, :6, :2] - gt[:, :2]).abs()
     assert (shift <= 0.2 * gt[:, 2:] + 1e-6).all() and (shift > 0).all()

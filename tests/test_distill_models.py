@@ -173,6 +173,13 @@ def test_every_family_distills_from_another_family(arch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kd_detr_averages_its_l1_and_tcld_sums_it():
+    for method, mean in [("kd_detr", True), ("clock", False)]:
+        cfg = tiny_config("dab_detr", method=method)
+        distiller = build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+        assert [term.l1_mean for term in distiller.query_terms.values()] == [mean] * len(distiller.query_terms)
+
+
 def test_wrong_trainable_state_is_a_user_error():
     cfg, teacher, student, distiller = cross_family("dino", "clock")
     fgd_cfg = tiny_config("dino", method="fgd")

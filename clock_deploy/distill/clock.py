@@ -15,6 +15,7 @@ TCLD  per student stage s, paired with a teacher stage t(s), slot i to slot i (n
       w_i = max_c sigmoid(z^T_i) (detached, 0 for padding)
       L_cls = sum_i w_i * KD(z^T_i, z^S_i) / sum_i w_i
       L_box = sum_i w_i * (w_l1 * |b^S_i - b^T_i|_1 + w_giou * (1 - GIoU(b^S_i, b^T_i))) / sum_i w_i
+      (|.|_1 summed over the 4 coordinates as in DETR's box loss; KD-DETR averages them, `l1_mean`)
       KD = the binary KL per class between sigmoid(z^T) and sigmoid(z^S) ("bce", default: the BCE
       with soft targets minus the target's entropy, so the gradient is the BCE's and a perfect copy
       scores 0; it sees objectness, a shift of all logits), or tau^2 KL(softmax(z^T / tau) ||
@@ -136,8 +137,9 @@ class QueryDistillLoss(nn.Module):
     """Slot-to-slot logit + box distillation over the stages of an extra query group (TCLD, KD-DETR)."""
 
     def __init__(self, tau=10.0, cls_loss="bce", w_cls=1.0, w_l1=5.0, w_giou=2.0, stages="consistent",
-                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0):
+                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0, l1_mean=False):
         super().__init__()
+        self.l1_mean = l1_mean  # L1 averaged over the 4 coordinates (KD-DETR's code), else summed (DETR's)
         self.tau, self.cls_loss, self.stages = tau, cls_loss, stages
         self.w_cls, self.w_l1, self.w_giou, self.weight, self.prefix = w_cls, w_l1, w_giou, weight, prefix
         self.student_group, self.teacher_group = student_group, teacher_group
@@ -165,7 +167,8 @@ class QueryDistillLoss(nn.Module):
             weight = weight.masked_fill(pad_mask, 0.0)
         norm = weight.sum().clamp(min=1e-6)
         cls = (weight * classification_kd(student_logits, teacher_logits, self.tau, self.cls_loss)).sum() / norm
-        l1 = (student.boxes.float() - teacher.boxes.float()).abs().sum(-1)
+        l1 = (student.boxes.float() - teacher.boxes.float()).abs()
+        l1 = l1.mean(-1) if self.l1_mean else l1.sum(-1)
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(student.boxes.float()),
                                                box_cxcywh_to_xyxy(teacher.boxes.float()))
         box = (weight * (self.w_l1 * l1 + self.w_giou * (1 - giou))).sum() / norm

@@ -221,7 +221,7 @@ def _build_distiller(cfg, teacher, student):
         def term(prefix, student_group, teacher_group):
             return QueryDistillLoss(tau=kc.tau, cls_loss="kl", w_cls=kc.w_cls, w_l1=kc.w_l1, w_giou=kc.w_giou,
                                     stages="last", weight=dc.lambda_logit, prefix=prefix,
-                                    student_group=student_group, teacher_group=teacher_group)
+                                    student_group=student_group, teacher_group=teacher_group, l1_mean=True)
         if kc.teacher_anchors:
             terms["anchors"] = term("loss_kd_anchor", 0, None)
         if kc.random_queries:
