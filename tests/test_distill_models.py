@@ -180,6 +180,14 @@ def test_kd_detr_averages_its_l1_and_tcld_sums_it():
         assert [term.l1_mean for term in distiller.query_terms.values()] == [mean] * len(distiller.query_terms)
 
 
+@pytest.mark.parametrize("value", ["model", "sine"])
+def test_removed_lcmd_position_option_is_refused(value):
+    cfg = tiny_config("dab_detr", method="clock")
+    cfg.distill.mem.pos_embed = value
+    with pytest.raises(UserError, match="distill.mem.pos_embed.*removed"):
+        build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+
+
 def test_wrong_trainable_state_is_a_user_error():
     cfg, teacher, student, distiller = cross_family("dino", "clock")
     fgd_cfg = tiny_config("dino", method="fgd")

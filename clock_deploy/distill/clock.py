@@ -1,15 +1,11 @@
 """The CLoCK losses (docs clock_method.md): LCMD on encoder memory, TCLD on decoder queries.
 
 LCMD  L_mem = sum_levels mean_batch [ alpha * sum_p M_p S_p e_p + beta * sum_p (1 - M_p) S_p e_p ],
-      e_p = ||(A_T,p + P_T,p) - phi(A_S,p + P_S,p)||^2 (divided by the teacher's channels when normalized)
+      e_p = ||A_T,p - phi(A_S,p)||^2 (divided by the teacher's channels when normalized)
       M_p: pixel p touches a GT box; S_p: 1 / (h*w) of the smallest such box, 1 / N_bg outside boxes.
-      Position enrichment P, added *before* the adapter phi: "model" = each model's own memory_pos
-      (sine grid + its learned level embedding, detached), "sine" = a plain sine grid at each width.
-      Added after phi it would cancel in the difference; added before, phi must map the student's
-      position code onto the teacher's, so it cannot trade location for content. With equal widths
-      the sine grids agree, so the enrichment acts through the level embeddings (which differ
-      between models) and through phi, which stays a learnable 1x1 conv (learn_adapter, identity
-      at start) instead of the identity.
+      The location awareness is M and S. A position code added to both memories (removed in issue 42)
+      was an affine function of the student's (at equal widths the same sine grid plus a constant level
+      embedding per level), which phi absorbs, so it carried no location information.
 
 TCLD  per student stage s, paired with a teacher stage t(s), slot i to slot i (no matching):
       w_i = max_c sigmoid(z^T_i) (detached, 0 for padding)
@@ -32,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from clock_deploy.models.position import PositionEmbeddingSine
 
 
 # ---------------------------------------------------------------- GT location weights
@@ -83,25 +78,15 @@ def weighted_fg_bg_sum(error, fg, scale, alpha, beta):
 class LcmdLoss(nn.Module):
     """Location-and-context-aware memory distillation; `adapters` are the trainable phi."""
 
-    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, pos_embed="model", weight=1.0):
+    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, weight=1.0):
         super().__init__()
         self.adapters = adapters
         self.alpha, self.beta, self.normalize, self.weight = alpha, beta, normalize, weight
-        self.pos_embed = pos_embed
-
-    def positions(self, out, index, memory):
-        """Position code added to one model's memory map before the comparison."""
-        if self.pos_embed == "model":
-            return out.memory_pos[index].detach().to(memory.dtype)
-        return PositionEmbeddingSine(memory.shape[1] // 2)(memory)
 
     def forward(self, student_out, teacher_out, targets, image_hw):
         total = student_out.memory[0].new_zeros(())
         for stride, ti, si in self.adapters.pairs(teacher_out.memory, student_out.memory, image_hw):
             teacher_map, student_map = teacher_out.memory[ti], student_out.memory[si]
-            if self.pos_embed != "none":
-                teacher_map = teacher_map + self.positions(teacher_out, ti, teacher_map)
-                student_map = student_map + self.positions(student_out, si, student_map)
             height, width = teacher_map.shape[-2:]
             adapted = self.adapters(student_map, stride, (height, width))
             error = (teacher_map.float() - adapted.float()).pow(2).sum(1)  # [B, H, W]

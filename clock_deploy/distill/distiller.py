@@ -195,10 +195,14 @@ def _build_distiller(cfg, teacher, student):
         map_terms = {}
         if dc.use_mem:
             mc = dc.mem
+            if mc.pos_embed != "none":
+                raise UserError(f"distill.mem.pos_embed={mc.pos_embed} was removed: the position code was an affine "
+                                f"function of the student's that the adapter absorbs (docs/clock_method.md); "
+                                f"set distill.mem.pos_embed=none")
             adapters = level_adapters(teacher_probe.memory, student_probe.memory, image_hw, "encoder memories",
                                       learnable=mc.learn_adapter)
             map_terms["lcmd"] = LcmdLoss(adapters, alpha=mc.alpha, beta=mc.beta, normalize=mc.normalize,
-                                         pos_embed=mc.pos_embed, weight=dc.lambda_mem)
+                                         weight=dc.lambda_mem)
         if not dc.use_logit:
             return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit
