@@ -188,8 +188,10 @@ class LcmdConfig:
     alpha: float = 2.0            # weight of foreground (inside GT) pixels, normalized form
     beta: float = 1.0             # weight of background pixels (global context), normalized form
     normalize: bool = True        # squared errors divided by channels (the form alpha / beta above are for)
-    pos_embed: str = choice("model", "sine", "none")  # position added to both memories before the adapter:
-                                  # each model's own memory_pos (sine + level embedding), a plain sine grid, or none
+    # removed (issue 42): the position code added to both memories was an affine function of the student's,
+    # which the adapter absorbs; LCMD's location awareness is its GT mask. Only "none" distils; the other
+    # values stay readable so that checkpoints written before keep loading
+    pos_embed: str = choice("none", "model", "sine")
     learn_adapter: bool = True    # a 1x1 conv adapter even when the widths agree (identity at start)
 
 

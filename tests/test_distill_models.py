@@ -173,6 +173,21 @@ def test_every_family_distills_from_another_family(arch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kd_detr_averages_its_l1_and_tcld_sums_it():
+    for method, mean in [("kd_detr", True), ("clock", False)]:
+        cfg = tiny_config("dab_detr", method=method)
+        distiller = build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+        assert [term.l1_mean for term in distiller.query_terms.values()] == [mean] * len(distiller.query_terms)
+
+
+@pytest.mark.parametrize("value", ["model", "sine"])
+def test_removed_lcmd_position_option_is_refused(value):
+    cfg = tiny_config("dab_detr", method="clock")
+    cfg.distill.mem.pos_embed = value
+    with pytest.raises(UserError, match="distill.mem.pos_embed.*removed"):
+        build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+
+
 def test_wrong_trainable_state_is_a_user_error():
     cfg, teacher, student, distiller = cross_family("dino", "clock")
     fgd_cfg = tiny_config("dino", method="fgd")
@@ -468,6 +483,7 @@ def test_distilling_leaves_the_global_rng_stream_as_plain_training(method):
     groups = student_groups(student)
     distiller(student, images, targets)
     assert torch.equal(torch.get_rng_state(), plain)
-    if method != "fgd":  # the random queries still change from step to step (the side stream follows the global state)
+    if method != "fgd":  # the random queries still change from step to step (the side stream is seeded per step)
+        distiller.begin_step(epoch=0, iteration=1)
         distiller(student, images, targets)
         assert not torch.equal(groups[0][-1].boxes, groups[1][-1].boxes)

@@ -22,7 +22,7 @@ from clock_deploy.models.contract import QueryGroup
 from clock_deploy.models.deploy import PostProcess
 from clock_deploy.models.dino import build_denoising_queries
 from clock_deploy.models.position import PositionEmbeddingSine, gen_sineembed_for_position
-from clock_deploy.models.transformer_utils import self_attn_mask
+from clock_deploy.models.transformer_utils import group_attention_blocks, self_attn_mask
 
 ARCHS = ["dab_detr", "deformable_detr", "dino"]
 H, W = 64, 96
@@ -280,6 +280,45 @@ def test_self_attn_mask_layout():
     assert not mask[0, 4, 4]                               # but it still sees itself (no empty row)
     assert mask[:, 5, :5].all() and not mask[:, 5, 5].any()
     assert self_attn_mask(2, 3) is None
+
+
+def test_segments_of_a_group_are_separate_attention_blocks():
+    """TCLD's layout, 2 images with 2 and 1 GT boxes: 3 matching queries, then one group of
+    [repeat 0: 2 slots | repeat 1: 2 slots | general: 2 slots]; image 1 pads slot 1 of each repeat."""
+    pad = torch.tensor([[False] * 6, [False, True, False, True, False, False]])
+    group = QueryGroup(content=torch.zeros(2, 6, 8), boxes=torch.rand(2, 6, 4), pad_mask=pad, segments=(2, 2, 2))
+    mask = self_attn_mask(2, 3, None, *group_attention_blocks([group]))
+    blocked_image_1 = torch.tensor([  # 1 = may not attend, written out by hand
+        [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 1, 1, 1, 1, 1],  # repeat 0, GT 0: itself only (slot 1 is padding)
+        [1, 1, 1, 0, 0, 1, 1, 1, 1],  # repeat 0, padding: the real slot and itself
+        [1, 1, 1, 1, 1, 0, 1, 1, 1],  # repeat 1, GT 0: not its copy in repeat 0
+        [1, 1, 1, 1, 1, 0, 0, 1, 1],
+        [1, 1, 1, 1, 1, 1, 1, 0, 0],  # general queries: each other only, no GT-anchored query
+        [1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(mask[1], blocked_image_1)
+    expected_image_0 = blocked_image_1.clone()
+    expected_image_0[3:5, 3:5] = expected_image_0[5:7, 5:7] = False  # no padding: both GT of a repeat see each other
+    assert torch.equal(mask[0], expected_image_0)
+    with pytest.raises(ValueError, match="segments"):
+        group_attention_blocks([QueryGroup(content=torch.zeros(2, 6, 8), boxes=group.boxes, segments=(2, 2))])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_segments_do_not_see_each_other_in_the_decoder(arch):
+    model = tiny_model(arch).eval()
+    x, targets = images(), sample_targets()
+    g = torch.Generator().manual_seed(3)
+    content, boxes = torch.randn(2, 6, 32, generator=g), torch.rand(2, 6, 4, generator=g) * 0.5 + 0.25
+    moved = boxes.clone()
+    moved[:, 2:] = torch.rand(2, 4, 4, generator=g) * 0.5 + 0.25  # other anchors in segments 2 and 3
+    out = [model(x, targets, [QueryGroup(content=content, boxes=b, segments=(2, 2, 2))]).groups[0]
+           for b in (boxes, moved)]
+    first = [type(s)(logits=s.logits[:, :2], boxes=s.boxes[:, :2]) for s in out[0]]
+    assert_stages_close(first, [type(s)(logits=s.logits[:, :2], boxes=s.boxes[:, :2]) for s in out[1]])
+    assert not torch.allclose(out[0][-1].boxes[:, 2:], out[1][-1].boxes[:, 2:])
 
 
 def test_dino_denoising_layout_and_mask():

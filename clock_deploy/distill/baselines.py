@@ -2,16 +2,18 @@
 
 none     No distiller: `clock-deploy distill` with method none trains the student on GT only.
 
-kd_detr  KD-DETR-style consistent distillation points (Wang et al., CVPR 2024), as built here:
-         queries = `kd_detr.teacher_queries` most confident last-stage predictions of the teacher
-         (anchor = predicted box, content = the frozen label embedding of the predicted class, as
-         for CLoCK's GT queries) + `kd_detr.random_queries` random anchors shared by both models.
-         The group runs through both decoders isolated from the matching queries (the teacher runs
-         once without it to produce its predictions, then once with it). Every student stage s is
-         supervised by the teacher's LAST stage, slot to slot, with CLoCK's confidence-weighted
-         terms (clock.QueryDistillLoss with stages="last"): w_cls * tau^2 KL + w_l1 L1 + w_giou
-         (1 - GIoU). There is no memory / feature term. Losses: loss_kd_cls, loss_kd_box,
-         scaled by distill.lambda_logit.
+kd_detr  KD-DETR (Wang et al., CVPR 2024) as in the authors' code (Myleswork/KD-DETR); built by
+         distiller.build_distiller from the shared pieces, no class of its own:
+         (1) the student answers the teacher's own query anchors (queries.teacher_anchors) with zero
+             content; the targets are the teacher's matching predictions from its normal forward;
+         (2) `kd_detr.random_queries` random anchors drawn every step like a fresh nn.Embedding(n, 4)
+             (sigmoid of N(0, 1), the same for every image; queries.embedding_anchors), answered by
+             the teacher in the same single forward (one teacher forward per step).
+         Every student stage is supervised by the teacher's LAST stage, slot to slot, with
+         clock.QueryDistillLoss(stages="last"): w_cls * tau^2 softmax KL (tau = 10) + w_l1 * L1
+         (averaged over the 4 box coordinates, as the official code) + w_giou * (1 - GIoU), weighted
+         by the teacher's confidence. No memory / feature term. Losses loss_kd_anchor_{cls,box} and
+         loss_kd_random_{cls,box}, scaled by distill.lambda_logit.
 
 fgd      FGD (Yang et al., CVPR 2022) on the projected backbone features (DetrOutput.features),
          levels paired by stride, student adapted by a 1x1 conv to the teacher's width:

@@ -1,20 +1,17 @@
 """The CLoCK losses (docs clock_method.md): LCMD on encoder memory, TCLD on decoder queries.
 
 LCMD  L_mem = sum_levels mean_batch [ alpha * sum_p M_p S_p e_p + beta * sum_p (1 - M_p) S_p e_p ],
-      e_p = ||(A_T,p + P_T,p) - phi(A_S,p + P_S,p)||^2 (divided by the teacher's channels when normalized)
+      e_p = ||A_T,p - phi(A_S,p)||^2 (divided by the teacher's channels when normalized)
       M_p: pixel p touches a GT box; S_p: 1 / (h*w) of the smallest such box, 1 / N_bg outside boxes.
-      Position enrichment P, added *before* the adapter phi: "model" = each model's own memory_pos
-      (sine grid + its learned level embedding, detached), "sine" = a plain sine grid at each width.
-      Added after phi it would cancel in the difference; added before, phi must map the student's
-      position code onto the teacher's, so it cannot trade location for content. With equal widths
-      the sine grids agree, so the enrichment acts through the level embeddings (which differ
-      between models) and through phi, which stays a learnable 1x1 conv (learn_adapter, identity
-      at start) instead of the identity.
+      The location awareness is M and S. A position code added to both memories (removed in issue 42)
+      was an affine function of the student's (at equal widths the same sine grid plus a constant level
+      embedding per level), which phi absorbs, so it carried no location information.
 
 TCLD  per student stage s, paired with a teacher stage t(s), slot i to slot i (no matching):
       w_i = max_c sigmoid(z^T_i) (detached, 0 for padding)
       L_cls = sum_i w_i * KD(z^T_i, z^S_i) / sum_i w_i
       L_box = sum_i w_i * (w_l1 * |b^S_i - b^T_i|_1 + w_giou * (1 - GIoU(b^S_i, b^T_i))) / sum_i w_i
+      (|.|_1 summed over the 4 coordinates as in DETR's box loss; KD-DETR averages them, `l1_mean`)
       KD = the binary KL per class between sigmoid(z^T) and sigmoid(z^S) ("bce", default: the BCE
       with soft targets minus the target's entropy, so the gradient is the BCE's and a perfect copy
       scores 0; it sees objectness, a shift of all logits), or tau^2 KL(softmax(z^T / tau) ||
@@ -31,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from clock_deploy.models.position import PositionEmbeddingSine
 
 
 # ---------------------------------------------------------------- GT location weights
@@ -82,25 +78,15 @@ def weighted_fg_bg_sum(error, fg, scale, alpha, beta):
 class LcmdLoss(nn.Module):
     """Location-and-context-aware memory distillation; `adapters` are the trainable phi."""
 
-    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, pos_embed="model", weight=1.0):
+    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, weight=1.0):
         super().__init__()
         self.adapters = adapters
         self.alpha, self.beta, self.normalize, self.weight = alpha, beta, normalize, weight
-        self.pos_embed = pos_embed
-
-    def positions(self, out, index, memory):
-        """Position code added to one model's memory map before the comparison."""
-        if self.pos_embed == "model":
-            return out.memory_pos[index].detach().to(memory.dtype)
-        return PositionEmbeddingSine(memory.shape[1] // 2)(memory)
 
     def forward(self, student_out, teacher_out, targets, image_hw):
         total = student_out.memory[0].new_zeros(())
         for stride, ti, si in self.adapters.pairs(teacher_out.memory, student_out.memory, image_hw):
             teacher_map, student_map = teacher_out.memory[ti], student_out.memory[si]
-            if self.pos_embed != "none":
-                teacher_map = teacher_map + self.positions(teacher_out, ti, teacher_map)
-                student_map = student_map + self.positions(student_out, si, student_map)
             height, width = teacher_map.shape[-2:]
             adapted = self.adapters(student_map, stride, (height, width))
             error = (teacher_map.float() - adapted.float()).pow(2).sum(1)  # [B, H, W]
@@ -136,8 +122,9 @@ class QueryDistillLoss(nn.Module):
     """Slot-to-slot logit + box distillation over the stages of an extra query group (TCLD, KD-DETR)."""
 
     def __init__(self, tau=10.0, cls_loss="bce", w_cls=1.0, w_l1=5.0, w_giou=2.0, stages="consistent",
-                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0):
+                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0, l1_mean=False):
         super().__init__()
+        self.l1_mean = l1_mean  # L1 averaged over the 4 coordinates (KD-DETR's code), else summed (DETR's)
         self.tau, self.cls_loss, self.stages = tau, cls_loss, stages
         self.w_cls, self.w_l1, self.w_giou, self.weight, self.prefix = w_cls, w_l1, w_giou, weight, prefix
         self.student_group, self.teacher_group = student_group, teacher_group
@@ -165,7 +152,8 @@ class QueryDistillLoss(nn.Module):
             weight = weight.masked_fill(pad_mask, 0.0)
         norm = weight.sum().clamp(min=1e-6)
         cls = (weight * classification_kd(student_logits, teacher_logits, self.tau, self.cls_loss)).sum() / norm
-        l1 = (student.boxes.float() - teacher.boxes.float()).abs().sum(-1)
+        l1 = (student.boxes.float() - teacher.boxes.float()).abs()
+        l1 = l1.mean(-1) if self.l1_mean else l1.sum(-1)
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(student.boxes.float()),
                                                box_cxcywh_to_xyxy(teacher.boxes.float()))
         box = (weight * (self.w_l1 * l1 + self.w_giou * (1 - giou))).sum() / norm

@@ -44,20 +44,23 @@ def ordinary_float(x):
     return x
 
 
+def side_seed(*integers):
+    """A 64-bit seed from integers only (run seed, epoch, iteration, rank): the same on every CPU,
+    thread count and instruction set, unlike anything computed in floating point from the data."""
+    digest = hashlib.sha256(":".join(str(int(i)) for i in integers).encode())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
 @contextlib.contextmanager
-def side_rng(images):
-    """Random draws inside come from a side stream and leave the global RNG as it was.
+def side_rng(seed, device):
+    """Random draws inside come from a side stream seeded by `seed` and leave the global RNG as it was.
 
     The global stream also drives data augmentation and DINO's denoising noise, so a distilled
-    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B). The
-    side stream is seeded from the global state and the batch: it changes every step, and it
-    resumes exactly because the global state is checkpointed.
+    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B).
     """
-    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
-    digest.update(repr(float(images.float().sum())).encode())
-    devices = [images.device] if images.device.type == "cuda" else []
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        torch.manual_seed(seed)
         yield
 
 
@@ -69,16 +72,25 @@ class Distiller(nn.Module):
     `teacher_anchor_queries`: the student also answers the teacher's own query anchors (KD-DETR),
     placed before the shared group; the teacher's matching queries give the targets.
     Query terms get the padding mask of the student group they read.
+
+    The sampler draws from a side stream seeded by (seed, epoch, iteration, rank), which the trainer
+    sets before every step with `begin_step`; a caller that never sets it gets the same queries at
+    every call.
     """
 
     def __init__(self, teacher, map_terms=None, query_terms=None, sampler=None, own_content=True,
-                 teacher_anchor_queries=False, teacher_dtype="fp32"):
+                 teacher_anchor_queries=False, teacher_dtype="fp32", seed=0):
         super().__init__()
+        self.seed, self.step_key = seed, (0, 0, 0)
         self.teacher = teacher.eval().requires_grad_(False)
         self.map_terms = nn.ModuleDict(map_terms or {})
         self.query_terms = nn.ModuleDict(query_terms or {})
         self.sampler, self.own_content = sampler, own_content
         self.teacher_anchor_queries, self.teacher_dtype = teacher_anchor_queries, teacher_dtype
+
+    def begin_step(self, epoch, iteration, rank=0):
+        """Which step the next forward is: the side stream's seed is (seed, epoch, iteration, rank)."""
+        self.step_key = (epoch, iteration, rank)
 
     def train(self, mode=True):
         super().train(mode)
@@ -98,7 +110,7 @@ class Distiller(nn.Module):
         image_hw = tuple(images.shape[-2:])
         spec = None
         if self.sampler is not None:
-            with side_rng(images):
+            with side_rng(side_seed(self.seed, *self.step_key), images.device):
                 spec = self.sampler(images, targets)
         teacher_out = self.run_teacher(images, spec)
         specs = [spec] if spec is not None else []
@@ -157,7 +169,10 @@ def build_distiller(cfg, teacher, student):
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _build_distiller(cfg, teacher, student)
+        distiller = _build_distiller(cfg, teacher, student)
+    if distiller is not None:
+        distiller.seed = cfg.seed  # the side stream's queries are a function of (seed, epoch, iteration, rank)
+    return distiller
 
 
 def _build_distiller(cfg, teacher, student):
@@ -180,10 +195,14 @@ def _build_distiller(cfg, teacher, student):
         map_terms = {}
         if dc.use_mem:
             mc = dc.mem
+            if mc.pos_embed != "none":
+                raise UserError(f"distill.mem.pos_embed={mc.pos_embed} was removed: the position code was an affine "
+                                f"function of the student's that the adapter absorbs (docs/clock_method.md); "
+                                f"set distill.mem.pos_embed=none")
             adapters = level_adapters(teacher_probe.memory, student_probe.memory, image_hw, "encoder memories",
                                       learnable=mc.learn_adapter)
             map_terms["lcmd"] = LcmdLoss(adapters, alpha=mc.alpha, beta=mc.beta, normalize=mc.normalize,
-                                         pos_embed=mc.pos_embed, weight=dc.lambda_mem)
+                                         weight=dc.lambda_mem)
         if not dc.use_logit:
             return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit
@@ -206,7 +225,7 @@ def _build_distiller(cfg, teacher, student):
         def term(prefix, student_group, teacher_group):
             return QueryDistillLoss(tau=kc.tau, cls_loss="kl", w_cls=kc.w_cls, w_l1=kc.w_l1, w_giou=kc.w_giou,
                                     stages="last", weight=dc.lambda_logit, prefix=prefix,
-                                    student_group=student_group, teacher_group=teacher_group)
+                                    student_group=student_group, teacher_group=teacher_group, l1_mean=True)
         if kc.teacher_anchors:
             terms["anchors"] = term("loss_kd_anchor", 0, None)
         if kc.random_queries:

@@ -14,6 +14,7 @@ answers can be compared slot by slot:
            and size) as the positional query.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,10 +32,15 @@ class QuerySpec:
     labels: Tensor    # [B, G] class hint; num_classes means "no class" (general queries, padding)
     boxes: Tensor     # [B, G, 4] cxcywh normalized
     pad_mask: Tensor  # [B, G] True where the slot is padding
+    segments: Optional[tuple] = None  # lengths of blocks that do not see each other (None: one block)
 
     @property
     def num_queries(self):
         return self.boxes.shape[1]
+
+    @property
+    def blocks(self):
+        return tuple(self.segments) if self.segments is not None else (self.num_queries,)
 
 
 def clip_to_image(boxes):
@@ -56,19 +62,21 @@ def noisy_anchors(boxes, noise):
 
 
 def ground_truth_queries(targets, num_classes, repeats, box_noise):
-    """Every GT box `repeats` times (each copy with its own noise), padded to the largest image."""
+    """Every GT box `repeats` times, each copy with its own noise, laid out as DN-DETR's denoising
+    groups: one block per repeat, each padded to the most GT boxes of an image (slots
+    [r * n, (r + 1) * n) hold repeat r). Each block is its own attention segment: the noisy copies
+    of a box never see each other, as no inference query can."""
     device = targets[0]["boxes"].device
-    per_image = [(t["labels"].repeat(repeats), noisy_anchors(t["boxes"].float().repeat(repeats, 1), box_noise))
-                 for t in targets]
-    size = max(len(labels) for labels, _ in per_image)
-    labels = torch.full((len(targets), size), num_classes, dtype=torch.long, device=device)
-    boxes = torch.tensor(PAD_BOX, device=device).repeat(len(targets), size, 1)
-    pad_mask = torch.ones(len(targets), size, dtype=torch.bool, device=device)
-    for i, (lab, box) in enumerate(per_image):
-        labels[i, :len(lab)] = lab
-        boxes[i, :len(lab)] = box
-        pad_mask[i, :len(lab)] = False
-    return QuerySpec(labels, boxes, pad_mask)
+    size = max(len(t["labels"]) for t in targets)
+    labels = torch.full((len(targets), repeats, size), num_classes, dtype=torch.long, device=device)
+    boxes = torch.tensor(PAD_BOX, device=device).repeat(len(targets), repeats, size, 1)
+    pad_mask = torch.ones(len(targets), repeats, size, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        count = len(t["labels"])
+        labels[i, :, :count] = t["labels"]
+        boxes[i, :, :count] = noisy_anchors(t["boxes"].float().repeat(repeats, 1), box_noise).reshape(repeats, count, 4)
+        pad_mask[i, :, :count] = False
+    return QuerySpec(labels.flatten(1), boxes.flatten(1, 2), pad_mask.flatten(1), (size,) * repeats)
 
 
 def class_free(boxes, num_classes):
@@ -114,11 +122,12 @@ def concat(*specs):
     if not specs:
         return None
     return QuerySpec(torch.cat([s.labels for s in specs], 1), torch.cat([s.boxes for s in specs], 1),
-                     torch.cat([s.pad_mask for s in specs], 1))
+                     torch.cat([s.pad_mask for s in specs], 1), tuple(b for s in specs for b in s.blocks))
 
 
 class TargetQuerySampler:
-    """CLoCK TCLD queries: GT boxes x repeats with DN-DETR noise + random general anchors."""
+    """CLoCK TCLD queries: GT boxes x repeats with DN-DETR noise + random general anchors, each repeat
+    and the general anchors in their own attention segment."""
 
     def __init__(self, num_classes, repeats=3, box_noise=0.4, random_count=100):
         self.num_classes, self.repeats = num_classes, repeats
@@ -152,4 +161,4 @@ def query_group(model, spec, own_content=True):
     else:
         has_class = spec.labels < model.num_classes
         content = label_enc(spec.labels.clamp(max=model.num_classes - 1)) * has_class[..., None]
-    return QueryGroup(content=content, boxes=spec.boxes, pad_mask=spec.pad_mask)
+    return QueryGroup(content=content, boxes=spec.boxes, pad_mask=spec.pad_mask, segments=spec.segments)

@@ -22,12 +22,16 @@ class QueryGroup:
 
     The group goes through the decoder next to the matching queries but isolated
     by the self-attention mask: matching queries never see it and it only sees
-    itself, so predictions of the matching queries are unchanged.
+    itself (or only its own segment, when `segments` splits it), so predictions of
+    the matching queries are unchanged.
     """
     content: Tensor                    # [B, G, D] content embeddings in the model's hidden size
     boxes: Tensor                      # [B, G, 4] cxcywh normalized anchors / reference boxes
     pos: Optional[Tensor] = None       # [B, G, D] positional query, for models that do not derive it from boxes
     pad_mask: Optional[Tensor] = None  # [B, G] True where the slot is padding (images with fewer GT boxes)
+    # lengths of consecutive blocks of the group that do not see each other (as DN-DETR's denoising
+    # groups); None = the whole group is one block
+    segments: Optional[tuple] = None
 
 
 @dataclass

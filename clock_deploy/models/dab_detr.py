@@ -15,9 +15,9 @@ from torch import nn
 from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.contract import DetrOutput
 from clock_deploy.models.position import PositionEmbeddingSine, gen_sineembed_for_position
-from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention, attention, init_box_head,
-                                                   init_class_head, inverse_sigmoid, self_attn_mask, split_stages,
-                                                   unflatten_dim)
+from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention, attention, group_attention_blocks,
+                                                   init_box_head, init_class_head, inverse_sigmoid, self_attn_mask,
+                                                   split_stages, unflatten_dim)
 
 
 # inverse_sigmoid clamp of DAB-DETR's util/misc.py (HF transformers uses 1e-5: equal unless a box
@@ -211,7 +211,7 @@ class DABDETR(nn.Module):
             anchors.append(inverse_sigmoid(g.boxes))
             content.append(g.content)
         sizes = [a.shape[1] for a in anchors]
-        mask = self_attn_mask(batch, self.num_queries, None, sizes[1:], [g.pad_mask for g in groups], src.device)
+        mask = self_attn_mask(batch, self.num_queries, None, *group_attention_blocks(groups), src.device)
         hidden, boxes = self.decoder(torch.cat(content, 1), torch.cat(anchors, 1), memory, memory_pos, mask)
         logits = [self.class_embed(h) for h in hidden]
         blocks = split_stages(logits, boxes, sizes)

@@ -10,8 +10,8 @@ from torch import nn
 from clock_deploy.models.contract import DetrOutput
 from clock_deploy.models.deformable_transformer import MultiScaleDetrBase, TwoStageProposals, unflatten_levels
 from clock_deploy.models.position import gen_sineembed_for_position
-from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
-                                                   self_attn_mask, split_stages)
+from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, init_box_head, init_class_head,
+                                                   inverse_sigmoid, self_attn_mask, split_stages)
 
 
 class DeformableDETR(MultiScaleDetrBase):
@@ -89,7 +89,7 @@ class DeformableDETR(MultiScaleDetrBase):
             for blocks, value in zip((contents, positions, references), self._group_queries(g)):
                 blocks.append(value)
         sizes = [c.shape[1] for c in contents]
-        mask = self_attn_mask(batch, self.num_queries, None, sizes[1:], [g.pad_mask for g in groups], memory.device)
+        mask = self_attn_mask(batch, self.num_queries, None, *group_attention_blocks(groups), memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(positions, 1), torch.cat(references, 1),
                                      memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, sizes)

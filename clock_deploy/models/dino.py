@@ -12,8 +12,8 @@ from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from clock_deploy.models.contract import DenoisingOutput, DetrOutput
 from clock_deploy.models.deformable_transformer import MultiScaleDetrBase, TwoStageProposals, unflatten_levels
 from clock_deploy.models.position import gen_sineembed_for_position
-from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
-                                                   self_attn_mask, split_stages)
+from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, init_box_head, init_class_head,
+                                                   inverse_sigmoid, self_attn_mask, split_stages)
 
 
 def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matching):
@@ -111,8 +111,7 @@ class DINO(MultiScaleDetrBase):
         for g in groups:
             contents.append(g.content)
             anchor_blocks.append(inverse_sigmoid(g.boxes))
-        mask = self_attn_mask(batch, num_base, base_mask, [g.content.shape[1] for g in groups],
-                              [g.pad_mask for g in groups], memory.device)
+        mask = self_attn_mask(batch, num_base, base_mask, *group_attention_blocks(groups), memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(anchor_blocks, 1), memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, [c.shape[1] for c in contents])
         denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta) if dn is not None else None

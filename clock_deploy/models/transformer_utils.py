@@ -133,6 +133,22 @@ def self_attn_mask(batch_size, num_base, base_mask=None, group_sizes=(), group_p
     return mask & ~torch.eye(total, dtype=torch.bool, device=device)
 
 
+def group_attention_blocks(groups):
+    """The attention blocks of extra query groups: (sizes, pad_masks) for self_attn_mask, one block
+    per segment of each group (`QueryGroup.segments`; the whole group when it has none)."""
+    sizes, pads = [], []
+    for g in groups:
+        start = 0
+        for size in g.segments or (g.content.shape[1],):
+            pad = None if g.pad_mask is None else g.pad_mask[:, start:start + size]
+            sizes.append(size)
+            pads.append(pad)
+            start += size
+        if start != g.content.shape[1]:
+            raise ValueError(f"query group segments {g.segments} do not add up to its {g.content.shape[1]} slots")
+    return sizes, pads
+
+
 def split_stages(logits, boxes, sizes):
     """Per-layer predictions of the concatenated query blocks -> per block, per layer StageOutput.
 

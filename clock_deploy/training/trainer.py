@@ -237,6 +237,8 @@ class Trainer:
                 break
             images = images.to(self.device, non_blocking=True)
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            if self.step_module.distiller is not None:
+                self.step_module.distiller.begin_step(self.epoch, self.iteration, dist.rank())
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 losses = self.runner(images, targets)
             total = sum(v for k, v in losses.items() if k.startswith("loss"))
