@@ -8,9 +8,10 @@ from clock_deploy.models.dab_detr import DABDETR
 from clock_deploy.models.deformable_detr import DeformableDETR
 from clock_deploy.models.dino import DINO
 from clock_deploy.models.matcher import HungarianMatcher
+from clock_deploy.models.rt_detr import RTDETR
 
 # the model class of each model.arch choice (config.ARCHS; tests/test_models.py checks they match)
-ARCHS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DINO}
+ARCHS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DINO, "rt_detr": RTDETR}
 
 
 def check_model_config(cfg):
