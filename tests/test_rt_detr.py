@@ -74,3 +74,65 @@ def test_per_level_points_equal_uniform_points_when_all_levels_have_the_same_cou
     query, refs = torch.randn(2, 5, 16), torch.rand(2, 5, 2, 4) * 0.5 + 0.25
     out = module(query, refs, torch.randn(2, sum(h * w for h, w in shapes), 16), shapes)
     assert out.shape == (2, 5, 16) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ loss
+
+def hf_loss_key(key, layers):
+    """Project loss name -> transformers RTDetrLoss name (aux stages, encoder as the last aux, denoising)."""
+    term, _, suffix = key.removeprefix("loss_").partition("_")
+    term = "vfl" if term == "cls" else term
+    if suffix == "":
+        return f"loss_{term}"
+    if suffix == "enc":
+        return f"loss_{term}_aux_{layers - 1}"
+    if suffix == "dn":
+        return f"loss_{term}_dn_{layers - 1}"
+    return f"loss_{term}_{suffix}" if suffix.startswith("dn_") else f"loss_{term}_aux_{suffix}"
+
+
+def test_loss_matches_transformers_rt_detr_loss():
+    """Varifocal + L1 + GIoU on every decoder stage, the encoder selection and the denoising queries,
+    on one batch of random predictions: the same numbers as transformers' RTDetrLoss."""
+    from transformers.loss.loss_rt_detr import RTDetrForObjectDetectionLoss
+
+    from clock_deploy.config import DenoisingConfig, LossConfig, ModelConfig
+    from clock_deploy.models.build import build_criterion
+    from clock_deploy.models.contract import DenoisingOutput, DetrOutput, StageOutput
+    from clock_deploy.models.dino import build_denoising_queries
+
+    g = torch.Generator().manual_seed(0)
+    batch, queries, classes, layers = 2, 12, 3, 3
+    targets = [{"labels": torch.tensor([0, 2, 1]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2],
+                                                                          [0.5, 0.5, 0.4, 0.4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.6, 0.3, 0.5]])}]
+    _, _, _, meta = build_denoising_queries(targets, classes, torch.nn.Embedding(classes + 1, 8),
+                                            DenoisingConfig(num_queries=7), queries, queries_per_gt=1)
+    num_dn = meta["labels"].shape[1]
+
+    def stage(count):
+        boxes = torch.cat([torch.rand(batch, count, 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(batch, count, 2, generator=g) * 0.4 + 0.1], -1)
+        return StageOutput(logits=torch.randn(batch, count, classes, generator=g), boxes=boxes)
+
+    stages, dn_stages, encoder = [stage(queries) for _ in range(layers)], [stage(num_dn) for _ in range(layers)], \
+        stage(queries)
+    out = DetrOutput(memory=[], memory_pos=[], stages=stages, encoder=encoder,
+                     denoising=DenoisingOutput(stages=dn_stages, meta=meta))
+    criterion = build_criterion(LossConfig(cls=1.0), ModelConfig(arch="rt_detr", num_classes=classes))
+    ours = {hf_loss_key(k, layers): v.item() for k, v in criterion(out, targets).items()}
+
+    positive = (meta["valid"] & meta["positive"][None])
+    hf_meta = {"dn_positive_idx": [row.nonzero()[:, 0] for row in positive], "dn_num_group": meta["num_groups"],
+               "dn_num_split": [num_dn, queries]}
+    outputs_class = torch.stack([torch.cat([d.logits, s.logits], 1) for d, s in zip(dn_stages, stages)], 1)
+    outputs_coord = torch.stack([torch.cat([d.boxes, s.boxes], 1) for d, s in zip(dn_stages, stages)], 1)
+    config = transformers.RTDetrV2Config(num_labels=classes, decoder_layers=layers)
+    hf_targets = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    _, reference, _ = RTDetrForObjectDetectionLoss(
+        outputs_class[:, -1], hf_targets, "cpu", outputs_coord[:, -1], config, outputs_class, outputs_coord,
+        enc_topk_logits=encoder.logits, enc_topk_bboxes=encoder.boxes, denoising_meta_values=hf_meta)
+    reference = {k: v.item() for k, v in reference.items()}
+    assert ours.keys() == reference.keys() and len(ours) == 3 * (2 * layers + 1)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
