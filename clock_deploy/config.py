@@ -32,7 +32,7 @@ class ConfigError(UserError, ValueError):
 # ---------------------------------------------------------------- schema
 
 # Choice lists the code that acts on them imports from here (one source for each list)
-ARCHS = ("dino", "dab_detr", "deformable_detr")  # model.arch; models/build.py has a class for each
+ARCHS = ("dino", "dab_detr", "deformable_detr", "rt_detr")  # model.arch; models/build.py has a class for each
 SAMPLING_MODES = ("grid_sample", "gather")       # model.sampling, export --sampling
 # export.precision: PRECISIONS of clock_deploy.artifact (the runtime reads it without this module)
 
@@ -121,6 +121,18 @@ class DabConfig:
 
 
 @dataclass
+class RtDetrConfig:
+    """RT-DETR(v2) only; the defaults are RT-DETRv2's (lyuwenyu/RT-DETR, transformers RTDetrV2Config)."""
+    expansion: float = positive(1.0)      # CCFF hidden width / hidden_dim (R18/R34: 0.5, R50: 1.0)
+    csp_blocks: int = positive(3)         # RepVGG blocks per CCFF fusion block
+    # deformable sampling rule of the decoder: bilinear ("default", implemented by model.sampling) or
+    # RT-DETRv2's "discrete" nearest-pixel Gather (different numbers; TensorRT-safe as well)
+    method: str = choice("default", "discrete")
+    points_per_level: list = field(default_factory=list)  # decoder points per level; [] = model.n_points at each
+    offset_scale: float = positive(0.5)   # decoder sampling offsets relative to the reference box size
+
+
+@dataclass
 class ModelConfig:
     arch: str = choice(*ARCHS)
     num_classes: int = positive(3, 10_000)
@@ -143,6 +155,7 @@ class ModelConfig:
     proposal_rank: str = choice("first_class", "max_class")
     dn: DenoisingConfig = field(default_factory=DenoisingConfig)
     dab: DabConfig = field(default_factory=DabConfig)
+    rt_detr: RtDetrConfig = field(default_factory=RtDetrConfig)
     pretrained: Optional[str] = None  # checkpoint (.pt from train / distill / import) to start training from
     # target class -> the pretrained checkpoint's class whose class-head row it starts from (null =
     # random); a class not listed takes the source class of the same name (case-insensitive) if any
@@ -160,6 +173,7 @@ class LossConfig:
     match_cls: float = 2.0
     match_l1: float = 5.0
     match_giou: float = 2.0
+    vfl_alpha: float = 0.75       # RT-DETR's varifocal classification loss (model.arch rt_detr)
 
 
 @dataclass

@@ -223,6 +223,44 @@ def make_hf_dab():
     return _hf_dab
 
 
+def _hf_rt_detr(folder, num_labels=3, layer_type="basic", method="default", seed=0, version=2):
+    """A small transformers RT-DETR(v2) (ResNet-vd 18 / 50 at width 8, 32 wide) with every weight perturbed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    width, expansion = 8, 4 if layer_type == "bottleneck" else 1
+    backbone = transformers.RTDetrResNetConfig(
+        embedding_size=width, hidden_sizes=[width * expansion * 2 ** i for i in range(4)],
+        depths=[2, 2, 2, 2] if layer_type == "basic" else [3, 4, 6, 3], layer_type=layer_type, out_indices=[2, 3, 4])
+    settings = dict(backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], encoder_hidden_dim=32,
+                    d_model=32, decoder_in_channels=[32, 32, 32], encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    encoder_attention_heads=4, decoder_attention_heads=4, decoder_layers=3, num_queries=20,
+                    num_labels=num_labels, hidden_expansion=0.5 if layer_type == "basic" else 1.0,
+                    num_denoising=10)
+    if version == 2:
+        settings.update(decoder_method=method, decoder_n_points=3)
+        model = transformers.RTDetrV2ForObjectDetection(transformers.RTDetrV2Config(**settings))
+    else:
+        model = transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(**settings))
+    model.eval()
+    with torch.no_grad():  # zero-initialized heads and offsets, BN scales of 0.01 would hide mapping mistakes
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith("norm.weight") or name.endswith("normalization.weight") or ".norm.weight" in name:
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point() and not name.endswith("n_points_scale"):
+                tensor.add_(torch.randn_like(tensor) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_hf_rt_detr():
+    """make_hf_rt_detr(folder, num_labels=3, layer_type="basic", method="default", seed=0, version=2): a small
+    transformers RT-DETRv2 (or v1) on its ResNet-vd, every weight perturbed, saved to `folder`."""
+    return _hf_rt_detr
+
+
 # ---------------------------------------------------------------- schema growth (studies' run records)
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clock_deploy import config
-from clock_deploy.config import BackboneConfig, DenoisingConfig, LossConfig, ModelConfig
+from clock_deploy.config import BackboneConfig, DenoisingConfig, LossConfig, ModelConfig, RtDetrConfig
 from clock_deploy.errors import UserError
 from clock_deploy.export.onnx import expected_tracing_notes_silenced
 from clock_deploy.models import build
@@ -19,12 +19,13 @@ from clock_deploy.models.backbone import FrozenBatchNorm2d, ResNetBackbone, buil
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_iou
 from clock_deploy.models.build import build_criterion, build_model, param_groups
 from clock_deploy.models.contract import QueryGroup
+from clock_deploy.models.deform_attn import MSDeformAttn
 from clock_deploy.models.deploy import PostProcess
 from clock_deploy.models.dino import build_denoising_queries
 from clock_deploy.models.position import PositionEmbeddingSine, gen_sineembed_for_position
 from clock_deploy.models.transformer_utils import group_attention_blocks, self_attn_mask
 
-ARCHS = ["dab_detr", "deformable_detr", "dino"]
+ARCHS = ["dab_detr", "deformable_detr", "dino", "rt_detr"]
 H, W = 64, 96
 
 
@@ -199,11 +200,14 @@ def test_output_contract(arch):
     strides = [32] if arch == "dab_detr" else [8, 16, 32, 64]
     assert model.strides == strides
     expected = [(2, 32, math.ceil(H / s), math.ceil(W / s)) for s in strides]
-    for maps in (out.memory, out.memory_pos, out.features):
+    for maps in (out.memory, out.memory_pos):
         assert [tuple(m.shape) for m in maps] == expected and len(maps) == levels
+    # RT-DETR's features are the backbone levels only; its extra level comes after the hybrid encoder
+    feature_levels = 3 if arch == "rt_detr" else levels
+    assert [tuple(m.shape) for m in out.features] == expected[:feature_levels]
     assert out.groups == [] and out.denoising is None
-    assert (out.encoder is not None) == (arch == "dino")
-    if arch == "dino":
+    assert (out.encoder is not None) == (arch in ("dino", "rt_detr"))
+    if out.encoder is not None:
         assert out.encoder.logits.shape == (2, 10, 3) and out.encoder.boxes.shape == (2, 10, 4)
 
 
@@ -240,7 +244,8 @@ def assert_stages_close(a, b, atol=1e-6):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("arch,overrides", [("dab_detr", {}), ("deformable_detr", {}),
-                                            ("deformable_detr", {"two_stage": True}), ("dino", {})])
+                                            ("deformable_detr", {"two_stage": True}), ("dino", {}),
+                                            ("rt_detr", {})])
 def test_groups_are_isolated(arch, overrides, mode):
     model = tiny_model(arch, **overrides)
     getattr(model, mode)()
@@ -380,7 +385,7 @@ def test_losses_backpropagate_to_all_parameters(arch):
     expected = {"loss_cls", "loss_bbox", "loss_giou", "loss_cls_0", "loss_bbox_0", "loss_giou_0"}
     if arch != "dab_detr":
         expected |= {"loss_cls_enc", "loss_bbox_enc", "loss_giou_enc"}
-    if arch == "dino":
+    if arch in ("dino", "rt_detr"):
         expected |= {"loss_cls_dn", "loss_bbox_dn", "loss_giou_dn", "loss_cls_dn_0", "loss_bbox_dn_0", "loss_giou_dn_0"}
     assert set(losses) == expected
     sum(losses.values()).backward()
@@ -437,9 +442,19 @@ class ExportWrapper(nn.Module):
 
 @pytest.mark.parametrize("arch,overrides", [("dab_detr", {}), ("deformable_detr", {}),
                                             ("deformable_detr", {"two_stage": True, "sampling": "gather"}),
-                                            ("dino", {}), ("dino", {"sampling": "gather"})])
+                                            ("dino", {}), ("dino", {"sampling": "gather"}), ("rt_detr", {}),
+                                            ("rt_detr", {"rt_detr": RtDetrConfig(method="discrete")})])
 def test_onnx_export_parity(arch, overrides):
-    wrapper = ExportWrapper(tiny_model(arch, **overrides)).eval()
+    model = tiny_model(arch, **overrides)
+    if arch == "rt_detr":
+        # untrained, every query samples at anchor centre + a fixed offset: RT-DETRv2's discrete rule
+        # floor(x * W + 0.5) puts pixel centres exactly on a rounding boundary, where 1e-7 of runtime
+        # difference picks the other pixel; content-dependent offsets make the locations generic
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, MSDeformAttn):
+                    m.sampling_offsets.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    wrapper = ExportWrapper(model).eval()
     names = ["logits", "boxes", "scores", "labels", "pixel_boxes"]
     f = io.BytesIO()
     with expected_tracing_notes_silenced():

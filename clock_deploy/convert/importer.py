@@ -2,7 +2,7 @@
 
 Sources (files the user already has; nothing is downloaded):
 - a transformers folder: config.json + model.safetensors (or pytorch_model.bin) of
-  DeformableDetrForObjectDetection or DabDetrForObjectDetection;
+  DeformableDetrForObjectDetection, DabDetrForObjectDetection or RTDetr(V2)ForObjectDetection;
 - an official `.pth`: fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR or
   IDEA-Research/DINO (4-scale, ResNet), with its weights under "model".
 The converted weights must fill the project model built from the derived config exactly:
@@ -16,14 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from clock_deploy.config import ARCHS, Config, ConfigError, from_dict
-from clock_deploy.convert import dab_detr, deformable, dino
+from clock_deploy.convert import dab_detr, deformable, dino, rt_detr
 from clock_deploy.convert.common import args_dict, fit_problems
 from clock_deploy.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import read_json
 from clock_deploy.models.build import build_model
 
-HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr"}
+HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr",
+                  "rt_detr": "rt_detr", "rt_detr_v2": "rt_detr"}
 
 # COCO as the original DETR-family heads index it (91 slots by category id; "N/A" ids are unused)
 COCO91 = [
@@ -65,6 +66,11 @@ def _converter(arch, source):
         return _dab_hf if source == "transformers" else _dab_official
     if arch == "deformable_detr":
         return deformable.hf_to_project if source == "transformers" else deformable.official_to_project
+    if arch == "rt_detr":
+        if source != "transformers":
+            raise UserError("RT-DETR imports from a transformers folder (RTDetr(V2)ForObjectDetection); "
+                            "the original .pth layout is not supported yet")
+        return rt_detr.hf_to_project
     if source == "transformers":
         raise UserError("DINO has no transformers implementation: import its official .pth")
     return dino.official_to_project

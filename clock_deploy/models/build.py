@@ -8,9 +8,10 @@ from clock_deploy.models.dab_detr import DABDETR
 from clock_deploy.models.deformable_detr import DeformableDETR
 from clock_deploy.models.dino import DINO
 from clock_deploy.models.matcher import HungarianMatcher
+from clock_deploy.models.rt_detr import RTDETR
 
 # the model class of each model.arch choice (config.ARCHS; tests/test_models.py checks they match)
-ARCHS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DINO}
+ARCHS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DINO, "rt_detr": RTDETR}
 
 
 def check_model_config(cfg):
@@ -47,8 +48,11 @@ def build_criterion(cfg_loss, cfg_model):
                                cfg_loss.focal_alpha, cfg_loss.focal_gamma)
     # Deformable DETR ranks its two-stage proposals by class 0, so it trains them class-agnostic
     agnostic_encoder = cfg_model.arch == "deformable_detr" and cfg_model.proposal_rank == "first_class"
+    # RT-DETR trains its classification with the varifocal loss (IoU-aware targets)
+    classification = "vfl" if cfg_model.arch == "rt_detr" else "focal"
     return SetCriterion(cfg_model.num_classes, matcher, cfg_loss.cls, cfg_loss.l1, cfg_loss.giou,
-                        cfg_loss.focal_alpha, cfg_loss.focal_gamma, cfg_loss.aux, agnostic_encoder)
+                        cfg_loss.focal_alpha, cfg_loss.focal_gamma, cfg_loss.aux, agnostic_encoder,
+                        classification, cfg_loss.vfl_alpha)
 
 
 def param_groups(model, lr, lr_backbone_mult, weight_decay):

@@ -1,7 +1,8 @@
 """Detection losses of the DETR family (Deformable-DETR / DINO recipe).
 
-Per decoder stage: Hungarian matching, sigmoid focal classification loss over all queries,
-L1 and GIoU on matched pairs, all normalized by the number of GT boxes (averaged over DDP
+Per decoder stage: Hungarian matching, sigmoid focal classification loss over all queries (or
+RT-DETR's varifocal loss, whose positive target is the IoU of the matched box), L1 and GIoU on
+matched pairs, all normalized by the number of GT boxes (averaged over DDP
 processes). Auxiliary stages, two-stage encoder proposals and DINO denoising queries get the
 same terms under their own keys.
 """
@@ -10,7 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, box_iou, elementwise_generalized_box_iou
+
+CLASSIFICATION_LOSSES = ("focal", "vfl")
 
 
 def sigmoid_focal_loss(logits, targets, weights=None, alpha=0.25, gamma=2.0):
@@ -24,6 +27,20 @@ def sigmoid_focal_loss(logits, targets, weights=None, alpha=0.25, gamma=2.0):
     if weights is not None:
         loss = loss * weights
     return loss.sum()
+
+
+def varifocal_loss(logits, onehot, iou, alpha=0.75, gamma=2.0):
+    """Summed varifocal loss (Zhang et al. 2021, as RT-DETR): BCE towards `iou` on the GT class of
+    matched queries (onehot [..., K], iou [...]) and towards 0 elsewhere, negatives weighted by
+    alpha * p^gamma, positives by their IoU target."""
+    target = onehot * iou[..., None]
+    weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - onehot) + target
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+
+
+def matched_iou(pred, gt):
+    """IoU of each predicted cxcywh box [N, 4] with its matched GT box [N, 4] (no gradient)."""
+    return torch.diag(box_iou(box_cxcywh_to_xyxy(pred.detach()), box_cxcywh_to_xyxy(gt))[0])
 
 
 def num_boxes_across_processes(targets, device):
@@ -42,11 +59,17 @@ class SetCriterion(nn.Module):
     earlier decoder stage i (when aux), _enc for two-stage proposals, _dn and _dn_{i} for the
     denoising stages. The total loss is the sum of all values. With `agnostic_encoder` the
     encoder proposals learn every GT as class 0 (Deformable DETR's two-stage objectness).
+    `classification` "vfl" (RT-DETR) replaces the focal term by the varifocal loss with `vfl_alpha`;
+    its denoising term then treats every slot but the positives as background, as RT-DETR does.
     """
 
     def __init__(self, num_classes, matcher, weight_cls=2.0, weight_l1=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, aux=True, agnostic_encoder=False):
+                 focal_alpha=0.25, focal_gamma=2.0, aux=True, agnostic_encoder=False, classification="focal",
+                 vfl_alpha=0.75):
         super().__init__()
+        if classification not in CLASSIFICATION_LOSSES:
+            raise ValueError(f"classification must be one of {CLASSIFICATION_LOSSES}, got '{classification}'")
+        self.classification, self.vfl_alpha = classification, vfl_alpha
         self.num_classes, self.matcher, self.aux = num_classes, matcher, aux
         self.agnostic_encoder = agnostic_encoder
         self.weight_cls, self.weight_l1, self.weight_giou = weight_cls, weight_l1, weight_giou
@@ -95,8 +118,14 @@ class SetCriterion(nn.Module):
 
         onehot = torch.zeros_like(logits)
         onehot[batch_idx, query_idx, gt_labels.to(logits.device)] = 1.0
-        loss_cls = sigmoid_focal_loss(logits, onehot, None, self.focal_alpha, self.focal_gamma) / num_boxes
-        loss_l1, loss_giou = self._box_losses(boxes[batch_idx, query_idx], gt_boxes.to(boxes), num_boxes)
+        pred, gt_boxes = boxes[batch_idx, query_idx], gt_boxes.to(boxes)
+        if self.classification == "vfl":
+            iou = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+            iou[batch_idx, query_idx] = matched_iou(pred, gt_boxes).to(logits.dtype)
+            loss_cls = varifocal_loss(logits, onehot, iou, self.vfl_alpha, self.focal_gamma) / num_boxes
+        else:
+            loss_cls = sigmoid_focal_loss(logits, onehot, None, self.focal_alpha, self.focal_gamma) / num_boxes
+        loss_l1, loss_giou = self._box_losses(pred, gt_boxes, num_boxes)
         return self._weighted(loss_cls, loss_l1, loss_giou, suffix)
 
     def denoising_losses(self, stage, meta, num_boxes, suffix="_dn"):
@@ -111,7 +140,13 @@ class SetCriterion(nn.Module):
         norm = num_boxes * meta["num_groups"]
         onehot = torch.zeros_like(logits)
         onehot[matched] = F.one_hot(meta["labels"][matched], self.num_classes).to(logits.dtype)
-        loss_cls = sigmoid_focal_loss(logits, onehot, valid[..., None].to(logits.dtype),
-                                      self.focal_alpha, self.focal_gamma) / norm
-        loss_l1, loss_giou = self._box_losses(boxes[matched], meta["boxes"][matched].to(boxes), norm)
+        pred, gt_boxes = boxes[matched], meta["boxes"][matched].to(boxes)
+        if self.classification == "vfl":
+            iou = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+            iou[matched] = matched_iou(pred, gt_boxes).to(logits.dtype)
+            loss_cls = varifocal_loss(logits, onehot, iou, self.vfl_alpha, self.focal_gamma) / norm
+        else:
+            loss_cls = sigmoid_focal_loss(logits, onehot, valid[..., None].to(logits.dtype),
+                                          self.focal_alpha, self.focal_gamma) / norm
+        loss_l1, loss_giou = self._box_losses(pred, gt_boxes, norm)
         return self._weighted(loss_cls, loss_l1, loss_giou, suffix)

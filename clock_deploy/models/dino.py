@@ -16,11 +16,12 @@ from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, 
                                                    inverse_sigmoid, self_attn_mask, split_stages)
 
 
-def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matching):
+def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matching, queries_per_gt=2):
     """Contrastive denoising queries (DINO CDN) from the ground truth of a batch.
 
-    With M = the largest GT count in the batch, there are G = max(1, dn_cfg.num_queries // (2M))
-    groups of 2M queries: slots [g*2M, g*2M + M) are positives (GT boxes jittered by less than
+    With M = the largest GT count in the batch, there are G = max(1, dn_cfg.num_queries // (q M))
+    groups (q = queries_per_gt: DINO 2, RT-DETR 1, whose dn number counts GT copies, not queries)
+    of 2M queries: slots [g*2M, g*2M + M) are positives (GT boxes jittered by less than
     half their size), [g*2M + M, (g+1)*2M) negatives (jittered by 1-2x that, to be rejected);
     slot j of each half is GT j of the image, slots j >= that image's GT count are padding.
     Labels are flipped to a random class with probability label_noise / 2.
@@ -33,7 +34,7 @@ def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matchin
     if max_gt == 0 or dn_cfg.num_queries <= 0:
         return None
     device = label_enc.weight.device
-    batch, num_groups = len(targets), max(1, dn_cfg.num_queries // (2 * max_gt))
+    batch, num_groups = len(targets), max(1, dn_cfg.num_queries // (queries_per_gt * max_gt))
     labels = torch.zeros(batch, max_gt, dtype=torch.long, device=device)
     boxes = torch.zeros(batch, max_gt, 4, device=device)
     valid = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)

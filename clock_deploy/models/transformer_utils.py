@@ -60,11 +60,11 @@ class FFN(nn.Module):
 
     def __init__(self, d_model, ffn_dim, dropout, activation="relu"):
         super().__init__()
-        if activation not in ("relu", "prelu"):
-            raise ValueError(f"activation must be relu or prelu, got {activation}")
+        if activation not in ("relu", "prelu", "gelu"):
+            raise ValueError(f"activation must be relu, prelu or gelu, got {activation}")
         self.linear1 = nn.Linear(d_model, ffn_dim)
-        # PReLU (DAB-DETR's default) learns one slope per block; ReLU holds no weights
-        self.activation = nn.PReLU() if activation == "prelu" else nn.ReLU()
+        # PReLU (DAB-DETR's default) learns one slope per block; ReLU / GELU (RT-DETR's AIFI) hold no weights
+        self.activation = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}[activation]()
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)

@@ -1,0 +1,138 @@
+"""RT-DETR(v2): the model against transformers' RTDetrV2ForObjectDetection through the importer,
+its parts (ResNet-vd, discrete sampling, per-level points), and its loss against transformers' RTDetrLoss."""
+import pytest
+import torch
+
+from clock_deploy.convert.importer import build_imported_model, import_checkpoint
+from clock_deploy.models.deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_points
+
+transformers = pytest.importorskip("transformers")
+
+
+def max_diffs(hf_model, project_model, image):
+    with torch.no_grad():
+        ref, own = hf_model(pixel_values=image), project_model(image)
+    return ((ref.logits - own.pred_logits).abs().max().item(), (ref.pred_boxes - own.pred_boxes).abs().max().item())
+
+
+def imported(folder):
+    return build_imported_model(import_checkpoint(folder), str(folder))
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("num_labels", [1, 3])
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"], ids=["r18vd", "r50vd"])
+def test_rt_detr_v2_matches_transformers(tmp_path, layer_type, num_labels, method, make_hf_rt_detr):
+    hf_model = make_hf_rt_detr(tmp_path, num_labels, layer_type, method)
+    cfg, model = imported(tmp_path)
+    m = cfg.model
+    assert (m.arch, m.num_classes, m.rt_detr.method, m.backbone.depth) == \
+        ("rt_detr", num_labels, method, 18 if layer_type == "basic" else 50)
+    image = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    logits_diff, boxes_diff = max_diffs(hf_model, model, image)
+    assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)
+
+
+def test_sampling_method_is_what_makes_discrete_match(tmp_path, make_hf_rt_detr):
+    """The check can fail: the bilinear rule on the discrete reference gives other outputs."""
+    hf_model = make_hf_rt_detr(tmp_path, 3, "basic", "discrete")
+    imp = import_checkpoint(tmp_path)
+    imp.overrides["rt_detr"]["method"] = "default"
+    _, model = build_imported_model(imp, str(tmp_path))
+    logits_diff, _ = max_diffs(hf_model, model, torch.randn(1, 3, 64, 96))
+    assert logits_diff > 1e-3
+
+
+def test_rt_detr_v1_matches_transformers(tmp_path, make_hf_rt_detr):
+    hf_model = make_hf_rt_detr(tmp_path, 3, "basic", version=1)
+    _, model = imported(tmp_path)
+    logits_diff, boxes_diff = max_diffs(hf_model, model, torch.randn(2, 3, 64, 96))
+    assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)
+
+
+def test_discrete_sampling_reads_the_nearest_pixel_clamped_to_the_map():
+    value = torch.arange(12.0).view(1, 12, 1, 1)  # one level 3 x 4, one head, one channel
+    # (x, y) -> pixel floor(x * 4 + 0.5), floor(y * 3 + 0.5), clamped
+    locations = torch.tensor([[0.0, 0.0], [0.3, 0.5], [0.9, 0.9], [-0.5, 2.0]]).view(1, 4, 1, 1, 2)
+    weights = torch.ones(1, 4, 1, 1)
+    out = ms_deform_attn_points(value, [(3, 4)], locations, weights, [1], discrete=True)
+    expected = [0 * 4 + 0, 2 * 4 + 1, 2 * 4 + 3, 2 * 4 + 0]
+    assert out.flatten().tolist() == expected
+
+
+def test_per_level_points_equal_uniform_points_when_all_levels_have_the_same_count():
+    torch.manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, 8)
+    locations = torch.rand(2, 5, 2, 2, 3, 2)
+    weights = torch.rand(2, 5, 2, 2, 3)
+    a = ms_deform_attn(value, shapes, locations, weights)
+    b = ms_deform_attn_points(value, shapes, locations.flatten(3, 4), weights.flatten(3, 4), [3, 3])
+    assert torch.equal(a, b)
+    module = MSDeformAttn(16, 2, 2, [1, 4])
+    assert module.sampling_offsets.out_features == 2 * 5 * 2
+    query, refs = torch.randn(2, 5, 16), torch.rand(2, 5, 2, 4) * 0.5 + 0.25
+    out = module(query, refs, torch.randn(2, sum(h * w for h, w in shapes), 16), shapes)
+    assert out.shape == (2, 5, 16) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ loss
+
+def hf_loss_key(key, layers):
+    """Project loss name -> transformers RTDetrLoss name (aux stages, encoder as the last aux, denoising)."""
+    term, _, suffix = key.removeprefix("loss_").partition("_")
+    term = "vfl" if term == "cls" else term
+    if suffix == "":
+        return f"loss_{term}"
+    if suffix == "enc":
+        return f"loss_{term}_aux_{layers - 1}"
+    if suffix == "dn":
+        return f"loss_{term}_dn_{layers - 1}"
+    return f"loss_{term}_{suffix}" if suffix.startswith("dn_") else f"loss_{term}_aux_{suffix}"
+
+
+def test_loss_matches_transformers_rt_detr_loss():
+    """Varifocal + L1 + GIoU on every decoder stage, the encoder selection and the denoising queries,
+    on one batch of random predictions: the same numbers as transformers' RTDetrLoss."""
+    from transformers.loss.loss_rt_detr import RTDetrForObjectDetectionLoss
+
+    from clock_deploy.config import DenoisingConfig, LossConfig, ModelConfig
+    from clock_deploy.models.build import build_criterion
+    from clock_deploy.models.contract import DenoisingOutput, DetrOutput, StageOutput
+    from clock_deploy.models.dino import build_denoising_queries
+
+    g = torch.Generator().manual_seed(0)
+    batch, queries, classes, layers = 2, 12, 3, 3
+    targets = [{"labels": torch.tensor([0, 2, 1]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2],
+                                                                          [0.5, 0.5, 0.4, 0.4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.6, 0.3, 0.5]])}]
+    _, _, _, meta = build_denoising_queries(targets, classes, torch.nn.Embedding(classes + 1, 8),
+                                            DenoisingConfig(num_queries=7), queries, queries_per_gt=1)
+    num_dn = meta["labels"].shape[1]
+
+    def stage(count):
+        boxes = torch.cat([torch.rand(batch, count, 2, generator=g) * 0.6 + 0.2,
+                           torch.rand(batch, count, 2, generator=g) * 0.4 + 0.1], -1)
+        return StageOutput(logits=torch.randn(batch, count, classes, generator=g), boxes=boxes)
+
+    stages, dn_stages, encoder = [stage(queries) for _ in range(layers)], [stage(num_dn) for _ in range(layers)], \
+        stage(queries)
+    out = DetrOutput(memory=[], memory_pos=[], stages=stages, encoder=encoder,
+                     denoising=DenoisingOutput(stages=dn_stages, meta=meta))
+    criterion = build_criterion(LossConfig(cls=1.0), ModelConfig(arch="rt_detr", num_classes=classes))
+    ours = {hf_loss_key(k, layers): v.item() for k, v in criterion(out, targets).items()}
+
+    positive = (meta["valid"] & meta["positive"][None])
+    hf_meta = {"dn_positive_idx": [row.nonzero()[:, 0] for row in positive], "dn_num_group": meta["num_groups"],
+               "dn_num_split": [num_dn, queries]}
+    outputs_class = torch.stack([torch.cat([d.logits, s.logits], 1) for d, s in zip(dn_stages, stages)], 1)
+    outputs_coord = torch.stack([torch.cat([d.boxes, s.boxes], 1) for d, s in zip(dn_stages, stages)], 1)
+    config = transformers.RTDetrV2Config(num_labels=classes, decoder_layers=layers)
+    hf_targets = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    _, reference, _ = RTDetrForObjectDetectionLoss(
+        outputs_class[:, -1], hf_targets, "cpu", outputs_coord[:, -1], config, outputs_class, outputs_coord,
+        enc_topk_logits=encoder.logits, enc_topk_bboxes=encoder.boxes, denoising_meta_values=hf_meta)
+    reference = {k: v.item() for k, v in reference.items()}
+    assert ours.keys() == reference.keys() and len(ours) == 3 * (2 * layers + 1)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
