@@ -155,3 +155,27 @@ def test_readme_section_5_runs_on_the_pipeline_outputs(tiny_pipeline, monkeypatc
     exec(compile(readme_snippet(), "README.md section 5", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2  # one line per image
+
+
+EXPORT_COMMANDS = {"fp16": ["--fp16"], "int8": ["--int8", "--calib", "{calib}"],
+                   "trt-fp16": ["--trt", "--fp16"], "trt-int8": ["--trt", "--int8", "--calib", "{calib}"]}
+
+
+@pytest.mark.parametrize("stage", ["distill", pytest.param("teacher", marks=pytest.mark.slow),
+                                   pytest.param("student", marks=pytest.mark.slow)])
+def test_the_four_export_commands_succeed_on_the_pipeline_models(tiny_pipeline, tmp_path, stage):
+    """`export --fp16`, `--int8 --calib`, `--trt --fp16` and `--trt --int8 --calib` (TensorRT-RTX, which
+    builds without a GPU) on the pipeline's own checkpoints: every gate passes, every file is written."""
+    pytest.importorskip("tensorrt_rtx")
+    from clock_deploy.cli import cli, run
+
+    tmp = tiny_pipeline[3]
+    for name, flags in EXPORT_COMMANDS.items():
+        out = tmp_path / name
+        argv = [f.format(calib=tmp / "calib.json") for f in flags]
+        run(cli, ["export", "--ckpt", str(runs(tmp) / stage / "last.pt"), "--out", str(out), "--builder",
+                  "tensorrt-rtx", *argv])  # a failed gate would exit 2
+        precision = name.rsplit("-", 1)[-1]
+        meta = json.loads((out / f"last.{precision}.onnx.json").read_text())
+        assert meta["precision"] == precision and meta["parity"].get("passed", True)
+        assert os.path.exists(out / f"last.{precision}.engine") == name.startswith("trt")

@@ -47,7 +47,8 @@ def parse_imgsz(text):
 @click.option("--sensitivity", is_flag=True, help="Per-node INT8 sensitivity report (needs --calib).")
 @click.option("--sensitivity-images", default=4, show_default=True)
 @click.option("--parity-images", default=4, show_default=True, help="Images compared with PyTorch.")
-@click.option("--map-images", default=32, show_default=True, help="Validation images for the mAP difference (0 = off).")
+@click.option("--map-images", type=int, default=None,
+              help="Validation images for the FP16 / INT8 mAP gate [default: the whole split; 0 = off].")
 @click.option("--workspace-gb", type=float, default=None, help="TensorRT workspace [default: export.workspace_gb].")
 @click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson), GPU fallback on.")
 @click.option("--timing-cache", default=None, help="TensorRT timing cache file [default: <out>/timing.cache].")
