@@ -100,7 +100,7 @@ def train_and_score(args, cfg):
     parts = bk.start_part(cfg.output_dir, resume)
     start = time.time()
     tuning = run_training(cfg, resume=resume, progress=False)
-    test = test_metrics(args, os.path.join(cfg.output_dir, "last.pt"), cfg)
+    test = score_on_test_split(args, os.path.join(cfg.output_dir, "last.pt"), cfg)
     print(f"{cfg.output_dir}: test mAP {test['mAP']:.4f} ({time.time() - start:.0f} s)", flush=True)
     return {"metrics": {"tuning": metric_subset(tuning), "test": metric_subset(test)},
             "seconds": round(time.time() - start, 1), "machine": parts[-1], "parts": parts, "resumed": len(parts) > 1}
@@ -115,7 +115,8 @@ def set_aside_other_run(cfg):
         print(f"{cfg.output_dir}: trained with other settings, moved to {aside}", flush=True)
 
 
-def test_metrics(args, checkpoint, cfg):
+def score_on_test_split(args, checkpoint, cfg):
+    """Metrics of a checkpoint on the test split (scenes of another seed)."""
     from clock_deploy.checkpoint import load_model
     from clock_deploy.data.dataset import build_dataset
     from clock_deploy.eval.loop import evaluate_model

@@ -10,6 +10,7 @@ from clock_deploy.io import file_sha256, read_json
 from studies import bookkeeping as bk
 from studies import distill_ab
 
+pytestmark = pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # near-equal deltas
 XEON = {"cpu": "Intel Xeon", "capability": "AVX512", "threads": 2, "torch": "2.13"}
 EPYC = {"cpu": "AMD EPYC", "capability": "AVX2", "threads": 1, "torch": "2.13"}
 # a stand-in for the gt_denoise control until this code has it: any variant that loads and differs
@@ -187,3 +188,8 @@ def test_a_rerun_reads_finished_runs_and_resumes_an_interrupted_one(tiny_ab, mon
     after = read_json(root / "runs" / "dino-baseline-0.json")
     assert after["resumed"] is True and after["parts"] == [bk.machine(), bk.machine()]
     assert after["key"] == before["key"] and after["metrics"]["test"] == before["metrics"]["test"]
+
+
+def test_runs_side_by_side_come_back_in_order():
+    assert list(distill_ab.in_workers(2, pow, [(2, 3), (3, 2), (2, 1)])) == [8, 9, 2]
+    assert list(distill_ab.in_workers(1, pow, [(2, 3)])) == [8]
