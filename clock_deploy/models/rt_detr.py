@@ -17,8 +17,8 @@ from clock_deploy.models.deformable_transformer import DeformableDecoderLayer, e
 from clock_deploy.models.dino import build_denoising_queries
 from clock_deploy.models.hybrid_encoder import HybridEncoder
 from clock_deploy.models.resnet_vd import build_resnet_vd
-from clock_deploy.models.transformer_utils import (MLP, init_box_head, init_class_head, inverse_sigmoid,
-                                                   self_attn_mask, split_stages, unflatten_dim)
+from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, init_box_head, init_class_head,
+                                                   inverse_sigmoid, self_attn_mask, split_stages, unflatten_dim)
 
 
 def _proj(in_ch, out_ch, kernel_size=1, stride=1):
@@ -139,8 +139,7 @@ class RTDETR(nn.Module):
         for g in groups:
             contents.append(g.content)
             anchor_blocks.append(inverse_sigmoid(g.boxes))
-        mask = self_attn_mask(batch, num_base, base_mask, [g.content.shape[1] for g in groups],
-                              [g.pad_mask for g in groups], memory.device)
+        mask = self_attn_mask(batch, num_base, base_mask, *group_attention_blocks(groups), memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(anchor_blocks, 1), memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, [c.shape[1] for c in contents])
         denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta) if dn is not None else None
