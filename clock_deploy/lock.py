@@ -76,6 +76,9 @@ def acquire(folder, command):
     path = lock_path(folder)
     try:
         os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+    try:
         fd, holder = _open_locked(path)
     except OSError as e:
         raise write_error(path, e) from None
