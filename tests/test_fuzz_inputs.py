@@ -75,10 +75,12 @@ CASES = collections.Counter()  # examples run per test; benchmarks/reliability_p
 
 def only_user_errors(call):
     """Run `call`; any exception but a UserError fails the test. Returns True when it raised one."""
-    CASES[call.__qualname__.split(".")[0]] += 1
+    test = call.__qualname__.split(".")[0]
+    CASES[test] += 1
     try:
         call()
     except UserError:
+        CASES[f"{test} refused"] += 1
         return True
     return False
 

@@ -986,3 +986,16 @@ def test_export_out_under_an_unwritable_parent_is_one_line(tmp_path, monkeypatch
     out = parent / "out"
     assert cli_error(capsys, ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out)]) == \
         f"error: cannot write {out}: Permission denied"
+
+
+def test_a_symlinked_lock_file_is_not_followed(tmp_path):
+    from clock_deploy.lock import LOCK_NAME, output_lock
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / LOCK_NAME)
+    with pytest.raises(UserError) as e:
+        with output_lock(tmp_path / "out", "export"):
+            pass
+    assert one_line(e).startswith(f"cannot write {tmp_path / 'out' / LOCK_NAME}: ")
+    assert victim.read_text() == "precious\n"
