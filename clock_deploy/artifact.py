@@ -11,7 +11,9 @@ its metadata_props, so a lone .onnx still loads; an engine cannot, so its sideca
 travel with it.
 """
 import datetime
+import hashlib
 import json
+import logging
 import math
 import os
 
@@ -31,7 +33,10 @@ OUTPUT_DOC = {
     "boxes": "[N, K, 4] float32 x1, y1, x2, y2 in network-input pixels",
 }
 REQUIRED_KEYS = ("format", "classes", "input", "topk", "batch", "precision")
+SIGNED_KEYS = ("classes", "input", "precision", "topk", "batch")  # what the runtime acts on
+HASH_KEYS = ("artifact_sha256", "graph_sha256", "metadata_sha256")  # recomputed whenever metadata is written
 EMBEDDED_KEY = "clock_deploy"  # ONNX metadata_props key holding the sidecar's JSON
+log = logging.getLogger(__name__)
 
 
 def sidecar_path(artifact):
@@ -141,10 +146,27 @@ def build_metadata(*, kind, arch, classes, height, width, mean, std, precision, 
     return meta
 
 
+def metadata_sha256(meta, model_sha256):
+    """The integrity hash of an artifact: its model's sha256 together with the metadata the runtime acts
+    on (SIGNED_KEYS), so neither the weights nor the class names, their order, the normalization, the
+    input size or the precision can change without the check noticing. It guards against mistakes
+    (edits, mix-ups, bit rot), not against someone who recomputes it."""
+    signed = {"model_sha256": model_sha256, **{k: meta.get(k) for k in SIGNED_KEYS}}
+    text = json.dumps(signed, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _unsigned(meta):
+    return {k: v for k, v in meta.items() if k not in HASH_KEYS}
+
+
 def write_metadata(artifact, meta):
     """Write the sidecar of `artifact` (written first), with the artifact's own sha256 so the pair
-    cannot silently come apart (a re-export that crashed between the two files, a copy mix-up)."""
-    write_json(sidecar_path(artifact), {**meta, "artifact_sha256": file_sha256(artifact)})
+    cannot silently come apart (a re-export that crashed between the two files, a copy mix-up), and
+    the integrity hash over that sha256 and the metadata the runtime acts on."""
+    meta, model = _unsigned(meta), file_sha256(artifact)
+    write_json(sidecar_path(artifact), {**meta, "artifact_sha256": model,
+                                        "metadata_sha256": metadata_sha256(meta, model)})
 
 
 def _is_number(value, low=None):
@@ -179,27 +201,48 @@ def _check_fields(meta, path):
             raise UserError(f"{path}: input.{key} must be 3 numbers, got {values!r}"[:300])
 
 
+def graph_sha256(model):
+    """sha256 of an ONNX model's graph (nodes and weights), which its metadata_props do not change."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
 def embed_metadata(onnx_path, meta):
-    """Store `meta` as JSON under metadata_props[EMBEDDED_KEY] of the ONNX file (rewritten atomically)."""
+    """Store `meta` as JSON under metadata_props[EMBEDDED_KEY] of the ONNX file (rewritten atomically),
+    signed with the graph's sha256: the file cannot hold its own sha256, so a lone .onnx is checked by
+    its graph."""
     import onnx  # start-up: onnx only when an ONNX file is opened
 
     model = onnx.load(os.fspath(onnx_path))
+    meta, graph = _unsigned(meta), graph_sha256(model)
+    meta.update(graph_sha256=graph, metadata_sha256=metadata_sha256(meta, graph))
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         EMBEDDED_KEY: json.dumps(meta, default=str)})
     with atomic_path(onnx_path) as tmp:
         onnx.save(model, tmp)
 
 
-def embedded_metadata(onnx_path):
-    """The metadata embedded in an ONNX file, or None."""
+def _load_onnx(onnx_path):
     import onnx  # start-up: onnx only when an ONNX file is opened
 
     try:
-        model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+        return onnx.load(os.fspath(onnx_path), load_external_data=False)
     except Exception as e:  # not an ONNX file: say so rather than pretending the metadata is absent
         raise UserError(f"{onnx_path}: cannot be read as ONNX ({type(e).__name__})") from None
+
+
+def _embedded(model, onnx_path):
     props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[EMBEDDED_KEY]) if EMBEDDED_KEY in props else None
+    if EMBEDDED_KEY not in props:
+        return None
+    try:
+        return json.loads(props[EMBEDDED_KEY])
+    except ValueError:
+        raise UserError(f"{onnx_path}: its embedded metadata is not valid JSON") from None
+
+
+def embedded_metadata(onnx_path):
+    """The metadata embedded in an ONNX file, or None."""
+    return _embedded(_load_onnx(onnx_path), onnx_path)
 
 
 def read_metadata(artifact, verify=True):
@@ -209,25 +252,79 @@ def read_metadata(artifact, verify=True):
     has just written can skip that."""
     path = sidecar_path(artifact)
     is_onnx = os.fspath(artifact).endswith(".onnx")
-    embedded = None
-    if not os.path.isfile(path) and is_onnx and os.path.isfile(artifact):
-        embedded = embedded_metadata(artifact)
-    if not os.path.isfile(path) and embedded is None:
+    if os.path.isfile(path):
+        meta = _checked(read_json(path), path)
+        if verify and os.path.isfile(artifact):
+            _verify(meta, path, file_sha256(artifact), "artifact_sha256",
+                    f"describes another file than {artifact} (sha256 differs); the model was replaced or "
+                    "re-exported without its sidecar")
+            if is_onnx:
+                _compare_embedded(meta, path, artifact)
+        return meta
+    model = _load_onnx(artifact) if is_onnx and os.path.isfile(artifact) else None
+    embedded = _embedded(model, artifact) if model is not None else None
+    if embedded is None:
         room = "" if is_onnx else " (an engine has no room for embedded metadata)"
         raise UserError(f"{artifact}: metadata sidecar {path} is missing{room}; it is written by "
                         "`clock-deploy export` next to the model and must travel with it")
-    if embedded is not None:
-        path = f"{artifact} (embedded metadata)"
-    meta = read_json(path) if embedded is None else embedded
+    where = f"{artifact} (embedded metadata)"
+    meta = _checked(embedded, where)
+    if verify:
+        _verify(meta, where, graph_sha256(model), "graph_sha256",
+                "does not describe this graph (its sha256 differs); the weights or nodes were changed after export")
+    return meta
+
+
+def _checked(meta, path):
+    """The fields a runtime uses are there and well-formed."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy metadata file (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise UserError(f"{path}: missing keys {missing}")
     _check_fields(meta, path)
-    # sidecars written before artifact_sha256 existed cannot be checked
-    if (verify and "artifact_sha256" in meta and os.path.isfile(artifact)
-            and file_sha256(artifact) != meta["artifact_sha256"]):
-        raise UserError(f"{path}: describes another file than {artifact} (sha256 differs); the model was "
-                        "replaced or re-exported without its sidecar: export again")
     return meta
+
+
+_warned = set()  # metadata files already reported as unsigned in this process
+
+
+def _verify(meta, path, model_sha256, model_key, mismatch):
+    """The recorded model hash is this model's, and the integrity hash covers these model bytes and this
+    metadata. Metadata written before the hashes existed loads with one warning per file."""
+    missing = [k for k in (model_key, "metadata_sha256") if not isinstance(meta.get(k), str)]
+    if missing:
+        if path not in _warned:
+            _warned.add(path)
+            log.warning(f"{path}: no {' or '.join(missing)} (written by an older clock-deploy): the model and "
+                        "its classes, normalization, input size and precision cannot be checked; export again "
+                        "to sign them")
+        if model_key in missing:
+            return
+    if meta[model_key] != model_sha256:
+        raise UserError(f"{path}: {mismatch}: export again")
+    if "metadata_sha256" not in missing and meta["metadata_sha256"] != metadata_sha256(meta, model_sha256):
+        raise UserError(f"{path}: was changed after export (its classes, input, precision, topk or batch no "
+                        "longer match metadata_sha256): export again rather than editing it")
+
+
+def _compare_embedded(meta, path, artifact):
+    """An ONNX's sidecar and embedded copy must agree on what the runtime acts on."""
+    try:
+        model = _load_onnx(artifact)
+    except UserError:  # not readable as ONNX: the backend names the problem when it loads the file
+        return
+    embedded = _embedded(model, artifact)
+    if embedded is None:  # exported without an embedded copy (or stripped): the sidecar alone describes it
+        return
+    if not isinstance(embedded, dict):
+        raise UserError(f"{artifact}: its embedded metadata is not a metadata mapping (sidecar: {path}); export again")
+    for key in SIGNED_KEYS:
+        if embedded.get(key) != meta.get(key):
+            raise UserError(f"{artifact}: its sidecar and its embedded metadata disagree on '{key}': sidecar "
+                            f"{_short(meta.get(key))}, embedded {_short(embedded.get(key))}; export again")
+
+
+def _short(value, limit=120):
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

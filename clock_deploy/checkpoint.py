@@ -1,8 +1,11 @@
-"""Checkpoints: written atomically, loaded with weights_only=True, carrying their config.
+"""Checkpoints: written atomically, loaded with weights_only=True, carrying their config and a checksum.
 
 A checkpoint holds only tensors and plain Python containers, so loading it never
-runs code from the file.
+runs code from the file. Its checksum (sha256 over every tensor and value) is checked on
+every read: Detector.load, export, resume, the teacher of a distillation.
 """
+import hashlib
+import logging
 import os
 import pickle
 import random
@@ -17,6 +20,7 @@ from clock_deploy.io import torch_save
 from clock_deploy.models.build import build_model
 
 FORMAT = "clock-deploy-checkpoint-v1"
+log = logging.getLogger(__name__)
 
 
 def rng_state():
@@ -59,11 +63,40 @@ def save_checkpoint(path, model, cfg, classes, epoch, iteration, metrics=None, *
         "rng": rng_state(),
     }
     ckpt.update({k: v for k, v in extra_state.items() if v is not None})
+    ckpt["checksum"] = content_sha256(ckpt)
     torch_save(ckpt, path)
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict safely, with a clear error for missing / corrupt / foreign files."""
+def content_sha256(ckpt):
+    """sha256 over everything a checkpoint holds but its checksum: every tensor's name, dtype, shape and
+    bytes, and every plain value, in a fixed order. A flipped bit anywhere in the weights, the optimizer
+    state or the config changes it."""
+    digest = hashlib.sha256()
+    _hash_value(digest, {k: v for k, v in ckpt.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _hash_value(digest, value):
+    if torch.is_tensor(value):
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}:".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"{key!r}=".encode())
+            _hash_value(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _hash_value(digest, item)
+    else:
+        digest.update(f"V{value!r};".encode())
+
+
+def read_checkpoint(path, map_location="cpu", verify=True):
+    """Load a checkpoint dict safely, with a clear error for missing / corrupt / foreign / damaged files;
+    verify: also check its checksum (one warning for a checkpoint written before checksums existed)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
@@ -82,7 +115,56 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy checkpoint (expected a file written by "
                         f"`clock-deploy train` / `distill`)")
+    _check_structure(ckpt, path)
+    if verify:
+        _verify_checksum(ckpt, path)
     return ckpt
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# key -> (check, what it must be); "ema" is optional
+STRUCTURE = {
+    "arch": (lambda v: isinstance(v, str), "a model family name"),
+    "classes": (lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v), "a list of class names"),
+    "config": (lambda v: isinstance(v, dict), "a config mapping"),
+    "model": (_is_state_dict, "a mapping of tensor names to tensors"),
+    "epoch": (_is_count, "a count"),
+    "iteration": (_is_count, "a count"),
+    "metrics": (lambda v: isinstance(v, dict), "a mapping"),
+    "ema": (_is_state_dict, "a mapping of tensor names to tensors"),
+}
+
+
+def _check_structure(ckpt, path):
+    """The keys everything after loading reads are there and of the right kind (a file with the right
+    format tag can still be hand-made or damaged)."""
+    for key, (ok, what) in STRUCTURE.items():
+        if key not in ckpt:
+            if key != "ema":
+                raise UserError(f"{path}: damaged checkpoint: key '{key}' is missing")
+        elif not ok(ckpt[key]):
+            raise UserError(f"{path}: damaged checkpoint: '{key}' must be {what}, got {type(ckpt[key]).__name__}")
+
+
+_warned = set()  # checkpoints already reported as having no checksum in this process
+
+
+def _verify_checksum(ckpt, path):
+    if "checksum" not in ckpt:
+        if path not in _warned:
+            _warned.add(path)
+            log.warning(f"{path}: no checksum (written by an older clock-deploy): its contents cannot be checked")
+        return
+    if ckpt["checksum"] != content_sha256(ckpt):
+        raise UserError(f"{path}: checksum mismatch: the file changed after it was written (a damaged copy or a "
+                        "disk error); use another copy")
 
 
 def _first_line(e):

@@ -630,7 +630,23 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
     cfg = build(cls, flat)
     if isinstance(cfg, Config):
         _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
+        _check_coarsest_level(cfg, flat.get("data.img_size", (None, "data.img_size"))[1])
     return cfg
+
+
+def _check_coarsest_level(cfg, where):
+    """A multi-scale model's coarsest feature map must have more than one pixel: GroupNorm (input
+    projections) cannot normalize a single value per group. Each stride-2 step rounds up."""
+    m = cfg.model
+    if m.arch == "dab_detr" or not m.backbone.return_levels:
+        return
+    extra = max(m.num_feature_levels - len(m.backbone.return_levels), 0)
+    stride = 2 ** (2 + max(m.backbone.return_levels) + extra)
+    height, width = cfg.data.img_size
+    if math.ceil(height / stride) * math.ceil(width / stride) < 2:
+        raise ConfigError(f"{where}: data.img_size {height}x{width} leaves a 1x1 feature map at stride {stride} "
+                          f"(model.backbone.return_levels {m.backbone.return_levels}, model.num_feature_levels "
+                          f"{m.num_feature_levels}); use a larger image or fewer levels")
 
 
 def _cap_workers(data, where):

@@ -131,16 +131,40 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+class _RecordingWriter:
+    """A file for torch.save that remembers the OS error of a failed write: torch reports it as its own
+    RuntimeError ("[enforce fail at inline_container.cc] ... unexpected pos"), which names no cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def torch_save(obj, path):
+    """torch.save, atomically; a failed write (disk full, I/O error) is a UserError and the old file stays."""
     import torch  # torch-free: io.py sits below the runtime, which loads ONNX / engines without torch
 
     with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as e:  # torch's "[enforce fail at inline_container.cc] ... file write failed"
-            if "write" not in str(e):
+        with open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(obj, writer)
+                f.flush()
+            except (RuntimeError, OSError) as e:
+                if writer.error is not None:
+                    raise write_error(path, writer.error) from None
+                if isinstance(e, OSError) or "write" in str(e) or "inline_container" in str(e):
+                    raise UserError(f"cannot write {path}: writing the checkpoint failed (is the disk full?)") from None
                 raise
-            raise UserError(f"cannot write {path}: writing the checkpoint failed (is the disk full?)") from None
 
 
 def file_sha256(path, chunk=1 << 20):

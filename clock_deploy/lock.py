@@ -53,7 +53,7 @@ def describe(owner):
 def _open_locked(path):
     """fd of `path` holding its flock, or (None, owner) when a live process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never truncate a link's target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,6 +76,9 @@ def acquire(folder, command):
     path = lock_path(folder)
     try:
         os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+    try:
         fd, holder = _open_locked(path)
     except OSError as e:
         raise write_error(path, e) from None

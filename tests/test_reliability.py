@@ -637,6 +637,8 @@ def test_the_stale_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_pat
     ("data.img_size=[100000, 100000]", r"'data.img_size\[0\]' must be an integer from 32 to 4096, got 100000"),
     ("data.img_size=[64]", "'data.img_size' must have 2 entries, got \\[64\\]"),
     ("data.img_size=[64, 8]", r"'data.img_size\[1\]' must be an integer from 32 to 4096, got 8"),
+    ("data.img_size=[32, 32]", r"data.img_size 32x32 leaves a 1x1 feature map at stride 64 "
+                               r"\(model.backbone.return_levels \[1, 2, 3\], model.num_feature_levels 4\)"),
     ("train.batch_size=100000", "'train.batch_size' must be at most 4096, got 100000"),
     ("model.num_queries=1000000", "'model.num_queries' must be at most 10000, got 1000000"),
     ("model.dn.num_queries=-1", "'model.dn.num_queries' must be at least 0, got -1"),
@@ -717,3 +719,283 @@ def test_yaml_alias_bombs_are_refused_fast_within_a_memory_limit(tmp_path, text,
     # a config that uses a few aliases still loads
     path.write_text("seed: &s 3\ntrain: {epochs: *s}\n")
     assert load_config(str(path)).train.epochs == 3
+
+
+# ---------------------------------------------------------------- issue 40: signed metadata and checksums
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_checkpoint):
+    from clock_deploy.export.exporter import Exporter
+    folder = tmp_path_factory.mktemp("export")
+    Exporter(tiny_checkpoint, folder, "m").run("fp32", parity_images=1, map_images=0)
+    return folder / "m.onnx"
+
+
+def _copy_artifact(exported, folder, sidecar=True):
+    path = folder / "m.onnx"
+    shutil.copy(exported, path)
+    if sidecar:
+        shutil.copy(str(exported) + ".json", str(path) + ".json")
+    return path
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["classes"].reverse(),                      # class order
+    lambda m: m["classes"].__setitem__(0, "Truck"),        # class name
+    lambda m: m["input"]["mean"].__setitem__(0, 0.5),      # normalization
+    lambda m: m["input"].__setitem__("width", 96),         # input size
+    lambda m: m.__setitem__("precision", "fp16"),          # precision
+])
+def test_an_edited_sidecar_is_refused(tmp_path, exported, change):
+    from clock_deploy.runtime import Detector
+    path = _copy_artifact(exported, tmp_path)
+    _edit_json(tmp_path / "m.onnx.json", change)
+    with pytest.raises(UserError) as e:
+        Detector.load(path)
+    assert one_line(e) == (f"{path}.json: was changed after export (its classes, input, precision, topk or batch no "
+                           "longer match metadata_sha256): export again rather than editing it")
+
+
+def test_a_sidecar_without_hashes_loads_with_one_warning(tmp_path, exported, caplog):
+    from clock_deploy.runtime import Detector
+    path = _copy_artifact(exported, tmp_path)
+    _edit_json(tmp_path / "m.onnx.json", lambda m: [m.pop("artifact_sha256"), m.pop("metadata_sha256")])
+    for _ in range(2):
+        assert Detector.load(path).classes == ["Car", "Pedestrian", "Cyclist"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}.json: no artifact_sha256 or metadata_sha256 (written by an older clock-deploy): the "
+                        "model and its classes, normalization, input size and precision cannot be checked; export "
+                        "again to sign them"]
+
+
+def _rewrite_onnx(path, change):
+    import onnx
+    model = onnx.load(str(path))
+    change(model)
+    onnx.save(model, str(path))
+
+
+def _embedded_edit(change):
+    def edit(model):
+        from clock_deploy.artifact import EMBEDDED_KEY
+        prop = next(p for p in model.metadata_props if p.key == EMBEDDED_KEY)
+        meta = json.loads(prop.value)
+        change(meta)
+        prop.value = json.dumps(meta)
+    return edit
+
+
+def test_a_lone_onnx_is_checked_by_its_embedded_metadata(tmp_path, exported, caplog):
+    import onnx.numpy_helper
+    from clock_deploy.runtime import Detector
+    path = _copy_artifact(exported, tmp_path, sidecar=False)
+    assert Detector.load(path).classes == ["Car", "Pedestrian", "Cyclist"]
+    _rewrite_onnx(path, _embedded_edit(lambda m: m["classes"].reverse()))
+    with pytest.raises(UserError) as e:
+        Detector.load(path)
+    assert one_line(e).startswith(f"{path} (embedded metadata): was changed after export")
+
+    def change_a_weight(model):
+        init = max(model.graph.initializer, key=lambda t: len(t.raw_data) or len(t.float_data))
+        array = onnx.numpy_helper.to_array(init).copy()
+        array.flat[0] += 1.0
+        init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    path = _copy_artifact(exported, tmp_path, sidecar=False)
+    _rewrite_onnx(path, change_a_weight)
+    with pytest.raises(UserError) as e:
+        Detector.load(path)
+    assert one_line(e) == (f"{path} (embedded metadata): does not describe this graph (its sha256 differs); the "
+                           "weights or nodes were changed after export: export again")
+
+    path = _copy_artifact(exported, tmp_path, sidecar=False)
+    _rewrite_onnx(path, _embedded_edit(lambda m: [m.pop("graph_sha256"), m.pop("metadata_sha256")]))
+    Detector.load(path)
+    Detector.load(path)
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_sidecar_and_embedded_metadata_must_agree(tmp_path, exported):
+    from clock_deploy.artifact import read_metadata, write_metadata
+    from clock_deploy.runtime import Detector
+    path = _copy_artifact(exported, tmp_path)
+    meta = read_metadata(path)
+    write_metadata(path, {**meta, "classes": ["Car", "Van", "Cyclist"]})  # a validly signed sidecar
+    with pytest.raises(UserError) as e:
+        Detector.load(path)
+    assert one_line(e) == (f"{path}: its sidecar and its embedded metadata disagree on 'classes': sidecar "
+                           '["Car", "Van", "Cyclist"], embedded ["Car", "Pedestrian", "Cyclist"]; export again')
+
+
+def _tensor_offset(path):
+    """Offset of the middle of the largest tensor's bytes inside a checkpoint (a zip archive)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+
+
+def test_a_bit_flipped_checkpoint_is_one_line_in_detector_export_and_resume(tmp_path, tiny_checkpoint, capsys,
+                                                                             synthetic_data, make_train_config):
+    from clock_deploy.runtime import Detector
+    out = tmp_path / "run"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=2", "train.max_iters=1",
+                                                             "train.eval_every=-1"])
+    run_training(cfg, progress=False)
+    for path in (tiny_checkpoint, out / "last.pt"):
+        flipped = tmp_path / "flipped.pt" if path == tiny_checkpoint else path
+        data = bytearray(path.read_bytes())
+        data[_tensor_offset(path)] ^= 0x10
+        flipped.write_bytes(bytes(data))
+        expected = f"{flipped}: checksum mismatch: the file changed after it was written"
+        if path == tiny_checkpoint:
+            with pytest.raises(UserError) as e:
+                Detector.load(flipped)
+            assert one_line(e).startswith(expected)
+            assert cli_error(capsys, ["export", "--ckpt", str(flipped), "--out", str(tmp_path / "x")]).startswith(
+                f"error: {expected}")
+        else:
+            with pytest.raises(UserError) as e:
+                run_training(make_train_config(synthetic_data, str(out), extra=["train.epochs=2"]), resume=True,
+                             progress=False)
+            assert one_line(e).startswith(expected)
+
+
+def test_a_checkpoint_without_checksum_loads_with_one_warning(tmp_path, tiny_checkpoint, caplog):
+    from clock_deploy.runtime import Detector
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    del ckpt["checksum"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    for _ in range(2):
+        assert Detector.load(tmp_path / "old.pt").classes == ["Car", "Pedestrian", "Cyclist"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'old.pt'}: no checksum (written by an older clock-deploy): its contents cannot be checked"]
+
+
+# ---------------------------------------------------------------- issue 40: one line everywhere
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("config"), "damaged checkpoint: key 'config' is missing"),
+    (lambda c: c.pop("model"), "damaged checkpoint: key 'model' is missing"),
+    (lambda c: c.pop("classes"), "damaged checkpoint: key 'classes' is missing"),
+    (lambda c: c.__setitem__("model", "weights"), "damaged checkpoint: 'model' must be a mapping of tensor names to "
+                                                  "tensors, got str"),
+    (lambda c: c["model"].__setitem__("extra", 3), "damaged checkpoint: 'model' must be a mapping of tensor names"),
+    (lambda c: c.__setitem__("classes", 3), "damaged checkpoint: 'classes' must be a list of class names, got int"),
+    (lambda c: c.__setitem__("config", []), "damaged checkpoint: 'config' must be a config mapping, got list"),
+    (lambda c: c.__setitem__("epoch", None), "damaged checkpoint: 'epoch' must be a count, got NoneType"),
+    (lambda c: c["config"]["model"].__setitem__("n_points", 2**63), "its saved config does not match this version"),
+    (lambda c: c["config"]["data"].__setitem__("img_size", [1]), "its saved config does not match this version"),
+])
+def test_checkpoints_with_the_right_tag_but_wrong_keys_are_one_line(tmp_path, capsys, tiny_checkpoint, change,
+                                                                    message):
+    from clock_deploy.checkpoint import content_sha256
+    from clock_deploy.runtime import Detector
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    change(ckpt)
+    ckpt["checksum"] = content_sha256(ckpt)  # consistent, so the structure check is what refuses it
+    path = tmp_path / "bad.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(UserError) as e:
+        Detector.load(path)
+    assert one_line(e).startswith(f"{path}: {message}")
+    assert cli_error(capsys, ["export", "--ckpt", str(path), "--out", str(tmp_path / "out")]).startswith(
+        f"error: {path}: {message}")
+
+
+def test_resuming_an_imported_checkpoint_is_one_line(tmp_path, synthetic_data, make_train_config, tiny_checkpoint):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_checkpoint, out / "last.pt")  # saved without optimizer state, as `import` writes
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=2"])
+    with pytest.raises(UserError) as e:
+        run_training(cfg, resume=True, progress=False)
+    assert one_line(e).startswith(f"resume: {out / 'last.pt'} ")
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after `room` bytes, as on a full disk."""
+
+    def __init__(self, path, room):
+        self.file, self.room = open(path, "wb"), room
+
+    def write(self, data):
+        import errno
+        if self.file.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch, room,
+                                                                                  make_tiny_student, student_io):
+    from clock_deploy.checkpoint import save_checkpoint
+    model, cfg = make_tiny_student("dab_detr")
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, cfg, student_io.classes, epoch=1, iteration=1)
+    old = path.read_bytes()
+    monkeypatch.setattr(io, "open", lambda p, mode="r", *a, **k: _FullDisk(p, room) if "w" in mode
+                        else open(p, mode, *a, **k), raising=False)
+    with pytest.raises(UserError) as e:
+        save_checkpoint(path, model, cfg, student_io.classes, epoch=2, iteration=2)
+    assert one_line(e) == f"cannot write {path}: No space left on device (is the disk full?)"
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_full_disk_during_training_is_one_line_on_the_cli(tmp_path, monkeypatch, capsys, synthetic_data,
+                                                           make_train_config):
+    out = tmp_path / "run"
+    cfg = make_train_config(synthetic_data, str(out), extra=["train.epochs=1", "train.eval_every=-1"])
+    dump(cfg, tmp_path / "c.yaml")
+    monkeypatch.setattr(io, "open", lambda p, mode="r", *a, **k: _FullDisk(p, 1000) if "last.pt" in str(p)
+                        else open(p, mode, *a, **k), raising=False)  # config.yaml still fits
+    assert cli_error(capsys, ["train", "--cfg", str(tmp_path / "c.yaml")]) == \
+        f"error: cannot write {out / 'last.pt'}: No space left on device (is the disk full?)"
+    assert not (out / "last.pt").exists()
+
+
+def test_export_out_under_an_unwritable_parent_is_one_line(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+    import errno
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    real = os.makedirs
+
+    def makedirs(name, *args, **kwargs):  # what a folder without write permission does (the tests may run as root)
+        if str(name).startswith(str(parent)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    out = parent / "out"
+    assert cli_error(capsys, ["export", "--ckpt", str(tiny_checkpoint), "--out", str(out)]) == \
+        f"error: cannot write {out}: Permission denied"
+
+
+def test_a_symlinked_lock_file_is_not_followed(tmp_path):
+    from clock_deploy.lock import LOCK_NAME, output_lock
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / LOCK_NAME)
+    with pytest.raises(UserError) as e:
+        with output_lock(tmp_path / "out", "export"):
+            pass
+    assert one_line(e).startswith(f"cannot write {tmp_path / 'out' / LOCK_NAME}: ")
+    assert victim.read_text() == "precious\n"

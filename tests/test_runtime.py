@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clock_deploy.artifact import batch_spec, read_metadata, write_metadata
+from clock_deploy.artifact import HASH_KEYS, batch_spec, read_metadata, write_metadata
 from clock_deploy.data.transforms import Compose, Normalize, Resize, ToTensor
 from clock_deploy.checkpoint import save_checkpoint
 from clock_deploy.errors import UserError
@@ -146,8 +146,10 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path, student
     shutil.copy(good, alone)
     detector = Detector.load(alone, score_threshold=0.0)
     sidecar = read_metadata(good)
-    sidecar.pop("artifact_sha256")  # the embedded copy is written before the file's final bytes exist
-    assert detector.meta == sidecar and len(detector(artifacts["images"][0])[0]) > 0
+    # the embedded copy is signed with the graph's sha256 (the file cannot hold its own), the sidecar with the file's
+    unsigned = {k: v for k, v in sidecar.items() if k not in HASH_KEYS}
+    assert {k: v for k, v in detector.meta.items() if k not in HASH_KEYS} == unsigned
+    assert len(detector(artifacts["images"][0])[0]) > 0
     stripped = onnx.load(good)
     del stripped.metadata_props[:]
     onnx.save(stripped, str(tmp_path / "stripped.onnx"))
@@ -164,8 +166,9 @@ def test_corrupt_and_mismatched_files_name_the_file(artifacts, tmp_path, student
     with pytest.raises(UserError, match=r"json.onnx.json:\d+: not valid JSON"):
         Detector.load(broken_json)
 
-    resized = copy("resized.onnx")
-    meta = read_metadata(resized)
+    resized = tmp_path / "resized.onnx"
+    onnx.save(stripped, str(resized))  # no embedded copy to disagree with the sidecar
+    meta = read_metadata(good)
     meta["input"]["height"] = 96
     write_metadata(resized, meta)
     with pytest.raises(UserError,

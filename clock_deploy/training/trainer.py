@@ -161,6 +161,19 @@ class Trainer:
             first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]  # line 0 only names the class
             raise UserError(f"resume: {path} does not fit the configured {self.cfg.model.arch} model "
                             f"({first}); resume with the config it was trained with") from None
+        missing = [k for k in ("optimizer", "scheduler", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(f"resume: {path} holds no training state ({', '.join(missing)} missing: written by "
+                            "`clock-deploy import` or hand-made); start from it with model.pretrained instead")
+        try:
+            self._restore_state(ckpt)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            key = f"key {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"resume: {path}: its training state does not fit this run "
+                            f"({type(e).__name__}: {key})") from None
+        self.log({"event": "resume", "from": path, "epoch": self.epoch, "iteration": self.iteration})
+
+    def _restore_state(self, ckpt):
         if self.step_module.distiller is not None and "distiller" in ckpt:
             self.step_module.distiller.load_trainable_state(ckpt["distiller"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -175,7 +188,6 @@ class Trainer:
         # checkpoints written before best_epoch existed: the saved epoch was the best if its mAP is
         self.best_epoch = ckpt.get("best_epoch", self.epoch if self.metrics.get("mAP") == self.best_map else None)
         set_rng_state(ckpt["rng"])
-        self.log({"event": "resume", "from": path, "epoch": self.epoch, "iteration": self.iteration})
 
     # ------------------------------------------------------------------ loop
     def fit(self):
