@@ -4,7 +4,6 @@ A checkpoint holds only tensors and plain Python containers, so loading it never
 runs code from the file.
 """
 import os
-import pickle
 import random
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from clock_deploy import __version__
 from clock_deploy.config import ConfigError, from_dict, to_dict
 from clock_deploy.errors import UserError
-from clock_deploy.io import torch_save
+from clock_deploy.io import torch_load, torch_save
 
 FORMAT = "clock-deploy-checkpoint-v1"
 
@@ -64,29 +63,11 @@ def save_checkpoint(path, model, cfg, classes, epoch, iteration, metrics=None, *
 def read_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict safely, with a clear error for missing / corrupt / foreign files."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: not a readable checkpoint (empty file)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a class reference: just garbage
-            raise UserError(f"{path}: not a readable checkpoint (corrupt data)") from None
-        # torch's own message suggests weights_only=False, which must never be done for untrusted files
-        raise UserError(f"{path}: not a readable checkpoint (it holds Python objects other than tensors and "
-                        "plain containers; refused because loading them could run code)") from None
-    except Exception as e:  # corrupt zip, truncated file, folder ...
-        raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    ckpt = torch_load(path, "checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy checkpoint (expected a file written by "
                         f"`clock-deploy train` / `distill`)")
     return ckpt
-
-
-def _first_line(e):
-    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
-    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
 
 
 def checkpoint_config(ckpt, path="checkpoint"):
