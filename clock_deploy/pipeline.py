@@ -19,6 +19,7 @@ from clock_deploy.config import PipelineConfig, load_config
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_json
+from clock_deploy.naming import CONFIG
 
 log = logging.getLogger(__name__)
 STAGES = ("data", "teacher", "student", "distill", "export", "bench")
@@ -186,7 +187,7 @@ class Pipeline:
                            b.backends, device=b.device, data_root=cfg_data.root, split=cfg_data.val_split,
                            out_dir=self.bench_dir, names=["teacher", "student", "distilled"],
                            calib=self.cfg.calib, warmup=b.warmup, runs=b.runs, threads=b.threads or None,
-                           max_images=b.max_images or None)
+                           max_images=b.max_images or None, via=CONFIG)
         failed = [item for item in result.not_run if item.reason.startswith(("failed", "export failed"))]
         if failed:  # not stamped: the next run measures again
             if os.path.exists(stamp):

@@ -56,10 +56,14 @@ def test_unavailable_reasons(tensorrt_installed):
     assert unavailable_reason(parse_backend("onnx-int8"), cpu, calib="calib.json") is None
     assert unavailable_reason(parse_backend("onnx"), cuda).startswith("CUDA EP not available in onnxruntime")
     assert unavailable_reason(parse_backend("trt-fp16"), cpu) == (
-        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'")
+        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or device='jetson-orin'")
     assert unavailable_reason(parse_backend("trt-fp16"), cuda) is None
     assert unavailable_reason(parse_backend("trt-fp16-dla0"), cuda) == (
         "DLA cores exist on Jetson modules only (device='jetson-orin')")
+    assert unavailable_reason(parse_backend("trt-fp16"), cpu, via="cli") == (
+        "TensorRT runs on an NVIDIA GPU only: use --device cuda or --device jetson-orin")
+    assert unavailable_reason(parse_backend("trt-fp16"), cpu, via="config") == (
+        "TensorRT runs on an NVIDIA GPU only: use bench.device=cuda or bench.device=jetson-orin")
     assert unavailable_reason(parse_backend("trt-fp16-dla0"), nano) == (
         "a jetson-orin box has 0 DLA core(s); dla0 does not exist")
     assert unavailable_reason(parse_backend("trt-int8-dla1"), agx, calib="c.json") is None
@@ -81,7 +85,7 @@ def test_tensorrt_rtx_alone_counts_as_installed(monkeypatch):
                         lambda name: object() if name == "tensorrt_rtx" else None)
     assert unavailable_reason(parse_backend("trt-fp16"), profile("cuda")) is None
     assert unavailable_reason(parse_backend("trt-fp16"), profile("cpu")) == (
-        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'")
+        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or device='jetson-orin'")
 
 
 # ---------------------------------------------------------------- artifact cache
@@ -238,7 +242,7 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
 
     [skipped] = result.not_run
     assert skipped.backend == "trt-fp16" and skipped.model is None
-    assert "TensorRT" in skipped.reason and "device='cuda' or 'jetson-orin'" in skipped.reason
+    assert "TensorRT" in skipped.reason and "device='cuda' or device='jetson-orin'" in skipped.reason
 
     md = (out / "bench.md").read_text()
     arch = ARCH_NAMES[torch_row.arch]

@@ -219,8 +219,8 @@ class Exporter:
         from clock_deploy.io import file_sha256
 
         if not manifest:
-            raise UserError("INT8 needs a calibration manifest: set export.calib to calibration/<name>.json "
-                            "(make one with `clock-deploy calibrate`)")
+            setting = option("calib", "calibration/<name>.json", self.via)
+            raise UserError(f"INT8 needs a calibration manifest: {setting} (make one with `clock-deploy calibrate`)")
         paths = manifest_images(manifest, root, limit)
         return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
                        "dataset_root": root or read_manifest(manifest)["dataset_root"]}
@@ -233,11 +233,15 @@ class Exporter:
                                   nodes_to_exclude=list(self.cfg.export.exclude_nodes), top=top)
         path = self.path(".int8.sensitivity.json")
         write_json(path, {"onnx": fp32, "calibration": calibration, **result})
-        log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
-                 f"all nodes quantized: {result['full']['error']:.4g}):")
+        exclude = option("exclude_nodes", ["NODE"], self.via)
+        log.info(f"INT8 sensitivity on {result['images']} images: each score is the output error (largest raw "
+                 f"score change + largest box change / image size) with only that node in INT8, the rest in "
+                 f"float (all nodes in INT8: {result['full']['error']:.4g}; maxima do not add up, so one node may "
+                 f"score above all); keep the top nodes in float with {exclude} and export INT8 again: the mAP "
+                 "gate decides whether it helped")
         for row in result["nodes"][:top]:
             log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
-        log.info(f"wrote {path} (keep nodes in float with export.exclude_nodes)")
+        log.info(f"wrote {path}")
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):

@@ -24,6 +24,7 @@ from clock_deploy.measure.job import run_job
 from clock_deploy.measure.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import remove_stale_folders
+from clock_deploy.naming import API
 
 
 def make_row(model, backend, artifact, size_mb, result):
@@ -81,7 +82,7 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
               data_root: str = "data/synth_kitti", split: str = "val", out_dir: str = "bench_out",
               names: Optional[Sequence[str]] = None, calib: Optional[str] = None, warmup: int = 10, runs: int = 100,
               batch: int = 1, threads: Optional[int] = None, max_images: Optional[int] = None, isolate: bool = True,
-              progress: bool = True, system=None) -> "BenchResult":
+              progress: bool = True, system=None, via: str = API) -> "BenchResult":
     """Benchmark every checkpoint in `models` on every backend; write the reports into out_dir.
 
     models: checkpoint paths (.pt); names: labels for them (default: file stems).
@@ -89,15 +90,16 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
     device: "cpu" | "cuda" | "jetson-orin" (a UserError when this machine is not one).
     isolate: measure each combination in its own process (peak RSS and threads per measurement).
     system: devices.System to read the device from (tests).
+    via: how messages name the options (naming.CLI for `clock-deploy bench`, CONFIG for the pipeline).
     """
     from tqdm import tqdm
 
     names = _check_inputs(models, names, warmup, runs, batch, max_images, data_root)
     backends = list(dict.fromkeys(parse_backend(b) for b in backends))
-    profile = detect(device, threads, system)
+    profile = detect(device, threads, system, via)
     not_run, runnable = [], []
     for b in backends:
-        reason = unavailable_reason(b, profile, calib)
+        reason = unavailable_reason(b, profile, calib, via)
         if reason:
             not_run.append(NotRun(b.name, reason))
         else:
