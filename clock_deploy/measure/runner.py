@@ -82,7 +82,8 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
               data_root: str = "data/synth_kitti", split: str = "val", out_dir: str = "bench_out",
               names: Optional[Sequence[str]] = None, calib: Optional[str] = None, warmup: int = 10, runs: int = 100,
               batch: int = 1, threads: Optional[int] = None, max_images: Optional[int] = None, isolate: bool = True,
-              progress: bool = True, system=None, via: str = API) -> "BenchResult":
+              progress: bool = True, system=None, via: str = API,
+              failed_exports: Optional[dict] = None) -> "BenchResult":
     """Benchmark every checkpoint in `models` on every backend; write the reports into out_dir.
 
     models: checkpoint paths (.pt); names: labels for them (default: file stems).
@@ -91,6 +92,8 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
     isolate: measure each combination in its own process (peak RSS and threads per measurement).
     system: devices.System to read the device from (tests).
     via: how messages name the options (naming.CLI for `clock-deploy bench`, CONFIG for the pipeline).
+    failed_exports: {(model name, backend name): reason} of artifacts that failed their export gate
+    before the bench (the pipeline's export stage): listed as not run with the reason, not exported again.
     """
     from tqdm import tqdm
 
@@ -108,9 +111,13 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
     artifacts_dir = os.path.join(out_dir, "artifacts")
     bar = tqdm(total=len(models) * len(runnable), desc="bench", unit="run", disable=not progress)
     rows = []
+    failed_exports = failed_exports or {}
     for model in models:
         bar.set_description(f"export {model.name}")
-        errors = export_artifacts(model, runnable, artifacts_dir, calib, batch)
+        errors = {b.name: failed_exports[model.name, b.name] for b in runnable
+                  if (model.name, b.name) in failed_exports}
+        errors.update(export_artifacts(model, [b for b in runnable if b.name not in errors], artifacts_dir, calib,
+                                       batch))
         for b in runnable:
             bar.set_description(f"{model.name}/{b.name}")
             artifact = artifact_path(artifacts_dir, model, b)
