@@ -214,11 +214,20 @@ def tiny_checkpoint(tmp_path_factory, synth_root):
     return str(path), weights
 
 
-def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
+def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint, monkeypatch):
     ckpt, weights = tiny_checkpoint
     out = tmp_path / "out"
+    reported, isolated = [], runner.run_isolated
+
+    def watched(job, work_dir, report):  # what the measuring processes report while they run
+        return isolated(job, work_dir, lambda text: (reported.append(text), report(text)))
+
+    monkeypatch.setattr(runner, "run_isolated", watched)
     result = runner.run_bench([ckpt], ["torch", "onnx", "trt-fp16"], device="cpu", data_root=synth_root,
                               out_dir=str(out), names=["student"], warmup=1, runs=3, progress=False)
+    # each phase's end is always reported (calls in between at most once a second)
+    ends = [text for text in reported if text.endswith(("1/1", "3/3", "images"))]
+    assert ends == ["warm-up 1/1", "timed 3/3", "accuracy on 4 images"] * 2, reported
     assert [(r.model, r.backend) for r in result.rows] == [("student", "torch"), ("student", "onnx")]
     torch_row, onnx_row = result.rows
     onnx_file = out / "artifacts" / "student" / "student.onnx"

@@ -129,13 +129,14 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
                    if b.runtime == "torch" else ("cpu" if profile.kind == "cpu" else "cuda"),
                    "threads": profile.threads, "warmup": warmup, "runs": runs, "batch": batch,
                    "max_images": max_images, "data": {**model.data, "root": os.fspath(data_root), "split": split}}
+            report = bar.set_postfix_str  # warm-up / timed runs / accuracy, inside a long measurement
             try:
                 if isolate:
                     remove_stale_folders(tempfile.gettempdir(), WORK_DIR_PREFIX)
                     with tempfile.TemporaryDirectory(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-") as work_dir:
-                        result = run_isolated(job, work_dir)
+                        result = run_isolated(job, work_dir, report)
                 else:
-                    result = run_job(job)
+                    result = run_job(job, report)
             except Exception as e:  # a failing combination is reported, the others still run
                 not_run.append(NotRun(b.name, f"failed: {one_line(e)}", model.name))
             else:
