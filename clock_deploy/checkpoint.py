@@ -7,7 +7,6 @@ every read: Detector.load, export, resume, the teacher of a distillation.
 import hashlib
 import logging
 import os
-import pickle
 import random
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from clock_deploy import __version__
 from clock_deploy.config import ConfigError, from_dict, to_dict
 from clock_deploy.errors import UserError
-from clock_deploy.io import torch_save
+from clock_deploy.io import torch_load, torch_save
 from clock_deploy.models.build import build_model
 
 FORMAT = "clock-deploy-checkpoint-v1"
@@ -98,20 +97,7 @@ def read_checkpoint(path, map_location="cpu", verify=True):
     """Load a checkpoint dict safely, with a clear error for missing / corrupt / foreign / damaged files;
     verify: also check its checksum (one warning for a checkpoint written before checksums existed)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: not a readable checkpoint (empty file)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a class reference: just garbage
-            raise UserError(f"{path}: not a readable checkpoint (corrupt data)") from None
-        # torch's own message suggests weights_only=False, which must never be done for untrusted files
-        raise UserError(f"{path}: not a readable checkpoint (it holds Python objects other than tensors and "
-                        "plain containers; refused because loading them could run code)") from None
-    except Exception as e:  # corrupt zip, truncated file, folder ...
-        raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    ckpt = torch_load(path, "checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a clock-deploy checkpoint (expected a file written by "
                         f"`clock-deploy train` / `distill`)")
@@ -165,11 +151,6 @@ def _verify_checksum(ckpt, path):
     if ckpt["checksum"] != content_sha256(ckpt):
         raise UserError(f"{path}: checksum mismatch: the file changed after it was written (a damaged copy or a "
                         "disk error); use another copy")
-
-
-def _first_line(e):
-    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
-    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
 
 
 def checkpoint_config(ckpt, path="checkpoint"):

@@ -24,6 +24,8 @@ from clock_deploy.artifact import PRECISIONS
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_text
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names key, file and line."""
@@ -623,14 +625,35 @@ def build(cls, flat):
     return obj
 
 
+# model keys only one family reads (a prefix ending in "." covers a section) -> the families that read them
+FAMILY_KEYS = {"model.dn.": ("dino",), "model.dab.": ("dab_detr",), "model.box_refine": ("deformable_detr",),
+               "model.two_stage": ("deformable_detr",), "model.proposal_rank": ("deformable_detr",),
+               "model.n_points": ("dino", "deformable_detr"), "model.sampling": ("dino", "deformable_detr"),
+               "model.num_feature_levels": ("dino", "deformable_detr")}
+
+
+def foreign_keys(flat, arch):
+    """[(key, where, families)] of the keys set in `flat` that model.arch `arch` does not read."""
+    found = []
+    for key, (_, where) in flat.items():
+        for prefix, families in FAMILY_KEYS.items():
+            if (key.startswith(prefix) if prefix.endswith(".") else key == prefix) and arch not in families:
+                found.append((key, where, families))
+    return found
+
+
 def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[str] = (), cls: type = Config):
-    """Load `path` (with its _base_ chain) and `overrides` into a validated `cls`."""
+    """Load `path` (with its _base_ chain) and `overrides` into a validated `cls`. A model key that the
+    config's model.arch does not read is not an error (a shared base may set it) but is named in a warning."""
     flat = load_flat(path) if path else {}
     flat.update(parse_overrides(overrides))
     cfg = build(cls, flat)
     if isinstance(cfg, Config):
         _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
         _check_coarsest_level(cfg, flat.get("data.img_size", (None, "data.img_size"))[1])
+        for key, where, families in foreign_keys(flat, cfg.model.arch):
+            log.warning(f"{where}: {key} is read by {' and '.join(families)} models only; this config's "
+                        f"model.arch is {cfg.model.arch}, so it is ignored")
     return cfg
 
 
@@ -653,8 +676,7 @@ def _cap_workers(data, where):
     """More DataLoader workers than CPUs only costs memory (each is a forked copy of the process)."""
     cpus = os.cpu_count() or 1
     if data.num_workers > cpus:
-        logging.getLogger(__name__).warning(f"{where}: data.num_workers={data.num_workers} is more than the "
-                                            f"{cpus} CPUs here; using {cpus}")
+        log.warning(f"{where}: data.num_workers={data.num_workers} is more than the {cpus} CPUs here; using {cpus}")
         data.num_workers = cpus
 
 

@@ -167,6 +167,38 @@ def torch_save(obj, path):
                 raise
 
 
+def torch_load(path, what="PyTorch checkpoint", allowed=(), map_location="cpu"):
+    """torch.load(path, weights_only=True) with the project's one line for a file it cannot read.
+
+    torch's own message for a pickle holding other objects advises re-running with
+    weights_only=False, which runs code from the file: never passed on. allowed: classes the
+    file may hold besides tensors and plain containers (torch.serialization.safe_globals)."""
+    import pickle
+    import warnings
+
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: not a readable {what} (empty file)")
+    try:
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            # garbage that starts like a pickle: torch warns about the protocol before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "weights_only" not in str(e):  # not a class reference
+            raise UserError(f"{path}: not a readable {what} (corrupt data)") from None
+        raise UserError(f"{path}: not a readable {what} (it holds Python objects other than tensors and plain "
+                        "containers; refused because loading them could run code)") from None
+    except Exception as e:  # not a torch file, truncated zip, folder ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
+        reason = f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
+        raise UserError(f"{path}: not a readable {what} ({reason})") from None
+
+
 def file_sha256(path, chunk=1 << 20):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

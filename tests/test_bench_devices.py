@@ -125,8 +125,10 @@ def test_cuda_profile_from_nvidia_smi_and_clear_error_without_cuda():
     # without nvidia-smi the profile falls back to what torch knows
     p = detect("cuda", system=fake_system("x86", {}, cuda=gpu))
     assert p.facts["GPU memory"] == "24268 MiB" and "unknown" in p.facts["clocks"]
-    with pytest.raises(UserError, match="device cuda: PyTorch sees no CUDA GPU"):
+    with pytest.raises(UserError, match="device='cuda': PyTorch sees no CUDA GPU.*; use device='cpu'$"):
         detect("cuda", system=fake_system("x86", {}, cuda=None))
+    with pytest.raises(UserError, match="^--device cuda: PyTorch sees no CUDA GPU.*; use --device cpu$"):
+        detect("cuda", system=fake_system("x86", {}, cuda=None), via="cli")
 
 
 def test_parse_jetson_clocks_skips_offline_cores_and_reads_emc_override():

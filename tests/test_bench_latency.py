@@ -1,6 +1,6 @@
 import pytest
 
-from clock_deploy.measure.latency import measure, summarize
+from clock_deploy.measure.latency import Progress, measure, summarize
 
 
 class FakeClock:
@@ -61,3 +61,17 @@ def test_summarize_and_measure_reject_empty_input():
         summarize([])
     with pytest.raises(ValueError):
         measure(lambda: None, warmup=0, runs=0)
+
+
+def test_progress_is_reported_inside_warm_up_and_timed_runs():
+    calls = []
+    clock = FakeClock([0.5] * 5)
+    measure(clock.work, warmup=2, runs=3, clock=clock, progress=lambda *a: calls.append(a))
+    assert calls == [("warm-up", 1, 2), ("warm-up", 2, 2), ("timed", 1, 3), ("timed", 2, 3), ("timed", 3, 3)]
+    # Progress: the first call, then at most every `interval` seconds, and always the end of a phase
+    texts, now = [], [0.0]
+    progress = Progress(texts.append, interval=1.0, clock=lambda: now[0])
+    for done in range(1, 11):
+        now[0] = 0.3 * done  # 0.3 s per call
+        progress("timed", done, 10)
+    assert texts == ["timed 1/10", "timed 5/10", "timed 9/10", "timed 10/10"]

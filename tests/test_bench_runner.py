@@ -56,10 +56,14 @@ def test_unavailable_reasons(tensorrt_installed):
     assert unavailable_reason(parse_backend("onnx-int8"), cpu, calib="calib.json") is None
     assert unavailable_reason(parse_backend("onnx"), cuda).startswith("CUDA EP not available in onnxruntime")
     assert unavailable_reason(parse_backend("trt-fp16"), cpu) == (
-        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'")
+        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or device='jetson-orin'")
     assert unavailable_reason(parse_backend("trt-fp16"), cuda) is None
     assert unavailable_reason(parse_backend("trt-fp16-dla0"), cuda) == (
         "DLA cores exist on Jetson modules only (device='jetson-orin')")
+    assert unavailable_reason(parse_backend("trt-fp16"), cpu, via="cli") == (
+        "TensorRT runs on an NVIDIA GPU only: use --device cuda or --device jetson-orin")
+    assert unavailable_reason(parse_backend("trt-fp16"), cpu, via="config") == (
+        "TensorRT runs on an NVIDIA GPU only: use bench.device=cuda or bench.device=jetson-orin")
     assert unavailable_reason(parse_backend("trt-fp16-dla0"), nano) == (
         "a jetson-orin box has 0 DLA core(s); dla0 does not exist")
     assert unavailable_reason(parse_backend("trt-int8-dla1"), agx, calib="c.json") is None
@@ -81,7 +85,7 @@ def test_tensorrt_rtx_alone_counts_as_installed(monkeypatch):
                         lambda name: object() if name == "tensorrt_rtx" else None)
     assert unavailable_reason(parse_backend("trt-fp16"), profile("cuda")) is None
     assert unavailable_reason(parse_backend("trt-fp16"), profile("cpu")) == (
-        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'")
+        "TensorRT runs on an NVIDIA GPU only: use device='cuda' or device='jetson-orin'")
 
 
 # ---------------------------------------------------------------- artifact cache
@@ -210,11 +214,20 @@ def tiny_checkpoint(tmp_path_factory, synth_root):
     return str(path), weights
 
 
-def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
+def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint, monkeypatch):
     ckpt, weights = tiny_checkpoint
     out = tmp_path / "out"
+    reported, isolated = [], runner.run_isolated
+
+    def watched(job, work_dir, report):  # what the measuring processes report while they run
+        return isolated(job, work_dir, lambda text: (reported.append(text), report(text)))
+
+    monkeypatch.setattr(runner, "run_isolated", watched)
     result = runner.run_bench([ckpt], ["torch", "onnx", "trt-fp16"], device="cpu", data_root=synth_root,
                               out_dir=str(out), names=["student"], warmup=1, runs=3, progress=False)
+    # each phase's end is always reported (calls in between at most once a second)
+    ends = [text for text in reported if text.endswith(("1/1", "3/3", "images"))]
+    assert ends == ["warm-up 1/1", "timed 3/3", "accuracy on 4 images"] * 2, reported
     assert [(r.model, r.backend) for r in result.rows] == [("student", "torch"), ("student", "onnx")]
     torch_row, onnx_row = result.rows
     onnx_file = out / "artifacts" / "student" / "student.onnx"
@@ -238,7 +251,7 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint):
 
     [skipped] = result.not_run
     assert skipped.backend == "trt-fp16" and skipped.model is None
-    assert "TensorRT" in skipped.reason and "device='cuda' or 'jetson-orin'" in skipped.reason
+    assert "TensorRT" in skipped.reason and "device='cuda' or device='jetson-orin'" in skipped.reason
 
     md = (out / "bench.md").read_text()
     arch = ARCH_NAMES[torch_row.arch]

@@ -305,3 +305,44 @@ def test_cli_bad_options_name_the_problem(checkpoint, tmp_path, capsys):
         with pytest.raises(SystemExit):
             run(cli, ["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--map-images", "0"] + argv)
         assert message in capsys.readouterr().err
+
+
+def test_cli_int8_engine_export_prints_each_line_once_and_no_library_noise(checkpoint, tmp_path):
+    """In a process of its own, as a user runs it (pytest's own log handlers would hide a doubled line):
+    onnxruntime's quantizer must not make every later line print twice, TensorRT's builder notes go to
+    the debug log and onnxruntime's session warnings stay quiet."""
+    import subprocess
+
+    pytest.importorskip("tensorrt_rtx")
+    ckpt, root = checkpoint
+    manifest = tmp_path / "calib.json"
+    run(cli, ["calibrate", "--data", str(root), "--num", "4", "--out", str(manifest)])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "clock_deploy", "export", "--ckpt", str(ckpt), "--int8", "--calib",
+                           str(manifest), "--trt", "--builder", "tensorrt-rtx", "--map-images", "0",
+                           "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 0, lines
+    assert len(lines) == len(set(lines)), lines  # every line once
+    noise = [line for line in lines if line.startswith(("INFO:", "WARNING:", "[TRT]", "TensorRT:"))
+             or "onnxruntime" in line and "[W:" in line]
+    assert noise == [], noise
+    assert sum(line.startswith("INT8:") for line in lines) == 1
+    assert os.path.exists(tmp_path / "out" / "student.int8.engine")
+
+
+def test_sensitivity_says_what_its_score_means_and_what_to_do(checkpoint, tmp_path, monkeypatch, capsys):
+    ckpt, root = checkpoint
+    manifest = tmp_path / "calib.json"
+    run(cli, ["calibrate", "--data", str(root), "--num", "2", "--out", str(manifest)])
+    nodes = [{"node": f"/n{i}/Conv", "op_type": "Conv", "error": 2.0 - i} for i in range(2)]
+    monkeypatch.setattr("clock_deploy.export.precision.int8_sensitivity",  # the ranking itself: test_precision
+                        lambda *a, **k: {"images": 2, "full": {"error": 1.5}, "nodes": nodes, "top": []})
+    run(cli, ["export", "--ckpt", str(ckpt), "--calib", str(manifest), "--sensitivity", "--map-images", "0",
+              "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("INT8 sensitivity on 2 images"))
+    assert "each score is the output error" in lines[start] and "(all nodes in INT8: 1.5;" in lines[start]
+    assert "keep the top nodes in float with --exclude-node NODE and export INT8 again" in lines[start]
+    assert lines[start + 1].split() == ["2", "Conv", "/n0/Conv"]

@@ -8,6 +8,7 @@ import torch
 from clock_deploy.cli import cli, run
 from clock_deploy.config import Config, DistillConfig
 from clock_deploy.data.kitti import class_names
+from clock_deploy.errors import UserError
 from clock_deploy.checkpoint import load_model, read_checkpoint
 from clock_deploy.training.commands import load_teacher
 from clock_deploy.runtime import Detector
@@ -95,3 +96,36 @@ def test_one_resnet_depth_rule_and_one_fit_check():
     assert fit_problems(model, {"a": torch.zeros(2), "b": torch.zeros(3, 5), "d": torch.zeros(1)}) == (
         "1 missing weights: c; 1 unexpected weights: d; 1 wrong shapes: b (3, 5) instead of (3, 4)")
     assert fit_problems(model, {**model, "b": torch.zeros(9)}, skip_shapes=["b"]) == ""
+
+
+def _unreadable_files(folder):
+    """Files no loader may read, each with a Python object, garbage or nothing in it."""
+    import random
+
+    files = {"objects.pth": None, "garbage.pth": b"\x80\x04garbage", "empty.pth": b"", "zip.pth": b"PK\x03\x04x"}
+    for name, content in files.items():
+        if content is None:  # a pickle holding a class instance: torch refuses it with weights_only=True
+            torch.save({"model": random.Random(0)}, folder / name)
+        else:
+            (folder / name).write_bytes(content)
+    return [folder / name for name in files]
+
+
+@pytest.mark.parametrize("command", ["import", "export", "backbone"])
+def test_no_message_suggests_weights_only_false(tmp_path, capsys, command):
+    """torch advises re-running with weights_only=False (which runs code from the file): import, export
+    and the backbone weights give the project's own one line instead, naming the file."""
+    from clock_deploy.models.backbone import ResNetBackbone
+
+    for path in _unreadable_files(tmp_path):
+        if command == "backbone":
+            with pytest.raises(UserError) as e:
+                ResNetBackbone(depth=18, width=64).load_backbone_weights(str(path))
+            err = f"error: {e.value}"
+        else:
+            argv = [str(path)] if command == "import" else ["--ckpt", str(path)]
+            with pytest.raises(SystemExit):
+                run(cli, [command, *argv, "--out", str(tmp_path / "out")])
+            err = capsys.readouterr().err.strip()
+        assert "weights_only" not in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {path}: not a readable "), err

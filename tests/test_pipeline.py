@@ -179,3 +179,39 @@ def test_the_four_export_commands_succeed_on_the_pipeline_models(tiny_pipeline, 
         meta = json.loads((out / f"last.{precision}.onnx.json").read_text())
         assert meta["precision"] == precision and meta["parity"].get("passed", True)
         assert os.path.exists(out / f"last.{precision}.engine") == name.startswith("trt")
+
+
+def test_a_failed_export_gate_is_a_failed_bench_row_and_the_pipeline_goes_on(tiny_pipeline, tmp_path, monkeypatch):
+    """In `pipeline`, an INT8 model that fails its accuracy gate is listed in the bench table as failed, with
+    the criterion, and the other rows are still measured; `clock-deploy export` alone exits 2 on it."""
+    import shutil
+
+    from clock_deploy.export import parity
+
+    cfg, _, _, tmp = tiny_pipeline
+    for name in ("teacher.yaml", "student.yaml", "distill.yaml"):  # a copy: the module's pipeline stays as it is
+        shutil.copy(tmp / name, tmp_path / name)
+    shutil.copytree(runs(tmp), tmp_path / "runs")
+    copied = yaml.safe_load(open(cfg))
+    copied["output_dir"] = str(tmp_path / "runs")
+    copied["bench"]["backends"] = ["onnx", "onnx-int8"]
+    monkeypatch.setattr(parity, "MIN_MAP_IMAGES", 1)  # the tiny val split (3 images) is judged...
+    monkeypatch.setattr(parity, "MAX_MAP_DROP", -1.0)  # ...by a gate no model passes (mAP must rise 100 points)
+    with logged_lines() as lines:
+        result = Pipeline(write_yaml(tmp_path / "pipeline.yaml", copied), force=["export"]).run()
+    [failed] = [n for n in result.not_run if n.model == "distilled"]
+    assert failed.backend == "onnx-int8" and failed.reason.startswith("export failed: ")
+    assert "int8 export failed its accuracy gate: mAP drop" in failed.reason
+    assert "(limit <= -100 points, 3 validation images)" in failed.reason
+    assert {(r.model, r.backend) for r in result.rows} == {("teacher", "onnx"), ("teacher", "onnx-int8"),
+                                                           ("student", "onnx"), ("student", "onnx-int8"),
+                                                           ("distilled", "onnx")}
+    assert failed.reason in (tmp_path / "runs" / "bench" / "bench.md").read_text()
+    assert any("the pipeline goes on" in line for line in lines)
+    assert not os.path.exists(tmp_path / "runs" / "bench" / "inputs.json")  # not stamped: measured again next time
+
+    from clock_deploy.cli import cli, run
+    with pytest.raises(SystemExit) as e:
+        run(cli, ["export", "--ckpt", str(tmp_path / "runs" / "distill" / "last.pt"), "--int8", "--calib",
+                  str(tmp / "calib.json"), "--out", str(tmp_path / "alone")])
+    assert e.value.code == 2

@@ -20,7 +20,7 @@ from clock_deploy.convert import dab_detr, deformable, dino, rt_detr
 from clock_deploy.convert.common import args_dict, fit_problems
 from clock_deploy.checkpoint import FORMAT, save_checkpoint
 from clock_deploy.errors import UserError, one_line
-from clock_deploy.io import read_json
+from clock_deploy.io import read_json, torch_load
 from clock_deploy.models.build import build_model
 
 HF_MODEL_TYPES = {"deformable_detr": "deformable_detr", "dab-detr": "dab_detr", "dab_detr": "dab_detr",
@@ -77,11 +77,7 @@ def _converter(arch, source):
 
 
 def _load_torch(path):
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or a pickle holding code / foreign objects
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
+    return torch_load(path, "PyTorch checkpoint", allowed=[argparse.Namespace])  # official .pth keep their args
 
 
 def read_hf_folder(folder):

@@ -12,7 +12,9 @@ import numpy as np
 
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
+from clock_deploy.export.formats import check_options
 from clock_deploy.io import plain_file_name, write_json
+from clock_deploy.naming import API, option
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,12 @@ class Exporter:
     profile, input spec, validation data) is fixed here; `run` writes one precision's artifacts."""
 
     def __init__(self, ckpt_path, out_dir=None, name=None, *, overrides=None, img_size=None, sampling=None,
-                 batch=None, exclude_nodes=()):
+                 batch=None, exclude_nodes=(), via=API):
         """overrides: {ExportConfig key: value} replacing the checkpoint's export settings (None = keep);
         img_size: [H, W] instead of the checkpoint's data.img_size; sampling: deformable attention
         sampling in the graph; batch: N or (MIN, OPT, MAX) (artifact.batch_spec: None = 1..8 when
-        export.dynamic_batch, else 1); exclude_nodes: nodes kept in float besides export.exclude_nodes."""
+        export.dynamic_batch, else 1); exclude_nodes: nodes kept in float besides export.exclude_nodes;
+        via: how the caller's options are named in messages (naming.CLI / CONFIG / API)."""
         from clock_deploy.artifact import batch_spec, input_spec
         from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from clock_deploy.checkpoint import load_model
@@ -65,7 +68,9 @@ class Exporter:
         from clock_deploy.models.deform_attn import set_sampling
 
         self.ckpt_path = os.fspath(ckpt_path)
+        self.via = via
         self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
+        check_options("fp32", False, None, {"sampling": sampling}, self.cfg.model.arch, via)
         self.source = {"checkpoint": self.ckpt_path, "sha256": file_sha256(self.ckpt_path),
                        "epoch": self.ckpt.get("epoch"), "iteration": self.ckpt.get("iteration")}
         self.out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(self.ckpt_path)), "export")
@@ -89,6 +94,10 @@ class Exporter:
         self.dataset = _val_dataset(self.cfg)
         self.reference_metrics = {}  # image count -> the PyTorch model's metrics, computed once
         self.summary = {}
+
+    def check_options(self, precision, trt, builder, given):
+        """Refuse options that do not go with this export (export/formats.py), before any work starts."""
+        check_options(precision or self.cfg.export.precision, trt, builder, given, self.cfg.model.arch, self.via)
 
     def path(self, suffix):
         return os.path.join(self.out_dir, f"{self.name}{suffix}")
@@ -157,7 +166,7 @@ class Exporter:
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
-                         "to miscompile; Exporter(..., sampling='gather') avoids it")
+                         f"to miscompile; {option('sampling', 'gather', self.via)} avoids it")
         images = None
         if precision == "int8" or sensitivity:
             images = self.calibration_images(exp.calib, calib_root, exp.calib_images)
@@ -211,8 +220,8 @@ class Exporter:
         from clock_deploy.io import file_sha256
 
         if not manifest:
-            raise UserError("INT8 needs a calibration manifest: set export.calib to calibration/<name>.json "
-                            "(make one with `clock-deploy calibrate`)")
+            setting = option("calib", "calibration/<name>.json", self.via)
+            raise UserError(f"INT8 needs a calibration manifest: {setting} (make one with `clock-deploy calibrate`)")
         paths = manifest_images(manifest, root, limit)
         return paths, {"manifest": manifest, "manifest_sha256": file_sha256(manifest),
                        "dataset_root": root or read_manifest(manifest)["dataset_root"]}
@@ -225,11 +234,15 @@ class Exporter:
                                   nodes_to_exclude=list(self.cfg.export.exclude_nodes), top=top)
         path = self.path(".int8.sensitivity.json")
         write_json(path, {"onnx": fp32, "calibration": calibration, **result})
-        log.info(f"INT8 sensitivity ({result['images']} images, error = scores + boxes / image size; "
-                 f"all nodes quantized: {result['full']['error']:.4g}):")
+        exclude = option("exclude_nodes", ["NODE"], self.via)
+        log.info(f"INT8 sensitivity on {result['images']} images: each score is the output error (largest raw "
+                 f"score change + largest box change / image size) with only that node in INT8, the rest in "
+                 f"float (all nodes in INT8: {result['full']['error']:.4g}; maxima do not add up, so one node may "
+                 f"score above all); keep the top nodes in float with {exclude} and export INT8 again: the mAP "
+                 "gate decides whether it helped")
         for row in result["nodes"][:top]:
             log.info(f"  {row['error']:.4g}  {row['op_type']:<6} {row['node']}")
-        log.info(f"wrote {path} (keep nodes in float with export.exclude_nodes)")
+        log.info(f"wrote {path}")
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):

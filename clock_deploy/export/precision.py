@@ -23,7 +23,9 @@ scales (TensorRT needs no calibration cache). A post-pass (finish_qdq) then
   the Q/DQ scales are float16 too (no float32 islands around every quantized layer).
 The sensitivity analysis calibrates once and reuses the ranges for every node it tries.
 """
+import contextlib
 import inspect
+import logging
 import os
 import tempfile
 
@@ -34,6 +36,8 @@ from clock_deploy.artifact import INPUT_NAME
 from clock_deploy.errors import UserError
 from clock_deploy.io import atomic_path
 from clock_deploy.runtime.preprocess import preprocess
+
+log = logging.getLogger(__name__)
 
 FP16_KEEP_FP32_OPS = ["Sigmoid", "TopK", "Softmax", "LayerNormalization", "InstanceNormalization", "ReduceMean",
                       "Log", "Sin", "Cos", "GridSample"]
@@ -129,6 +133,25 @@ def _supports_calibration_cache():
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
+@contextlib.contextmanager
+def onnxruntime_logs_at_debug():
+    """onnxruntime's quantizer logs through the root logger (`logging.info(...)`), whose first use
+    installs a stderr handler (logging.basicConfig): every later record of clock_deploy was printed
+    twice, once as "INFO:clock_deploy...". While the block runs, the root logger has a handler that
+    passes other libraries' records to this module's logger at debug level instead."""
+    class ToDebug(logging.Handler):
+        def emit(self, record):
+            if not record.name.startswith("clock_deploy"):  # ours reach the root too: not again
+                log.debug(f"{record.name}: {record.getMessage()}")
+
+    root, handler = logging.getLogger(), ToDebug()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
 def preprocess_for_quantization(src, dst):
     """onnxruntime's quant_pre_process: shape inference + standard-op graph cleanup before quantizing.
 
@@ -137,10 +160,11 @@ def preprocess_for_quantization(src, dst):
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(os.fspath(src), os.fspath(dst))
-    except Exception:  # symbolic_shape_infer asserts on shapes it cannot follow
-        quant_pre_process(os.fspath(src), os.fspath(dst), skip_symbolic_shape=True)
+    with onnxruntime_logs_at_debug():
+        try:
+            quant_pre_process(os.fspath(src), os.fspath(dst))
+        except Exception:  # symbolic_shape_infer asserts on shapes it cannot follow
+            quant_pre_process(os.fspath(src), os.fspath(dst), skip_symbolic_shape=True)
 
 
 def _quantize(src, dst, reader, nodes_to_exclude=(), nodes_to_quantize=None, cache=None):
@@ -148,11 +172,12 @@ def _quantize(src, dst, reader, nodes_to_exclude=(), nodes_to_quantize=None, cac
 
     # ranges computed once are reused where onnxruntime can (>= 1.26); older versions recalibrate
     kwargs = {"calibration_cache_path": cache} if cache and _supports_calibration_cache() else {}
-    quantize_static(os.fspath(src), os.fspath(dst), reader, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
-                    extra_options=dict(INT8_OPTIONS), **kwargs)
+    with onnxruntime_logs_at_debug():
+        quantize_static(os.fspath(src), os.fspath(dst), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
+                        extra_options=dict(INT8_OPTIONS), **kwargs)
 
 
 def quantize_int8(src, dst, image_paths, input_spec, batch=1, nodes_to_exclude=()):

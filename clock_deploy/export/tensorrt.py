@@ -91,10 +91,10 @@ def _parser_errors(parser):
 
 
 def _make_logger(trt):
-    """A logger that prints warnings and errors like trt.Logger(WARNING) and keeps the builder's
-    verbose layer listing (the precision report's source where the engine cannot be deserialized)."""
-    import sys
-
+    """A TensorRT logger that sends the builder's errors to this module's logger as errors and its
+    warnings and notes at debug level (e.g. "Make sure output labels has Int64 binding": nothing a
+    user can act on), and keeps the verbose layer listing (the precision report's source where the
+    engine cannot be deserialized)."""
     if not hasattr(trt, "ILogger"):  # stand-in modules in tests
         return trt.Logger(trt.Logger.WARNING)
 
@@ -102,14 +102,16 @@ def _make_logger(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.layer_listing = None
-            self.printed = set()
+            self.seen = set()
 
         def log(self, severity, msg):
             if msg.startswith(LAYER_LISTING_HEADER):
                 self.layer_listing = msg
-            elif int(severity) <= int(trt.ILogger.Severity.WARNING) and msg not in self.printed:
-                self.printed.add(msg)  # e.g. one "Converting conv weight scales to fp32" per convolution
-                print(f"[TRT] [{str(severity).rsplit('.', 1)[-1][0]}] {msg}", file=sys.stderr)
+            elif int(severity) <= int(trt.ILogger.Severity.ERROR):
+                log.error(f"TensorRT: {msg}")
+            elif int(severity) <= int(trt.ILogger.Severity.INFO) and msg not in self.seen:
+                self.seen.add(msg)  # e.g. one "Converting conv weight scales to fp32" per convolution
+                log.debug(f"TensorRT: {msg}")
 
     logger = Logger()
     logger.min_severity = trt.ILogger.Severity.VERBOSE

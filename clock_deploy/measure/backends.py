@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 
 from clock_deploy.errors import UserError
+from clock_deploy.naming import API, CONFIG, option
 from clock_deploy.nvidia import BUILDERS, INSTALL_HINT
 
 DEFAULT_BACKENDS = ("torch", "onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")
@@ -41,10 +42,14 @@ def parse_backend(name):
     return Backend(m.group(1), "tensorrt", m.group(3), dla)
 
 
-def unavailable_reason(backend, profile, calib=None):
-    """Why `backend` cannot run on `profile`'s device, or None when it can."""
+def unavailable_reason(backend, profile, calib=None, via=API):
+    """Why `backend` cannot run on `profile`'s device, or None when it can (options named as `via` gives them)."""
+    def device(*kinds):
+        return " or ".join(option("device", k, via) for k in kinds)
+
     if backend.precision == "int8" and not calib:
-        return "INT8 needs a calibration manifest: set calib (make one with `clock-deploy calibrate`)"
+        return (f"INT8 needs a calibration manifest: set {option('calib', via=API if via == CONFIG else via)} "
+                "(make one with `clock-deploy calibrate`)")
     if backend.runtime == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime not installed (pip install onnxruntime)"
@@ -55,12 +60,13 @@ def unavailable_reason(backend, profile, calib=None):
                         "clock-deploy[gpu], in a separate environment)")
     if backend.runtime == "tensorrt":
         if not any(importlib.util.find_spec(module) for module in BUILDERS.values()):  # TensorRT or TensorRT-RTX
-            gpu_note = "; it also needs an NVIDIA GPU (device='cuda' or 'jetson-orin')" if profile.kind == "cpu" else ""
+            gpu_note = f"; it also needs an NVIDIA GPU ({device('cuda', 'jetson-orin')})" if profile.kind == "cpu" \
+                else ""
             return f"TensorRT not installed: {INSTALL_HINT}{gpu_note}"
         if profile.kind == "cpu":
-            return "TensorRT runs on an NVIDIA GPU only: use device='cuda' or 'jetson-orin'"
+            return f"TensorRT runs on an NVIDIA GPU only: use {device('cuda', 'jetson-orin')}"
         if backend.dla_core >= 0 and profile.kind != "jetson-orin":
-            return "DLA cores exist on Jetson modules only (device='jetson-orin')"
+            return f"DLA cores exist on Jetson modules only ({device('jetson-orin')})"
         if backend.dla_core >= profile.dla_cores:
             return f"{profile.name} has {profile.dla_cores} DLA core(s); dla{backend.dla_core} does not exist"
     return None

@@ -3,6 +3,7 @@ import click
 
 from clock_deploy.measure.backends import DEFAULT_BACKENDS
 from clock_deploy.measure.devices import DEVICES
+from clock_deploy.naming import CLI
 
 
 def comma_list(text):
@@ -41,7 +42,7 @@ def bench(device, models, names, backends, data_root, split, calib, out_dir, war
 
     result = run_bench(comma_list(models), comma_list(backends), device=device, data_root=data_root, split=split,
                        out_dir=out_dir, names=comma_list(names) or None, calib=calib, warmup=warmup, runs=runs,
-                       batch=batch, threads=threads, max_images=max_images, isolate=not in_process)
+                       batch=batch, threads=threads, max_images=max_images, isolate=not in_process, via=CLI)
     print_report(result.rows, result.not_run, result.profile)
     for path in result.files.values():
         click.echo(f"wrote {path}")

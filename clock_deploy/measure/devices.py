@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from clock_deploy.errors import UserError
+from clock_deploy.naming import API, option
 
 DEVICES = ("cpu", "cuda", "jetson-orin")
 
@@ -185,11 +186,11 @@ def nvidia_smi(system, gpu_name=None):
     }
 
 
-def detect_cuda(system, threads=None):
+def detect_cuda(system, threads=None, via=API):
     gpu = system.cuda_device()
     if gpu is None:
-        raise UserError("device cuda: PyTorch sees no CUDA GPU here (CPU-only torch build, no driver, or "
-                        "CUDA_VISIBLE_DEVICES hides it); use device='cpu'")
+        raise UserError(f"{option('device', 'cuda', via)}: PyTorch sees no CUDA GPU here (CPU-only torch build, "
+                        f"no driver, or CUDA_VISIBLE_DEVICES hides it); use {option('device', 'cpu', via)}")
     facts = {"gpu": gpu["name"], "compute capability": gpu["capability"], "CUDA (torch)": gpu["cuda"]}
     smi = nvidia_smi(system, gpu["name"])
     if smi:
@@ -312,10 +313,11 @@ def _clock_facts(clocks):
     return facts, all(states)
 
 
-def detect_jetson(system, threads=None):
+def detect_jetson(system, threads=None, via=API):
     if not is_jetson(system):
-        raise UserError("device jetson-orin: this machine is not a Jetson (no /etc/nv_tegra_release and "
-                        "/proc/device-tree/model does not name a Jetson); use device='cpu' or 'cuda'")
+        raise UserError(f"{option('device', 'jetson-orin', via)}: this machine is not a Jetson (no "
+                        "/etc/nv_tegra_release and /proc/device-tree/model does not name a Jetson); use "
+                        f"{option('device', 'cpu', via)} or {option('device', 'cuda', via)}")
     model = jetson_model(system) or "NVIDIA Jetson (unknown model)"
     facts = {"module": model, "L4T": l4t_release(system) or "unknown",
              "power mode": power_mode(system) or "unknown (`nvpmodel -q` failed)"}
@@ -385,16 +387,17 @@ def _profile(kind, name, system, threads, facts, cuda, warnings=()):
                          cuda=cuda, facts=facts, warnings=list(warnings))
 
 
-def detect(kind, threads=None, system=None):
-    """The DeviceProfile of `kind` on this machine; UserError when the machine is not one."""
+def detect(kind, threads=None, system=None, via=API):
+    """The DeviceProfile of `kind` on this machine; UserError when the machine is not one (naming the
+    device option as the caller gave it, `via`: naming.CLI / CONFIG / API)."""
     system = system or System.local()
     if kind == "cpu":
         facts = _cpu_facts(system)
         return _profile("cpu", facts["cpu"], system, threads, facts, cuda=False)
     if kind == "cuda":
-        return detect_cuda(system, threads)
+        return detect_cuda(system, threads, via)
     if kind == "jetson-orin":
-        return detect_jetson(system, threads)
+        return detect_jetson(system, threads, via)
     raise UserError(f"device must be one of {', '.join(DEVICES)}, got '{kind}'")
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 from clock_deploy.measure.devices import load_during, load_sample
-from clock_deploy.measure.latency import measure
+from clock_deploy.measure.latency import Progress, measure
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_json
 from clock_deploy.nvidia import TensorRTUnavailable, import_cudart
@@ -87,8 +87,15 @@ def load_detector(artifact, runtime, device, threads):
     return Detector.load(artifact, backend="tensorrt", device=device, score_threshold=0.0)
 
 
-def run_job(job):
-    """Latency, memory and accuracy of one artifact on one backend, in this process; a JSON-able dict."""
+PROGRESS_PREFIX = "progress: "  # a line the isolated job writes to stderr for the bench's progress bar
+
+
+def run_job(job, report=None):
+    """Latency, memory and accuracy of one artifact on one backend, in this process; a JSON-able dict.
+
+    report: called with a short text ('warm-up 3/10', 'timed 40/100', 'accuracy on 200 images') as
+    the measurement goes on, at most every second within a phase."""
+    report = report or (lambda text: None)
     from clock_deploy.data.annotations import open_split
     from clock_deploy.runtime.preprocess import load_image, preprocess
 
@@ -106,11 +113,12 @@ def run_job(job):
     batch, _ = preprocess(images, detector.meta["input"])
     before = load_sample()
     stats = measure(lambda: detector.infer(batch), job["warmup"], job["runs"], batch=job["batch"],
-                    cuda_events=gpu and job["runtime"] == "torch")
+                    cuda_events=gpu and job["runtime"] == "torch", progress=Progress(report))
     result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
               "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
     from clock_deploy.eval.loop import evaluate_detector  # numba, COCO eval: after the memory reading
 
+    report(f"accuracy on {count} images")
     result["metrics"] = evaluate_detector(detector, split, limit=count, batch=job["batch"],
                                           progress=job.get("progress", False))
     result["images"] = count
@@ -139,8 +147,11 @@ def _job_main(argv):
     _die_with_parent()
     with open(job_path) as f:
         job = json.load(f)
+    def report(text):
+        print(f"{PROGRESS_PREFIX}{text}", file=sys.stderr, flush=True)
+
     try:
-        result = run_job(job)
+        result = run_job(job, report)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

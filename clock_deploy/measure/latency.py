@@ -45,11 +45,26 @@ def summarize(times_ms, batch=1):
     )
 
 
-def _cuda_event_times(fn, runs):
+class Progress:
+    """Reports how far a measurement is, at most every `interval` seconds (and at the end of each
+    phase): report(text) gets e.g. 'timed 40/100'. clock: seconds, injectable for tests."""
+
+    def __init__(self, report, interval=1.0, clock=time.monotonic):
+        self.report, self.interval, self.clock = report, interval, clock
+        self.last = None
+
+    def __call__(self, phase, done, total):
+        now = self.clock()
+        if done == total or self.last is None or now - self.last >= self.interval:
+            self.last = now
+            self.report(f"{phase} {done}/{total}")
+
+
+def _cuda_event_times(fn, runs, progress):
     import torch
 
     times = []
-    for _ in range(runs):
+    for i in range(runs):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -57,28 +72,34 @@ def _cuda_event_times(fn, runs):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+        progress("timed", i + 1, runs)
     return times
 
 
-def measure(fn, warmup=10, runs=100, sync=None, cuda_events=False, batch=1, clock=time.perf_counter):
+def measure(fn, warmup=10, runs=100, sync=None, cuda_events=False, batch=1, clock=time.perf_counter, progress=None):
     """Call `fn` `warmup` times untimed, then time `runs` calls.
 
     sync: called after every timed call (e.g. torch.cuda.synchronize) so the
     host clock sees the finished work. clock: seconds, injectable for tests.
+    progress: called as progress(phase, done, total) after every call, phase "warm-up" or "timed"
+    (e.g. a Progress), outside the timed interval.
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    for _ in range(warmup):
+    progress = progress or (lambda phase, done, total: None)
+    for i in range(warmup):
         fn()
+        progress("warm-up", i + 1, warmup)
     if sync is not None:
         sync()
     if cuda_events:
-        return summarize(_cuda_event_times(fn, runs), batch)
+        return summarize(_cuda_event_times(fn, runs, progress), batch)
     times = []
-    for _ in range(runs):
+    for i in range(runs):
         start = clock()
         fn()
         if sync is not None:
             sync()
         times.append((clock() - start) * 1000.0)
+        progress("timed", i + 1, runs)
     return summarize(times, batch)

@@ -25,6 +25,7 @@ from clock_deploy.measure.report import BenchRow, NotRun, write_reports
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import check_inside, remove_stale_folders
 from clock_deploy.lock import output_lock
+from clock_deploy.naming import API
 
 
 def make_row(model, backend, artifact, size_mb, result):
@@ -82,7 +83,8 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
               data_root: str = "data/synth_kitti", split: str = "val", out_dir: str = "bench_out",
               names: Optional[Sequence[str]] = None, calib: Optional[str] = None, warmup: int = 10, runs: int = 100,
               batch: int = 1, threads: Optional[int] = None, max_images: Optional[int] = None, isolate: bool = True,
-              progress: bool = True, system=None) -> "BenchResult":
+              progress: bool = True, system=None, via: str = API,
+              failed_exports: Optional[dict] = None) -> "BenchResult":
     """Benchmark every checkpoint in `models` on every backend; write the reports into out_dir.
 
     models: checkpoint paths (.pt); names: labels for them (default: file stems).
@@ -90,22 +92,25 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
     device: "cpu" | "cuda" | "jetson-orin" (a UserError when this machine is not one).
     isolate: measure each combination in its own process (peak RSS and threads per measurement).
     system: devices.System to read the device from (tests).
+    via: how messages name the options (naming.CLI for `clock-deploy bench`, CONFIG for the pipeline).
+    failed_exports: {(model name, backend name): reason} of artifacts that failed their export gate
+    before the bench (the pipeline's export stage): listed as not run with the reason, not exported again.
     """
     names = _check_inputs(models, names, warmup, runs, batch, max_images, data_root)
     with output_lock(out_dir, "bench"):  # one bench per folder: its artifacts and reports are replaced
         return _run_bench(models, backends, device, data_root, split, out_dir, names, calib, warmup, runs, batch,
-                          threads, max_images, isolate, progress, system)
+                          threads, max_images, isolate, progress, system, via, failed_exports or {})
 
 
 def _run_bench(models, backends, device, data_root, split, out_dir, names, calib, warmup, runs, batch, threads,
-               max_images, isolate, progress, system):
+               max_images, isolate, progress, system, via, failed_exports):
     from tqdm import tqdm
 
     backends = list(dict.fromkeys(parse_backend(b) for b in backends))
-    profile = detect(device, threads, system)
+    profile = detect(device, threads, system, via)
     not_run, runnable = [], []
     for b in backends:
-        reason = unavailable_reason(b, profile, calib)
+        reason = unavailable_reason(b, profile, calib, via)
         if reason:
             not_run.append(NotRun(b.name, reason))
         else:
@@ -117,7 +122,10 @@ def _run_bench(models, backends, device, data_root, split, out_dir, names, calib
     rows = []
     for model in models:
         bar.set_description(f"export {model.name}")
-        errors = export_artifacts(model, runnable, artifacts_dir, calib, batch)
+        errors = {b.name: failed_exports[model.name, b.name] for b in runnable
+                  if (model.name, b.name) in failed_exports}
+        errors.update(export_artifacts(model, [b for b in runnable if b.name not in errors], artifacts_dir, calib,
+                                       batch))
         for b in runnable:
             bar.set_description(f"{model.name}/{b.name}")
             artifact = artifact_path(artifacts_dir, model, b)
@@ -129,13 +137,14 @@ def _run_bench(models, backends, device, data_root, split, out_dir, names, calib
                    if b.runtime == "torch" else ("cpu" if profile.kind == "cpu" else "cuda"),
                    "threads": profile.threads, "warmup": warmup, "runs": runs, "batch": batch,
                    "max_images": max_images, "data": {**model.data, "root": os.fspath(data_root), "split": split}}
+            report = bar.set_postfix_str  # warm-up / timed runs / accuracy, inside a long measurement
             try:
                 if isolate:
                     remove_stale_folders(tempfile.gettempdir(), WORK_DIR_PREFIX)
                     with tempfile.TemporaryDirectory(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-") as work_dir:
-                        result = run_isolated(job, work_dir)
+                        result = run_isolated(job, work_dir, report)
                 else:
-                    result = run_job(job)
+                    result = run_job(job, report)
             except Exception as e:  # a failing combination is reported, the others still run
                 not_run.append(NotRun(b.name, f"failed: {one_line(e)}", model.name))
             else:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from clock_deploy.errors import UserError
+from clock_deploy.io import torch_load
 
 LEVEL_STRIDES = (4, 8, 16, 32)  # layer1..layer4
 
@@ -164,10 +165,7 @@ class ResNetBackbone(nn.Module):
                             f"got width {self.width}")
         if not os.path.isfile(path):
             raise UserError(f"{path}: backbone weights file not found (model.backbone.weights)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt file, pickle with non-tensor objects, ...
-            raise UserError(f"{path}: cannot read backbone weights: {e}") from None
+        state = torch_load(path, "ResNet state dict (model.backbone.weights)")
         if not isinstance(state, dict):
             raise UserError(f"{path}: expected a ResNet state dict, got {type(state).__name__}")
         built = {f"layer{i + 1}." for i in range(self.return_levels[-1] + 1)}

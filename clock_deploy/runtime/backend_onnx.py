@@ -62,6 +62,7 @@ class OnnxBackend:
             raise UserError(f"model file not found: {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: e.g. constant-folding notes on an INT8 graph's fp16 parts
         try:
             self.session = ort.InferenceSession(path, options, providers=choose_providers(device, providers))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt / invalid models
