@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clock_deploy.distill import build_distiller
-from clock_deploy.distill.distiller import side_seed
+from clock_deploy.distill.sampling import side_seed
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.training.commands import _datasets, seed_everything
 from clock_deploy.training.trainer import Trainer
