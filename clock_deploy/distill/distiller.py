@@ -79,12 +79,18 @@ class Distiller(nn.Module):
         return self
 
     def run_teacher(self, images, spec):
-        """The teacher's one forward of the step (inference mode, optional autocast) as float32 outputs."""
+        """The teacher's one forward of the step (inference mode, optional autocast) as float32 outputs.
+
+        When no loss reads the teacher's matching predictions (every distiller but KD-DETR's teacher
+        anchors) and the model can answer its groups alone, it skips them: the groups are isolated
+        from the matching queries, so their answers do not change."""
         device_type = images.device.type
         dtype = AUTOCAST_DTYPES.get(self.teacher_dtype)
+        skip = (spec is not None and not self.teacher_anchor_queries
+                and getattr(self.teacher, "groups_without_matching", False))
         with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             groups = [query_group(self.teacher, spec, self.own_content)] if spec is not None else None
-            out = self.teacher(images, groups=groups)
+            out = self.teacher(images, groups=groups, matching=False) if skip else self.teacher(images, groups=groups)
         return ordinary_float(out)
 
     def forward(self, student, images, targets):
