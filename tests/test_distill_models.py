@@ -188,9 +188,12 @@ def test_removed_lcmd_position_option_is_refused(value):
         build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
 
 
-def test_teacher_skips_its_matching_queries_where_no_loss_reads_them():
-    # DAB-DETR answers its groups alone; the groups are isolated, so the answers are the same
-    cfg = tiny_config("dab_detr", method="clock")
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage):
+    # every family answers its groups alone; the groups are isolated, so the answers are the same
+    cfg = tiny_config(arch, method="clock")
+    cfg.model.two_stage = two_stage
     teacher, student = tiny_model(cfg), tiny_model(cfg, seed=1)
     distiller = build_distiller(cfg, teacher, student).train()
     images, targets = batch()
@@ -204,7 +207,8 @@ def test_teacher_skips_its_matching_queries_where_no_loss_reads_them():
         torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone.memory[0], full.memory[0])
     # KD-DETR's teacher-anchor term reads the matching predictions: its teacher keeps them
-    kd_cfg = tiny_config("dab_detr", method="kd_detr")
+    kd_cfg = tiny_config(arch, method="kd_detr")
+    kd_cfg.model.two_stage = two_stage
     kd = build_distiller(kd_cfg, teacher, student)
     assert kd.run_teacher(images, kd.sampler(images, targets)).stages[-1].logits.shape[1] == cfg.model.num_queries
 
