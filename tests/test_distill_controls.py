@@ -89,3 +89,14 @@ def test_gt_denoise_runs_from_config_without_a_teacher(tmp_path, synthetic_data,
     steps = [r for r in records if "loss_bbox_gtdn" in r]
     assert steps and all(r["loss_bbox_gtdn"] > 0 for r in steps)
     assert any("grad_share_loss_bbox_gtdn" in r for r in records)  # counted as the distiller's terms
+
+
+def test_demo_gt_denoise_config_asks_clocks_query_group():
+    from clock_deploy.config import load_config
+    cfg = load_config("configs/demo/distill_gt_denoise.yaml")
+    clock = load_config("configs/demo/distill.yaml")
+    assert cfg.distill.method == "gt_denoise" and cfg.distill.teacher is None
+    assert cfg.distill.logit == clock.distill.logit and cfg.distill.lambda_logit == clock.distill.lambda_logit
+    assert cfg.model == clock.model and cfg.data == clock.data and cfg.train == clock.train
+    denoiser = build_distiller(cfg, None, build_model(cfg.model))
+    assert denoiser.sampler.random_count == clock.distill.logit.random_queries
