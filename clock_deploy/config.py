@@ -249,8 +249,10 @@ class FgdConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = choice("none", "clock", "kd_detr", "fgd")
-    teacher: Optional[str] = None  # teacher checkpoint (.pt written by `clock-deploy train`)
+    # gt_denoise: TCLD's query group (distill.logit.repeats / box_noise / random_queries / content) trained on the
+    # ground truth with the detection loss, no teacher: the control for TCLD's auxiliary task
+    method: str = choice("none", "clock", "kd_detr", "fgd", "gt_denoise")
+    teacher: Optional[str] = None  # teacher checkpoint (.pt written by `clock-deploy train`; not used by gt_denoise)
     lambda_mem: float = 1.0
     lambda_logit: float = 1.0
     use_mem: bool = True          # CLoCK ablations: LCMD on/off

@@ -188,6 +188,31 @@ def test_removed_lcmd_position_option_is_refused(value):
         build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
 
 
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage):
+    # every family answers its groups alone; the groups are isolated, so the answers are the same
+    cfg = tiny_config(arch, method="clock")
+    cfg.model.two_stage = two_stage
+    teacher, student = tiny_model(cfg), tiny_model(cfg, seed=1)
+    distiller = build_distiller(cfg, teacher, student).train()
+    images, targets = batch()
+    spec = distiller.sampler(images, targets)
+    with torch.no_grad():
+        full = teacher(images, groups=[query_group(teacher, spec, own_content=False)])
+    alone = distiller.run_teacher(images, spec)
+    assert full.stages[-1].logits.shape[1] == cfg.model.num_queries and alone.stages[-1].logits.shape[1] == 0
+    for a, b in zip(full.groups[0], alone.groups[0]):
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone.memory[0], full.memory[0])
+    # KD-DETR's teacher-anchor term reads the matching predictions: its teacher keeps them
+    kd_cfg = tiny_config(arch, method="kd_detr")
+    kd_cfg.model.two_stage = two_stage
+    kd = build_distiller(kd_cfg, teacher, student)
+    assert kd.run_teacher(images, kd.sampler(images, targets)).stages[-1].logits.shape[1] == cfg.model.num_queries
+
+
 def test_wrong_trainable_state_is_a_user_error():
     cfg, teacher, student, distiller = cross_family("dino", "clock")
     fgd_cfg = tiny_config("dino", method="fgd")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clock_deploy.distill import build_distiller
-from clock_deploy.distill.distiller import side_seed
+from clock_deploy.distill.sampling import side_seed
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.training.commands import _datasets, seed_everything
 from clock_deploy.training.trainer import Trainer
@@ -62,10 +62,11 @@ def test_same_queries_and_weights_at_one_and_two_threads(tmp_path, synthetic_dat
     on this data it differs in the last digits between 1 and 2 threads on all 3 batches, so the old
     stream drew other queries. The weights: even the baseline (no sampler) does not repeat bit for bit
     across thread counts, since CPU kernels split their sums differently (after 3 steps its largest
-    weight difference measured 2.0e-6 on an Intel Xeon). So the assertion is: where the baseline's weights
-    are bit-identical across thread counts, the distilled run's are too; where they are not, the
-    distilled run's largest difference stays within 10x the baseline's, i.e. float rounding (measured
-    4.2e-6 for CLoCK), not different queries (the old float-seeded stream gave 2.8e-4, 140x).
+    weight difference measured 2.0e-6 on a 2-core AMD EPYC VM, AVX512 kernels). So the assertion is:
+    where the baseline's weights are bit-identical across thread counts, the distilled run's are too;
+    where they are not, the distilled run's largest difference stays within 10x the baseline's, i.e.
+    float rounding (measured 4.2e-6 for CLoCK), not different queries (the old float-seeded stream
+    gave 2.8e-4, 140x).
     """
     runs = {(m, t): train_three_steps(synthetic_data, tmp_path / f"{m}{t}", make_train_config, m, t)
             for m in ("none", method) for t in (1, 2)}

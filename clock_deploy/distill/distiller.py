@@ -10,9 +10,7 @@ torch.inference_mode, optionally in bf16 / fp16 autocast (distill.teacher_dtype)
 trainable weights are the adapters (and FGD's relation blocks); `trainable_state()` holds
 exactly them.
 """
-import contextlib
 import dataclasses
-import hashlib
 
 import torch
 from torch import nn
@@ -20,9 +18,12 @@ from torch import nn
 from clock_deploy.distill.adapters import LevelAdapters, pair_levels
 from clock_deploy.distill.baselines import FgdLoss
 from clock_deploy.distill.clock import LcmdLoss, QueryDistillLoss
+from clock_deploy.distill.controls import GtDenoiser
 from clock_deploy.distill.queries import (RandomAnchorSampler, TargetQuerySampler, class_free, query_group,
                                           teacher_anchors)
+from clock_deploy.distill.sampling import side_rng, side_seed
 from clock_deploy.errors import UserError
+from clock_deploy.models.build import build_criterion
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,26 +43,6 @@ def ordinary_float(x):
     if dataclasses.is_dataclass(x):
         return type(x)(**{f.name: ordinary_float(getattr(x, f.name)) for f in dataclasses.fields(x)})
     return x
-
-
-def side_seed(*integers):
-    """A 64-bit seed from integers only (run seed, epoch, iteration, rank): the same on every CPU,
-    thread count and instruction set, unlike anything computed in floating point from the data."""
-    digest = hashlib.sha256(":".join(str(int(i)) for i in integers).encode())
-    return int.from_bytes(digest.digest()[:8], "little")
-
-
-@contextlib.contextmanager
-def side_rng(seed, device):
-    """Random draws inside come from a side stream seeded by `seed` and leave the global RNG as it was.
-
-    The global stream also drives data augmentation and DINO's denoising noise, so a distilled
-    run of a seed sees the same flips and noise as the plain run of that seed (paired A/B).
-    """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 class Distiller(nn.Module):
@@ -98,12 +79,18 @@ class Distiller(nn.Module):
         return self
 
     def run_teacher(self, images, spec):
-        """The teacher's one forward of the step (inference mode, optional autocast) as float32 outputs."""
+        """The teacher's one forward of the step (inference mode, optional autocast) as float32 outputs.
+
+        When no loss reads the teacher's matching predictions (every distiller but KD-DETR's teacher
+        anchors) and the model can answer its groups alone, it skips them: the groups are isolated
+        from the matching queries, so their answers do not change."""
         device_type = images.device.type
         dtype = AUTOCAST_DTYPES.get(self.teacher_dtype)
+        skip = (spec is not None and not self.teacher_anchor_queries
+                and getattr(self.teacher, "groups_without_matching", False))
         with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             groups = [query_group(self.teacher, spec, self.own_content)] if spec is not None else None
-            out = self.teacher(images, groups=groups)
+            out = self.teacher(images, groups=groups, matching=False) if skip else self.teacher(images, groups=groups)
         return ordinary_float(out)
 
     def forward(self, student, images, targets):
@@ -162,7 +149,8 @@ def level_adapters(teacher_maps, student_maps, image_hw, what, learnable=False):
 
 
 def build_distiller(cfg, teacher, student):
-    """The Distiller for cfg.distill.method ("clock", "kd_detr", "fgd"); None for "none".
+    """The Distiller for cfg.distill.method ("clock", "kd_detr", "fgd"), the teacher-free GtDenoiser for
+    "gt_denoise" (teacher may be None), None for "none".
 
     Built on a forked RNG (adapters seeded by cfg.seed), so building it leaves the training RNG
     stream exactly as in plain training.
@@ -175,10 +163,29 @@ def build_distiller(cfg, teacher, student):
     return distiller
 
 
+def tcld_sampler(logit_cfg, num_classes):
+    """TCLD's query set (also gt_denoise's): GT x repeats with noise + general anchors."""
+    if logit_cfg.repeats > 1 and logit_cfg.box_noise <= 0:
+        raise UserError(f"distill.logit.repeats={logit_cfg.repeats} with box_noise=0 asks the same query "
+                        f"{logit_cfg.repeats} times; set distill.logit.box_noise > 0 (e.g. 0.4) or repeats=1")
+    return TargetQuerySampler(num_classes, logit_cfg.repeats, logit_cfg.box_noise, logit_cfg.random_queries)
+
+
+def gt_denoiser(cfg, student):
+    """distill.method=gt_denoise: TCLD's query group trained on the ground truth, no teacher (controls.py)."""
+    lc = cfg.distill.logit
+    if not (lc.repeats or lc.random_queries):
+        raise UserError("distill.method=gt_denoise with logit.repeats=0 and logit.random_queries=0 adds no query")
+    return GtDenoiser(build_criterion(cfg.loss, cfg.model), tcld_sampler(lc, student.num_classes),
+                      own_content=lc.content == "own", weight=cfg.distill.lambda_logit)
+
+
 def _build_distiller(cfg, teacher, student):
     dc = cfg.distill
     if dc.method == "none":
         return None
+    if dc.method == "gt_denoise":
+        return gt_denoiser(cfg, student)
     if teacher.num_classes != student.num_classes:
         raise UserError(f"distill: the teacher predicts {teacher.num_classes} classes, the student "
                         f"{student.num_classes} (model.num_classes)")
@@ -206,12 +213,9 @@ def _build_distiller(cfg, teacher, student):
         if not dc.use_logit:
             return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit
-        if lc.repeats > 1 and lc.box_noise <= 0:
-            raise UserError(f"distill.logit.repeats={lc.repeats} with box_noise=0 asks the same query "
-                            f"{lc.repeats} times; set distill.logit.box_noise > 0 (e.g. 0.4) or repeats=1")
+        sampler = tcld_sampler(lc, num_classes)
         tcld = QueryDistillLoss(tau=lc.tau, cls_loss=lc.cls_loss, w_cls=lc.w_cls, w_l1=lc.w_l1, w_giou=lc.w_giou,
                                 stages="consistent", weight=dc.lambda_logit, prefix="loss_logit")
-        sampler = TargetQuerySampler(num_classes, lc.repeats, lc.box_noise, lc.random_queries)
         return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, own_content=lc.content == "own",
                          teacher_dtype=dc.teacher_dtype)
 

@@ -61,11 +61,11 @@ def noisy_anchors(boxes, noise):
     return clip_to_image(torch.cat([boxes[..., :2] + shift, wh * scale], dim=-1))
 
 
-def ground_truth_queries(targets, num_classes, repeats, box_noise):
-    """Every GT box `repeats` times, each copy with its own noise, laid out as DN-DETR's denoising
-    groups: one block per repeat, each padded to the most GT boxes of an image (slots
-    [r * n, (r + 1) * n) hold repeat r). Each block is its own attention segment: the noisy copies
-    of a box never see each other, as no inference query can."""
+def ground_truth_layout(targets, num_classes, repeats):
+    """Every GT box `repeats` times, laid out as DN-DETR's denoising groups: one block per repeat, each
+    padded to the most GT boxes of an image (slots [r * n, (r + 1) * n) hold repeat r).
+    Returns exact labels [B, repeats * n] (num_classes on padding), boxes [B, repeats * n, 4]
+    (PAD_BOX on padding), pad_mask [B, repeats * n] and n."""
     device = targets[0]["boxes"].device
     size = max(len(t["labels"]) for t in targets)
     labels = torch.full((len(targets), repeats, size), num_classes, dtype=torch.long, device=device)
@@ -74,9 +74,20 @@ def ground_truth_queries(targets, num_classes, repeats, box_noise):
     for i, t in enumerate(targets):
         count = len(t["labels"])
         labels[i, :, :count] = t["labels"]
-        boxes[i, :, :count] = noisy_anchors(t["boxes"].float().repeat(repeats, 1), box_noise).reshape(repeats, count, 4)
+        boxes[i, :, :count] = t["boxes"].float()
         pad_mask[i, :, :count] = False
-    return QuerySpec(labels.flatten(1), boxes.flatten(1, 2), pad_mask.flatten(1), (size,) * repeats)
+    return labels.flatten(1), boxes.flatten(1, 2), pad_mask.flatten(1), size
+
+
+def ground_truth_queries(targets, num_classes, repeats, box_noise):
+    """Every GT box `repeats` times, each copy with its own DN-DETR noise, in ground_truth_layout.
+    Each repeat is its own attention segment: the noisy copies of a box never see each other, as no
+    inference query can."""
+    labels, boxes, pad_mask, size = ground_truth_layout(targets, num_classes, repeats)
+    real = ~pad_mask
+    boxes = boxes.clone()
+    boxes[real] = noisy_anchors(boxes[real], box_noise)
+    return QuerySpec(labels, boxes, pad_mask, (size,) * repeats)
 
 
 def class_free(boxes, num_classes):

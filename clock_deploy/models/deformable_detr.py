@@ -16,6 +16,7 @@ from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, 
 
 class DeformableDETR(MultiScaleDetrBase):
     arch = "deformable_detr"
+    groups_without_matching = True  # forward(..., matching=False): see DABDETR
     position_embedding = {"temperature": 10000, "centred": True}  # (i + 0.5) / H, as Deformable DETR
 
     def __init__(self, cfg):
@@ -69,14 +70,18 @@ class DeformableDETR(MultiScaleDetrBase):
         reference = group.boxes if self.two_stage else group.boxes[..., :2]
         return group.content, pos, reference
 
-    def forward(self, images, targets=None, groups=None):
-        """images [B, 3, H, W] -> DetrOutput (targets unused: no denoising in Deformable DETR)."""
+    def forward(self, images, targets=None, groups=None, matching=True):
+        """images [B, 3, H, W] -> DetrOutput (targets unused: no denoising in Deformable DETR).
+        matching=False runs only the extra groups: no proposals, stages of 0 queries."""
         groups = groups or []
         maps, pos_maps, memory, spatial_shapes = self.encode(images)
         batch = memory.shape[0]
 
         encoder_out = None
-        if self.two_stage:
+        if not matching:
+            query_pos = content = memory.new_zeros(batch, 0, self.hidden_dim)
+            reference = memory.new_zeros(batch, 0, 4 if self.two_stage else 2)
+        elif self.two_stage:
             encoder_out, anchors = self.proposals(memory, spatial_shapes)
             reference = anchors.sigmoid()
             query_pos, content = self._proposal_queries(reference)
@@ -89,7 +94,7 @@ class DeformableDETR(MultiScaleDetrBase):
             for blocks, value in zip((contents, positions, references), self._group_queries(g)):
                 blocks.append(value)
         sizes = [c.shape[1] for c in contents]
-        mask = self_attn_mask(batch, self.num_queries, None, *group_attention_blocks(groups), memory.device)
+        mask = self_attn_mask(batch, sizes[0], None, *group_attention_blocks(groups), memory.device)
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(positions, 1), torch.cat(references, 1),
                                      memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, sizes)

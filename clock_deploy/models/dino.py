@@ -73,6 +73,7 @@ def build_denoising_queries(targets, num_classes, label_enc, dn_cfg, num_matchin
 
 class DINO(MultiScaleDetrBase):
     arch = "dino"
+    groups_without_matching = True  # forward(..., matching=False): see DABDETR
     position_embedding = {"temperature": 20, "centred": False}  # DINO's PositionEmbeddingSineHW at its config
 
     def __init__(self, cfg):
@@ -92,15 +93,20 @@ class DINO(MultiScaleDetrBase):
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)    # learned content of the matching queries
         self.label_enc = nn.Embedding(cfg.num_classes, d)    # content of the denoising queries
 
-    def forward(self, images, targets=None, groups=None):
-        """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput."""
+    def forward(self, images, targets=None, groups=None, matching=True):
+        """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput.
+        matching=False runs only the extra groups: no proposals, stages of 0 queries."""
         groups = groups or []
         maps, pos_maps, memory, spatial_shapes = self.encode(images)
         batch = memory.shape[0]
 
-        # mixed query selection: the top encoder proposals give the anchors, the content is learned
-        encoder_out, anchors = self.proposals(memory, spatial_shapes)
-        contents, anchor_blocks = [self.tgt_embed.weight[None].expand(batch, -1, -1)], [anchors]
+        if matching:  # mixed query selection: the top encoder proposals give the anchors, the content is learned
+            encoder_out, anchors = self.proposals(memory, spatial_shapes)
+            content = self.tgt_embed.weight[None].expand(batch, -1, -1)
+        else:
+            encoder_out, anchors = None, memory.new_zeros(batch, 0, 4)
+            content = memory.new_zeros(batch, 0, self.hidden_dim)
+        contents, anchor_blocks = [content], [anchors]
         dn, base_mask = None, None
         if self.training and targets is not None:
             dn = build_denoising_queries(targets, self.num_classes, self.label_enc, self.dn_cfg, self.num_queries)

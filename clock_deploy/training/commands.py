@@ -104,7 +104,8 @@ def _run_training(cfg, resume, progress):
         criterion = build_criterion(cfg.loss, cfg.model)
         distiller = None
         if cfg.distill.method != "none":
-            distiller = build_distiller(cfg, load_teacher(cfg, device), model)
+            teacher = None if cfg.distill.method == "gt_denoise" else load_teacher(cfg, device)  # the control has none
+            distiller = build_distiller(cfg, teacher, model)
         # the checkpoint is checked against the config (Trainer) before config.yaml is replaced
         trainer = Trainer(cfg, model, criterion, train_set, val_set, distiller=distiller, device=device,
                           resume=resume, progress=progress)
@@ -146,4 +147,5 @@ def _command(name, help_text):
 
 train = _command("train", "Train a teacher or a baseline student: clock-deploy train --cfg configs/demo/teacher.yaml")
 distill = _command("distill", "Distill a student from distill.teacher with distill.method "
-                              "(clock | kd_detr | fgd | none): clock-deploy distill --cfg configs/demo/distill.yaml")
+                              "(clock | kd_detr | fgd | gt_denoise | none; gt_denoise needs no teacher): "
+                              "clock-deploy distill --cfg configs/demo/distill.yaml")
