@@ -136,3 +136,40 @@ def test_loss_matches_transformers_rt_detr_loss():
     assert ours.keys() == reference.keys() and len(ours) == 3 * (2 * layers + 1)
     for key, value in reference.items():
         assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# ------------------------------------------------------------------ import command and COCO -> KITTI
+
+def test_import_command_and_coco_to_kitti_class_head(tmp_path, capsys, make_hf_rt_detr):
+    """`clock-deploy import` of a transformers RT-DETRv2 folder writes a checkpoint whose class head
+    (decoder heads, query-selection head, denoising embedding) model.pretrained maps onto KITTI classes."""
+    from clock_deploy.checkpoint import load_model, read_checkpoint
+    from clock_deploy.cli import cli, run
+    from clock_deploy.config import Config
+    from clock_deploy.models.build import build_model
+    from clock_deploy.training.pretrained import load_pretrained
+
+    hf = tmp_path / "hf"
+    hf_model = make_hf_rt_detr(hf, 3, "basic")
+    hf_model.config.id2label = {0: "person", 1: "bicycle", 2: "car"}
+    hf_model.config.save_pretrained(hf)
+    ckpt = tmp_path / "rt_detr.pt"
+    run(cli, ["import", str(hf), "--out", str(ckpt)])
+    out = capsys.readouterr().out
+    assert "ResNet-vd-18" in out and "method=default" in out and "re-initialized: none" in out
+    assert read_checkpoint(ckpt)["classes"] == ["person", "bicycle", "car"]
+    imported, imported_cfg, _ = load_model(ckpt)
+
+    cfg = Config()
+    cfg.model = imported_cfg.model
+    cfg.model.num_classes, cfg.model.pretrained = 3, str(ckpt)
+    cfg.model.class_map = {"Pedestrian": "person", "Cyclist": "bicycle"}
+    model = build_model(cfg.model)
+    lines = load_pretrained(model, cfg.model, ["Car", "Pedestrian", "Cyclist"])
+    assert "  Car <- car" in lines and "  Pedestrian <- person" in lines
+    for key in ("class_embed.2.weight", "selection.enc_class_embed.bias", "label_enc.weight"):
+        new, old = model.state_dict()[key], imported.state_dict()[key]
+        assert torch.equal(new[0], old[2]) and torch.equal(new[1], old[0]) and torch.equal(new[2], old[1]), key
+    # the denoising embedding's padding row carries over
+    assert torch.equal(model.state_dict()["label_enc.weight"][3], imported.state_dict()["label_enc.weight"][3])
+    assert not model.backbone.stem[0].conv.weight.requires_grad  # pretrained: stem frozen

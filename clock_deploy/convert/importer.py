@@ -189,6 +189,8 @@ def report(imported, cfg):
         shape += f" levels={m.num_feature_levels}"
     if m.arch == "deformable_detr":
         shape += f" box_refine={m.box_refine} two_stage={m.two_stage}"
+    if m.arch == "rt_detr":
+        shape = shape.replace("ResNet-", "ResNet-vd-") + f" method={m.rt_detr.method} expansion={m.rt_detr.expansion}"
     return [f"{imported.source} {m.arch}: {shape}",
             (f"mapped: {imported.source_keys} source tensors -> all {len(imported.state)} project tensors "
              "(shared heads stored under several names count once)"),
