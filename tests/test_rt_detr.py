@@ -173,3 +173,52 @@ def test_import_command_and_coco_to_kitti_class_head(tmp_path, capsys, make_hf_r
     # the denoising embedding's padding row carries over
     assert torch.equal(model.state_dict()["label_enc.weight"][3], imported.state_dict()["label_enc.weight"][3])
     assert not model.backbone.stem[0].conv.weight.requires_grad  # pretrained: stem frozen
+
+
+# ------------------------------------------------------------------ recipes = the published checkpoints
+
+PUBLISHED = {  # transformers' PekingU RT-DETRv2 configs (config.json), ResNet-vd backbones
+    "rt_detr_r18vd_coco_finetune.yaml": dict(layer_type="basic", depths=[2, 2, 2, 2], width=64, decoder_layers=3,
+                                             hidden_expansion=0.5),
+    "rt_detr_r50vd_coco_finetune.yaml": dict(layer_type="bottleneck", depths=[3, 4, 6, 3], width=64,
+                                             decoder_layers=6, hidden_expansion=1.0),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED))
+def test_kitti_recipe_is_the_model_the_published_checkpoint_imports_as(recipe):
+    """The fine-tune recipe builds exactly the model (config and every weight shape) that the importer
+    derives from the published RT-DETRv2 config, so model.pretrained loads it with only the class head remapped."""
+    import os
+
+    from clock_deploy.config import Config, from_dict, load_config
+    from clock_deploy.convert import rt_detr
+    from clock_deploy.models.build import build_model
+
+    p = PUBLISHED[recipe]
+    expansion = 4 if p["layer_type"] == "bottleneck" else 1
+    backbone = transformers.RTDetrResNetConfig(
+        embedding_size=p["width"], hidden_sizes=[p["width"] * expansion * 2 ** i for i in range(4)],
+        depths=p["depths"], layer_type=p["layer_type"], out_indices=[2, 3, 4])
+    config = transformers.RTDetrV2Config(backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:],
+                                         decoder_layers=p["decoder_layers"], hidden_expansion=p["hidden_expansion"],
+                                         num_labels=80)
+    with torch.device("meta"):  # shapes only: nothing to compute
+        hf_state = transformers.RTDetrV2ForObjectDetection(config).state_dict()
+    hf_state = {k: v for k, v in hf_state.items() if k.startswith("model.")}  # the heads as saved (tied copies)
+    overrides, state, _ = rt_detr.hf_to_project(hf_state, config.to_dict())
+    imported = from_dict({"model": overrides}, Config).model
+    recipe_cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "kitti", recipe))
+    ours = recipe_cfg.model
+    for key in ("arch", "hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "num_queries",
+                "num_feature_levels", "n_points", "rt_detr", "dn"):
+        assert getattr(ours, key) == getattr(imported, key), key
+    assert (ours.backbone.depth, ours.backbone.width, ours.backbone.return_levels) == \
+        (imported.backbone.depth, imported.backbone.width, imported.backbone.return_levels)
+    with torch.device("meta"):
+        expected = build_model(ours).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes.keys() == expected.keys()
+    wrong = [k for k, v in expected.items() if tuple(v.shape) != shapes[k] and not k.startswith(
+        ("class_embed.", "selection.enc_class_embed.", "label_enc."))]
+    assert wrong == []
