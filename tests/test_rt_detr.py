@@ -222,3 +222,18 @@ def test_kitti_recipe_is_the_model_the_published_checkpoint_imports_as(recipe):
     wrong = [k for k, v in expected.items() if tuple(v.shape) != shapes[k] and not k.startswith(
         ("class_embed.", "selection.enc_class_embed.", "label_enc."))]
     assert wrong == []
+
+
+def test_input_sizes_that_are_not_multiples_of_32_run():
+    """KITTI's 375 x 1242 (and any size): the top-down path upsamples onto the finer map's own size."""
+    from clock_deploy.config import BackboneConfig, ModelConfig
+    from clock_deploy.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, enc_layers=1, dec_layers=1,
+                                    num_queries=10, num_feature_levels=3,
+                                    backbone=BackboneConfig(depth=18, width=8))).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 75, 122))
+    assert [tuple(m.shape[-2:]) for m in out.memory] == [(10, 16), (5, 8), (3, 4)]
+    assert torch.isfinite(out.pred_logits).all()
