@@ -150,3 +150,19 @@ def test_own_content_is_the_rt_detr_denoising_embedding():
     content = query_group(model, spec, own_content=True).content
     assert torch.equal(content[has_class], model.label_enc.weight[spec.labels[has_class]])
     assert not content[~has_class].any()
+
+
+def test_rt_detr_teacher_runs_in_bf16_autocast():
+    """The teacher under bf16 autocast gives the fp32 terms to bf16 precision (untrained box heads start at
+    zero, so both models answer the shared anchors with the anchors themselves: box term 0)."""
+    values = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = tiny_config(method="clock")
+        cfg.distill.teacher_dtype = dtype
+        teacher, student = tiny_model(tiny_config(hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+        distiller = build_distiller(cfg, teacher, student).train()
+        values[dtype] = {k: v.item() for k, v in distill_losses(distiller, student)[1].items()}
+    assert values["bf16"].keys() == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
+    assert values["fp32"]["loss_mem"] > 0 and values["fp32"]["loss_logit_cls"] > 0
+    for key, value in values["fp32"].items():
+        assert values["bf16"][key] == pytest.approx(value, rel=2e-2, abs=1e-6), key
