@@ -26,7 +26,7 @@ def test_match_classes_follows_map_then_names():
         match_classes(KITTI_LIKE, COCO_LIKE, {"Pedestrian": "persn"})
 
 
-@pytest.mark.parametrize("arch", ["dab_detr", "deformable_detr", "dino"])
+@pytest.mark.parametrize("arch", ["dab_detr", "deformable_detr", "dino", "rt_detr"])
 def test_class_head_rows_follow_the_map_and_the_rest_loads(arch, make_class_head_config):
     source = build(make_class_head_config(arch, COCO_LIKE)).state_dict()
     fresh = build(make_class_head_config(arch, KITTI_LIKE, seed=1)).state_dict()

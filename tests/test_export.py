@@ -19,7 +19,7 @@ from clock_deploy.models.deform_attn import set_sampling
 from clock_deploy.models.deploy import ExportWrapper
 
 FAMILIES = [("dab_detr", "grid_sample"), ("deformable_detr", "grid_sample"), ("deformable_detr", "gather"),
-            ("dino", "grid_sample"), ("dino", "gather")]
+            ("dino", "grid_sample"), ("dino", "gather"), ("rt_detr", "grid_sample"), ("rt_detr", "gather")]
 
 
 def _images(student_io, count, seed=1):

@@ -79,7 +79,7 @@ def test_foreign_state_dict_names_what_is_wrong(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(cli, ["import", str(src), "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
-    assert "not a Deformable-DETR, DAB-DETR or DINO checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "not a Deformable-DETR, DAB-DETR, DINO or RT-DETRv2 checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
 def test_one_resnet_depth_rule_and_one_fit_check():

@@ -2,9 +2,10 @@
 
 Bounds below were measured on the tiny spread-score students (two seeds) and set at about
 3x the worst value seen: FP16 raw scores 0.0018, boxes 0.033 px; INT8 median query score
-error 0.016, 90th percentile 0.043, boxes 0.69 px (DAB-DETR / Deformable DETR). DINO's query
-slots follow its proposal ranking, which float16 / int8 rounding reorders on untrained
-models, so for DINO only the median-based FP16 verdict (parity.py) is asserted.
+error 0.016, 90th percentile 0.043, boxes 0.69 px (DAB-DETR / Deformable DETR). DINO's and
+RT-DETR's query slots follow their proposal ranking (query selection), which float16 / int8
+rounding reorders on untrained models, so for them only the median-based FP16 verdict
+(parity.py) is asserted.
 """
 from types import SimpleNamespace
 
@@ -21,7 +22,8 @@ from clock_deploy.export.precision import convert_fp16, count_quantized, int8_se
 from clock_deploy.export.precision import quantize_int8
 from clock_deploy.runtime.preprocess import preprocess
 
-ARCHS = [("dab_detr", "grid_sample"), ("deformable_detr", "gather"), ("dino", "grid_sample")]
+ARCHS = [("dab_detr", "grid_sample"), ("deformable_detr", "gather"), ("dino", "grid_sample"), ("rt_detr", "gather")]
+SELECTED_QUERIES = ("dino", "rt_detr")  # query slots ordered by the encoder's top-k (see the docstring)
 
 
 class StandInDetector(nn.Module):
@@ -95,7 +97,7 @@ def test_fp16_graph_keeps_io_and_fragile_ops_fp32_and_stays_close(tmp_path, fp32
     ref, out = run_onnx(fp32_models[arch], images), run_onnx(path, images)
     report = parity_report(ref, out, "fp16", height, width)
     assert report["passed"], report
-    if arch != "dino":
+    if arch not in SELECTED_QUERIES:
         scores, boxes = _query_errors(ref, out, student_io)
         assert scores.max() < 5e-3 and boxes.max() < 0.1
         assert report["label_mismatch"] == 0 and report["topk_unmatched"] == 0
@@ -140,7 +142,7 @@ def test_int8_graph_is_symmetric_per_channel_qdq_on_weighted_ops(tmp_path, fp32_
 
     ref, out = run_onnx(fp32_models[arch], images), run_onnx(path, images)
     assert out["scores"].shape == ref["scores"].shape and out["labels"].dtype == np.int64
-    if arch != "dino":
+    if arch not in SELECTED_QUERIES:
         scores, boxes = _query_errors(ref, out, student_io)
         assert 0 < np.median(scores) < 0.05 and np.percentile(scores, 90) < 0.15 and boxes.max() < 2.0
 

@@ -136,3 +136,231 @@ def test_loss_matches_transformers_rt_detr_loss():
     assert ours.keys() == reference.keys() and len(ours) == 3 * (2 * layers + 1)
     for key, value in reference.items():
         assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# ------------------------------------------------------------------ import command and COCO -> KITTI
+
+def test_import_command_and_coco_to_kitti_class_head(tmp_path, capsys, make_hf_rt_detr):
+    """`clock-deploy import` of a transformers RT-DETRv2 folder writes a checkpoint whose class head
+    (decoder heads, query-selection head, denoising embedding) model.pretrained maps onto KITTI classes."""
+    from clock_deploy.checkpoint import load_model, read_checkpoint
+    from clock_deploy.cli import cli, run
+    from clock_deploy.config import Config
+    from clock_deploy.models.build import build_model
+    from clock_deploy.training.pretrained import load_pretrained
+
+    hf = tmp_path / "hf"
+    hf_model = make_hf_rt_detr(hf, 3, "basic")
+    hf_model.config.id2label = {0: "person", 1: "bicycle", 2: "car"}
+    hf_model.config.save_pretrained(hf)
+    ckpt = tmp_path / "rt_detr.pt"
+    run(cli, ["import", str(hf), "--out", str(ckpt)])
+    out = capsys.readouterr().out
+    assert "ResNet-vd-18" in out and "method=default" in out and "re-initialized: none" in out
+    assert read_checkpoint(ckpt)["classes"] == ["person", "bicycle", "car"]
+    imported, imported_cfg, _ = load_model(ckpt)
+
+    cfg = Config()
+    cfg.model = imported_cfg.model
+    cfg.model.num_classes, cfg.model.pretrained = 3, str(ckpt)
+    cfg.model.class_map = {"Pedestrian": "person", "Cyclist": "bicycle"}
+    model = build_model(cfg.model)
+    lines = load_pretrained(model, cfg.model, ["Car", "Pedestrian", "Cyclist"])
+    assert "  Car <- car" in lines and "  Pedestrian <- person" in lines
+    for key in ("class_embed.2.weight", "selection.enc_class_embed.bias", "label_enc.weight"):
+        new, old = model.state_dict()[key], imported.state_dict()[key]
+        assert torch.equal(new[0], old[2]) and torch.equal(new[1], old[0]) and torch.equal(new[2], old[1]), key
+    # the denoising embedding's padding row carries over
+    assert torch.equal(model.state_dict()["label_enc.weight"][3], imported.state_dict()["label_enc.weight"][3])
+    assert not model.backbone.stem[0].conv.weight.requires_grad  # pretrained: stem frozen
+
+
+# ------------------------------------------------------------------ recipes = the published checkpoints
+
+PUBLISHED = {  # transformers' PekingU RT-DETRv2 configs (config.json), ResNet-vd backbones
+    "rt_detr_r18vd_coco_finetune.yaml": dict(layer_type="basic", depths=[2, 2, 2, 2], width=64, decoder_layers=3,
+                                             hidden_expansion=0.5),
+    "rt_detr_r50vd_coco_finetune.yaml": dict(layer_type="bottleneck", depths=[3, 4, 6, 3], width=64,
+                                             decoder_layers=6, hidden_expansion=1.0),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED))
+def test_kitti_recipe_is_the_model_the_published_checkpoint_imports_as(recipe):
+    """The fine-tune recipe builds exactly the model (config and every weight shape) that the importer
+    derives from the published RT-DETRv2 config, so model.pretrained loads it with only the class head remapped."""
+    import os
+
+    from clock_deploy.config import Config, from_dict, load_config
+    from clock_deploy.convert import rt_detr
+    from clock_deploy.models.build import build_model
+
+    p = PUBLISHED[recipe]
+    expansion = 4 if p["layer_type"] == "bottleneck" else 1
+    backbone = transformers.RTDetrResNetConfig(
+        embedding_size=p["width"], hidden_sizes=[p["width"] * expansion * 2 ** i for i in range(4)],
+        depths=p["depths"], layer_type=p["layer_type"], out_indices=[2, 3, 4])
+    config = transformers.RTDetrV2Config(backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:],
+                                         decoder_layers=p["decoder_layers"], hidden_expansion=p["hidden_expansion"],
+                                         num_labels=80)
+    with torch.device("meta"):  # shapes only: nothing to compute
+        hf_state = transformers.RTDetrV2ForObjectDetection(config).state_dict()
+    hf_state = {k: v for k, v in hf_state.items() if k.startswith("model.")}  # the heads as saved (tied copies)
+    overrides, state, _ = rt_detr.hf_to_project(hf_state, config.to_dict())
+    imported = from_dict({"model": overrides}, Config).model
+    recipe_cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "kitti", recipe))
+    ours = recipe_cfg.model
+    for key in ("arch", "hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "num_queries",
+                "num_feature_levels", "n_points", "rt_detr", "dn"):
+        assert getattr(ours, key) == getattr(imported, key), key
+    assert (ours.backbone.depth, ours.backbone.width, ours.backbone.return_levels) == \
+        (imported.backbone.depth, imported.backbone.width, imported.backbone.return_levels)
+    with torch.device("meta"):
+        expected = build_model(ours).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes.keys() == expected.keys()
+    wrong = [k for k, v in expected.items() if tuple(v.shape) != shapes[k] and not k.startswith(
+        ("class_embed.", "selection.enc_class_embed.", "label_enc."))]
+    assert wrong == []
+
+
+def test_input_sizes_that_are_not_multiples_of_32_run():
+    """KITTI's 375 x 1242 (and any size): the top-down path upsamples onto the finer map's own size."""
+    from clock_deploy.config import BackboneConfig, ModelConfig
+    from clock_deploy.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, enc_layers=1, dec_layers=1,
+                                    num_queries=10, num_feature_levels=3,
+                                    backbone=BackboneConfig(depth=18, width=8))).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 75, 122))
+    assert [tuple(m.shape[-2:]) for m in out.memory] == [(10, 16), (5, 8), (3, 4)]
+    assert torch.isfinite(out.pred_logits).all()
+
+
+def test_discrete_decoder_freezes_its_sampling_offsets_and_trains_the_rest():
+    """As the original: nearest-pixel sampling gives the offsets no gradient, so they are not trained
+    (no weight decay either); every other parameter gets a gradient from the loss."""
+    from clock_deploy.config import BackboneConfig, DenoisingConfig, LossConfig, ModelConfig, RtDetrConfig
+    from clock_deploy.models.build import build_criterion, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, enc_layers=1, dec_layers=2, num_queries=10,
+                      num_feature_levels=3, backbone=BackboneConfig(depth=18, width=8),
+                      dn=DenoisingConfig(num_queries=6), rt_detr=RtDetrConfig(method="discrete"))
+    model = build_model(cfg).train()
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])}]
+    losses = build_criterion(LossConfig(cls=1.0), cfg)(model(torch.randn(1, 3, 64, 96), targets), targets)
+    sum(losses.values()).backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"decoder.{i}.cross_attn.sampling_offsets.{w}" for i in range(2) for w in ("weight", "bias")}
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+# ------------------------------------------------------------------ the original RT-DETRv2 .pth layout
+
+def official_fixture(name):
+    import json
+    import os
+
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", ["rt_detr_v2_r50vd_official_params.json", "rt_detr_v2_r18vd_official_params.json"])
+def test_every_official_rt_detr_v2_name_maps_with_its_shape(name, tmp_path):
+    """Every parameter and buffer of the original RT-DETRv2 R50vd / R18vd (tests/official_params_rt_detr.py)
+    maps onto the project model with its shape, through `clock-deploy import` of a .pth holding them as EMA."""
+    import json
+
+    from official_params_rt_detr import FIXTURES, fixture
+
+    data = official_fixture(name)
+    assert json.loads(json.dumps(fixture(FIXTURES[name]))) == data  # the file is what the generator writes
+    state = {key: torch.zeros(shape) for key, shape in data["params"]}
+    state["decoder.decoder.layers.0.cross_attn.num_points_scale"] = torch.full([12], 0.25)
+    torch.save({"model": {}, "ema": {"module": state, "updates": 1}, "last_epoch": 71}, tmp_path / "rtdetrv2.pth")
+    imported = import_checkpoint(tmp_path / "rtdetrv2.pth")
+    cfg, _ = build_imported_model(imported, name)  # raises on any missing, extra or misshaped weight
+    m, c = cfg.model, data["config"]
+    assert imported.arch == "rt_detr" and imported.source == "official"
+    assert (m.backbone.depth, m.backbone.width, m.backbone.return_levels, m.backbone.frozen_bn) == \
+        (c["depth"], 64, [1, 2, 3], c["freeze_norm"])
+    assert (m.hidden_dim, m.ffn_dim, m.nheads, m.enc_layers, m.dec_layers, m.num_classes, m.num_feature_levels,
+            m.n_points) == (c["hidden_dim"], c["ffn"], c["nheads"], c["enc_layers"], c["dec_layers"], c["num_classes"],
+                            c["levels"], c["points"])
+    assert (m.rt_detr.expansion, m.rt_detr.csp_blocks) == (c["expansion"], c["csp_blocks"])
+    assert any("anchors for a fixed eval size" in n for n in imported.notes)
+
+
+def test_official_rt_detr_v2_parameter_count_is_transformers_at_the_same_config():
+    """Cross-check of the hand-written generator: the learned tensors of the original R50vd list hold as many
+    numbers as transformers' RTDetrV2ForObjectDetection at that config (buffers and tied copies left out)."""
+    data = official_fixture("rt_detr_v2_r50vd_official_params.json")
+    buffers = ("running_mean", "running_var", "num_batches_tracked", "num_points_scale", "anchors", "valid_mask")
+    ours = sum(torch.Size(shape).numel() for key, shape in data["params"] if not key.endswith(buffers))
+    backbone = transformers.RTDetrResNetConfig(out_indices=[2, 3, 4])  # ResNet-50-vd
+    with torch.device("meta"):
+        model = transformers.RTDetrV2ForObjectDetection(transformers.RTDetrV2Config(backbone_config=backbone,
+                                                                                    num_labels=80))
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("model.")}  # heads as saved (tied copies)
+    reference = sum(v.numel() for k, v in state.items() if not k.endswith(buffers + ("n_points_scale",)))
+    assert ours == reference
+
+
+def project_to_official(state):
+    """The project's RT-DETR state dict under the original RT-DETRv2 names (written independently of
+    convert/rt_detr.py, from tests/official_params_rt_detr.py's layout), q/k/v fused into in_proj."""
+    import re
+
+    rules = [
+        (r"backbone\.stem\.(\d)\.(.*)", lambda m: f"backbone.conv1.conv1_{int(m[1]) + 1}.{m[2]}"),
+        (r"backbone\.layer(\d)\.(\d+)\.convs\.(\d)\.(.*)",
+         lambda m: f"backbone.res_layers.{int(m[1]) - 1}.blocks.{m[2]}.branch2{'abc'[int(m[3])]}.{m[4]}"),
+        (r"backbone\.layer(\d)\.(\d+)\.shortcut\.1\.(.*)",
+         lambda m: f"backbone.res_layers.{int(m[1]) - 1}.blocks.{m[2]}.short.conv.{m[3]}"),
+        (r"backbone\.layer(\d)\.(\d+)\.shortcut\.(.*)",
+         lambda m: f"backbone.res_layers.{int(m[1]) - 1}.blocks.{m[2]}.short.{m[3]}"),
+        (r"input_proj\.(\d)\.0\.(.*)", r"encoder.input_proj.\1.conv.\2"),
+        (r"input_proj\.(\d)\.1\.(.*)", r"encoder.input_proj.\1.norm.\2"),
+        (r"encoder\.aifi\.(\d)\.ffn\.(.*)", r"encoder.encoder.0.layers.\1.\2"),
+        (r"encoder\.aifi\.(\d)\.(.*)", r"encoder.encoder.0.layers.\1.\2"),
+        (r"encoder\.(.*)", r"encoder.\1"),
+        (r"decoder_input_proj\.(\d)\.0\.(.*)", r"decoder.input_proj.\1.conv.\2"),
+        (r"decoder_input_proj\.(\d)\.1\.(.*)", r"decoder.input_proj.\1.norm.\2"),
+        (r"decoder\.(\d)\.ffn\.(.*)", r"decoder.decoder.layers.\1.\2"),
+        (r"decoder\.(\d)\.(.*)", r"decoder.decoder.layers.\1.\2"),
+        (r"label_enc\.weight", "decoder.denoising_class_embed.weight"),
+        (r"query_pos_head\.(.*)", r"decoder.query_pos_head.\1"),
+        (r"selection\.enc_output\.0\.(.*)", r"decoder.enc_output.proj.\1"),
+        (r"selection\.enc_output\.1\.(.*)", r"decoder.enc_output.norm.\1"),
+        (r"selection\.enc_class_embed\.(.*)", r"decoder.enc_score_head.\1"),
+        (r"selection\.enc_bbox_embed\.(.*)", r"decoder.enc_bbox_head.\1"),
+        (r"class_embed\.(.*)", r"decoder.dec_score_head.\1"),
+        (r"bbox_embed\.(.*)", r"decoder.dec_bbox_head.\1"),
+    ]
+    out = {}
+    for key, value in state.items():
+        pattern, target = next((p, t) for p, t in rules if re.fullmatch(p, key))
+        m = re.fullmatch(pattern, key)
+        out[target(m) if callable(target) else m.expand(target)] = value
+    for key in [k for k in out if k.endswith("self_attn.q_proj.weight") or k.endswith("self_attn.q_proj.bias")]:
+        prefix, kind = key.rsplit(".q_proj.", 1)
+        out[f"{prefix}.in_proj_{kind}"] = torch.cat([out.pop(f"{prefix}.{p}_proj.{kind}") for p in "qkv"])
+    for i in range(max(int(k.split(".")[3]) for k in out if k.startswith("decoder.decoder.layers.")) + 1):
+        out[f"decoder.decoder.layers.{i}.cross_attn.num_points_scale"] = torch.full([9], 1 / 3)
+    return out
+
+
+def test_official_rt_detr_v2_pth_gives_the_reference_outputs(tmp_path, make_hf_rt_detr):
+    """transformers' RT-DETRv2 weights, written under the original names into an RT-DETRv2-style .pth
+    (EMA module), imported: the same logits and boxes as transformers' model."""
+    hf_model = make_hf_rt_detr(tmp_path / "hf", 3, "bottleneck")
+    project_state = import_checkpoint(tmp_path / "hf").state
+    torch.save({"model": {}, "ema": {"module": project_to_official(project_state)}}, tmp_path / "v2.pth")
+    imported = import_checkpoint(tmp_path / "v2.pth")
+    imported.overrides["num_queries"] = 20  # not in the weights: the fixture's setting
+    _, model = build_imported_model(imported, "v2.pth")
+    logits_diff, boxes_diff = max_diffs(hf_model, model, torch.randn(2, 3, 64, 96))
+    assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)

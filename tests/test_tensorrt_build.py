@@ -1,6 +1,6 @@
 """Real engine builds with TensorRT-RTX, which builds ahead of time without a GPU.
 
-Every exported graph family (3 architectures x fp32 / fp16 / int8 x both sampling modes)
+Every exported graph family (4 architectures x fp32 / fp16 / int8 x both sampling modes)
 goes through the project's own engine_from_onnx and must parse and build; the engines'
 precision reports must show INT8 convolutions and GEMMs (INT8), half kernels (FP16) and no
 FP32 layer outside the ops deliberately kept in float (engine_report.kept_float_reason).
@@ -18,7 +18,7 @@ from clock_deploy.export.tensorrt import engine_from_onnx
 
 pytest.importorskip("tensorrt_rtx")
 
-ARCHS = ("dab_detr", "deformable_detr", "dino")
+ARCHS = ("dab_detr", "deformable_detr", "dino", "rt_detr")
 SAMPLINGS = ("grid_sample", "gather")
 DEFAULT = ("deformable_detr", "gather")  # the family the default suite builds
 
@@ -114,4 +114,32 @@ def test_every_graph_family_parses_and_builds(exported, arch, sampling, precisio
     if arch == "dab_detr" and sampling == "gather":
         pytest.skip("DAB-DETR has no deformable attention: one graph for both sampling modes")
     _, _, layers = _build(exported(arch, sampling, precision), precision)
+    _check_precisions(layers, precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_rt_detr_discrete_sampling_graph_builds(tmp_path, make_tiny_student, make_random_images, student_io, precision):
+    """RT-DETRv2's discrete (nearest-pixel Gather) decoder sampling: no GridSample, builds in half / int8."""
+    import onnx
+
+    from clock_deploy.models.deform_attn import MSDeformAttn
+
+    height, width, topk, spec = student_io.height, student_io.width, student_io.topk, student_io.spec
+    model, _ = make_tiny_student("rt_detr", "gather")
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            module.discrete = True
+    fp32 = tmp_path / "discrete.onnx"
+    export_onnx(model, str(fp32), height=height, width=width, topk=topk, simplify=False)
+    assert "GridSample" not in {n.op_type for n in onnx.load(fp32).graph.node}
+    path = tmp_path / f"discrete.{precision}.onnx"
+    if precision == "fp16":
+        convert_fp16(fp32, path)
+    else:
+        quantize_int8(fp32, path, make_random_images(tmp_path, 4), spec)
+    write_metadata(path, build_metadata(kind="onnx", arch="rt_detr", classes=student_io.classes, height=height,
+                                        width=width, mean=spec["mean"], std=spec["std"], precision=precision,
+                                        topk=topk, batch=batch_spec(True), sampling="gather"))
+    _, _, layers = _build(path, precision)
     _check_precisions(layers, precision)

@@ -4,7 +4,8 @@ Sources (files the user already has; nothing is downloaded):
 - a transformers folder: config.json + model.safetensors (or pytorch_model.bin) of
   DeformableDetrForObjectDetection, DabDetrForObjectDetection or RTDetr(V2)ForObjectDetection;
 - an official `.pth`: fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR or
-  IDEA-Research/DINO (4-scale, ResNet), with its weights under "model".
+  IDEA-Research/DINO (4-scale, ResNet), with its weights under "model", or lyuwenyu/RT-DETR
+  (RT-DETRv2), whose EMA weights under "ema" / "module" are taken when present.
 The converted weights must fill the project model built from the derived config exactly:
 an unknown source key, a missing project weight or a wrong shape is one UserError.
 """
@@ -67,10 +68,7 @@ def _converter(arch, source):
     if arch == "deformable_detr":
         return deformable.hf_to_project if source == "transformers" else deformable.official_to_project
     if arch == "rt_detr":
-        if source != "transformers":
-            raise UserError("RT-DETR imports from a transformers folder (RTDetr(V2)ForObjectDetection); "
-                            "the original .pth layout is not supported yet")
-        return rt_detr.hf_to_project
+        return rt_detr.hf_to_project if source == "transformers" else rt_detr.official_to_project
     if source == "transformers":
         raise UserError("DINO has no transformers implementation: import its official .pth")
     return dino.official_to_project
@@ -104,7 +102,9 @@ def read_official(path):
         raise UserError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
     if ckpt.get("format") == FORMAT:
         raise UserError(f"{path}: already a clock-deploy checkpoint: use it directly")
-    state = ckpt.get("model", ckpt)
+    ema = ckpt.get("ema")
+    # RT-DETRv2 saves {"model", "ema": {"module", "updates"}}: the EMA weights are the ones it evaluates
+    state = ema["module"] if isinstance(ema, dict) and isinstance(ema.get("module"), dict) else ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path}: no state dict of tensors (under 'model' or at the top level)")
     return state, ckpt.get("args")
@@ -118,7 +118,9 @@ def detect_official_arch(state, path):
         return "deformable_detr"
     if "refpoint_embed.weight" in state and any(k.startswith("transformer.decoder.ref_anchor_head.") for k in state):
         return "dab_detr"
-    raise UserError(f"{path}: not a Deformable-DETR, DAB-DETR or DINO checkpoint (no key of theirs found, "
+    if "decoder.dec_score_head.0.weight" in state:
+        return "rt_detr"
+    raise UserError(f"{path}: not a Deformable-DETR, DAB-DETR, DINO or RT-DETRv2 checkpoint (no key of theirs found, "
                     f"e.g. it has {', '.join(list(state)[:3])})")
 
 
@@ -184,6 +186,8 @@ def report(imported, cfg):
         shape += f" levels={m.num_feature_levels}"
     if m.arch == "deformable_detr":
         shape += f" box_refine={m.box_refine} two_stage={m.two_stage}"
+    if m.arch == "rt_detr":
+        shape = shape.replace("ResNet-", "ResNet-vd-") + f" method={m.rt_detr.method} expansion={m.rt_detr.expansion}"
     return [f"{imported.source} {m.arch}: {shape}",
             (f"mapped: {imported.source_keys} source tensors -> all {len(imported.state)} project tensors "
              "(shared heads stored under several names count once)"),

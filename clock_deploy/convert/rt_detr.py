@@ -1,15 +1,16 @@
 """RT-DETR(v2) checkpoints -> the project's RTDETR.
 
-Source: transformers `RTDetrV2ForObjectDetection` / `RTDetrForObjectDetection` folders
+Sources: transformers `RTDetrV2ForObjectDetection` / `RTDetrForObjectDetection` folders
 (model.safetensors + config.json, as the hub's PekingU/* folders or `save_pretrained` write them),
-with transformers' RTDetrResNet (ResNet-vd) backbone. Returns (ModelConfig overrides, project
+with transformers' RTDetrResNet (ResNet-vd) backbone, and the original lyuwenyu/RT-DETR RT-DETRv2
+`.pth` files (tests/official_params_rt_detr.py lists their names). Returns (ModelConfig overrides, project
 state dict, notes for the import report).
 """
 import re
 
 import torch
 
-from clock_deploy.convert.common import layer_count, rename
+from clock_deploy.convert.common import layer_count, rename, split_in_proj
 from clock_deploy.errors import UserError
 from clock_deploy.models.resnet_vd import ARCHS as RESNETS
 
@@ -141,3 +142,124 @@ def hf_to_project(hf_state, hf_config, where="transformers checkpoint"):
         notes.append(f"anchor_image_size {c['anchor_image_size']}: the project computes the anchors for the "
                      "actual input size (the same values at that size)")
     return overrides, state, notes
+
+
+def official_rules():
+    """lyuwenyu/RT-DETR (rtdetrv2_pytorch) names -> project names (nn.MultiheadAttention's fused
+    in_proj is split afterwards)."""
+    stage = r"backbone\.res_layers\.(\d)\.blocks\.(\d+)\."
+    aifi, dec = r"encoder\.encoder\.0\.layers\.(\d+)\.", r"decoder\.decoder\.layers\.(\d+)\."
+
+    def branch(m):
+        index = "abc".index(m.group(3))
+        return f"backbone.layer{int(m.group(1)) + 1}.{m.group(2)}.convs.{index}.{m.group(4)}"
+
+    def short(m):
+        pooled = ".1" if m.group(3) else ""
+        return f"backbone.layer{int(m.group(1)) + 1}.{m.group(2)}.shortcut{pooled}.{m.group(4)}"
+
+    return [
+        (r"backbone\.conv1\.conv1_(\d)\.(conv|norm)\.(\w+)",
+         lambda m: f"backbone.stem.{int(m.group(1)) - 1}.{m.group(2)}.{m.group(3)}"),
+        (stage + r"branch2([abc])\.((?:conv|norm)\.\w+)", branch),
+        (stage + r"short\.(conv\.)?((?:conv|norm)\.\w+)", short),
+        (r"encoder\.input_proj\.(\d+)\.(?:conv|0)\.weight", r"input_proj.\1.0.weight"),
+        (r"encoder\.input_proj\.(\d+)\.(?:norm|1)\.(\w+)", r"input_proj.\1.1.\2"),
+        (aifi + r"self_attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         r"encoder.aifi.\1.self_attn.\2"),
+        (aifi + r"linear([12])\.(\w+)", r"encoder.aifi.\1.ffn.linear\2.\3"),
+        (aifi + r"(norm[12])\.(\w+)", r"encoder.aifi.\1.\2.\3"),
+        (r"encoder\.((?:lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\..*)", r"encoder.\1"),
+        (r"decoder\.input_proj\.(\d+)\.(?:conv|0)\.weight", r"decoder_input_proj.\1.0.weight"),
+        (r"decoder\.input_proj\.(\d+)\.(?:norm|1)\.(\w+)", r"decoder_input_proj.\1.1.\2"),
+        (dec + r"self_attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         r"decoder.\1.self_attn.\2"),
+        (dec + r"cross_attn\.num_points_scale", (None, "per-point offset scales (derived from the point counts)")),
+        (dec + r"cross_attn\.(\w+\.\w+)", r"decoder.\1.cross_attn.\2"),
+        (dec + r"(norm[123])\.(\w+)", r"decoder.\1.\2.\3"),
+        (dec + r"linear([12])\.(\w+)", r"decoder.\1.ffn.linear\2.\3"),
+        (r"decoder\.denoising_class_embed\.weight", "label_enc.weight"),
+        (r"decoder\.query_pos_head\.(.*)", r"query_pos_head.\1"),
+        (r"decoder\.enc_output\.(?:proj|0)\.(\w+)", r"selection.enc_output.0.\1"),
+        (r"decoder\.enc_output\.(?:norm|1)\.(\w+)", r"selection.enc_output.1.\1"),
+        (r"decoder\.enc_score_head\.(\w+)", r"selection.enc_class_embed.\1"),
+        (r"decoder\.enc_bbox_head\.(.*)", r"selection.enc_bbox_embed.\1"),
+        (r"decoder\.dec_score_head\.(\d+)\.(\w+)", r"class_embed.\1.\2"),
+        (r"decoder\.dec_bbox_head\.(\d+)\.(.*)", r"bbox_embed.\1.\2"),
+        (r"decoder\.(anchors|valid_mask)", (None, "anchors for a fixed eval size (recomputed for the input size)")),
+    ]
+
+
+def _points_per_level(scale, levels, where):
+    """[n per level] from the num_points_scale buffer (1 / n, n times, level by level)."""
+    counts, i = [], 0
+    values = scale.tolist()
+    while i < len(values):
+        n = round(1.0 / values[i])
+        counts.append(n)
+        i += n
+    if len(counts) != levels or sum(counts) != len(values):
+        raise UserError(f"{where}: cross_attn.num_points_scale {values} does not fit {levels} levels")
+    return counts
+
+
+def official_backbone(state, where):
+    """ResNet-vd depth / width / levels / frozen BN from the converted backbone weights."""
+    width = state["backbone.stem.2.conv.weight"].shape[0]
+    counts = tuple(layer_count(state, rf"backbone\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    bottleneck = "backbone.layer1.0.convs.2.conv.weight" in state
+    depth = next((d for d, (block, c) in RESNETS.items() if (block.expansion == 4) == bottleneck and c == counts),
+                 None)
+    if depth is None:
+        raise UserError(f"{where}: backbone is not a ResNet-vd 18/34/50 (blocks per stage {list(counts)})")
+    expansion = 4 if bottleneck else 1
+    levels = []
+    for i in range(layer_count(state, r"input_proj\.(\d+)\.")):
+        ch = state[f"input_proj.{i}.0.weight"].shape[1]
+        level = next((lv for lv in range(4) if width * 2 ** lv * expansion == ch), None)
+        if level is None:
+            raise UserError(f"{where}: encoder input projection with {ch} input channels matches no ResNet stage")
+        levels.append(level)
+    frozen = not any(k.startswith("backbone.") and k.endswith("num_batches_tracked") for k in state)
+    return {"depth": depth, "width": width, "return_levels": levels, "frozen_bn": frozen}
+
+
+def official_to_project(state, args=None, where="RT-DETRv2 checkpoint"):
+    """lyuwenyu/RT-DETR RT-DETRv2 `.pth` weights (the file's EMA module or "model") -> (overrides, state, notes).
+
+    The weights do not hold num_queries, the denoising settings or the sampling method: RT-DETRv2's
+    defaults are taken (300 queries, 100 denoising GT copies, label noise 0.5, box noise 1.0,
+    method "default"); the import report says so.
+    """
+    scale_key = "decoder.decoder.layers.0.cross_attn.num_points_scale"
+    points_scale = state.get(scale_key)
+    converted, dropped = rename(state, official_rules(), where)
+    converted = split_in_proj(converted)
+    d = converted["query_pos_head.layers.1.weight"].shape[0]
+    levels = layer_count(converted, r"decoder_input_proj\.(\d+)\.")
+    rows = converted["decoder.0.cross_attn.sampling_offsets.weight"].shape[0]
+    points = _points_per_level(points_scale, levels, where) if points_scale is not None else None
+    if points is None:
+        raise UserError(f"{where}: no {scale_key}: not an RT-DETRv2 decoder (RT-DETR v1 .pth is not supported)")
+    nheads = rows // (2 * sum(points))
+    ffn = converted["decoder.0.ffn.linear1.weight"].shape[0]
+    aifi_ffn = converted.get("encoder.aifi.0.ffn.linear1.weight")
+    if aifi_ffn is not None and aifi_ffn.shape[0] != ffn:
+        raise UserError(f"{where}: encoder and decoder feed-forward widths differ; the project uses one model.ffn_dim")
+    backbone = official_backbone(converted, where)
+    overrides = {
+        "arch": "rt_detr", "num_classes": converted["class_embed.0.weight"].shape[0], "hidden_dim": d,
+        "nheads": nheads, "enc_layers": layer_count(converted, r"encoder\.aifi\.(\d+)\."),
+        "dec_layers": layer_count(converted, r"decoder\.(\d+)\."), "ffn_dim": ffn, "num_queries": 300,
+        "num_feature_levels": levels, "n_points": points[0], "dropout": 0.0, "backbone": backbone,
+        "dn": {"num_queries": 100, "label_noise": 0.5, "box_noise": 1.0},
+        "rt_detr": {"expansion": converted["encoder.fpn_blocks.0.conv1.conv.weight"].shape[0] / d,
+                    "csp_blocks": layer_count(converted, r"encoder\.fpn_blocks\.0\.bottlenecks\.(\d+)\."),
+                    "points_per_level": points if len(set(points)) > 1 else []},
+    }
+    if "label_enc.weight" not in converted:
+        converted["label_enc.weight"] = torch.zeros(overrides["num_classes"] + 1, d)
+    notes = [f"dropped {n} {reason}" for reason, n in dropped.items()]
+    notes.append("not stored in the weights, RT-DETRv2 defaults assumed: num_queries=300, dn 100 / 0.5 / 1.0, "
+                 "rt_detr.method=default (set model.rt_detr.method=discrete for the *_dsp checkpoints)")
+    return overrides, converted, notes

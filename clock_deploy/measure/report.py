@@ -118,7 +118,7 @@ UNITS_NOTE = ("Latency: one forward of a preprocessed batch of `--batch` images 
 LOAD_NOTE = ("p99/p50: latency spread (1.0 = every run alike); load before / after: the machine's 1-minute "
              "load average around the timed runs (the bench itself adds up to its thread count); steal %: "
              "CPU time a hypervisor took from this machine during them.")
-ARCH_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
+ARCH_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR", "rt_detr": "RT-DETR"}
 METHOD_NAMES = {"clock": "CLoCK", "kd_detr": "KD-DETR", "fgd": "FGD", "gt_denoise": "GT denoising"}
 BUSY_STEAL_PCT = 5.0   # more stolen CPU time than this: a noisy virtual machine
 UNSTEADY_SPREAD = 2.0  # p99 above this multiple of p50: latency was unsteady

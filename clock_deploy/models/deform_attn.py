@@ -151,6 +151,8 @@ class MSDeformAttn(nn.Module):
                              persistent=False)
         self.point_level = [level for level, n in enumerate(points) for _ in range(n)]
         self._reset_parameters()
+        if discrete:  # nearest-pixel sampling has no gradient for the offsets: the original freezes them
+            self.sampling_offsets.requires_grad_(False)
 
     def _reset_parameters(self):
         # offsets start on a ring of directions, one per head, growing with the point index in its level

@@ -78,8 +78,8 @@ class CSPRepLayer(nn.Module):
 class HybridEncoder(nn.Module):
     """Projected backbone maps (finest first, `hidden_dim` channels) -> fused maps of the same shapes.
 
-    `num_layers` AIFI layers run on the last level; CCFF fuses top-down (lateral 1x1 conv, 2x nearest
-    upsampling, CSP block) then bottom-up (stride-2 3x3 conv, CSP block).
+    `num_layers` AIFI layers run on the last level; CCFF fuses top-down (lateral 1x1 conv, nearest
+    upsampling to the finer map, CSP block) then bottom-up (stride-2 3x3 conv, CSP block).
     """
 
     def __init__(self, num_levels, hidden_dim, nheads, ffn_dim, num_layers, dropout=0.0, expansion=1.0,
@@ -121,7 +121,9 @@ class HybridEncoder(nn.Module):
         for i, (lateral, block) in enumerate(zip(self.lateral_convs, self.fpn_blocks)):
             top = lateral(inner[0])
             inner[0] = top
-            fused = torch.cat([F.interpolate(top, scale_factor=2.0, mode="nearest"), maps[-2 - i]], dim=1)
+            finer = maps[-2 - i]
+            # 2x nearest upsampling, written as the finer map's size so odd sizes (e.g. 375 px rows) fit too
+            fused = torch.cat([F.interpolate(top, size=finer.shape[-2:], mode="nearest"), finer], dim=1)
             inner.insert(0, block(fused))
         # bottom-up: each finer output, downsampled, is fused with the next coarser top-down map
         outs = [inner[0]]

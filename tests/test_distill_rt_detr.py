@@ -1,0 +1,168 @@
+"""Distillation with RT-DETR students and teachers: zero-for-copies, isolation of the query groups
+from matching and denoising queries, cross-family (DINO teacher -> RT-DETR student) steps, KD-DETR
+anchors. (Kept apart from test_distill_models.py, which the other three families share.)"""
+import copy
+
+import pytest
+import torch
+
+from clock_deploy.config import Config
+from clock_deploy.distill import build_distiller
+from clock_deploy.distill.queries import TargetQuerySampler, query_group
+from clock_deploy.models.build import build_criterion, build_model
+from clock_deploy.training.trainer import TrainStep
+
+
+def tiny_config(arch="rt_detr", hidden=32, dec_layers=2, method="none"):
+    cfg = Config()
+    cfg.data.img_size = [64, 96]
+    m = cfg.model
+    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, hidden, 2, 2 * hidden
+    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 1, dec_layers, 10, 6
+    m.backbone.depth, m.backbone.width = 18, 8
+    cfg.distill.method = method
+    cfg.distill.logit.random_queries = 5
+    cfg.distill.kd_detr.random_queries = 5
+    return cfg
+
+
+def tiny_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+def batch():
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 96)
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    return images, targets
+
+
+def distill_losses(distiller, student):
+    images, targets = batch()
+    torch.manual_seed(3)  # same random queries / denoising noise every call
+    return distiller(student, images, targets)
+
+
+@pytest.mark.parametrize("method", ["clock", "fgd"])
+def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method):
+    cfg = tiny_config(method=method)
+    teacher = tiny_model(cfg)
+    # eval: RT-DETR's encoder BatchNorms would use batch statistics in training, the teacher running ones
+    student = copy.deepcopy(teacher).eval()
+    distiller = build_distiller(cfg, teacher, student).train()
+    _, losses = distill_losses(distiller, student)
+    expected = {"clock": {"loss_mem", "loss_logit_cls", "loss_logit_box"},
+                "fgd": {"loss_fgd_focal", "loss_fgd_attn", "loss_fgd_global"}}[method]
+    assert set(losses) == expected
+    for name, value in losses.items():
+        assert abs(value.item()) < 1e-5, name
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, losses = distill_losses(distiller, student)
+    for name, value in losses.items():
+        assert value.item() > 1e-4, name
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_target_aware_group_does_not_change_matching_or_denoising_predictions(training):
+    cfg = tiny_config()
+    model = tiny_model(cfg).train(training)
+    images, targets = batch()
+    torch.manual_seed(4)
+    spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
+    torch.manual_seed(7)
+    plain = model(images, targets)
+    torch.manual_seed(7)  # the same denoising noise
+    with_group = model(images, targets, groups=[query_group(model, spec)])
+    assert (plain.denoising is not None) == training
+    pairs = list(zip(plain.stages, with_group.stages))
+    if training:
+        pairs += list(zip(plain.denoising.stages, with_group.denoising.stages))
+    for a, b in pairs:
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
+    assert with_group.groups[0][-1].boxes.shape[1] == spec.num_queries
+    # padded slots (the GT-less second image) are hidden from the group's real slots
+    other = spec.boxes.clone()
+    other[spec.pad_mask] = 0.9
+    spec.boxes = other
+    torch.manual_seed(7)
+    moved = model(images, targets, groups=[query_group(model, spec)])
+    keep = ~spec.pad_mask
+    torch.testing.assert_close(moved.groups[0][-1].logits[keep], with_group.groups[0][-1].logits[keep],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_arch,student_arch,method", [
+    ("dino", "rt_detr", "clock"), ("dino", "rt_detr", "kd_detr"), ("dino", "rt_detr", "fgd"),
+    ("rt_detr", "deformable_detr", "clock")])
+def test_one_distill_step_across_families(teacher_arch, student_arch, method):
+    """A DINO teacher (48 wide, 3 layers) distils an RT-DETR student (32 wide): adapters bridge widths and
+    levels; the teacher stays as it was, the student moves, the terms reach the student."""
+    cfg = tiny_config(student_arch, method=method)
+    teacher = tiny_model(tiny_config(teacher_arch, hidden=48, dec_layers=3), seed=5)
+    student = tiny_model(cfg).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student_before = copy.deepcopy(student.state_dict())
+    optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-3)
+    images, targets = batch()
+    losses = step(images, targets)
+    distill_terms = {"clock": {"loss_mem", "loss_logit_cls", "loss_logit_box"},
+                     "kd_detr": {"loss_kd_anchor_cls", "loss_kd_random_cls"},
+                     "fgd": {"loss_fgd_focal", "loss_fgd_global"}}[method]
+    assert distill_terms <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    reached = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    if method != "kd_detr":
+        assert any(n.startswith("backbone.") for n in reached)
+    optimizer.step()
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
+
+
+def test_kd_detr_anchors_are_the_rt_detr_teachers_selected_queries():
+    cfg = tiny_config(method="kd_detr")
+    teacher, student = tiny_model(tiny_config(hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    calls, groups = [], []
+    teacher.register_forward_hook(lambda m, args, out: calls.append(out))
+    student.register_forward_pre_hook(lambda m, args, kwargs: groups.append(kwargs.get("groups")), with_kwargs=True)
+    distill_losses(distiller, student)
+    assert len(calls) == 1
+    anchors = groups[0][0]
+    torch.testing.assert_close(anchors.boxes, calls[0].encoder.boxes.float())
+    assert not anchors.content.any()
+
+
+def test_own_content_is_the_rt_detr_denoising_embedding():
+    cfg = tiny_config(method="clock")
+    model = tiny_model(cfg)
+    images, targets = batch()
+    torch.manual_seed(4)
+    spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
+    has_class = spec.labels < model.num_classes
+    content = query_group(model, spec, own_content=True).content
+    assert torch.equal(content[has_class], model.label_enc.weight[spec.labels[has_class]])
+    assert not content[~has_class].any()
+
+
+def test_rt_detr_teacher_runs_in_bf16_autocast():
+    """The teacher under bf16 autocast gives the fp32 terms to bf16 precision (untrained box heads start at
+    zero, so both models answer the shared anchors with the anchors themselves: box term 0)."""
+    values = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = tiny_config(method="clock")
+        cfg.distill.teacher_dtype = dtype
+        teacher, student = tiny_model(tiny_config(hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+        distiller = build_distiller(cfg, teacher, student).train()
+        values[dtype] = {k: v.item() for k, v in distill_losses(distiller, student)[1].items()}
+    assert values["bf16"].keys() == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
+    assert values["fp32"]["loss_mem"] > 0 and values["fp32"]["loss_logit_cls"] > 0
+    for key, value in values["fp32"].items():
+        assert values["bf16"][key] == pytest.approx(value, rel=2e-2, abs=1e-6), key
