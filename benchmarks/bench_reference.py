@@ -35,7 +35,8 @@ import torch
 from clock_deploy.errors import one_line
 
 ARCHS = ["deformable_detr", "dab_detr"]
-HF_CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection"}
+HF_CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection",
+              "rt_detr": "RTDetrV2ForObjectDetection"}  # rt_detr: measured by bench_realtime.py
 
 
 # ---------------------------------------------------------------- models
