@@ -11,8 +11,10 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import secrets
 import shutil
+import warnings
 
 from clock_deploy.errors import UserError
 
@@ -173,10 +175,8 @@ def torch_load(path, what="PyTorch checkpoint", allowed=(), map_location="cpu"):
     torch's own message for a pickle holding other objects advises re-running with
     weights_only=False, which runs code from the file: never passed on. allowed: classes the
     file may hold besides tensors and plain containers (torch.serialization.safe_globals)."""
-    import pickle
-    import warnings
+    import torch  # torch-free: io.py sits below the runtime, which loads ONNX / engines without torch
 
-    import torch
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -15,12 +15,23 @@ import time
 
 import click
 
+from clock_deploy.artifact import sidecar_path
+from clock_deploy.checkpoint import read_checkpoint
 from clock_deploy.config import PipelineConfig, load_config
+from clock_deploy.data.kitti import read_split
+from clock_deploy.data.synthetic import MARKER, generate
 from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
-from clock_deploy.io import atomic_path, read_json, write_json
+from clock_deploy.export.exporter import Exporter
+from clock_deploy.export.parity import ParityError
+from clock_deploy.io import atomic_path, file_sha256, read_json, write_json
 from clock_deploy.lock import output_lock
+from clock_deploy.measure.artifacts import artifact_path, is_fresh, read_model
+from clock_deploy.measure.backends import parse_backend
+from clock_deploy.measure.report import print_report, read_reports
+from clock_deploy.measure.runner import BenchResult, run_bench
 from clock_deploy.naming import CONFIG
+from clock_deploy.training.commands import run_training
 
 log = logging.getLogger(__name__)
 STAGES = ("data", "teacher", "student", "distill", "export", "bench")
@@ -72,8 +83,6 @@ class Pipeline:
     def synthesize(self, cfg_data):
         """Generate the synthetic scenes (data.synth) unless data.root exists; existing data is only
         replaced with --force data (and only if the generator wrote it)."""
-        from clock_deploy.data.synthetic import MARKER, generate
-
         s = cfg_data.synth
         params = {"num_images": s.num_images, "seed": s.seed, "height": s.height, "width": s.width,
                   "val_fraction": s.val_fraction, "max_objects": s.max_objects}
@@ -90,8 +99,6 @@ class Pipeline:
     @staticmethod
     def describe_splits(cfg_data):
         """'train 400, val 200' for a KITTI-layout root (COCO data: its format only)."""
-        from clock_deploy.data.kitti import read_split
-
         if cfg_data.format != "kitti":
             return f"{cfg_data.format} format"
         counts = []
@@ -103,9 +110,6 @@ class Pipeline:
         return ", ".join(counts)
 
     def train(self, name, cfg):
-        from clock_deploy.checkpoint import read_checkpoint
-        from clock_deploy.training.commands import run_training
-
         last = self.checkpoint(name)
         resume = False
         if os.path.exists(last) and name not in self.force:
@@ -132,12 +136,6 @@ class Pipeline:
         They are written where `clock-deploy export` puts them (README section 5 loads them from
         there) and copied into the bench's artifact cache, so the bench measures these very files.
         """
-        from clock_deploy.artifact import sidecar_path
-        from clock_deploy.measure.artifacts import artifact_path, is_fresh, read_model
-        from clock_deploy.measure.backends import parse_backend
-        from clock_deploy.export.exporter import Exporter
-        from clock_deploy.export.parity import ParityError
-
         checkpoint = self.checkpoint("distill")
         int8 = os.path.join(self.export_dir, "last.int8.onnx")
         if is_fresh(int8, [checkpoint, self.cfg.calib], batch=1) and "export" not in self.force:
@@ -172,9 +170,6 @@ class Pipeline:
 
     def bench_inputs(self, cfg_data):
         """What the bench's numbers depend on: its settings and the sha256 of every file it reads."""
-        from clock_deploy.data.synthetic import MARKER
-        from clock_deploy.io import file_sha256
-
         files = [self.checkpoint(n) for n in ("teacher", "student", "distill")] + [self.cfg.calib]
         files += [os.path.join(cfg_data.root, "ImageSets", f"{cfg_data.val_split}.txt"),
                   os.path.join(cfg_data.root, MARKER)]
@@ -184,9 +179,6 @@ class Pipeline:
         return {"settings": settings, "files": {f: file_sha256(f) for f in files if os.path.isfile(f)}}
 
     def bench(self, cfg_data):
-        from clock_deploy.measure.report import print_report, read_reports
-        from clock_deploy.measure.runner import BenchResult, run_bench
-
         stamp = os.path.join(self.bench_dir, "inputs.json")
         inputs = self.bench_inputs(cfg_data)
         if "bench" not in self.force and os.path.exists(stamp) and read_json(stamp) == inputs:

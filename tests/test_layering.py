@@ -8,7 +8,7 @@ import clock_deploy
 
 PACKAGE = os.path.dirname(clock_deploy.__file__)
 # the reasons an import may wait until a function runs (docs/DESIGN.md, "Layering")
-LAZY_REASONS = ("torch-free", "start-up", "optional")
+LAZY_REASONS = ("torch-free", "start-up", "optional", "memory")
 
 
 def _import_nodes(path, top_level_only):

@@ -2,10 +2,13 @@
 export/tensorrt.py and export/calibration.py."""
 import click
 
+from clock_deploy.artifact import read_metadata
 from clock_deploy.config import SAMPLING_MODES
 from clock_deploy.errors import UserError
+from clock_deploy.export.calibration import choose_calibration_set, write_manifest
 from clock_deploy.export.exporter import Exporter
 from clock_deploy.export.formats import applies_text, help_table, precision_from_flags
+from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
 from clock_deploy.lock import output_lock
 from clock_deploy.naming import CLI
 from clock_deploy.nvidia import BUILDERS
@@ -98,8 +101,6 @@ def export(ckpt, onnx_flag, trt, builder, fp16, int8, calib, calib_root, calib_i
 @click.option("--seed", default=0, show_default=True)
 def calibrate(root, split, num, out, seed):
     """Choose INT8 calibration images stratified by class and box size; write their manifest."""
-    from clock_deploy.export.calibration import choose_calibration_set, write_manifest
-
     manifest = choose_calibration_set(root, split, num, seed)
     write_manifest(out, manifest)
     click.echo(f"wrote {out}: {manifest['num_selected']} of {split} images, seed {seed}")
@@ -127,9 +128,6 @@ def engine(onnx_path, precision, engine_path, workspace_gb, dla_core, timing_cac
     Needs no torch and no checkpoint: copy the .onnx (with its .onnx.json, or alone: the export embeds the
     same metadata in it) to the Jetson and run this there.
     """
-    from clock_deploy.artifact import read_metadata
-    from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
-
     path = engine_from_onnx(onnx_path, precision, engine_path, workspace_gb=workspace_gb, dla_core=dla_core,
                             timing_cache=timing_cache, batch=batch, builder=builder)
     click.echo(describe_build(path, read_metadata(path, verify=False)["tensorrt"]))

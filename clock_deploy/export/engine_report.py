@@ -17,6 +17,10 @@ other FP32 layer is listed as unexplained.
 import json
 import re
 
+import onnx
+
+from clock_deploy.export.precision import FP16_KEEP_FP32_OPS
+
 LAYER_LISTING_HEADER = "Layers:"
 PRECISION_ORDER = ("int8", "fp16", "fp32", "other")
 MAX_LISTED = 40  # FP32 layers listed by name in the sidecar
@@ -100,8 +104,6 @@ def kept_float_reason(onnx_nodes, op_types, keep_ops):
 
 def _onnx_op_types(onnx_path):
     """{node name: op type} of the ONNX the engine was built from ('Cast->float' for casts to float32)."""
-    import onnx
-
     types = {}
     for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
         to_float = node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT
@@ -121,7 +123,7 @@ def summarize(layers, source, onnx_path=None, keep_ops=None):
     if counts["int8"] + counts["fp16"] == 0:
         return report
     if keep_ops is None:
-        from clock_deploy.export.precision import FP16_KEEP_FP32_OPS as keep_ops
+        keep_ops = FP16_KEEP_FP32_OPS
     op_types = _onnx_op_types(onnx_path) if onnx_path else {}
     fp32 = []
     for layer in layers:

@@ -10,19 +10,34 @@ import os
 
 import numpy as np
 
+from clock_deploy.artifact import batch_spec, build_metadata, embed_metadata, input_spec, read_metadata, write_metadata
+from clock_deploy.checkpoint import load_model
+from clock_deploy.data.dataset import build_dataset
+from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.errors import UserError
+from clock_deploy.eval.loop import evaluate_detector
 from clock_deploy.eval.units import ap_text
+from clock_deploy.export.calibration import manifest_images, read_manifest
 from clock_deploy.export.formats import check_options
-from clock_deploy.io import plain_file_name, write_json
+from clock_deploy.export.onnx import export_onnx
+from clock_deploy.export.parity import (check_parity, judge_map, map_difference, parity_report, run_onnx, run_torch,
+                                        verdict)
+from clock_deploy.export.precision import convert_fp16, int8_sensitivity, quantize_int8
+from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
+from clock_deploy.io import file_sha256, plain_file_name, write_json
+from clock_deploy.models.deform_attn import model_sampling, set_sampling
+from clock_deploy.models.deploy import ExportWrapper
 from clock_deploy.naming import API, option
+from clock_deploy.nvidia import import_tensorrt
+from clock_deploy.runtime import Detector
+from clock_deploy.runtime.backend_onnx import OnnxBackend
+from clock_deploy.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
 
 def _val_dataset(cfg):
     """The validation split of the checkpoint's data config, or None when the data is not here."""
-    from clock_deploy.data.dataset import build_dataset
-
     if not os.path.isdir(cfg.data.root):
         return None
     try:
@@ -40,8 +55,6 @@ def map_image_count(dataset, map_images):
 
 def _parity_images(dataset, count, input_spec, seed=0):
     """(batch, source): the first `count` validation images, or random pixels when there is no data."""
-    from clock_deploy.runtime.preprocess import preprocess
-
     if dataset is not None and len(dataset) >= count:
         return preprocess([dataset.image_path(i) for i in range(count)], input_spec)[0], "validation"
     rng = np.random.default_rng(seed)
@@ -61,12 +74,6 @@ class Exporter:
         sampling in the graph; batch: N or (MIN, OPT, MAX) (artifact.batch_spec: None = 1..8 when
         export.dynamic_batch, else 1); exclude_nodes: nodes kept in float besides export.exclude_nodes;
         via: how the caller's options are named in messages (naming.CLI / CONFIG / API)."""
-        from clock_deploy.artifact import batch_spec, input_spec
-        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from clock_deploy.checkpoint import load_model
-        from clock_deploy.io import file_sha256
-        from clock_deploy.models.deform_attn import set_sampling
-
         self.ckpt_path = os.fspath(ckpt_path)
         self.via = via
         self.model, self.cfg, self.ckpt = load_model(self.ckpt_path)
@@ -103,10 +110,6 @@ class Exporter:
         return os.path.join(self.out_dir, f"{self.name}{suffix}")
 
     def metadata(self, kind, precision, calibration=None, **extra):
-        from clock_deploy.artifact import build_metadata
-        from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from clock_deploy.models.deform_attn import model_sampling
-
         height, width = self.cfg.data.img_size
         return build_metadata(kind=kind, arch=self.cfg.model.arch, classes=self.ckpt["classes"], height=height,
                               width=width, mean=IMAGENET_MEAN, std=IMAGENET_STD, precision=precision,
@@ -116,13 +119,6 @@ class Exporter:
 
     def check(self, path, meta, parity_images, map_images):
         """Parity of ONNX `path` (metadata `meta`) against the PyTorch model (+ mAP difference on validation images)."""
-        from clock_deploy.eval.loop import evaluate_detector
-        from clock_deploy.export.parity import (check_parity, judge_map, map_difference, parity_report, run_onnx,
-                                                run_torch)
-        from clock_deploy.models.deploy import ExportWrapper
-        from clock_deploy.runtime import Detector
-        from clock_deploy.runtime.backend_onnx import OnnxBackend
-
         height, width = self.cfg.data.img_size
         wrapper = ExportWrapper(self.model, self.cfg.export.topk, (height, width)).eval()
         count = self.batch["max"] if not self.batch["dynamic"] else parity_images
@@ -153,16 +149,12 @@ class Exporter:
         """Write the FP32 ONNX and, for precision "fp16" / "int8" (default export.precision), the ONNX of
         that precision, each checked against PyTorch; trt: also its engine, built by `builder`
         ("tensorrt" | "tensorrt-rtx", default the first installed). Returns {kind: path} so far."""
-        from clock_deploy.export.onnx import export_onnx
-
         if parity_images < 1:
             raise UserError(f"parity_images must be at least 1, got {parity_images}")
         exp = self.cfg.export
         precision = precision or exp.precision
         # missing TensorRT or calibration data is reported before the minutes of exporting
         if trt:
-            from clock_deploy.models.deform_attn import model_sampling
-            from clock_deploy.nvidia import import_tensorrt
             import_tensorrt(builder)
             if model_sampling(self.model) == "grid_sample":
                 log.info("note: deformable attention samples with GridSample, which TensorRT has been reported "
@@ -185,12 +177,10 @@ class Exporter:
             self.sensitivity(fp32, images, sensitivity_images)
         artifact = fp32
         if precision == "fp16":
-            from clock_deploy.export.precision import convert_fp16
             artifact = self.path(".fp16.onnx")
             info = convert_fp16(fp32, artifact)
             self.finish(artifact, self.metadata("onnx", "fp16", fp16=info), parity_images, map_images)
         elif precision == "int8":
-            from clock_deploy.export.precision import quantize_int8
             artifact = self.path(".int8.onnx")
             paths, calibration = images
             info = quantize_int8(fp32, artifact, paths, self.input_spec, batch=1 if dynamic else self.batch["max"],
@@ -208,17 +198,12 @@ class Exporter:
 
     def finish(self, path, meta, parity_images, map_images):
         """Check parity, then write the sidecar that makes the artifact loadable (and embed it in the ONNX)."""
-        from clock_deploy.artifact import embed_metadata, write_metadata
-
         meta["parity"] = self.check(path, meta, parity_images, map_images)
         embed_metadata(path, meta)
         write_metadata(path, meta)
         self.summary[meta["precision"]] = path
 
     def calibration_images(self, manifest, root, limit):
-        from clock_deploy.export.calibration import manifest_images, read_manifest
-        from clock_deploy.io import file_sha256
-
         if not manifest:
             setting = option("calib", "calibration/<name>.json", self.via)
             raise UserError(f"INT8 needs a calibration manifest: {setting} (make one with `clock-deploy calibrate`)")
@@ -227,8 +212,6 @@ class Exporter:
                        "dataset_root": root or read_manifest(manifest)["dataset_root"]}
 
     def sensitivity(self, fp32, images, num_images, top=10):
-        from clock_deploy.export.precision import int8_sensitivity
-
         paths, calibration = images
         result = int8_sensitivity(fp32, paths, self.input_spec, num_images=num_images,
                                   nodes_to_exclude=list(self.cfg.export.exclude_nodes), top=top)
@@ -246,9 +229,6 @@ class Exporter:
         self.summary["sensitivity"] = path
 
     def engine(self, onnx_path, precision, timing_cache, builder=None):
-        from clock_deploy.artifact import read_metadata
-        from clock_deploy.export.tensorrt import describe_build, engine_from_onnx
-
         exp = self.cfg.export
         engine = engine_from_onnx(onnx_path, precision, self.path(f".{precision}.engine"),
                                   workspace_gb=exp.workspace_gb, dla_core=exp.dla_core, builder=builder,
@@ -258,8 +238,6 @@ class Exporter:
 
 def _describe(path, report):
     """One parity line: slot-by-slot numbers, matched detections, mAP, and the verdict with its gate."""
-    from clock_deploy.export.parity import verdict
-
     text = (f"{os.path.basename(path)}: {report['precision']} vs PyTorch on {report['images']} "
             f"{report['image_source']} images: scores max abs {report['scores_max_abs']:.2g}, "
             f"boxes max abs {report['boxes_max_abs']:.2g} px, "

@@ -19,6 +19,7 @@ import torch
 
 from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
 from clock_deploy.errors import one_line
+from clock_deploy.export.parity import compare, run_onnx
 from clock_deploy.io import atomic_path
 from clock_deploy.models.deploy import ExportWrapper
 
@@ -49,9 +50,8 @@ def _trace(wrapper, path, batch, height, width, opset, dynamic):
 
 def _simplify(model_proto, batch, height, width, tol=1e-5):
     """(onnxslim-simplified copy, None), or (None, reason) when it fails or changes the outputs."""
-    import onnxslim
+    import onnxslim  # start-up: half a second to import, and only export.simplify needs it
 
-    from clock_deploy.export.parity import compare, run_onnx
     try:
         slim = onnxslim.slim(model_proto)
         onnx.checker.check_model(slim)

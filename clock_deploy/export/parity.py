@@ -46,6 +46,8 @@ difference is reported without a verdict (INT8 then has none, and the line says 
 """
 import numpy as np
 import onnx
+import onnxruntime as ort
+import torch
 from onnx import helper
 
 from clock_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
@@ -110,8 +112,6 @@ def with_parity_outputs(model):
 
 def run_onnx(model, images):
     """Contract + raw outputs of an ONNX model (path or ModelProto) on onnxruntime CPU, as a dict."""
-    import onnxruntime as ort
-
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(model)
     options = ort.SessionOptions()
@@ -124,8 +124,6 @@ def run_onnx(model, images):
 
 def run_torch(wrapper, images):
     """The same dict from a PyTorch ExportWrapper (raw scores / indices follow PostProcess's convention)."""
-    import torch
-
     with torch.no_grad():
         out = wrapper.model(torch.from_numpy(np.ascontiguousarray(images)))
         scores, labels, boxes = wrapper.postprocess(out.pred_logits, out.pred_boxes, wrapper.image_hw)

@@ -30,10 +30,14 @@ import os
 import tempfile
 
 import onnx
-from onnxruntime.quantization import CalibrationDataReader
+from onnx import version_converter
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from clock_deploy.artifact import INPUT_NAME
 from clock_deploy.errors import UserError
+from clock_deploy.export.parity import compare, run_onnx
 from clock_deploy.io import atomic_path
 from clock_deploy.runtime.preprocess import preprocess
 
@@ -52,8 +56,6 @@ INT8_OPTIONS = {
 def to_fp16(model, keep_fp32_ops=FP16_KEEP_FP32_OPS):
     """FP16 copy of `model`: the one FP16 rule of the FP16 export and of the INT8 export's remainder.
     Graph inputs / outputs stay float32, and so do onnxruntime's default blocked ops and `keep_fp32_ops`."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
     fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     sort_nodes(fp16.graph)  # the converter appends its input casts at the end
@@ -129,7 +131,6 @@ class ImageReader(CalibrationDataReader):
 
 
 def _supports_calibration_cache():
-    from onnxruntime.quantization import quantize_static
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
@@ -158,8 +159,6 @@ def preprocess_for_quantization(src, dst):
     Symbolic shape inference gives the most shapes but rejects some traced reshapes
     (unsimplified graphs); ONNX's own shape inference is used then.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     with onnxruntime_logs_at_debug():
         try:
             quant_pre_process(os.fspath(src), os.fspath(dst))
@@ -168,7 +167,6 @@ def preprocess_for_quantization(src, dst):
 
 
 def _quantize(src, dst, reader, nodes_to_exclude=(), nodes_to_quantize=None, cache=None):
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     # ranges computed once are reused where onnxruntime can (>= 1.26); older versions recalibrate
     kwargs = {"calibration_cache_path": cache} if cache and _supports_calibration_cache() else {}
@@ -287,8 +285,6 @@ def fp16_remainder(model, keep_fp32_ops=FP16_KEEP_FP32_OPS):
 
     Q/DQ take float16 scales from opset 19 on, so the model is raised to opset 19 first.
     """
-    from onnx import version_converter
-
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 19:
         model = version_converter.convert_version(model, 19)
@@ -311,8 +307,6 @@ def int8_sensitivity(src, image_paths, input_spec, num_images=4, nodes_to_exclud
     The fully quantized model's error is given too, for scale.
     Returns {"images", "full": {...}, "nodes": [{"node", "op_type", "error", ...}, ...], "top": [names]}.
     """
-    from clock_deploy.export.parity import compare, run_onnx
-
     height, width = input_spec["height"], input_spec["width"]
     images = preprocess(image_paths[:num_images], input_spec)[0]
 

@@ -19,12 +19,13 @@ cache calls are no-ops). Precision comes from the ONNX wherever possible:
 """
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from clock_deploy.artifact import INPUT_NAME, build_metadata, read_metadata, write_metadata
+from clock_deploy.artifact import INPUT_NAME, build_metadata, engine_batch, read_metadata, write_metadata
 from clock_deploy.errors import UserError
-from clock_deploy.export.engine_report import LAYER_LISTING_HEADER
+from clock_deploy.export.engine_report import LAYER_LISTING_HEADER, describe, layer_precisions
 from clock_deploy.io import atomic_path
 from clock_deploy.nvidia import DISPLAY_NAMES, TensorRTUnavailable, import_cudart, import_tensorrt
 
@@ -160,9 +161,7 @@ def build_engine(onnx_path, engine_path, *, onnx_precision, precision, height, w
     trt: the builder module (tests pass a stand-in); else imported from `builder`
     ("tensorrt" | "tensorrt-rtx", default the first installed).
     """
-    import time
 
-    from clock_deploy.export.engine_report import layer_precisions
 
     trt = trt or import_tensorrt(builder)
     name = builder_name(trt)
@@ -248,8 +247,6 @@ def engine_from_onnx(onnx_path: Union[str, os.PathLike], precision: Optional[str
     batch: "MIN,OPT,MAX" or a number overriding the ONNX's profile (metadata.engine_batch).
     builder: "tensorrt" | "tensorrt-rtx" (default the first installed). Returns the engine path.
     """
-    from clock_deploy.artifact import engine_batch
-
     onnx_path = os.fspath(onnx_path)
     onnx_meta = read_metadata(onnx_path)
     onnx_precision = onnx_meta["precision"]
@@ -275,8 +272,6 @@ def engine_from_onnx(onnx_path: Union[str, os.PathLike], precision: Optional[str
 
 def describe_build(engine_path, build):
     """One line for the console: what was built, by which builder, where, how long, in which precisions."""
-    from clock_deploy.export.engine_report import describe
-
     lo, opt, hi = (shape[0] for shape in build["profile"])
     name = DISPLAY_NAMES.get(build.get("builder"), "TensorRT")
     return (f"wrote {engine_path} ({name} {build['version']} on {build['device']}, "

@@ -3,7 +3,10 @@ export can be reused, and exporting the missing ones."""
 import os
 from dataclasses import dataclass
 
+from clock_deploy.artifact import read_metadata, sidecar_path
+from clock_deploy.checkpoint import checkpoint_config, read_checkpoint
 from clock_deploy.errors import UserError, one_line
+from clock_deploy.export.exporter import Exporter
 
 
 @dataclass
@@ -22,7 +25,6 @@ NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def read_model(name, path):
-    from clock_deploy.checkpoint import checkpoint_config, read_checkpoint
 
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
@@ -47,8 +49,6 @@ def artifact_path(artifacts_dir, model, backend):
 def is_fresh(path, inputs, batch):
     """An exported artifact can be reused: it and its sidecar exist, it is newer than every input
     file, and it was exported for this batch size."""
-    from clock_deploy.artifact import read_metadata, sidecar_path
-
     if not (os.path.isfile(path) and os.path.isfile(sidecar_path(path))):
         return False
     if any(os.path.getmtime(p) > os.path.getmtime(path) for p in inputs if p):
@@ -75,8 +75,6 @@ def export_artifacts(model, backends, artifacts_dir, calib, batch):
 def _export_folder(model, backends, folder, calib, batch):
     """One Exporter.run per precision: it writes the FP32 ONNX, the FP16 / INT8 ONNX made from
     it and, when a TensorRT backend of that precision is asked for, its engine."""
-    from clock_deploy.export.exporter import Exporter
-
     try:
         # a folder holds GPU or one DLA core's engines
         exporter = Exporter(model.checkpoint, folder, model.name, batch=batch,

@@ -3,6 +3,8 @@ import importlib.util
 import re
 from dataclasses import dataclass
 
+import onnxruntime
+
 from clock_deploy.errors import UserError
 from clock_deploy.naming import API, CONFIG, option
 from clock_deploy.nvidia import BUILDERS, INSTALL_HINT
@@ -44,6 +46,7 @@ def parse_backend(name):
 
 def unavailable_reason(backend, profile, calib=None, via=API):
     """Why `backend` cannot run on `profile`'s device, or None when it can (options named as `via` gives them)."""
+
     def device(*kinds):
         return " or ".join(option("device", k, via) for k in kinds)
 
@@ -54,7 +57,6 @@ def unavailable_reason(backend, profile, calib=None, via=API):
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime not installed (pip install onnxruntime)"
         if profile.kind != "cpu":
-            import onnxruntime
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                 return ("CUDA EP not available in onnxruntime (install onnxruntime-gpu: pip install "
                         "clock-deploy[gpu], in a separate environment)")

@@ -3,6 +3,8 @@ import click
 
 from clock_deploy.measure.backends import DEFAULT_BACKENDS
 from clock_deploy.measure.devices import DEVICES
+from clock_deploy.measure.report import print_report
+from clock_deploy.measure.runner import run_bench
 from clock_deploy.naming import CLI
 
 
@@ -37,9 +39,6 @@ def comma_list(text):
 def bench(device, models, names, backends, data_root, split, calib, out_dir, warmup, runs, batch, threads,
           max_images, in_process):
     """Benchmark models x backends: latency percentiles, memory, size, COCO mAP and KITTI AP."""
-    from clock_deploy.measure.report import print_report
-    from clock_deploy.measure.runner import run_bench
-
     result = run_bench(comma_list(models), comma_list(backends), device=device, data_root=data_root, split=split,
                        out_dir=out_dir, names=comma_list(names) or None, calib=calib, warmup=warmup, runs=runs,
                        batch=batch, threads=threads, max_images=max_images, isolate=not in_process, via=CLI)

@@ -40,7 +40,7 @@ def run_command(args, timeout=10):
 
 def torch_cuda_device():
     """Name / memory / compute capability of the first CUDA device PyTorch sees, or None."""
-    import torch
+    import torch  # memory: torch only where a torch row or a CUDA query needs it
 
     if not torch.cuda.is_available():
         return None
@@ -403,6 +403,6 @@ def detect(kind, threads=None, system=None, via=API):
 
 def apply_threads(threads):
     """Pin torch's intra-op threads (onnxruntime gets the same number through its session options)."""
-    import torch
+    import torch  # memory: torch only where a torch row or a CUDA query needs it
 
     torch.set_num_threads(threads)

@@ -6,16 +6,23 @@ readers of data/annotations.py and scored with eval/loop.py, so an onnxruntime /
 does not carry torch's memory; the evaluation code (numba, COCO eval) is imported only after the
 memory reading.
 """
+import ctypes
 import dataclasses
 import json
 import os
+import resource
+import signal
 import sys
 
-from clock_deploy.measure.devices import load_during, load_sample
-from clock_deploy.measure.latency import Progress, measure
+from clock_deploy.artifact import read_metadata
+from clock_deploy.data.annotations import open_split
 from clock_deploy.errors import UserError
 from clock_deploy.io import write_json
+from clock_deploy.measure.devices import apply_threads, load_during, load_sample
+from clock_deploy.measure.latency import Progress, measure
 from clock_deploy.nvidia import TensorRTUnavailable, import_cudart
+from clock_deploy.runtime import Detector
+from clock_deploy.runtime.preprocess import load_image, preprocess
 
 
 def cuda_free_bytes():
@@ -23,7 +30,7 @@ def cuda_free_bytes():
     try:
         cudart = import_cudart()
     except TensorRTUnavailable:
-        import torch
+        import torch  # memory: torch only in the process that measures a torch row
         return torch.cuda.mem_get_info()[0]
     err, free, _ = cudart.cudaMemGetInfo()
     if err != cudart.cudaError_t.cudaSuccess:
@@ -37,14 +44,14 @@ class GpuMemory:
     def __init__(self, runtime):
         self.runtime = runtime
         if runtime == "torch":
-            import torch
+            import torch  # memory: torch only in the process that measures a torch row
             torch.cuda.reset_peak_memory_stats()
         else:  # the first CUDA call creates the context, so the baseline excludes it
             self.free_before = cuda_free_bytes()
 
     def used_mb(self):
         if self.runtime == "torch":
-            import torch
+            import torch  # memory: torch only in the process that measures a torch row
             return torch.cuda.max_memory_allocated() / 2**20
         return (self.free_before - cuda_free_bytes()) / 2**20
 
@@ -62,7 +69,6 @@ def peak_rss_mb():
                     return int(line.split()[1]) / 2**10  # kB
     except OSError:
         pass
-    import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
@@ -70,15 +76,12 @@ def peak_rss_mb():
 
 def load_detector(artifact, runtime, device, threads):
     """A runtime Detector that keeps every detection (score threshold 0, as mAP needs)."""
-    from clock_deploy.runtime import Detector
 
     if runtime == "torch":
-        from clock_deploy.measure.devices import apply_threads
         apply_threads(threads)
         return Detector.load(artifact, backend="torch", device=device, score_threshold=0.0)
     if runtime == "onnxruntime":  # built here to pass the thread count to the session
-        from clock_deploy.artifact import read_metadata
-        from clock_deploy.runtime.backend_onnx import OnnxBackend
+        from clock_deploy.runtime.backend_onnx import OnnxBackend  # memory: onnxruntime only for an onnx row
         meta = read_metadata(artifact)
         # on a GPU the onnx rows are the CUDA EP: TensorRT is measured natively by the trt-* backends
         providers = None if device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -96,8 +99,6 @@ def run_job(job, report=None):
     report: called with a short text ('warm-up 3/10', 'timed 40/100', 'accuracy on 200 images') as
     the measurement goes on, at most every second within a phase."""
     report = report or (lambda text: None)
-    from clock_deploy.data.annotations import open_split
-    from clock_deploy.runtime.preprocess import load_image, preprocess
 
     gpu = job["device"] != "cpu"
     memory = GpuMemory(job["runtime"]) if gpu else None
@@ -116,7 +117,8 @@ def run_job(job, report=None):
                     cuda_events=gpu and job["runtime"] == "torch", progress=Progress(report))
     result = {"latency": dataclasses.asdict(stats), "peak_rss_mb": peak_rss_mb(),
               "gpu_mem_mb": memory.used_mb() if memory else None, "load": load_during(before, load_sample())}
-    from clock_deploy.eval.loop import evaluate_detector  # numba, COCO eval: after the memory reading
+    # memory: the evaluation code (numba, COCO eval) only after the memory reading
+    from clock_deploy.eval.loop import evaluate_detector
 
     report(f"accuracy on {count} images")
     result["metrics"] = evaluate_detector(detector, split, limit=count, batch=job["batch"],
@@ -131,8 +133,6 @@ def _die_with_parent():
     parent = os.environ.get("CLOCK_DEPLOY_BENCH_PARENT")
     if not sys.platform.startswith("linux") or parent is None:
         return
-    import ctypes
-    import signal
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -61,7 +61,7 @@ class Progress:
 
 
 def _cuda_event_times(fn, runs, progress):
-    import torch
+    import torch  # memory: torch only in the process that measures a torch row
 
     times = []
     for i in range(runs):

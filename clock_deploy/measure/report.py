@@ -17,8 +17,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from clock_deploy.errors import UserError
 from clock_deploy.eval.units import ap_text
 from clock_deploy.io import atomic_path, read_json, write_text
+from clock_deploy.measure.devices import DeviceProfile
 
 
 @dataclass
@@ -301,8 +308,10 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
     Colour = model, marker = backend, keyed by a legend outside the axes: points of one model
     cluster (torch / onnx often within a few percent), where text labels would overlap.
     """
+    # start-up: matplotlib takes over a second to import, and only the plot needs it
     import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
+    matplotlib.use("Agg")  # files only, no display needed (before pyplot is imported)
+    # start-up: as matplotlib above
     from matplotlib import pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -352,9 +361,6 @@ def write_pareto_png(path, rows, title="latency vs accuracy"):
 
 def rich_table(rows, title=None):
     """The summary table (README layout) for the terminal; bench.md / bench.csv have every column."""
-    from rich.table import Table
-    from rich.text import Text
-
     table = Table(title=Text(title) if title else None)
     columns = summary_columns(rows)
     for key, header, _ in columns:
@@ -366,9 +372,6 @@ def rich_table(rows, title=None):
 
 def print_report(rows, not_run, profile, console=None):
     """The results table, device warnings and the not-run list in the terminal."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
     console = console or Console()
     table = rich_table(rows, title=f"bench on {profile.kind}: {profile.name} ({profile.threads} threads)")
     # numbers cut to "1…" are useless: a table wider than the terminal wraps instead
@@ -407,9 +410,6 @@ def write_reports(out_dir, rows, not_run, profile, settings):
 def read_reports(out_dir):
     """(rows, not_run, profile, settings, files) of the reports write_reports left in out_dir, as
     BenchResult takes them; files is {} when they are missing or unreadable (written by another version)."""
-    from clock_deploy.measure.devices import DeviceProfile
-    from clock_deploy.errors import UserError
-
     paths = {kind: os.path.join(out_dir, name) for kind, name in REPORT_FILES.items()}
     paths = {kind: path for kind, path in paths.items() if os.path.exists(path)}
     try:

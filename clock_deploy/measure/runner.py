@@ -16,15 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from tqdm import tqdm
+
+from clock_deploy.artifact import read_metadata
+from clock_deploy.errors import UserError, one_line
+from clock_deploy.io import check_inside, remove_stale_folders
+from clock_deploy.lock import output_lock
 from clock_deploy.measure.artifacts import artifact_path, export_artifacts, read_model
 from clock_deploy.measure.backends import DEFAULT_BACKENDS, parse_backend, unavailable_reason
 from clock_deploy.measure.devices import detect
 from clock_deploy.measure.isolation import WORK_DIR_PREFIX, run_isolated
 from clock_deploy.measure.job import run_job
 from clock_deploy.measure.report import BenchRow, NotRun, write_reports
-from clock_deploy.errors import UserError, one_line
-from clock_deploy.io import check_inside, remove_stale_folders
-from clock_deploy.lock import output_lock
 from clock_deploy.naming import API
 
 
@@ -43,8 +46,6 @@ def make_row(model, backend, artifact, size_mb, result):
 
 def engine_layers(engine):
     """'int8/fp16/fp32' layer counts of a TensorRT engine from its sidecar, or None when not recorded."""
-    from clock_deploy.artifact import read_metadata
-
     try:
         layers = read_metadata(engine, verify=False)["tensorrt"]["layers"]
         return "/".join(str(layers[p]) for p in ("int8", "fp16", "fp32"))
@@ -104,7 +105,6 @@ def run_bench(models: Sequence[str], backends: Sequence[str] = DEFAULT_BACKENDS,
 
 def _run_bench(models, backends, device, data_root, split, out_dir, names, calib, warmup, runs, batch, threads,
                max_images, isolate, progress, system, via, failed_exports):
-    from tqdm import tqdm
 
     backends = list(dict.fromkeys(parse_backend(b) for b in backends))
     profile = detect(device, threads, system, via)
