@@ -65,8 +65,8 @@ def test_same_queries_and_weights_at_one_and_two_threads(tmp_path, synthetic_dat
     weight difference measured 2.0e-6 on a 2-core AMD EPYC VM, AVX512 kernels). So the assertion is:
     where the baseline's weights are bit-identical across thread counts, the distilled run's are too;
     where they are not, the distilled run's largest difference stays within 10x the baseline's, i.e.
-    float rounding (measured 4.2e-6 for CLoCK), not different queries (the old float-seeded stream
-    gave 2.8e-4, 140x).
+    float rounding (measured 3.4e-6 for CLoCK), not different queries (the old float-seeded stream
+    gave 2.8e-4 at commit f1a6184, 140x the baseline's).
     """
     runs = {(m, t): train_three_steps(synthetic_data, tmp_path / f"{m}{t}", make_train_config, m, t)
             for m in ("none", method) for t in (1, 2)}

@@ -12,6 +12,9 @@ answers can be compared slot by slot:
   anchor   the box; DAB-DETR / DINO use it as their 4-D anchor, Deformable DETR takes its
            centre as the reference point and the sine embedding of the whole box (centre
            and size) as the positional query.
+
+`QuerySpec.segments` splits a spec into blocks that do not attend to each other (each noisy
+repeat of the GT set, the general queries); it becomes `QueryGroup.segments`.
 """
 from dataclasses import dataclass
 from typing import Optional
