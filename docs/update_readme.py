@@ -5,7 +5,7 @@
 
 The demo table is the Results table of docs/demo/bench.md (the bench report of `clock-deploy pipeline --cfg
 configs/demo/pipeline.yaml`, copied from runs/demo/bench/); the gains table is read from the distillation
-study's report.
+study's report; the export table is clock_deploy/export/formats.py's, which `clock-deploy export` checks.
 """
 import argparse
 import os
@@ -74,13 +74,31 @@ def gains_table():
                         "[studies/results/distill_ab.md](studies/results/distill_ab.md)."]
 
 
+def export_table():
+    """clock_deploy.export.formats.FORMATS, the table `clock-deploy export` checks its flags against."""
+    from clock_deploy.export.formats import FORMATS, OPTIONS
+    from clock_deploy.naming import CLI, option
+
+    flags = {"fp32": "", "fp16": "--fp16", "int8": "--int8 --calib MANIFEST"}
+    lines = ["| precision | writes | flags | needs besides the checkpoint |", "|---|---|---|---|"]
+    for f in FORMATS:
+        flag = " ".join(x for x in (flags[f.precision], f"--trt --builder {f.builder}" if f.builder else "") if x)
+        lines.append(f"| {f.precision} | {f.files} | `{flag or '(none)'}` | {', '.join(f.needs) or '-'} |")
+    scoped = sorted({(scope.text, key) for key, scope in OPTIONS.items()})
+    by_scope = {}
+    for text, key in scoped:
+        by_scope.setdefault(text, []).append(f"`{option(key, via=CLI)}`")
+    return lines + ["", "Options that only some exports take (any other combination is refused before any work): "
+                    + "; ".join(f"{', '.join(keys)}: {text}" for text, keys in by_scope.items()) + "."]
+
+
 def _interval(ci, scale=1.0):
     """'[0.0585, 0.0768]' -> '[+5.9, +7.7]' with scale 100 (fractions to points)."""
     low, high = (scale * float(v) for v in ci.strip("[]").split(","))
     return f"[{low:+.1f}, {high:+.1f}]"
 
 
-TABLES = {"demo-table": demo_table, "gains-table": gains_table}
+TABLES = {"demo-table": demo_table, "gains-table": gains_table, "export-table": export_table}
 
 
 def updated(readme):

@@ -46,7 +46,8 @@ CODE = ("models", "data", "training", "eval")  # what every run's result depends
 METRICS = ("mAP", "AP50", "AP75", "kitti_easy", "kitti_moderate", "kitti_hard")
 PASS_RULE = ("Pass rule (written before the runs): for at least two families CLoCK - baseline and CLoCK - "
              "gt_denoise both have a 95% CI lower bound above 0, and CLoCK's mean gain over the baseline is at "
-             "least KD-DETR's in every family. Reported whichever way it goes, with DINO read against FGD.")
+             "least KD-DETR's in every family. Reported whichever way it goes, with DINO read against FGD. "
+             "Candidates, seeds and the machine rule: studies/distill_ab_preregistration.md.")
 
 
 # ---------------------------------------------------------------- data and configs

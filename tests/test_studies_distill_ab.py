@@ -107,11 +107,13 @@ def test_a_config_key_added_at_its_default_keeps_every_record_read_and_the_repor
     assert report(args) == before
 
 
-def test_a_variant_this_code_does_not_train_is_listed_not_run(tmp_path):
+def test_a_variant_this_code_does_not_train_is_listed_not_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(distill_ab.VARIANTS, "future", ("distill.yaml", ["distill.method=future"]))
     args = args_for(tmp_path, "--families", "dino")
     write_runs(args, {"dino": {"baseline": [0.2]}})
     text = report(args)
-    assert "Not run: gt_denoise: this code does not train it (" in text  # distill.method=gt_denoise: not yet here
+    assert "Not run: future: this code does not train it (" in text  # distill.method=future: unknown here
+    assert "Not run: gt_denoise" not in text  # the control this code does train
 
 
 def test_a_family_whose_teacher_is_below_its_floor_trains_no_student(tmp_path, monkeypatch):
