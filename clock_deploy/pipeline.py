@@ -211,6 +211,8 @@ class Pipeline:
                      f"({100 * (distilled.mAP - student.mAP):+.1f} points), KITTI moderate "
                      f"{ap_text('kitti', student.kitti_moderate)} -> {ap_text('kitti', distilled.kitti_moderate)} %")
         log.info("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
+        # this run's minutes per stage (a skipped stage takes seconds), for the README's demo time
+        write_json(os.path.join(self.out, "stage_minutes.json"), {k: round(v / 60, 2) for k, v in self.timings.items()})
         log.info(f"reports: {', '.join(result.files.values())}")
 
 

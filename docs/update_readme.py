@@ -8,6 +8,7 @@ configs/demo/pipeline.yaml`, copied from runs/demo/bench/); the gains table is r
 study's report; the export table is clock_deploy/export/formats.py's, which `clock-deploy export` checks.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 DEMO_REPORT = "docs/demo/bench.md"
+DEMO_MINUTES = "docs/demo/stage_minutes.json"  # runs/demo/stage_minutes.json of the same run
 GAINS_REPORT = "studies/archive/distill_ab/report.md"
 FAMILY_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
 # report row -> distiller shown; FGD ran on DINO only, under the study's second teacher (row suffix -t1)
@@ -37,6 +39,14 @@ def _section(text, heading):
 
 def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def demo_time():
+    """The demo's minutes per stage, from the run whose bench report is docs/demo/bench.md."""
+    minutes = json.loads(_read(DEMO_MINUTES))
+    stages = ", ".join(f"{name} {value:.1f}" for name, value in minutes.items())
+    return [f"On the machine of the table below the demo took {sum(minutes.values()):.0f} minutes ({stages}; "
+            f"[{DEMO_MINUTES}]({DEMO_MINUTES})). A loaded machine takes longer, about in proportion to the load."]
 
 
 def demo_table():
@@ -98,7 +108,7 @@ def _interval(ci, scale=1.0):
     return f"[{low:+.1f}, {high:+.1f}]"
 
 
-TABLES = {"demo-table": demo_table, "gains-table": gains_table, "export-table": export_table}
+TABLES = {"demo-time": demo_time, "demo-table": demo_table, "gains-table": gains_table, "export-table": export_table}
 
 
 def updated(readme):

@@ -33,3 +33,14 @@ def test_readme_is_a_guide_not_a_notebook():
     with open(os.path.join(ROOT, "README.md")) as f:
         lines = f.read().splitlines()
     assert len(lines) <= 300
+
+
+def test_the_demo_config_gives_the_readme_demo_time():
+    import json
+    import re
+
+    with open(os.path.join(ROOT, "docs", "demo", "stage_minutes.json")) as f:
+        minutes = round(sum(json.load(f).values()))
+    with open(os.path.join(ROOT, "configs", "demo", "pipeline.yaml")) as f:
+        said = re.search(r"about (\d+) minutes", f.read())
+    assert said and int(said.group(1)) == minutes
