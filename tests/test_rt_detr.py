@@ -372,8 +372,9 @@ def test_points_per_level_must_fit_the_levels(points):
     from clock_deploy.errors import UserError
     from clock_deploy.models.build import build_model
 
-    cfg = ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, num_feature_levels=3,
-                      backbone=BackboneConfig(depth=18, width=8), rt_detr=RtDetrConfig(points_per_level=points))
+    cfg = ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, num_feature_levels=3, num_queries=10,
+                      dec_layers=2, backbone=BackboneConfig(depth=18, width=8),
+                      rt_detr=RtDetrConfig(points_per_level=points))
     with pytest.raises(UserError, match="model.rt_detr.points_per_level must hold one count >= 1 per level"):
         build_model(cfg)
     cfg.rt_detr.points_per_level = [2, 3, 4]
