@@ -1,7 +1,8 @@
 """The project's models against the transformers reference implementations, side by side in one run.
 
 Per architecture (Deformable DETR with box refinement, DAB-DETR) at the published size (ResNet-50,
-hidden 256, 6 + 6 layers, 300 queries, 91 COCO classes) with random weights (transformer and head
+hidden 256, 6 + 6 layers, 300 queries, 91 COCO classes; RT-DETRv2: ResNet-50-vd, hybrid encoder,
+6 decoder layers, 300 queries, 80 classes, transformers' defaults) with random weights (transformer and head
 tensors perturbed, so no head is trivially zero): the transformers model is saved with
 save_pretrained and imported with `clock-deploy import`'s code; then, at each input size, both run
 the same image:
@@ -34,16 +35,32 @@ import torch
 
 from clock_deploy.errors import one_line
 
-ARCHS = ["deformable_detr", "dab_detr"]
+ARCHS = ["deformable_detr", "dab_detr", "rt_detr"]
 HF_CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection",
-              "rt_detr": "RTDetrV2ForObjectDetection"}  # rt_detr: measured by bench_realtime.py
+              "rt_detr": "RTDetrV2ForObjectDetection"}
 
 
 # ---------------------------------------------------------------- models
 
+def hf_rt_detr_config(small):
+    import transformers
+
+    if small:
+        backbone = transformers.RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64],
+                                                   depths=[2, 2, 2, 2], layer_type="basic", out_indices=[2, 3, 4])
+        return transformers.RTDetrV2Config(backbone_config=backbone, encoder_in_channels=[16, 32, 64],
+                                           encoder_hidden_dim=32, d_model=32, decoder_in_channels=[32, 32, 32],
+                                           encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
+                                           decoder_attention_heads=4, decoder_layers=2, num_queries=20, num_labels=3)
+    backbone = transformers.RTDetrResNetConfig(out_indices=[2, 3, 4])  # ResNet-50-vd
+    return transformers.RTDetrV2Config(backbone_config=backbone, num_labels=80)
+
+
 def hf_config(arch, small):
     import transformers
 
+    if arch == "rt_detr":
+        return hf_rt_detr_config(small)
     stages = ["stage4"] if arch == "dab_detr" else ["stage2", "stage3", "stage4"]
     if small:
         backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[2, 2, 2, 2],
@@ -74,8 +91,14 @@ def build_pair(arch, small, folder):
     hf_model = getattr(transformers, HF_CLASSES[arch])(hf_config(arch, small)).eval()
     with torch.no_grad():  # zero-initialized heads would hide differences; the ResNet keeps its init
         for name, tensor in hf_model.state_dict().items():
-            if tensor.is_floating_point() and ".backbone." not in name:
+            # (RT-DETRv2's n_points_scale is a constant 1 / points, derived on import, not a weight)
+            if tensor.is_floating_point() and ".backbone." not in name and not name.endswith("n_points_scale"):
                 tensor.add_(torch.randn_like(tensor) * 0.02)
+        if arch == "rt_detr":  # its BatchNorm scales start at N(0, 0.01): near-equal features tie the top-k
+            for module in hf_model.modules():
+                if "BatchNorm" in type(module).__name__:
+                    module.weight.uniform_(0.5, 1.5)
+                    module.running_var.uniform_(0.5, 1.5)
     hf_dir, ckpt = os.path.join(folder, "hf"), os.path.join(folder, "project.pt")
     hf_model.save_pretrained(hf_dir)
     import_to_checkpoint(hf_dir, ckpt)
@@ -231,7 +254,8 @@ def main():
 
     import transformers
     models = ("tiny models (smoke run)" if args.small
-              else "ResNet-50, hidden 256, 6 + 6 layers, 300 queries, 91 classes")
+              else "Deformable DETR / DAB-DETR: ResNet-50, hidden 256, 6 + 6 layers, 300 queries, 91 classes; "
+              "RT-DETRv2: ResNet-50-vd, hidden 256, 1 AIFI + 6 decoder layers, 300 queries, 80 classes")
     lines = ["# Project models vs transformers\n",
              f"`python {' '.join(sys.argv)}`; {platform.processor() or platform.machine()}, {threads} torch "
              f"threads, torch {torch.__version__}, transformers {transformers.__version__}, load average "

@@ -24,7 +24,7 @@ from clock_deploy.io import write_text
 from clock_deploy.models.build import build_criterion, build_model
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
 
-ARCHS = ["dab_detr", "deformable_detr", "dino"]
+ARCHS = ["dab_detr", "deformable_detr", "dino", "rt_detr"]
 
 
 def step_runner(cfg):

@@ -364,3 +364,22 @@ def test_official_rt_detr_v2_pth_gives_the_reference_outputs(tmp_path, make_hf_r
     _, model = build_imported_model(imported, "v2.pth")
     logits_diff, boxes_diff = max_diffs(hf_model, model, torch.randn(2, 3, 64, 96))
     assert logits_diff <= 1e-4 and boxes_diff <= 1e-4, (logits_diff, boxes_diff)
+
+
+@pytest.mark.parametrize("points", [[4, 4], [4, 0, 4]])
+def test_points_per_level_must_fit_the_levels(points):
+    from clock_deploy.config import BackboneConfig, ModelConfig, RtDetrConfig
+    from clock_deploy.errors import UserError
+    from clock_deploy.models.build import build_model
+
+    cfg = ModelConfig(arch="rt_detr", hidden_dim=32, nheads=2, ffn_dim=64, num_feature_levels=3, num_queries=10,
+                      dec_layers=2, backbone=BackboneConfig(depth=18, width=8),
+                      rt_detr=RtDetrConfig(points_per_level=points))
+    with pytest.raises(UserError, match="model.rt_detr.points_per_level must hold one count >= 1 per level"):
+        build_model(cfg)
+    cfg.rt_detr.points_per_level = [2, 3, 4]
+    model = build_model(cfg).eval()
+    assert model.decoder[0].cross_attn.points_per_level == [2, 3, 4]
+    assert model.decoder[0].cross_attn.sampling_offsets.out_features == 2 * 9 * 2  # heads x points x (x, y)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 96)).pred_logits).all()

@@ -86,9 +86,9 @@ class RTDETR(nn.Module):
                                                 [_proj(d, d, 3, 2) for _ in range(extra)])
         self.strides = list(self.backbone.strides) + [self.backbone.strides[-1] * 2 ** (i + 1) for i in range(extra)]
         points = list(rt.points_per_level) or cfg.n_points
-        if isinstance(points, list) and len(points) != levels:
-            raise UserError(f"model.rt_detr.points_per_level has {len(points)} entries for "
-                            f"model.num_feature_levels={levels}")
+        if isinstance(points, list) and (len(points) != levels or min(points) < 1):
+            raise UserError(f"model.rt_detr.points_per_level must hold one count >= 1 per level "
+                            f"(model.num_feature_levels={levels}), got {points}")
         self.selection = QuerySelection(d, cfg.num_classes, cfg.num_queries)
         self.label_enc = nn.Embedding(cfg.num_classes + 1, d, padding_idx=cfg.num_classes)  # denoising content
         self.query_pos_head = MLP(4, 2 * d, d, 2)
