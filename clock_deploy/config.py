@@ -36,6 +36,7 @@ class ConfigError(UserError, ValueError):
 # Choice lists the code that acts on them imports from here (one source for each list)
 ARCHS = ("dino", "dab_detr", "deformable_detr", "rt_detr")  # model.arch; models/build.py has a class for each
 SAMPLING_MODES = ("grid_sample", "gather")       # model.sampling, export --sampling
+DEFORMABLE_ARCHS = ("dino", "deformable_detr", "rt_detr")  # the families with deformable attention (model.sampling)
 # export.precision: PRECISIONS of clock_deploy.artifact (the runtime reads it without this module)
 
 
@@ -628,10 +629,10 @@ def build(cls, flat):
 
 
 # model keys only one family reads (a prefix ending in "." covers a section) -> the families that read them
-FAMILY_KEYS = {"model.dn.": ("dino",), "model.dab.": ("dab_detr",), "model.box_refine": ("deformable_detr",),
-               "model.two_stage": ("deformable_detr",), "model.proposal_rank": ("deformable_detr",),
-               "model.n_points": ("dino", "deformable_detr"), "model.sampling": ("dino", "deformable_detr"),
-               "model.num_feature_levels": ("dino", "deformable_detr")}
+FAMILY_KEYS = {"model.dn.": ("dino", "rt_detr"), "model.dab.": ("dab_detr",), "model.rt_detr.": ("rt_detr",),
+               "model.box_refine": ("deformable_detr",), "model.two_stage": ("deformable_detr",),
+               "model.proposal_rank": ("deformable_detr",), "model.n_points": DEFORMABLE_ARCHS,
+               "model.sampling": DEFORMABLE_ARCHS, "model.num_feature_levels": DEFORMABLE_ARCHS}
 
 
 def foreign_keys(flat, arch):
@@ -654,7 +655,7 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
         _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
         _check_coarsest_level(cfg, flat.get("data.img_size", (None, "data.img_size"))[1])
         for key, where, families in foreign_keys(flat, cfg.model.arch):
-            log.warning(f"{where}: {key} is read by {' and '.join(families)} models only; this config's "
+            log.warning(f"{where}: {key} is read by {' and '.join(filter(None, [', '.join(families[:-1]), families[-1]]))} models only; this config's "
                         f"model.arch is {cfg.model.arch}, so it is ignored")
     return cfg
 

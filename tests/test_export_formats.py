@@ -47,6 +47,7 @@ def test_options_that_fit_pass_and_api_callers_get_argument_names():
     check_options("int8", True, "tensorrt-rtx", {"calib": "c.json", "exclude_nodes": ["n"], "workspace_gb": 1.0,
                                                  "sampling": "gather", "sensitivity": True}, "dino", via=CLI)
     check_options("fp32", False, None, {"calib": "c.json", "sensitivity": True}, "deformable_detr", via=CLI)
+    check_options("fp16", False, None, {"sampling": "gather"}, "rt_detr", via=CLI)  # RT-DETR's deformable decoder
     with pytest.raises(UserError, match=r"^sampling='gather': this dab_detr"):
         check_options("fp32", False, None, {"sampling": "gather"}, "dab_detr")
     assert option("sampling", "gather", CONFIG) == "model.sampling=gather"
@@ -80,7 +81,7 @@ def test_config_keys_of_another_family_are_named_in_a_warning(tmp_path, caplog):
         cfg = load_config(path, ["model.sampling=gather"])
     warned = [r.getMessage() for r in caplog.records]
     assert cfg.model.arch == "dab_detr" and len(warned) == 2
-    assert warned[0] == (f"{path}:3: model.dn.num_queries is read by dino models only; this config's model.arch "
-                         "is dab_detr, so it is ignored")
-    assert warned[1].startswith("command line 'model.sampling=gather': model.sampling is read by dino and "
-                                "deformable_detr models only")
+    assert warned[0] == (f"{path}:3: model.dn.num_queries is read by dino and rt_detr models only; this config's "
+                         "model.arch is dab_detr, so it is ignored")
+    assert warned[1].startswith("command line 'model.sampling=gather': model.sampling is read by dino, "
+                                "deformable_detr and rt_detr models only")

@@ -9,10 +9,10 @@ cannot work with one line naming the options as the user gave them (naming.optio
 from dataclasses import dataclass
 from typing import Optional
 
+from clock_deploy.config import DEFORMABLE_ARCHS
 from clock_deploy.errors import UserError
 from clock_deploy.naming import API, option
 
-DEFORMABLE_ARCHS = ("dino", "deformable_detr")  # the families with deformable attention (model.sampling)
 
 
 @dataclass(frozen=True)
