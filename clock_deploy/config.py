@@ -655,8 +655,9 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
         _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
         _check_coarsest_level(cfg, flat.get("data.img_size", (None, "data.img_size"))[1])
         for key, where, families in foreign_keys(flat, cfg.model.arch):
-            log.warning(f"{where}: {key} is read by {' and '.join(filter(None, [', '.join(families[:-1]), families[-1]]))} models only; this config's "
-                        f"model.arch is {cfg.model.arch}, so it is ignored")
+            readers = " and ".join(filter(None, [", ".join(families[:-1]), families[-1]]))  # "a, b and c"
+            log.warning(f"{where}: {key} is read by {readers} models only; this config's model.arch is "
+                        f"{cfg.model.arch}, so it is ignored")
     return cfg
 
 
