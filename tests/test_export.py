@@ -180,7 +180,7 @@ def test_int8_verdict_is_the_map_difference():
                                           r"points, 200 validation images\)$"):
         check_parity(bad, "model.int8.onnx")
     few = judge_map({**report, "mAP_diff": -0.05, "map_images": 32})  # 32 images: reported, not judged
-    assert "passed" not in few and "fewer than 50" in few["map_note"]
+    assert "passed" not in few and "fewer than 100" in few["map_note"]
 
 
 def test_parity_flags_entries_dropped_without_a_near_tie():
@@ -262,7 +262,7 @@ def test_cli_export_int8_with_a_calibration_manifest(checkpoint, tmp_path):
     assert calibration["nodes_excluded"] == ["/model/class_embed.1/MatMul"] and calibration["quantized_nodes"] > 0
     parity = meta["parity"]
     assert parity["precision"] == "int8" and "passed" not in parity  # 2 val images: too few to judge the mAP
-    assert parity["map_note"] == "not judged: fewer than 50 validation images"
+    assert parity["map_note"] == "not judged: fewer than 100 validation images"
     assert {"scores_max_abs", "boxes_max_abs", "mAP_diff"} <= set(parity)
     graph = onnx.load(out / "student.int8.onnx").graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 0

@@ -1,9 +1,10 @@
 """Checkpoint -> deployable artifacts, the library side of `clock-deploy export`.
 
 <name>.onnx (FP32, always: the other artifacts are made from it) [-> <name>.fp16.onnx |
-<name>.int8.onnx] [-> <name>.<precision>.engine], each with its <file>.json sidecar. The FP32 and
-FP16 graphs must match PyTorch (parity.py) or the export fails; INT8 is reported with its mAP
-difference.
+<name>.int8.onnx] [-> <name>.<precision>.engine], each with its <file>.json sidecar. Each ONNX must
+pass its accuracy gate against PyTorch (parity.py: FP32 slot by slot, FP16 on matched detections
+and the mAP, INT8 on the mAP of the whole validation split) or the export fails naming the one
+criterion it missed. Which options go with which export: formats.py, checked before any work.
 """
 import logging
 import os

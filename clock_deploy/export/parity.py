@@ -60,7 +60,10 @@ FP16_MIN_MATCHED = 0.9  # fraction of each side's detections that must find a pa
 FP16_BOX_REL = 0.05     # matched boxes: coordinate error / box size at BOX_PERCENTILE
 BOX_PERCENTILE = 95
 MAX_MAP_DROP = 0.005    # 0.5 mAP points (metrics are fractions): FP16 and INT8
-MIN_MAP_IMAGES = 50     # fewer validation images: the mAP difference is reported, not judged
+# fewer validation images: the mAP difference is reported, not judged. On 50-60 images, INT8 variants of
+# one trained model that differ by a few float nodes moved by -0.44..+0.51 points (results/int8_sensitivity.md):
+# the 0.5-point limit is within the noise there
+MIN_MAP_IMAGES = 100
 TAPS = ("parity_scores", "parity_index", "parity_boxes")
 
 
