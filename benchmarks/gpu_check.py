@@ -112,7 +112,8 @@ def report(command, args, rows, families):
     gpu = args.device == "cuda"
     half = "fp16" if gpu else "bf16"
     status = ("Run on a GPU." if gpu else "**Not run on a GPU yet**: no GPU was lent to this work; this file is the "
-              "CPU smoke mode's (`--device cpu`), which shows the script works, not GPU numbers.")
+              "CPU smoke mode's (`--device cpu`), which shows the script works, not GPU numbers. On a GPU machine run "
+              "`PYTHONPATH=. python benchmarks/gpu_check.py` (add `--out DIR/gpu_check.md` to write elsewhere).")
     lines = ["# GPU check: train, distil and time every family\n", status + "\n", f"`{command}`\n",
              "| machine | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
              f"Synthetic scenes ({args.images} images, clock_deploy.data.synthetic), one epoch each"

@@ -31,7 +31,7 @@ def test_tiny_run_writes_both_tables(tmp_path):
     assert tuple(students["rt_detr"]["rt_detr_faster_by"]) == (1.0, 1.0)
     assert "At comparable parameter count: ONNX Runtime latency: RT-DETR is" in markdown
     (ref,) = data["reference"]["rows"]
-    assert ref["outputs_equal"] and max(ref["max_abs_diff"]) <= 1e-4
+    assert ref["outputs_equal"] and max(ref["max_abs_diff"]["paired"]) <= 1e-4
     assert all(ref["memory_mb"][impl] > 0 for impl in ("project", "transformers"))
     (line,) = table_rows(markdown, "64x96 |")
     assert "| yes |" in line
@@ -42,11 +42,11 @@ def test_outputs_equal_check_catches_a_difference(tmp_path):
     hf_model, _, model, _ = bench_realtime.build_reference_pair(tmp_path, small=True)
     images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     diffs = bench_realtime.output_differences(hf_model, model, images)
-    assert bench_realtime.outputs_equal(diffs)
+    assert bench_realtime.outputs_equal(diffs) and diffs["pairing_distance"] < 1e-4
     with torch.no_grad():
         model.class_embed[-1].bias.add_(1e-3)  # a change far below anything visible in detections
     diffs = bench_realtime.output_differences(hf_model, model, images)
-    assert not bench_realtime.outputs_equal(diffs) and abs(diffs[0] - 1e-3) < 1e-4
+    assert not bench_realtime.outputs_equal(diffs) and abs(diffs["paired"][0] - 1e-3) < 1e-4
     row = {"size": (64, 96), "diffs": diffs, "memory_mb": None,
            "latency": {impl: bench_realtime.summarize([1.0]) for impl in ("project", "transformers")}}
     assert "| NO |" in bench_realtime.reference_table([row])[-1]
