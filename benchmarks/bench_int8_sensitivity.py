@@ -1,6 +1,6 @@
 """Does keeping `--sensitivity`'s top nodes in float recover INT8 accuracy on a trained model?
 
-The committed trained DINO teacher (benchmarks/results/teachers/dino-teacher-s1.pt, 62.98 mAP on its
+The committed trained DINO teacher (studies/archive/distill_ab/teachers/dino-teacher-s1.pt, 62.98 mAP on its
 own tuning split) is exported to FP32 ONNX; its INT8 Q/DQ model is judged by the export's own mAP
 gate (export/parity.py: judge_map) on fresh synthetic validation scenes, first with every node
 quantized, then with the top 1 / 3 / 10 nodes of `int8_sensitivity` kept in float (what
@@ -34,7 +34,7 @@ from clock_deploy.runtime import Detector
 from clock_deploy.runtime.backend_onnx import OnnxBackend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEACHER = os.path.join(HERE, "results", "teachers", "dino-teacher-s1.pt")
+TEACHER = os.path.join(os.path.dirname(HERE), "studies", "archive", "distill_ab", "teachers", "dino-teacher-s1.pt")
 EXCLUDE_TOP = (0, 1, 3, 10)
 CALIB_SET = 16  # train images of the fresh set: the calibration manifest chooses from them
 
