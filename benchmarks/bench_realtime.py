@@ -288,8 +288,8 @@ def reference_table(rows):
 
 
 def report(run, res):
-    """(markdown, json-able dict) of both parts; run: command, machine, load, runs, ref_runs, steps, tiny; res: what
-    main measured (configs, matched, onnx, train, ref_params, ref_rows)."""
+    """(markdown, json-able dict) of both parts; run: command, seconds, machine, load, runs, ref_runs, steps,
+    tiny; res: what main measured (configs, matched, onnx, train, ref_params, ref_rows)."""
     configs, onnx, train, ref_rows = res["configs"], res["onnx"], res["train"], res["ref_rows"]
     first = next(iter(configs.values()))
     height, width = first.data.img_size
@@ -298,9 +298,9 @@ def report(run, res):
                       "RT-DETRv2-S size (ResNet-vd 18, hidden 256, 1 AIFI layer, CCFF expansion 0.5, 3 decoder "
                       "layers, 300 queries, 80 classes)")
     lines = ["# Real-time students: RT-DETR vs DINO / Deformable DETR, and RT-DETR vs transformers\n",
-             f"`{run['command']}`; {run['machine']}; load average {run['load'][0]:.1f} at the start, "
-             f"{run['load'][1]:.1f} at the end (above the thread count, other jobs shared the CPU: rerun on a quiet "
-             "machine for numbers to quote).\n",
+             f"`{run['command']}` ({run['seconds'] / 60:.1f} min); {run['machine']}; 1-minute load average "
+             f"{run['load'][0]:.1f} at the start, {run['load'][1]:.1f} at the end (a load above the thread count means "
+             "other jobs shared the CPU: quote numbers from a run on a quiet machine).\n",
              "## Students of comparable size\n",
              f"Built from one config with `model.arch` per row ({', '.join(RT_DETR)} for the RT-DETR student); DINO "
              f"and Deformable DETR at the encoder depth that brings their parameter count closest to the RT-DETR "
@@ -322,7 +322,7 @@ def report(run, res):
              "selection score, and tied tokens may come out of the two top-ks in another order (the i-vs-i columns); "
              "the paired columns say whether the two give the same detections.\n",
              *reference_table(ref_rows)]
-    data = {**{k: run[k] for k in ("command", "machine", "load")}, "matched": res["matched"],
+    data = {**{k: run[k] for k in ("command", "seconds", "machine", "load")}, "matched": res["matched"],
             "students": {name: {"arch": cfg.model.arch, "enc_layers": cfg.model.enc_layers,
                                 "parameters": train[name][0], "onnx_ms": vars(onnx[name]),
                                 "train_step_ms": vars(train[name][1]), "rt_detr_faster_by": ratios[name]}
@@ -364,13 +364,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses
     torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
+    load_start, start = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = measure_all(args, tmp)
     command = " ".join([f"OMP_NUM_THREADS={args.threads} python benchmarks/bench_realtime.py",
                         *(sys.argv[1:] if argv is None else argv)])
     run = dict(command=command, machine=machine_line(args.threads), load=(load_start, os.getloadavg()[0]),
-               runs=args.runs, ref_runs=args.ref_runs, steps=args.steps, tiny=args.tiny)
+               runs=args.runs, ref_runs=args.ref_runs, steps=args.steps, tiny=args.tiny,
+               seconds=time.perf_counter() - start)
     markdown, data = report(run, results)
     write_text(args.out, markdown)
     write_json(os.path.splitext(args.out)[0] + ".json", data)
