@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 DEMO_REPORT = "docs/demo/bench.md"
 DEMO_MINUTES = "docs/demo/stage_minutes.json"  # runs/demo/stage_minutes.json of the same run
+DEMO_AVX2 = "docs/demo/avx2/bench.md"  # the same demo rerun with AVX2-only CPU kernels (KERNELS_AVX2)
+KERNELS_AVX2 = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
 GAINS_REPORT = "studies/archive/distill_ab/report.md"
 FAMILY_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
 # report row -> distiller shown; FGD ran on DINO only, under the study's second teacher (row suffix -t1)
@@ -61,7 +63,33 @@ def demo_table():
         names = [line.split(" (")[0].lstrip("- ") for line in not_run.splitlines() if line.startswith("- ")]
         lines += ["", f"Not run on a CPU: {', '.join(names)} (they need an NVIDIA GPU and TensorRT)."]
     return lines + ["", "mAP / AP50: COCO AP in %; KITTI: AP R40 in %, mean over Car / Pedestrian / Cyclist; latency: "
-                        "one forward of a preprocessed 128x416 image."]
+                        "one forward of a preprocessed 128x416 image.", ""] + kernel_spread()
+
+
+def _accuracy_rows(report):
+    """{(model, backend): (mAP, KITTI mod)} of a bench report's Results table (model names without details)."""
+    rows, model = {}, None
+    for line in _table_rows(_section(report, "## Results").split("\n\n###")[0])[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        model = cells[0].split(" (")[0] or model
+        rows[model, cells[1]] = (float(cells[7]), float(cells[10]))
+    return rows
+
+
+def kernel_spread():
+    """How far the demo's accuracy moved when rerun with another CPU kernel set (DEMO_AVX2)."""
+    if not os.path.exists(os.path.join(ROOT, DEMO_AVX2)):
+        return ["How much these numbers move on another CPU was not measured."]
+    base, other = _accuracy_rows(_read(DEMO_REPORT)), _accuracy_rows(_read(DEMO_AVX2))
+    moved = {key: (other[key][0] - v[0], other[key][1] - v[1]) for key, v in base.items() if key in other}
+    per_model = {}
+    for (model, _), (d_map, d_mod) in moved.items():
+        m = per_model.setdefault(model, [0.0, 0.0])
+        m[0], m[1] = max(m[0], abs(d_map)), max(m[1], abs(d_mod))
+    text = "; ".join(f"{model} up to {m[0]:.1f} mAP / {m[1]:.1f} KITTI Mod points" for model, m in per_model.items())
+    return [f"Between CPUs the trained weights, and so the accuracy columns, move: the same demo rerun with AVX2-only "
+            f"kernels (`{KERNELS_AVX2}`, as a CPU without AVX-512 runs it; [{DEMO_AVX2}]({DEMO_AVX2})) moved {text}. "
+            "Latency columns are this machine's."]
 
 
 def gains_table():
