@@ -337,7 +337,7 @@ def test_sensitivity_says_what_its_score_means_and_what_to_do(checkpoint, tmp_pa
     manifest = tmp_path / "calib.json"
     run(cli, ["calibrate", "--data", str(root), "--num", "2", "--out", str(manifest)])
     nodes = [{"node": f"/n{i}/Conv", "op_type": "Conv", "error": 2.0 - i} for i in range(2)]
-    monkeypatch.setattr("clock_deploy.export.precision.int8_sensitivity",  # the ranking itself: test_precision
+    monkeypatch.setattr("clock_deploy.export.exporter.int8_sensitivity",  # the ranking itself: test_precision
                         lambda *a, **k: {"images": 2, "full": {"error": 1.5}, "nodes": nodes, "top": []})
     run(cli, ["export", "--ckpt", str(ckpt), "--calib", str(manifest), "--sensitivity", "--map-images", "0",
               "--out", str(tmp_path / "out")])

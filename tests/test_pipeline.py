@@ -100,7 +100,7 @@ def test_rerun_skips_every_stage_and_keeps_bench_md(tiny_pipeline, monkeypatch):
     def no_bench(*args, **kwargs):
         raise AssertionError("the bench ran again")
 
-    monkeypatch.setattr("clock_deploy.measure.runner.run_bench", no_bench)
+    monkeypatch.setattr("clock_deploy.pipeline.run_bench", no_bench)
     with logged_lines() as lines:
         result = Pipeline(cfg).run()
     assert sum("skipped" in line for line in lines) == 6, lines  # data, 3 x train, export, bench
@@ -117,7 +117,7 @@ def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypa
         calls.append(kwargs["runs"])
         return first
 
-    monkeypatch.setattr("clock_deploy.measure.runner.run_bench", fake_bench)
+    monkeypatch.setattr("clock_deploy.pipeline.run_bench", fake_bench)
     data = Pipeline(cfg).stage_config("teacher").data
     Pipeline(cfg, force=["bench"]).bench(data)
     Pipeline(cfg, ["bench.runs=3"]).bench(data)
@@ -128,7 +128,7 @@ def test_bench_reruns_when_forced_or_its_settings_change(tiny_pipeline, monkeypa
     assert calls == [2, 3, 2]  # unchanged: skipped
 
     failing = dataclasses.replace(first, not_run=first.not_run + [NotRun("onnx", "failed: killed", "teacher")])
-    monkeypatch.setattr("clock_deploy.measure.runner.run_bench", lambda *a, **k: calls.append("x") or failing)
+    monkeypatch.setattr("clock_deploy.pipeline.run_bench", lambda *a, **k: calls.append("x") or failing)
     Pipeline(cfg, force=["bench"]).bench(data)
     Pipeline(cfg).bench(data)
     assert calls[-2:] == ["x", "x"]  # a bench with a failed measurement is not stamped: measured again

@@ -542,10 +542,10 @@ def test_training_into_a_finished_run_needs_resume_or_overwrite(tmp_path, capsys
 
 def test_pipeline_skips_finished_stages_resumes_stopped_ones_and_replaces_forced_ones(tmp_path, monkeypatch,
                                                                                        tiny_checkpoint):
+    from clock_deploy import pipeline
     from clock_deploy.pipeline import Pipeline
-    from clock_deploy.training import commands
     calls = []
-    monkeypatch.setattr(commands, "run_training", lambda cfg, **kw: calls.append(kw))
+    monkeypatch.setattr(pipeline, "run_training", lambda cfg, **kw: calls.append(kw))
     pipe = object.__new__(Pipeline)  # only what Pipeline.train reads
     pipe.out, pipe.force = str(tmp_path), set()
     (tmp_path / "teacher").mkdir()
