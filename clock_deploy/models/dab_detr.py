@@ -15,31 +15,14 @@ from torch import nn
 from clock_deploy.models.backbone import build_backbone
 from clock_deploy.models.contract import DetrOutput
 from clock_deploy.models.position import PositionEmbeddingSine, gen_sineembed_for_position
-from clock_deploy.models.transformer_utils import (FFN, MLP, MultiHeadAttention, attention, group_attention_blocks,
-                                                   init_box_head, init_class_head, inverse_sigmoid, self_attn_mask,
-                                                   split_stages, unflatten_dim)
+from clock_deploy.models.transformer_utils import (FFN, MLP, EncoderLayer, attention,
+                                                   group_attention_blocks, init_box_head, init_class_head,
+                                                   inverse_sigmoid, self_attn_mask, split_stages, unflatten_dim)
 
 
 # inverse_sigmoid clamp of DAB-DETR's util/misc.py (HF transformers uses 1e-5: equal unless a box
 # coordinate is within 1e-3 of 0 or 1)
 ANCHOR_EPS = 1e-3
-
-
-class EncoderLayer(nn.Module):
-    """Self-attention with position added to queries / keys, FFN; post-norm (DETR)."""
-
-    def __init__(self, d_model, nheads, ffn_dim, dropout, activation):
-        super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, nheads, dropout)
-        self.dropout = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, ffn_dim, dropout, activation)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src, pos):
-        q = k = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(q, k, src)))
-        return self.norm2(src + self.ffn(src))
 
 
 class DABEncoder(nn.Module):

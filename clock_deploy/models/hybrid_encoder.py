@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clock_deploy.models.resnet_vd import ACTIVATIONS, ConvNorm
-from clock_deploy.models.transformer_utils import FFN, MultiHeadAttention, unflatten_dim
+from clock_deploy.models.transformer_utils import EncoderLayer, unflatten_dim
 
 
 @functools.lru_cache(maxsize=32)
@@ -28,23 +28,6 @@ def sine_embedding_2d(height, width, dim, temperature=10000.0, device=None):
     of the integer grid position (transformers' RT-DETR layout). Computed in float64 outside torch,
     so an exported graph holds it as one float32 constant."""
     return torch.from_numpy(_sine_table(int(height), int(width), int(dim), float(temperature))).to(device)
-
-
-class AIFILayer(nn.Module):
-    """Post-norm transformer encoder layer over one level's tokens (sine position added to q and k)."""
-
-    def __init__(self, d_model, nheads, ffn_dim, dropout, activation="gelu"):
-        super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, nheads, dropout)
-        self.dropout = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, ffn_dim, dropout, activation)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src, pos):
-        q = k = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(q, k, src)))
-        return self.norm2(src + self.ffn(src))
 
 
 class RepVggBlock(nn.Module):
@@ -86,7 +69,8 @@ class HybridEncoder(nn.Module):
                  csp_blocks=3, activation="silu", encoder_activation="gelu", temperature=10000.0):
         super().__init__()
         self.hidden_dim, self.temperature = hidden_dim, temperature
-        self.aifi = nn.ModuleList(AIFILayer(hidden_dim, nheads, ffn_dim, dropout, encoder_activation)
+        # AIFI: DETR's post-norm encoder layer on the coarsest level's tokens
+        self.aifi = nn.ModuleList(EncoderLayer(hidden_dim, nheads, ffn_dim, dropout, encoder_activation)
                                   for _ in range(num_layers))
 
         def csp():

@@ -160,3 +160,20 @@ def split_stages(logits, boxes, sizes):
         for block, lg, bx in zip(blocks, layer_logits.split(sizes, dim=1), layer_boxes.split(sizes, dim=1)):
             block.append(StageOutput(logits=lg, boxes=bx))
     return blocks
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention with position added to queries / keys, FFN; post-norm (DETR)."""
+
+    def __init__(self, d_model, nheads, ffn_dim, dropout, activation):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, nheads, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, ffn_dim, dropout, activation)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos):
+        q = k = src + pos
+        src = self.norm1(src + self.dropout(self.self_attn(q, k, src)))
+        return self.norm2(src + self.ffn(src))
