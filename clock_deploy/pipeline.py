@@ -26,7 +26,7 @@ from clock_deploy.export.exporter import Exporter
 from clock_deploy.export.parity import ParityError
 from clock_deploy.io import atomic_path, file_sha256, read_json, write_json
 from clock_deploy.lock import output_lock
-from clock_deploy.measure.artifacts import artifact_path, is_fresh, read_model
+from clock_deploy.measure.exports import artifact_path, is_fresh, read_model
 from clock_deploy.measure.backends import parse_backend
 from clock_deploy.measure.report import print_report, read_reports
 from clock_deploy.measure.runner import BenchResult, run_bench

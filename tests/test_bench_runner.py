@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from clock_deploy.measure import artifacts, backends, runner
-from clock_deploy.measure.artifacts import is_fresh
+from clock_deploy.measure import backends, exports, runner
+from clock_deploy.measure.exports import is_fresh
 from clock_deploy.measure.backends import Backend, parse_backend, unavailable_reason
 from clock_deploy.measure.devices import DeviceProfile
 from clock_deploy.measure.report import ARCH_NAMES
@@ -264,8 +264,8 @@ def test_bench_end_to_end_on_cpu(tmp_path, synth_root, tiny_checkpoint, monkeypa
 
     # a second bench reuses the exported ONNX (newer than the checkpoint, same batch)
     mtime = os.path.getmtime(onnx_file)
-    model = artifacts.read_model("student", ckpt)
-    assert artifacts.export_artifacts(model, [parse_backend("onnx")], str(out / "artifacts"), None, 1) == {}
+    model = exports.read_model("student", ckpt)
+    assert exports.export_artifacts(model, [parse_backend("onnx")], str(out / "artifacts"), None, 1) == {}
     assert os.path.getmtime(onnx_file) == mtime
 
 

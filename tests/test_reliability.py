@@ -403,7 +403,7 @@ def test_a_sidecar_with_fewer_classes_than_the_model_outputs_is_one_line():
 
 def test_bench_freshness_rejects_an_artifact_that_differs_from_its_sidecar(tmp_path):
     from clock_deploy.artifact import batch_spec, build_metadata, write_metadata
-    from clock_deploy.measure.artifacts import is_fresh
+    from clock_deploy.measure.exports import is_fresh
 
     artifact = tmp_path / "m.onnx"
     artifact.write_bytes(b"old model")

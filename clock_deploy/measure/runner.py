@@ -4,7 +4,7 @@
                        data_root="data/synth_kitti", out_dir="bench_out")
     print_report(result.rows, result.not_run, result.profile)
 
-The parts: backends.py (backend names, what a device can run), artifacts.py (the checkpoints and
+The parts: backends.py (backend names, what a device can run), exports.py (the checkpoints and
 their cached exports), job.py (one measurement: latency, memory, accuracy), isolation.py (each job
 in a process of its own, so the peak RSS is that of one model on one backend, and thread settings
 or a CUDA context do not leak from one measurement into the next). Backends that cannot run on the
@@ -22,7 +22,7 @@ from clock_deploy.artifact import read_metadata
 from clock_deploy.errors import UserError, one_line
 from clock_deploy.io import check_inside, remove_stale_folders
 from clock_deploy.lock import output_lock
-from clock_deploy.measure.artifacts import artifact_path, export_artifacts, read_model
+from clock_deploy.measure.exports import artifact_path, export_artifacts, read_model
 from clock_deploy.measure.backends import DEFAULT_BACKENDS, parse_backend, unavailable_reason
 from clock_deploy.measure.devices import detect
 from clock_deploy.measure.isolation import WORK_DIR_PREFIX, run_isolated

@@ -1,4 +1,4 @@
-"""The bench's artifact cache: which checkpoints are measured, where their exports live, whether an
+"""The bench's export cache: which checkpoints are measured, where their exports live, whether an
 export can be reused, and exporting the missing ones."""
 import os
 from dataclasses import dataclass
