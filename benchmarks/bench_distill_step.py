@@ -1,17 +1,19 @@
 """Cost of a distillation training step for every student family, against plain training + a teacher forward.
 
-Each student family gets a teacher of its own family (configs/demo/teacher.yaml with model.arch set: wider and
-deeper than the student; random weights, the cost does not depend on them). Timed on one fixed batch, runners
-interleaved, median of --steps: the plain student step, the teacher forward (inference mode) per dtype, and the
-step of every distiller (forward + backward + AdamW step). Goal: CLoCK step / (plain step + teacher forward) <= 1.15.
+Each student family gets a teacher of its own family (the demo's teacher and student configs: teacher.yaml /
+student.yaml with model.arch set, rt_detr_teacher.yaml / rt_detr_student.yaml for RT-DETR; random weights, the
+cost does not depend on them); each distiller's `distill` section comes from its demo config. Timed on one
+fixed batch, runners interleaved, median of --steps: the plain student step, the teacher forward (inference
+mode) per dtype, and the step of every distiller (forward + backward + AdamW step).
+Goal: CLoCK step / (plain step + teacher forward) <= 1.15.
 
     python benchmarks/bench_distill_step.py [--families dino ...] [--steps 10]
 
 Writes benchmarks/results/distill_step.md.
 """
 import argparse
+import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,17 +23,22 @@ import torch
 from clock_deploy.config import load_config
 from clock_deploy.distill import build_distiller
 from clock_deploy.io import write_text
+from clock_deploy.measure.devices import detect
 from clock_deploy.models.build import build_criterion, build_model
 from clock_deploy.training.trainer import TrainStep
 from random_batch import random_batch  # benchmarks/ is on sys.path when run as a script
 
 RESULTS = "benchmarks/results/distill_step.md"
-FAMILIES = ["dino", "deformable_detr", "dab_detr"]
+FAMILIES = ["dino", "deformable_detr", "dab_detr", "rt_detr"]
+# family -> (teacher config, student config, overrides of both); RT-DETR has demo configs of its own
+FAMILY_CONFIGS = {"rt_detr": ("rt_detr_teacher.yaml", "rt_detr_student.yaml", [])}
+DEFAULT_CONFIGS = ("teacher.yaml", "student.yaml")
 # timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
                  "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
                  "kd_detr": ("distill_kd_detr.yaml", []),
-                 "fgd": ("distill_fgd.yaml", [])}
+                 "fgd": ("distill_fgd.yaml", []),
+                 "gt_denoise": ("distill_gt_denoise.yaml", [])}
 
 
 def training_step(step_module, lr):
@@ -74,8 +81,10 @@ def step_costs(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for arch in args.families:
-        teacher_cfg = load_config(os.path.join(args.configs, "teacher.yaml"), [f"model.arch={arch}"])
-        cfg = load_config(os.path.join(args.configs, "student.yaml"), [f"model.arch={arch}"])
+        default = DEFAULT_CONFIGS + ([f"model.arch={arch}"],)
+        teacher_file, student_file, arch_overrides = FAMILY_CONFIGS.get(arch, default)
+        teacher_cfg = load_config(os.path.join(args.configs, teacher_file), arch_overrides)
+        cfg = load_config(os.path.join(args.configs, student_file), arch_overrides)
         torch.manual_seed(0)
         teacher = build_model(teacher_cfg.model).to(device).eval()
         student = build_model(cfg.model).to(device).train()
@@ -88,7 +97,9 @@ def step_costs(args):
                    f"teacher_{low}": teacher_forward(teacher, low_dtype)}
         for name, (config, overrides) in STEP_VARIANTS.items():
             overrides = [o.replace("bf16", low) for o in overrides]
-            method_cfg = load_config(os.path.join(args.configs, config), [f"model.arch={arch}"] + overrides)
+            # the student's own config with the distiller's `distill` section (demo configs build on student.yaml)
+            distill_cfg = load_config(os.path.join(args.configs, config), overrides).distill
+            method_cfg = dataclasses.replace(cfg, distill=distill_cfg)
             distiller = build_distiller(method_cfg, teacher, student)
             runners[name] = training_step(TrainStep(student, criterion, distiller).train(), cfg.train.lr)
         medians = time_steps(runners, images, targets, args.steps)
@@ -96,9 +107,11 @@ def step_costs(args):
         print(f"{arch}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in medians.items()), flush=True)
 
     names = list(STEP_VARIANTS)
-    lines = [f"Teachers: {args.configs}/teacher.yaml, students: {args.configs}/student.yaml, model.arch set per row "
-             f"(teacher of the student's own family); batch {cfg.train.batch_size} x {cfg.data.img_size[0]}x"
-             f"{cfg.data.img_size[1]}, median of {args.steps} interleaved steps (forward + backward + AdamW step), "
+    size = f"{cfg.train.batch_size} x {cfg.data.img_size[0]}x{cfg.data.img_size[1]}"
+    lines = [f"Teachers and students: the demo's configs in {args.configs} (teacher.yaml / student.yaml with "
+             "model.arch set per row, rt_detr_teacher.yaml / rt_detr_student.yaml for rt_detr; a teacher of the "
+             f"student's own family); each distiller's `distill` section from its demo config; batch {size}, "
+             f"median of {args.steps} interleaved steps (forward + backward + AdamW step), "
              f"{device}, {machine()}.", "",
              f"| student | plain ms/step | teacher fwd fp32 ms | teacher fwd {low} ms | "
              + " | ".join(f"{m} ms/step" for m in names)
@@ -118,7 +131,8 @@ def step_costs(args):
 
 def machine():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    cpu = f"{detect('cpu').facts['cpu']} ({torch.backends.cpu.get_cpu_capability()} kernels)"
+    return (f"torch {torch.__version__}, {cpu}, "
             f"{torch.get_num_threads()} threads, 1-minute load average {load:.1f}")
 
 

@@ -189,7 +189,7 @@ def test_removed_lcmd_position_option_is_refused(value):
 
 
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
-                                            ("deformable_detr", True), ("dino", False)])
+                                            ("deformable_detr", True), ("dino", False), ("rt_detr", False)])
 def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage):
     # every family answers its groups alone; the groups are isolated, so the answers are the same
     cfg = tiny_config(arch, method="clock")

@@ -68,6 +68,7 @@ class QuerySelection(nn.Module):
 
 class RTDETR(nn.Module):
     arch = "rt_detr"
+    groups_without_matching = True  # forward(..., matching=False): see DABDETR
 
     def __init__(self, cfg):
         super().__init__()
@@ -119,13 +120,18 @@ class RTDETR(nn.Module):
             pos.append(unflatten_dim(grid, 1, (height, width))[None].expand(m.shape[0], -1, -1, -1))
         return pos
 
-    def forward(self, images, targets=None, groups=None):
-        """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput."""
+    def forward(self, images, targets=None, groups=None, matching=True):
+        """images [B, 3, H, W]; targets (training only) add denoising queries -> DetrOutput.
+        matching=False runs only the extra groups: no query selection, stages of 0 queries."""
         groups = groups or []
         features, maps = self.encode(images)
         memory, spatial_shapes = flatten_levels(maps)
         batch = memory.shape[0]
-        encoder_out, content, anchors = self.selection(memory, spatial_shapes)
+        if matching:  # IoU-aware query selection: the top encoder tokens give content and anchors
+            encoder_out, content, anchors = self.selection(memory, spatial_shapes)
+        else:
+            encoder_out, anchors = None, memory.new_zeros(batch, 0, 4)
+            content = memory.new_zeros(batch, 0, self.hidden_dim)
         contents, anchor_blocks = [content], [anchors]
         dn, base_mask = None, None
         if self.training and targets is not None:
