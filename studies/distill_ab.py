@@ -1,7 +1,7 @@
 """The distillation A/B: baseline, CLoCK, gt_denoise, KD-DETR and FGD per student family, paired seeds.
 
 Synthetic KITTI; each family distils from a teacher of its own family (configs/demo/teacher.yaml with
-model.arch set). Every variant of a seed starts from the same student initialization and sees the same data,
+model.arch set; RT-DETR from its own demo configs, configs/demo/rt_detr_*.yaml). Every variant of a seed starts from the same student initialization and sees the same data,
 so variants pair by seed, and only runs of one machine type pair (bookkeeping.machine_type). Students train
 with the real `run_training` for a fixed budget, are scored on a test split generated with another seed, and
 each finished run is a json in --runs-dir (bookkeeping.RunRegistry): rerunning the command skips finished
@@ -38,6 +38,9 @@ VARIANTS = {  # variant -> (demo config, overrides)
     "kd_detr": ("distill_kd_detr.yaml", []),
     "fgd": ("distill_fgd.yaml", []),
 }
+# family -> prefix of its own demo configs (RT-DETR: ResNet-vd, CCFF expansion, varifocal weight), else the
+# DINO demo configs with model.arch set
+FAMILY_CONFIG_PREFIX = {"rt_detr": "rt_detr_"}
 # family -> (epoch multiplier, overrides) for its teacher and students: DAB-DETR converges as slowly as DETR
 FAMILY_SCHEDULE = {"dab_detr": (4, ["train.lr=1e-4"])}
 # family -> test mAP its teacher must reach for its students to train (issue 42: DAB-DETR's teacher >= 0.30)
@@ -82,7 +85,7 @@ def run_config(args, family, config, overrides, seed, name, teacher=None):
              f"seed={seed}", f"output_dir={os.path.join(args.out, 'runs', name)}"]
     extra += [f"train.max_iters={args.max_iters}"] if args.max_iters else []
     extra += [f"distill.teacher={teacher['checkpoint']}"] if teacher else []
-    return load_config(os.path.join(args.configs, config), extra)
+    return load_config(os.path.join(args.configs, FAMILY_CONFIG_PREFIX.get(family, "") + config), extra)
 
 
 def code_folders(cfg):

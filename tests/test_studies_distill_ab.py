@@ -195,3 +195,17 @@ def test_a_rerun_reads_finished_runs_and_resumes_an_interrupted_one(tiny_ab, mon
 def test_runs_side_by_side_come_back_in_order():
     assert list(distill_ab.in_workers(2, pow, [(2, 3), (3, 2), (2, 1)])) == [8, 9, 2]
     assert list(distill_ab.in_workers(1, pow, [(2, 3)])) == [8]
+
+
+def test_rt_detr_rows_use_the_real_time_family_recipes(tmp_path):
+    # RT-DETR's teacher and students come from configs/demo/rt_detr_*.yaml (pre-registration, amendment 1)
+    args = args_for(tmp_path)
+    teacher = distill_ab.run_config(args, "rt_detr", "teacher.yaml", [], 0, "rt_detr-teacher")
+    assert (teacher.model.enc_layers, teacher.loss.cls) == (1, 1.0)
+    for variant, (config, overrides) in distill_ab.VARIANTS.items():
+        cfg = distill_ab.run_config(args, "rt_detr", config, overrides, 0, f"rt_detr-{variant}-0")
+        assert (cfg.model.arch, cfg.model.rt_detr.expansion, cfg.loss.cls, cfg.model.dn.box_noise) == \
+            ("rt_detr", 0.5, 1.0, 1.0)
+        assert cfg.distill.method == {"baseline": "none"}.get(variant, variant)
+    dino = distill_ab.run_config(args, "dino", "student.yaml", [], 0, "dino-baseline-0")
+    assert dino.loss.cls == 2.0
