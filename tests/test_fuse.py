@@ -1,9 +1,14 @@
 """models/fuse.py: folding BatchNorm into convs and RepVGG's branches into one conv keeps the outputs
-(with random norm statistics, so the folds do something) and leaves no norm behind."""
+(with random norm statistics, so the folds do something), leaves no norm behind, and the ONNX export
+fuses a copy, never the caller's model."""
+import copy
+
+import onnx
 import pytest
 import torch
 from torch import nn
 
+from clock_deploy.export.onnx import export_onnx
 from clock_deploy.models.backbone import FrozenBatchNorm2d
 from clock_deploy.models.build import build_model
 from clock_deploy.models.fuse import fuse_for_inference
@@ -88,3 +93,17 @@ def test_fused_model_gives_the_same_outputs(arch, frozen_bn, make_tiny_student, 
         diff = (getattr(got, name) - getattr(expected, name)).abs().max().item()
         assert diff <= 1e-5, (name, diff)
 
+
+def test_export_fuses_a_copy_not_the_callers_model(tmp_path, make_tiny_student, student_io):
+    model, _ = make_tiny_student("rt_detr")
+    randomize_norms(model)
+    before = copy.deepcopy(model.state_dict())
+    convs = count(model, nn.Conv2d)
+    export_onnx(model, tmp_path / "m.onnx", height=student_io.height, width=student_io.width,
+                topk=student_io.topk, simplify=False)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert count(model, nn.Conv2d) == convs and count(model, NORMS) > 0
+    # the graph is of the fused model: one Conv per RepVGG block, not two
+    graph_convs = sum(node.op_type == "Conv" for node in onnx.load(tmp_path / "m.onnx").graph.node)
+    assert graph_convs == convs - count(model, RepVggBlock)
