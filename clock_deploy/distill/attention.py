@@ -1,5 +1,5 @@
-"""FGD's spatial and channel attention of a feature map, in a module of its own so that a loss outside
-baselines.py can weigh its errors by the same rule without importing the baselines."""
+"""FGD's spatial and channel attention of a feature map: FGD's focal and attention terms and LCMD's optional
+attention weighting (distill.mem.weighting=gt_attention) share this one rule."""
 
 
 def attention_maps(features, temperature):
