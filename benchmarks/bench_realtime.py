@@ -11,10 +11,11 @@
     batch 1, runs of all models interleaved, median + p90) and training step time (forward + loss +
     backward + AdamW step on a fixed random batch of train.batch_size, steps interleaved, median).
 (b) Our RT-DETR against transformers' RTDetrV2ForObjectDetection at RT-DETRv2-S (R18vd) size, 80 classes,
-    random weights (every tensor perturbed), imported with `clock-deploy import`'s code: forward
-    latency (interleaved, median), peak memory of one forward (each in a fresh process: peak RSS growth
-    during the first forward, VmHWM reset through /proc/self/clear_refs; bench_reference.py's method),
-    and the max abs difference of logits and boxes.
+    random weights (every tensor perturbed), imported with `clock-deploy import`'s code and fused for
+    inference as the torch backend runs a checkpoint (models/fuse.py): forward latency (interleaved,
+    median), peak memory of one forward (each in a fresh process: peak RSS growth during the first
+    forward, VmHWM reset through /proc/self/clear_refs; bench_reference.py's method, which loads ours
+    unfused), and the max abs difference of logits and boxes.
 
     python benchmarks/bench_realtime.py [--threads 2] [--runs 30] [--steps 8] [--ref-runs 10]
                                         [--ref-sizes 128x416,384x1248]
@@ -42,6 +43,7 @@ from clock_deploy.io import write_json, write_text  # noqa: E402
 from clock_deploy.measure.devices import detect  # noqa: E402
 from clock_deploy.measure.latency import summarize  # noqa: E402
 from clock_deploy.models.build import build_model  # noqa: E402
+from clock_deploy.models.fuse import fuse_for_inference  # noqa: E402
 
 RT_DETR = ["model.arch=rt_detr", "model.rt_detr.expansion=0.5"]  # R18vd-like: RT-DETR's CCFF width for R18 / R34
 TINY = ["data.img_size=[64,192]", "model.backbone.width=8", "model.hidden_dim=32", "model.ffn_dim=64",
@@ -206,8 +208,10 @@ def outputs_equal(diffs, tolerance=OUTPUT_TOLERANCE):
 
 
 def reference_rows(folder, sizes, runs, threads, small=False, warmup=2, memory=True):
-    """Per input size: output differences, interleaved forward latency (ms) and peak memory (MB) of both."""
+    """Per input size: output differences, interleaved forward latency (ms) and peak memory (MB) of both; ours
+    fused for inference (as runtime/backend_torch.py runs a checkpoint), its memory measured unfused."""
     hf_model, hf_dir, model, ckpt = build_reference_pair(folder, small)
+    model = fuse_for_inference(model)
     rows = []
     for height, width in sizes:
         images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))
@@ -315,6 +319,8 @@ def report(run, res):
              f"## Our RT-DETR vs transformers' RTDetrV2ForObjectDetection ({res['ref_params'] / 1e6:.1f} M "
              "parameters)\n",
              f"{reference_size}, random weights (every tensor perturbed), imported with `clock-deploy import`'s code; "
+             "ours fused for inference as the torch backend runs a checkpoint (models/fuse.py: BatchNorm folded into "
+             "convs, RepVGG branches merged; outputs and latency), its peak memory measured unfused; "
              f"batch 1; latency = median of {run['ref_runs']} interleaved forwards (torch, inference mode); memory = "
              "peak RSS growth during the first forward, each in a fresh process (VmHWM reset through "
              "/proc/self/clear_refs; bench_reference.py's method). Outputs are compared with the queries paired by the "

@@ -210,6 +210,11 @@ class LcmdConfig:
     # values stay readable so that checkpoints written before keep loading
     pos_embed: str = choice("none", "model", "sine")
     learn_adapter: bool = True    # a 1x1 conv adapter even when the widths agree (identity at start)
+    # per-pixel error weights: "gt" = the GT location weights M, S only (shipped CLoCK); "gt_attention" = also
+    # the teacher memory's FGD spatial x channel attention at attention_temperature, as FGD's focal term
+    # (candidate C3 of studies/distill_ab_preregistration.md)
+    weighting: str = choice("gt", "gt_attention")
+    attention_temperature: float = positive(0.5)
 
 
 @dataclass

@@ -90,6 +90,59 @@ def test_lcmd_zero_for_equal_memory_and_ignores_position_maps():
     assert lcmd(adapters)(student, teacher, targets, (64, 96))["loss_mem"] == 0
 
 
+def lcmd_attention_run(weighting, teacher_map, student_map, targets, temperature=0.5):
+    """(loss, d loss / d student memory, d loss / d teacher memory) of a normalized LCMD, identity phi."""
+    loss = LcmdLoss(LevelAdapters([16], 3, 3), alpha=2.0, beta=1.0, normalize=True, weighting=weighting,
+                    attention_temperature=temperature)
+    value = loss(output(memory=[student_map]), output(memory=[teacher_map]), targets, (64, 96))["loss_mem"]
+    student_grad, teacher_grad = torch.autograd.grad(value, [student_map, teacher_map])
+    return value.item(), student_grad, teacher_grad
+
+
+def test_lcmd_attention_weighting_by_hand():
+    # candidate C3: e_p = A^S_p sum_c A^C_c (T_pc - S_pc)^2 / C, the teacher's FGD attention (T = 0.5)
+    torch.manual_seed(0)
+    teacher_map = (torch.randn(2, 3, 4, 6) * torch.tensor([0.5, 1.0, 2.0])[None, :, None, None]).requires_grad_()
+    student_map = torch.randn(2, 3, 4, 6, requires_grad=True)
+    # the same box in both images: rows 1..2, cols 0..2 -> 6 fg pixels of S = 1/6, 18 bg pixels of S = 1/18
+    box = [0.25, 0.5, 0.5, 0.5]
+    targets = [target([box], [0]), target([box], [1])]
+    spatial, channel = attention_maps(teacher_map.detach(), 0.5)
+    expected = 0.0
+    for b in range(2):
+        for row in range(4):
+            for col in range(6):
+                fg = 1 <= row <= 2 and col <= 2
+                weight = 2.0 / 6 if fg else 1.0 / 18  # alpha S_p or beta S_p
+                error = sum(spatial[b, row, col] * channel[b, c]
+                            * (teacher_map[b, c, row, col] - student_map[b, c, row, col]) ** 2 for c in range(3)) / 3
+                expected += weight * error.item()
+    expected /= 2  # mean over the batch
+    on, on_grad, on_teacher_grad = lcmd_attention_run("gt_attention", teacher_map, student_map, targets)
+    off, off_grad, _ = lcmd_attention_run("gt", teacher_map, student_map, targets)
+    assert on == pytest.approx(expected, rel=1e-5)
+    assert abs(on - off) > 0.05 * off  # the weighting changes the loss ...
+    # ... and the direction of the student's gradient, not only its scale
+    cosine = torch.nn.functional.cosine_similarity(on_grad.flatten(), off_grad.flatten(), dim=0)
+    assert cosine < 0.999
+    # the attention is the teacher's, detached: the loss reaches the teacher only through (T - S)^2
+    assert torch.allclose(on_teacher_grad, -on_grad, atol=1e-7)
+    # another temperature is another weighting
+    assert lcmd_attention_run("gt_attention", teacher_map, student_map, targets, 2.0)[0] != pytest.approx(on)
+
+
+def test_lcmd_attention_weighting_is_the_gt_loss_for_a_uniform_teacher():
+    # both attentions average 1: a teacher of the same magnitude everywhere weighs every error by 1
+    teacher_map = torch.full((2, 3, 4, 6), 0.7, requires_grad=True)
+    student_map = torch.randn(2, 3, 4, 6, requires_grad=True)
+    targets = [target([[0.25, 0.5, 0.5, 0.5]], [0]), target([], [])]
+    on, on_grad, _ = lcmd_attention_run("gt_attention", teacher_map, student_map, targets)
+    off, off_grad, _ = lcmd_attention_run("gt", teacher_map, student_map, targets)
+    assert on == pytest.approx(off, rel=1e-6) and torch.allclose(on_grad, off_grad, atol=1e-7)
+    with pytest.raises(ValueError, match="weighting"):
+        LcmdLoss(LevelAdapters([16], 3, 3), weighting="focal")
+
+
 def test_level_pairing_by_stride_and_resize():
     image_hw = (64, 96)
     teacher = [torch.zeros(1, 4, 8, 12), torch.zeros(1, 4, 4, 6), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 1, 2)]

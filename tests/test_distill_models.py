@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clock_deploy.config import Config
+from clock_deploy.config import Config, ConfigError, load_config
 from clock_deploy.distill import build_distiller
 from clock_deploy.distill.queries import TargetQuerySampler, query_group
 from clock_deploy.checkpoint import save_checkpoint
@@ -188,6 +188,33 @@ def test_removed_lcmd_position_option_is_refused(value):
         build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
 
 
+@pytest.mark.parametrize("key,value", [("weighting", "focal"), ("attention_temperature", "0"),
+                                       ("attention_temperature", "-0.5")])
+def test_lcmd_attention_weighting_keys_are_validated(key, value):
+    with pytest.raises(ConfigError, match=f"distill.mem.{key}"):
+        load_config(None, [f"distill.mem.{key}={value}"])
+
+
+def test_lcmd_attention_weighting_builds_for_dino_and_changes_only_the_memory_term():
+    # candidate C3 of studies/distill_ab_preregistration.md, from the config keys a run sets
+    overrides = load_config(None, ["distill.mem.weighting=gt_attention", "distill.mem.attention_temperature=0.5"])
+    assert Config().distill.mem.weighting == "gt"  # off by default: the shipped CLoCK is unchanged
+    cfg, teacher, student, plain = same_family("dino")
+    cfg.distill.mem = overrides.distill.mem
+    weighted = build_distiller(cfg, teacher, student).train()
+    weighted.load_state_dict(plain.state_dict())  # the same adapters
+    lcmd = weighted.map_terms["lcmd"]
+    assert (lcmd.weighting, lcmd.attention_temperature) == ("gt_attention", 0.5)
+    assert plain.map_terms["lcmd"].weighting == "gt"
+    _, on = distill_losses(weighted, student)
+    _, off = distill_losses(plain, student)
+    assert set(on) == set(off) == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
+    mem_on, mem_off = on["loss_mem"].item(), off["loss_mem"].item()
+    assert mem_off > 0 and abs(mem_on - mem_off) > 1e-3 * mem_off
+    assert on["loss_logit_cls"].item() == pytest.approx(off["loss_logit_cls"].item())
+    assert on["loss_logit_box"].item() == pytest.approx(off["loss_logit_box"].item())
+
+
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
                                             ("deformable_detr", True), ("dino", False), ("rt_detr", False)])
 def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage):
@@ -312,7 +339,6 @@ def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
 @pytest.mark.parametrize("name,method", [("distill", "clock"), ("distill_kd_detr", "kd_detr"),
                                          ("distill_fgd", "fgd")])
 def test_demo_distill_configs_build(name, method):
-    from clock_deploy.config import load_config
     cfg = load_config(f"configs/demo/{name}.yaml")
     student_cfg = load_config("configs/demo/student.yaml")
     assert cfg.distill.method == method and cfg.model == student_cfg.model and cfg.data == student_cfg.data

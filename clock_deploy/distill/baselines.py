@@ -18,7 +18,7 @@ kd_detr  KD-DETR (Wang et al., CVPR 2024) as in the authors' code (Myleswork/KD-
 fgd      FGD (Yang et al., CVPR 2022) on the projected backbone features (DetrOutput.features),
          levels paired by stride, student adapted by a 1x1 conv to the teacher's width:
          spatial attention A^S(F) = H W softmax(mean_c |F| / T), channel attention
-         A^C(F) = C softmax(mean_hw |F| / T).
+         A^C(F) = C softmax(mean_hw |F| / T) (attention.attention_maps, which LCMD's gt_attention weighting uses too).
          loss_fgd_focal  = alpha_fg * sum M S A^S_T A^C_T (F_T - F_S)^2 + beta_bg * (same over background)
          loss_fgd_attn   = gamma_attn * (|A^S_T - A^S_S|_1 + |A^C_T - A^C_S|_1)
          loss_fgd_global = lambda_rela * ||R(F_T) - R(F_S)||^2, R = GcBlock relation module
@@ -29,16 +29,8 @@ fgd      FGD (Yang et al., CVPR 2022) on the projected backbone features (DetrOu
 """
 from torch import nn
 
+from clock_deploy.distill.attention import attention_maps
 from clock_deploy.distill.clock import location_weights, weighted_fg_bg_sum
-
-
-def attention_maps(features, temperature):
-    """FGD spatial [B, H, W] and channel [B, C] attention of a feature map [B, C, H, W]."""
-    batch, channels, height, width = features.shape
-    magnitude = features.abs()
-    spatial = (magnitude.mean(1).reshape(batch, -1) / temperature).softmax(-1)
-    channel = (magnitude.mean((2, 3)) / temperature).softmax(-1)
-    return height * width * spatial.reshape(batch, height, width), channels * channel
 
 
 class GlobalContext(nn.Module):

@@ -1,8 +1,14 @@
 """The CLoCK losses (docs clock_method.md): LCMD on encoder memory, TCLD on decoder queries.
 
 LCMD  L_mem = sum_levels mean_batch [ alpha * sum_p M_p S_p e_p + beta * sum_p (1 - M_p) S_p e_p ],
-      e_p = ||A_T,p - phi(A_S,p)||^2 (divided by the teacher's channels when normalized)
+      e_p = sum_c (A_T,pc - phi(A_S)_pc)^2                  (weighting "gt", the default)
+      e_p = A^S_p sum_c A^C_c (A_T,pc - phi(A_S)_pc)^2      (weighting "gt_attention")
+      (either divided by the teacher's channels C when normalized)
       M_p: pixel p touches a GT box; S_p: 1 / (h*w) of the smallest such box, 1 / N_bg outside boxes.
+      A^S [H, W], A^C [C]: the TEACHER memory's FGD spatial and channel attention at that level (detached;
+      attention.attention_maps at `attention_temperature`, each averaging 1), as FGD's focal term weighs its
+      feature errors; M, S, alpha and beta stay. "gt_attention" is candidate C3 of
+      studies/distill_ab_preregistration.md, off by default.
       The location awareness is M and S. A position code added to both memories (removed in issue 42)
       was an affine function of the student's (at equal widths the same sine grid plus a constant level
       embedding per level), which phi absorbs, so it carried no location information.
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clock_deploy.distill.attention import attention_maps
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 
@@ -78,10 +85,14 @@ def weighted_fg_bg_sum(error, fg, scale, alpha, beta):
 class LcmdLoss(nn.Module):
     """Location-and-context-aware memory distillation; `adapters` are the trainable phi."""
 
-    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, weight=1.0):
+    def __init__(self, adapters, alpha=2.0, beta=1.0, normalize=True, weight=1.0, weighting="gt",
+                 attention_temperature=0.5):
         super().__init__()
+        if weighting not in ("gt", "gt_attention"):
+            raise ValueError(f"LCMD weighting must be gt or gt_attention, not {weighting!r}")
         self.adapters = adapters
         self.alpha, self.beta, self.normalize, self.weight = alpha, beta, normalize, weight
+        self.weighting, self.attention_temperature = weighting, attention_temperature
 
     def forward(self, student_out, teacher_out, targets, image_hw):
         total = student_out.memory[0].new_zeros(())
@@ -89,7 +100,11 @@ class LcmdLoss(nn.Module):
             teacher_map, student_map = teacher_out.memory[ti], student_out.memory[si]
             height, width = teacher_map.shape[-2:]
             adapted = self.adapters(student_map, stride, (height, width))
-            error = (teacher_map.float() - adapted.float()).pow(2).sum(1)  # [B, H, W]
+            error = (teacher_map.float() - adapted.float()).pow(2)  # [B, C, H, W]
+            if self.weighting == "gt_attention":  # FGD's focal weighting by the teacher's attention
+                spatial, channel = attention_maps(teacher_map.detach().float(), self.attention_temperature)
+                error = error * channel[:, :, None, None] * spatial[:, None]
+            error = error.sum(1)  # [B, H, W]
             if self.normalize:
                 error = error / teacher_map.shape[1]
             fg, scale = location_weights(targets, height, width)

@@ -209,7 +209,8 @@ def _build_distiller(cfg, teacher, student):
             adapters = level_adapters(teacher_probe.memory, student_probe.memory, image_hw, "encoder memories",
                                       learnable=mc.learn_adapter)
             map_terms["lcmd"] = LcmdLoss(adapters, alpha=mc.alpha, beta=mc.beta, normalize=mc.normalize,
-                                         weight=dc.lambda_mem)
+                                         weight=dc.lambda_mem, weighting=mc.weighting,
+                                         attention_temperature=mc.attention_temperature)
         if not dc.use_logit:
             return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit

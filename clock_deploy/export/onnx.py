@@ -8,6 +8,7 @@ and optionally simplified with onnxslim; the simplified graph is kept only if it
 the same detections as the traced one on a random input.
 """
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -22,6 +23,7 @@ from clock_deploy.errors import one_line
 from clock_deploy.export.parity import compare, run_onnx
 from clock_deploy.io import atomic_path
 from clock_deploy.models.deploy import ExportWrapper
+from clock_deploy.models.fuse import fuse_for_inference
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
@@ -69,12 +71,13 @@ def _simplify(model_proto, batch, height, width, tol=1e-5):
 
 def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, height: int, width: int, topk: int,
                 opset: int = DEFAULT_OPSET, dynamic: bool = True, batch: int = 1, simplify: bool = True) -> dict:
-    """Write the contract ONNX of `model` (eval mode) to `path` atomically.
+    """Write the contract ONNX of `model` (traced in eval mode) to `path` atomically.
 
-    Returns {"opset", "simplified", "simplify_error", "nodes"}; the traced graph is kept
-    (with a warning) when onnxslim fails or changes the outputs.
+    The graph is of a fused copy (models/fuse.py: BatchNorm folded into convs, RepVGG branches merged);
+    `model` itself is left as it was. Returns {"opset", "simplified", "simplify_error", "nodes"}; the
+    traced graph is kept (with a warning) when onnxslim fails or changes the outputs.
     """
-    wrapper = ExportWrapper(model, topk, (height, width)).eval()
+    wrapper = ExportWrapper(fuse_for_inference(copy.deepcopy(model).eval()), topk, (height, width)).eval()
     with atomic_path(path) as tmp, torch.no_grad():
         _trace(wrapper, tmp, batch, height, width, opset, dynamic)
         proto = onnx.load(tmp)

@@ -11,6 +11,7 @@ from torch import nn
 
 from clock_deploy.errors import UserError
 from clock_deploy.io import torch_load
+from clock_deploy.models.fuse import fold_pairs, fold_sequential
 
 LEVEL_STRIDES = (4, 8, 16, 32)  # layer1..layer4
 
@@ -66,6 +67,11 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
+    def fuse(self):
+        """Inference only (models/fuse.py): each BN folded into its conv, the BNs become Identity."""
+        fold_pairs(self, ("conv1", "bn1"), ("conv2", "bn2"))
+        _fuse_downsample(self.downsample)
+
 
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck (stride on the 3x3 conv, as torchvision)."""
@@ -89,12 +95,22 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
+    def fuse(self):
+        """Inference only (models/fuse.py): each BN folded into its conv, the BNs become Identity."""
+        fold_pairs(self, ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+        _fuse_downsample(self.downsample)
+
 
 def _downsample(in_ch, out_ch, stride, norm):
     """Projection shortcut (named downsample.0 / downsample.1 like torchvision) when shapes change."""
     if stride == 1 and in_ch == out_ch:
         return None
     return nn.Sequential(conv1x1(in_ch, out_ch, stride), norm(out_ch))
+
+
+def _fuse_downsample(downsample):
+    if downsample is not None:
+        fold_sequential(downsample)
 
 
 ARCHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
@@ -151,6 +167,10 @@ class ResNetBackbone(nn.Module):
             if level in self.return_levels:
                 outputs.append(x)
         return outputs
+
+    def fuse(self):
+        """Inference only (models/fuse.py): the stem's BN folded into its conv (the blocks fuse their own)."""
+        fold_pairs(self, ("conv1", "bn1"))
 
     def freeze_stem(self):
         """Stop training conv1 / bn1 / layer1 (DETR practice with pretrained weights)."""

@@ -31,16 +31,33 @@ def sine_embedding_2d(height, width, dim, temperature=10000.0, device=None):
 
 
 class RepVggBlock(nn.Module):
-    """3x3 conv-BN + 1x1 conv-BN branches, summed, then the activation (not yet fused for deployment)."""
+    """3x3 conv-BN + 1x1 conv-BN branches, summed, then the activation; fuse() merges them for inference."""
 
     def __init__(self, channels, activation):
         super().__init__()
         self.conv1 = ConvNorm(channels, channels, 3)
         self.conv2 = ConvNorm(channels, channels, 1)
         self.act = ACTIVATIONS[activation]()
+        self.conv = None  # the single 3x3 conv once fused
 
     def forward(self, x):
+        if self.conv is not None:
+            return self.act(self.conv(x))
         return self.act(self.conv1(x) + self.conv2(x))
+
+    @torch.no_grad()
+    def fuse(self):
+        """Inference only (models/fuse.py): both branches are linear once their BN is folded, so their sum is
+        one 3x3 conv: the 1x1 kernel sits at the centre of a zero 3x3 kernel (same 'same' padding)."""
+        if self.conv is not None:
+            return
+        self.conv1.fuse()
+        self.conv2.fuse()
+        conv = self.conv1.conv
+        conv.weight += F.pad(self.conv2.conv.weight, [1, 1, 1, 1])
+        conv.bias += self.conv2.conv.bias
+        del self.conv1, self.conv2
+        self.conv = conv
 
 
 class CSPRepLayer(nn.Module):

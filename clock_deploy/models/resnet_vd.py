@@ -9,6 +9,7 @@ from torch import nn
 
 from clock_deploy.errors import UserError
 from clock_deploy.models.backbone import LEVEL_STRIDES, FrozenBatchNorm2d
+from clock_deploy.models.fuse import fold_pairs
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
@@ -24,6 +25,10 @@ class ConvNorm(nn.Module):
 
     def forward(self, x):
         return self.act(self.norm(self.conv(x)))
+
+    def fuse(self):
+        """Inference only (models/fuse.py): the norm folded into the conv, which gains a bias."""
+        fold_pairs(self, ("conv", "norm"))
 
 
 def _shortcut(in_ch, out_ch, stride, norm):

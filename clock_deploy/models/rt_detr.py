@@ -15,6 +15,7 @@ from clock_deploy.models.contract import DenoisingOutput, DetrOutput, StageOutpu
 from clock_deploy.models.deform_attn import MSDeformAttn
 from clock_deploy.models.deformable_transformer import DeformableDecoderLayer, encoder_proposals, flatten_levels
 from clock_deploy.models.dino import build_denoising_queries
+from clock_deploy.models.fuse import fold_sequential
 from clock_deploy.models.hybrid_encoder import HybridEncoder
 from clock_deploy.models.resnet_vd import build_resnet_vd
 from clock_deploy.models.transformer_utils import (MLP, group_attention_blocks, init_box_head, init_class_head,
@@ -101,6 +102,12 @@ class RTDETR(nn.Module):
         for class_head, box_head in zip(self.class_embed, self.bbox_embed):
             init_class_head(class_head)
             init_box_head(box_head)
+
+    def fuse(self):
+        """Inference only (models/fuse.py): the projections' BatchNorm folded into their convs (the backbone
+        and encoder fuse their own layers)."""
+        for proj in [*self.input_proj, *self.decoder_input_proj]:
+            fold_sequential(proj)
 
     def encode(self, images):
         """images -> (projected backbone maps, decoder memory maps per level)."""

@@ -1,7 +1,8 @@
 """PyTorch backend: a checkpoint (.pt) run as the exported graph would run it.
 
 The model is wrapped with the same ExportWrapper (detector + PostProcess) that is traced
-to ONNX, so torch and ONNX backends are comparable output for output.
+to ONNX, and a checkpoint's model is fused for inference as the export fuses it (models/fuse.py),
+so torch and ONNX backends are comparable output for output.
 """
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from clock_deploy.checkpoint import load_model
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.models.deform_attn import model_sampling
 from clock_deploy.models.deploy import ExportWrapper
+from clock_deploy.models.fuse import fuse_for_inference
 
 
 class TorchBackend:
@@ -43,7 +45,9 @@ def checkpoint_metadata(cfg, classes, model, source=None):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(TorchBackend, metadata) for a training checkpoint."""
+    """(TorchBackend, metadata) for a training checkpoint, its model fused for inference (models/fuse.py: it is
+    loaded here only to be run)."""
     model, cfg, ckpt = load_model(path)
+    model = fuse_for_inference(model)
     backend, _ = model_backend(model, ckpt["classes"], cfg.data.img_size, cfg.export.topk, device)
     return backend, checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})
