@@ -1,22 +1,31 @@
 """The distillation A/B: baseline, CLoCK, gt_denoise, KD-DETR and FGD per student family, paired seeds.
 
 Synthetic KITTI; each family distils from a teacher of its own family (configs/demo/teacher.yaml with
-model.arch set; RT-DETR from its own demo configs, configs/demo/rt_detr_*.yaml). Every variant of a seed starts from the same student initialization and sees the same data,
-so variants pair by seed, and only runs of one machine type pair (bookkeeping.machine_type). Students train
+model.arch set; RT-DETR from its own demo configs, configs/demo/rt_detr_*.yaml). Every variant of a seed
+starts from the same student initialization and sees the same data, so variants pair by seed, and only runs
+of one machine type pair (bookkeeping.machine_type). Students train
 with the real `run_training` for a fixed budget, are scored on a test split generated with another seed, and
 each finished run is a json in --runs-dir (bookkeeping.RunRegistry): rerunning the command skips finished
 runs and continues an interrupted one from its last.pt. A teacher's weights are written to --teachers-dir (to
 be committed), so its students can train on any machine. A variant or family this code does not know (its
 config does not load) is listed in the report as not run.
 
+The CLoCK row is DINO's pre-registered candidate with the best tuning-split mAP (CANDIDATES, trained on
+TUNING_SEEDS before any CLoCK or gt_denoise row; studies/distill_ab_preregistration.md): until the choice is
+made those two rows wait, the others train.
+
     python -m studies.distill_ab [--families dino ...] [--seeds N] [--variants ...] [--jobs 2]
+    python -m studies.distill_ab --tune-only          # only DINO's candidates on the tuning seeds
     python -m studies.distill_ab --report-only      # rewrite the report from the run files
 """
 import argparse
 import dataclasses
+import json
+import math
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +47,12 @@ VARIANTS = {  # variant -> (demo config, overrides)
     "kd_detr": ("distill_kd_detr.yaml", []),
     "fgd": ("distill_fgd.yaml", []),
 }
+# DINO's pre-registered CLoCK candidates (studies/distill_ab_preregistration.md): name -> overrides of
+# distill.yaml; C2's are computed from C1's logged gradient share (class_weight_overrides)
+CANDIDATES = {"C1": [], "C2": None, "C3": ["distill.mem.weighting=gt_attention"],
+              "C4": ["distill.logit.anchors=student"]}
+TUNING_SEEDS = (100, 101)  # never used for a reported number
+MIN_CLASS_SHARE = 0.1      # C2: the TCLD class term's share of the student's gradient norm it asks for
 # family -> prefix of its own demo configs (RT-DETR: ResNet-vd, CCFF expansion, varifocal weight), else the
 # DINO demo configs with model.arch set
 FAMILY_CONFIG_PREFIX = {"rt_detr": "rt_detr_"}
@@ -94,20 +109,22 @@ def code_folders(cfg):
 
 # ---------------------------------------------------------------- training and scoring
 
-def train_and_score(args, cfg):
-    """Train `cfg` (continuing its interrupted run) and score it on the test split: the record's fields
-    about the result and where it was trained (every part's machine when it was resumed)."""
+def train_and_score(args, cfg, test_split=True):
+    """Train `cfg` (continuing its interrupted run) and score it on the test split (not for a tuning run):
+    the record's fields about the result and where it was trained (every part's machine when resumed)."""
     from clock_deploy.training.commands import run_training
     set_aside_other_run(cfg)
     resume = os.path.isfile(os.path.join(cfg.output_dir, "last.pt"))
     os.makedirs(cfg.output_dir, exist_ok=True)
     parts = bk.start_part(cfg.output_dir, resume)
     start = time.time()
-    tuning = run_training(cfg, resume=resume, progress=False)
-    test = score_on_test_split(args, os.path.join(cfg.output_dir, "last.pt"), cfg)
-    print(f"{cfg.output_dir}: test mAP {test['mAP']:.4f} ({time.time() - start:.0f} s)", flush=True)
-    return {"metrics": {"tuning": metric_subset(tuning), "test": metric_subset(test)},
-            "seconds": round(time.time() - start, 1), "machine": parts[-1], "parts": parts, "resumed": len(parts) > 1}
+    metrics = {"tuning": metric_subset(run_training(cfg, resume=resume, progress=False))}
+    if test_split:
+        metrics["test"] = metric_subset(score_on_test_split(args, os.path.join(cfg.output_dir, "last.pt"), cfg))
+    split = "test" if test_split else "tuning"
+    print(f"{cfg.output_dir}: {split} mAP {metrics[split]['mAP']:.4f} ({time.time() - start:.0f} s)", flush=True)
+    return {"metrics": metrics, "seconds": round(time.time() - start, 1), "machine": parts[-1], "parts": parts,
+            "resumed": len(parts) > 1}
 
 
 def set_aside_other_run(cfg):
@@ -142,6 +159,11 @@ def registry(args):
 def data_inputs(args):
     """What the training + tuning and the test scenes are (their folder names say how they were generated)."""
     return {"data": [os.path.basename(root) for root in data_roots(args)]}
+
+
+def distilled_inputs(args, teacher):
+    """A distilled run's inputs: the data and which teacher (its record's key and weights)."""
+    return {**data_inputs(args), "teacher": teacher["key"] + "-" + teacher["weights"]["sha256"][:16]}
 
 
 # ---------------------------------------------------------------- teachers and runs
@@ -180,30 +202,146 @@ def commit_weights(checkpoint, path):
     torch_save({k: ckpt[k] for k in keep if k in ckpt}, path)
 
 
-def student(args, family, variant, seed, teacher):
-    """(name, cfg, inputs) of one student run (inputs None while a distilled run's teacher is unknown);
-    raises ConfigError for a variant this code does not know."""
-    config, overrides = VARIANTS[variant]
+def student(args, family, variant, seed, teacher, variants=None):
+    """(name, cfg, inputs) of one student run of `variants` (default VARIANTS; inputs None while a distilled
+    run's teacher is unknown); raises ConfigError for a variant this code does not know."""
+    config, overrides = (variants or VARIANTS)[variant]
     name = f"{family}-{variant}-{seed}"
     teacher = teacher if variant != "baseline" else None
     cfg = run_config(args, family, config, overrides, seed, name, teacher)
-    inputs = data_inputs(args)
-    if variant != "baseline":
-        if teacher is None:
-            return name, cfg, None
-        inputs["teacher"] = teacher["key"] + "-" + teacher["weights"]["sha256"][:16]
-    return name, cfg, inputs
+    if variant == "baseline":
+        return name, cfg, data_inputs(args)
+    return name, cfg, distilled_inputs(args, teacher) if teacher is not None else None
 
 
-def train_student(args, family, variant, seed, teacher):
-    name, cfg, inputs = student(args, family, variant, seed, teacher)
+def train_student(args, family, variant, seed, teacher, variants=None):
+    name, cfg, inputs = student(args, family, variant, seed, teacher, variants)
     return registry(args).record(name, cfg, inputs, code_folders(cfg), family=family, variant=variant, seed=seed,
                                  **train_and_score(args, cfg))
 
 
-def collect(args):
-    """{family: {"teacher", "runs": {variant: {seed: record}}, "not_run": {what: why}}}; with --report-only
-    only reads, else trains what is missing (seed-major, so finished seeds are complete pairs)."""
+# ---------------------------------------------------------------- DINO's candidates (tuning split only)
+
+def class_share(run_dir):
+    """Mean share of TCLD's class term in the student's gradient norm over a run's log (log.jsonl)."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    shares = [row["grad_share_loss_logit_cls"] for row in rows if "grad_share_loss_logit_cls" in row]
+    return sum(shares) / len(shares) if shares else None
+
+
+def class_weight_overrides(share):
+    """C2: the TCLD class weight W that gives the class term MIN_CLASS_SHARE of the gradient norm at C1's
+    weights, W = ceil(0.1 / 0.9 x (1 - s) / s) (a term scaled by W holds W n / (W n + rest))."""
+    weight = math.ceil(MIN_CLASS_SHARE / (1 - MIN_CLASS_SHARE) * (1 - share) / share)
+    return [f"distill.logit.w_cls={weight}"]
+
+
+def candidate_overrides(candidates, name):
+    """The overrides of candidate `name`, or None while they are unknown (C2 before C1's seed-100 run)."""
+    if CANDIDATES[name] is not None:
+        return CANDIDATES[name]
+    c1 = candidates["runs"].get("C1", {}).get(TUNING_SEEDS[0])
+    return class_weight_overrides(c1["class_share"]) if c1 and c1.get("class_share") else None
+
+
+def tuning_run(args, name, seed, teacher, candidates):
+    """(run name, cfg) of one candidate's tuning run, cfg None while its overrides are unknown; raises
+    ConfigError for a candidate this code does not have."""
+    overrides = candidate_overrides(candidates, name)
+    run = f"dino-tune-{name}-{seed}"
+    if overrides is None:
+        return run, None
+    return run, run_config(args, "dino", "distill.yaml", overrides, seed, run, teacher)
+
+
+def train_candidate(args, run, cfg, teacher, name, seed):
+    inputs = distilled_inputs(args, teacher)
+    fields = train_and_score(args, cfg, test_split=False)
+    return registry(args).record(run, cfg, inputs, code_folders(cfg), family="dino", variant=f"tune-{name}",
+                                 candidate=name, seed=seed, class_share=class_share(cfg.output_dir), **fields)
+
+
+def tune(args, teacher):
+    """{"runs": {candidate: {seed: record}}, "not_run": {candidate: why}, "choice": name or None}: DINO's
+    candidates on the tuning seeds (trained when missing, C2 after C1's seed-100 run), scored on the tuning
+    split only, and the choice once every candidate this code has is complete."""
+    candidates = {"runs": {}, "not_run": {}, "choice": None}
+    for _ in range(2):  # the second pass trains C2, whose weight comes from C1's first run
+        todo = []
+        for name in CANDIDATES:
+            for seed in TUNING_SEEDS:
+                if seed in candidates["runs"].get(name, {}):
+                    continue
+                try:
+                    run, cfg = tuning_run(args, name, seed, teacher, candidates)
+                except ConfigError as e:
+                    candidates["not_run"][name] = f"this code does not have it ({e})"
+                    break
+                if cfg is None:
+                    continue
+                record, _ = registry(args).find(run, cfg, distilled_inputs(args, teacher), code_folders(cfg),
+                                                older_code=args.report_only)
+                if record is not None:
+                    candidates["runs"].setdefault(name, {})[seed] = record
+                elif not args.report_only:
+                    todo.append((name, seed, run, cfg))
+        for (name, seed, _, _), record in zip(todo, in_workers(args.jobs, train_candidate, [
+                (args, run, cfg, teacher, name, seed) for name, seed, run, cfg in todo])):
+            candidates["runs"].setdefault(name, {})[seed] = record
+    c1 = candidates["runs"].get("C1", {}).get(TUNING_SEEDS[0])
+    if c1 is not None and not c1.get("class_share") and "C2" in CANDIDATES and CANDIDATES["C2"] is None:
+        candidates["not_run"]["C2"] = "C1's first tuning run logged no TCLD class share (distill.grad_share_every)"
+    complete = {n: r for n, r in candidates["runs"].items() if len(r) == len(TUNING_SEEDS)}
+    if complete and all(n in complete or n in candidates["not_run"] for n in CANDIDATES):
+        means = {n: statistics.mean(r["metrics"]["tuning"]["mAP"] for r in complete[n].values()) for n in complete}
+        candidates["choice"] = max(complete, key=lambda n: (means[n], -list(CANDIDATES).index(n)))
+    return candidates
+
+
+def chosen_variants(candidates):
+    """VARIANTS with the CLoCK row at the chosen candidate and gt_denoise at its distill.logit settings;
+    without a choice, the two rows are left out (they wait for it)."""
+    if candidates["choice"] is None:
+        return {v: row for v, row in VARIANTS.items() if v not in ("clock", "gt_denoise")}
+    chosen = candidate_overrides(candidates, candidates["choice"])
+    logit = [o for o in chosen if o.startswith(("distill.logit.", "distill.lambda_logit="))]
+    variants = dict(VARIANTS)
+    variants["clock"] = (VARIANTS["clock"][0], VARIANTS["clock"][1] + chosen)
+    variants["gt_denoise"] = (VARIANTS["gt_denoise"][0], logit + VARIANTS["gt_denoise"][1])
+    return variants
+
+
+def tuning_lines(candidates):
+    """The report's section on DINO's candidates: tuning means per candidate and the choice."""
+    lines = ["### DINO's CLoCK candidates (tuning split, seeds "
+             + ", ".join(map(str, TUNING_SEEDS)) + "; the test split is not read for the choice)", ""]
+    rows = []
+    for name in CANDIDATES:
+        runs = candidates["runs"].get(name, {})
+        if name in candidates["not_run"]:
+            rows.append([name, "-", "not run: " + candidates["not_run"][name], "-", "-"])
+            continue
+        overrides = candidate_overrides(candidates, name)
+        maps = [runs[s]["metrics"]["tuning"]["mAP"] for s in TUNING_SEEDS if s in runs]
+        shares = [runs[s]["class_share"] for s in TUNING_SEEDS if s in runs and runs[s].get("class_share")]
+        rows.append([name, " ".join(overrides) if overrides is not None else "(after C1's seed-100 run)",
+                     ", ".join(f"{m:.4f}" for m in maps) or "-", f"{statistics.mean(maps):.4f}" if maps else "-",
+                     f"{statistics.mean(shares):.3f}" if shares else "-"])
+    lines += bk.markdown_table(["candidate", "overrides of distill.yaml", "tuning mAP per seed", "mean",
+                                "TCLD class share of the gradient"], rows)
+    choice = candidates["choice"]
+    lines += ["", f"Choice (highest mean tuning mAP, a tie keeps the earlier): **{choice}**, the CLoCK row in every "
+              "family." if choice else "Choice: not made yet (a candidate's tuning runs are missing); the CLoCK and "
+              "gt_denoise rows wait for it.", ""]
+    return lines
+
+
+def collect(args, variants=None):
+    """{family: {"teacher", "runs": {variant: {seed: record}}, "not_run": {what: why}}} of `variants` (default
+    VARIANTS); with --report-only only reads, else trains what is missing (seed-major, so finished seeds are
+    complete pairs)."""
+    variants = variants or VARIANTS
     results, todo = {}, []
     for family in args.families:
         entry = results[family] = {"teacher": None, "runs": {}, "not_run": {}}
@@ -219,8 +357,11 @@ def collect(args):
             continue
         for seed in range(args.seeds or FAMILIES[family]):
             for variant in args.variants:
+                if variant not in variants:
+                    entry["not_run"][variant] = "waits for DINO's tuning choice"
+                    continue
                 try:
-                    name, cfg, inputs = student(args, family, variant, seed, teacher)
+                    name, cfg, inputs = student(args, family, variant, seed, teacher, variants)
                 except ConfigError as e:
                     entry["not_run"][variant] = f"this code does not train it ({e})"
                     continue
@@ -232,7 +373,7 @@ def collect(args):
                 elif not args.report_only:
                     todo.append((family, variant, seed, teacher))
     for (family, variant, seed, _), record in zip(todo, in_workers(args.jobs, train_student,
-                                                                    [(args, *call) for call in todo])):
+                                                                    [(args, *call, variants) for call in todo])):
         results[family]["runs"].setdefault(variant, {})[seed] = record
     return results
 
@@ -341,13 +482,14 @@ def pass_rule_lines(paired):
     return lines
 
 
-def report(args, results):
+def report(args, results, candidates):
     lines = [f"Synthetic KITTI: {args.train_images} training + {args.tuning_images} tuning images (seed 0 scenes), "
              f"test split {args.test_images} images (seed 1). Students {args.configs}/student.yaml and the distill "
              f"configs, {args.epochs} epochs; teachers {args.configs}/teacher.yaml, {args.teacher_epochs} epochs; "
              f"schedule per family {FAMILY_SCHEDULE}"
              + (f"; at most {args.max_iters} iterations per run (a smoke run, not a result)" if args.max_iters else "")
              + ".", "", PASS_RULE, ""]
+    lines += tuning_lines(candidates)
     records = [r for e in results.values() for per_seed in e["runs"].values() for r in per_seed.values()]
     records += [e["teacher"] for e in results.values() if e["teacher"]]
     lines += bk.older_code_line(records, {bk.code_hash(CODE), bk.code_hash(CODE + ("distill",))})
@@ -378,6 +520,7 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, one thread each")
     parser.add_argument("--machine", help="pair the runs of this machine type (default: the one with most runs)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the run files")
+    parser.add_argument("--tune-only", action="store_true", help="only DINO's candidates on the tuning seeds")
     parser.add_argument("--out", default="bench_out/distill_ab", help="data and run folders (checkpoints)")
     parser.add_argument("--runs-dir", default=RUNS, help="one json per finished run (commit these)")
     parser.add_argument("--teachers-dir", default=TEACHERS, help="the teachers' weights (commit these)")
@@ -385,11 +528,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def dino_candidates(args):
+    """DINO's tuning stage: trained (with its teacher) when DINO is among --families or --tune-only, else
+    only read, so a cheaper family can run first."""
+    train = not args.report_only and (args.tune_only or "dino" in args.families)
+    stage_args = args if train else argparse.Namespace(**{**vars(args), "report_only": True})
+    teacher = family_teacher(stage_args, "dino")
+    if teacher is None:
+        return {"runs": {}, "not_run": {}, "choice": None}
+    return tune(stage_args, teacher)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.report_only:
         ensure_data(args)
-    lines = report(args, collect(args))
+    candidates = dino_candidates(args)
+    results = {} if args.tune_only else collect(args, chosen_variants(candidates))
+    lines = report(args, results, candidates)
     command = "python -m studies.distill_ab " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                           if a != "--report-only")
     bk.write_report(args.results, "Distillation A/B (written by studies/distill_ab.py)", lines, command.strip())
