@@ -306,6 +306,9 @@ def chosen_variants(candidates):
         return {v: row for v, row in VARIANTS.items() if v not in ("clock", "gt_denoise")}
     chosen = candidate_overrides(candidates, candidates["choice"])
     logit = [o for o in chosen if o.startswith(("distill.logit.", "distill.lambda_logit="))]
+    # C4's extra group holds only the general queries (its target-aware ones are the student's matching
+    # queries, trained on the ground truth anyway): its control is that group alone
+    logit = ["distill.logit.repeats=0" if o == "distill.logit.anchors=student" else o for o in logit]
     variants = dict(VARIANTS)
     variants["clock"] = (VARIANTS["clock"][0], VARIANTS["clock"][1] + chosen)
     variants["gt_denoise"] = (VARIANTS["gt_denoise"][0], logit + VARIANTS["gt_denoise"][1])

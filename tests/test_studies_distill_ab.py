@@ -282,3 +282,10 @@ def test_the_choice_is_the_best_tuning_mean_and_sets_the_clock_and_gt_denoise_ro
     text = "\n".join(distill_ab.tuning_lines(candidates))
     assert "| C2 | distill.logit.w_cls=6 | 0.3300, 0.3100 | 0.3200 | 0.020 |" in text
     assert "**C2**" in text
+
+
+def test_c4_s_control_is_its_general_group_alone():
+    candidates = {"runs": {}, "not_run": {}, "choice": "C4"}
+    variants = distill_ab.chosen_variants(candidates)
+    assert variants["clock"][1] == ["distill.logit.anchors=student"]
+    assert variants["gt_denoise"][1] == ["distill.logit.repeats=0", "distill.method=gt_denoise"]
