@@ -195,11 +195,13 @@ def family_teacher(args, family):
 
 def commit_weights(checkpoint, path):
     """A teacher's last.pt without optimizer and RNG state (a checkpoint load_model reads), to be committed."""
-    from clock_deploy.checkpoint import read_checkpoint
+    from clock_deploy.checkpoint import content_sha256, read_checkpoint
     from clock_deploy.io import torch_save
     ckpt = read_checkpoint(checkpoint)
     keep = ("format", "version", "arch", "classes", "config", "model", "ema", "epoch", "iteration", "metrics")
-    torch_save({k: ckpt[k] for k in keep if k in ckpt}, path)
+    weights = {k: ckpt[k] for k in keep if k in ckpt}
+    weights["checksum"] = content_sha256(weights)  # so every read of the committed file can verify it
+    torch_save(weights, path)
 
 
 def student(args, family, variant, seed, teacher, variants=None):

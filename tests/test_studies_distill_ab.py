@@ -6,6 +6,7 @@ import os
 import pytest
 
 from clock_deploy import config as config_module
+from clock_deploy.checkpoint import content_sha256, read_checkpoint
 from clock_deploy.io import file_sha256, read_json
 from studies import bookkeeping as bk
 from studies import distill_ab
@@ -199,6 +200,8 @@ def test_a_tiny_ab_trains_records_its_machine_and_reports(tiny_ab):
     assert sorted(os.listdir(runs)) == ["dino-baseline-0.json", "dino-clock-0.json", "dino-teacher.json", *tuning]
     teacher = read_json(runs / "dino-teacher.json")
     assert teacher["weights"]["sha256"] == file_sha256(root / "teachers" / "dino-teacher.pt")
+    weights = read_checkpoint(root / "teachers" / "dino-teacher.pt")  # verified on read: it carries a checksum
+    assert weights["checksum"] == content_sha256(weights) and "optimizer" not in weights
     clock = read_json(runs / "dino-clock-0.json")
     assert clock["inputs"] == {"data": ["synth_train6_val2_s0", "synth_test2_s1"],
                                "teacher": teacher["key"] + "-" + teacher["weights"]["sha256"][:16]}
