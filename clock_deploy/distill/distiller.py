@@ -19,8 +19,7 @@ from clock_deploy.distill.adapters import LevelAdapters, pair_levels
 from clock_deploy.distill.baselines import FgdLoss
 from clock_deploy.distill.clock import LcmdLoss, QueryDistillLoss
 from clock_deploy.distill.controls import GtDenoiser
-from clock_deploy.distill.queries import (RandomAnchorSampler, TargetQuerySampler, class_free, query_group,
-                                          teacher_anchors)
+from clock_deploy.distill.queries import RandomAnchorSampler, TargetQuerySampler, class_free, query_group
 from clock_deploy.distill.sampling import side_rng, side_seed
 from clock_deploy.errors import UserError
 from clock_deploy.models.build import build_criterion
@@ -102,7 +101,7 @@ class Distiller(nn.Module):
         teacher_out = self.run_teacher(images, spec)
         specs = [spec] if spec is not None else []
         if self.teacher_anchor_queries:
-            specs.insert(0, class_free(teacher_anchors(self.teacher, teacher_out).detach(), student.num_classes))
+            specs.insert(0, class_free(teacher_out.anchors, student.num_classes))
         groups = [query_group(student, s, self.own_content) for s in specs]
         student_out = student(images, targets, groups=groups or None)
 
