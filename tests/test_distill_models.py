@@ -538,3 +538,126 @@ def test_distilling_leaves_the_global_rng_stream_as_plain_training(method):
         distiller.begin_step(epoch=0, iteration=1)
         distiller(student, images, targets)
         assert not torch.equal(groups[0][-1].boxes, groups[1][-1].boxes)
+
+
+# ---------------------------------------------------------------- C4: the student's matching anchors (logit.anchors)
+
+def c4_family(arch, anchors="student", two_stage=False):
+    cfg, teacher, student, _ = same_family(arch, two_stage=two_stage)
+    cfg.distill.logit.anchors = anchors
+    return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+
+
+def teacher_calls(model):
+    """(kwargs, output) of every forward of the model."""
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out)), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_c4_teacher_answers_the_students_matching_anchors_of_the_step(arch, two_stage):
+    cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
+    perturb(student)  # untrained box heads start at zero: both models would answer the anchors with themselves
+    calls = teacher_calls(teacher)
+    student_out, losses = distill_losses(distiller, student)
+    assert set(losses) == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
+    ((kwargs, teacher_out),) = calls  # one teacher forward, after the student's, without its matching queries
+    (group,) = kwargs["groups"]
+    assert kwargs["matching"] is False and teacher_out.stages[0].logits.shape[1] == 0
+    queries = cfg.model.num_queries
+    assert group.segments == (queries, 5)  # the student's anchors, then the general queries: no GT copies
+    assert not group.content.any() and not group.pad_mask.any()
+    assert student_out.anchors.shape == (2, queries, 4) and not student_out.anchors.requires_grad
+    torch.testing.assert_close(group.boxes[:, :queries], student_out.anchors, rtol=0, atol=0)
+    if arch == "dino" or two_stage:  # the selected encoder proposals its decoder starts from
+        torch.testing.assert_close(student_out.anchors, student_out.encoder.boxes.detach())
+    elif arch == "dab_detr":  # the learned anchors
+        learned = student.refpoint_embed.weight.sigmoid()[None].expand(2, -1, -1)
+        torch.testing.assert_close(student_out.anchors, learned)
+    for value in losses.values():
+        assert torch.isfinite(value) and value > 0
+    # the student's matching predictions take the term's gradient (shipped CLoCK: only its extra group does)
+    matching_logits = student_out.stages[-1].logits
+    (grad,) = torch.autograd.grad(losses["loss_logit_cls"], matching_logits, retain_graph=True)
+    assert grad.abs().sum() > 0
+
+
+def test_c4_compares_slot_to_slot_with_the_students_matching_predictions():
+    # DAB-DETR's matching queries have zero content on their anchors: a copy asked its own anchors with zero
+    # content answers exactly as its matching queries, so the term is 0 only if the slots line up
+    cfg = tiny_config("dab_detr", method="clock")
+    cfg.distill.logit.anchors = "student"
+    teacher = tiny_model(cfg)
+    student = copy.deepcopy(teacher).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    _, losses = distill_losses(distiller, student)
+    assert abs(losses["loss_logit_cls"].item()) < 1e-5 and abs(losses["loss_logit_box"].item()) < 1e-5
+    perturb(student)
+    _, losses = distill_losses(distiller, student)
+    assert losses["loss_logit_cls"] > 1e-4 and losses["loss_logit_box"] > 1e-4
+
+
+def test_c4_without_general_queries_distils_the_matching_predictions_alone():
+    cfg, teacher, student, _ = same_family("dino")
+    cfg.distill.logit.anchors, cfg.distill.logit.random_queries = "student", 0
+    distiller = build_distiller(cfg, teacher, student).train()
+    calls = teacher_calls(teacher)
+    student_out, losses = distill_losses(distiller, student)
+    (group,) = calls[0][0]["groups"]
+    assert student_out.groups == [] and group.boxes.shape[1] == cfg.model.num_queries
+    assert losses["loss_logit_cls"] > 0 and losses["loss_logit_box"] > 0
+
+
+def flat_grad(loss, model):
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def test_c4_changes_the_loss_and_the_direction_of_the_students_gradient():
+    values, grads = {}, {}
+    for anchors in ("gt", "student"):
+        cfg, teacher, student, distiller = c4_family("dino", anchors)
+        perturb(student)  # untrained box heads start at zero: the box term would be 0 either way
+        _, losses = distill_losses(distiller, student)
+        values[anchors] = {k: v.item() for k, v in losses.items()}
+        grads[anchors] = flat_grad(losses["loss_logit_cls"] + losses["loss_logit_box"], student)
+    assert values["gt"]["loss_mem"] == pytest.approx(values["student"]["loss_mem"], rel=1e-6)  # LCMD is as it was
+    for key in ("loss_logit_cls", "loss_logit_box"):
+        assert values["gt"][key] != pytest.approx(values["student"][key], rel=1e-3), key
+    cosine = torch.nn.functional.cosine_similarity(grads["gt"], grads["student"], dim=0)
+    assert cosine < 0.999
+
+
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_c4_student_anchor_segment_is_isolated_from_the_general_queries(arch, two_stage):
+    from clock_deploy.distill.queries import class_free, concat
+    cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
+    perturb(teacher, 0.2)  # Deformable DETR starts with zero sampling-offset / attention weights
+    images, targets = batch()
+    with torch.no_grad():
+        anchors = class_free(student(images, targets).anchors, student.num_classes)
+    general = distiller.sampler(images, targets)
+    both = distiller.run_teacher(images, concat(anchors, general))
+    alone = distiller.run_teacher(images, anchors)
+    queries = cfg.model.num_queries
+    for a, b in zip(alone.groups[0], both.groups[0]):
+        torch.testing.assert_close(b.logits[:, :queries], a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.boxes[:, :queries], a.boxes, rtol=1e-5, atol=1e-5)
+    # and the general queries are seen by nothing else: moving them leaves the anchors' answers alone
+    moved = concat(anchors, class_free(general.boxes.flip(1), student.num_classes))
+    for a, b in zip(alone.groups[0], distiller.run_teacher(images, moved).groups[0]):
+        torch.testing.assert_close(b.logits[:, :queries], a.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_c4_needs_a_teacher():
+    cfg = tiny_config("dino", method="gt_denoise")
+    cfg.distill.logit.anchors = "student"
+    with pytest.raises(UserError, match="distill.logit.anchors"):
+        build_distiller(cfg, None, tiny_model(cfg))
+
+
+def test_c4_is_off_by_default():
+    assert tiny_config("dino", method="clock").distill.logit.anchors == "gt"

@@ -166,3 +166,24 @@ def test_rt_detr_teacher_runs_in_bf16_autocast():
     assert values["fp32"]["loss_mem"] > 0 and values["fp32"]["loss_logit_cls"] > 0
     for key, value in values["fp32"].items():
         assert values["bf16"][key] == pytest.approx(value, rel=2e-2, abs=1e-6), key
+
+
+@pytest.mark.parametrize("teacher_arch", ["rt_detr", "dino"])
+def test_c4_teacher_answers_the_rt_detr_students_selected_queries(teacher_arch):
+    """distill.logit.anchors=student (C4): the teacher is asked the anchors of the student's selected queries
+    (zero content), then the general queries, and the term reaches the student's matching predictions."""
+    cfg = tiny_config(method="clock")
+    cfg.distill.logit.anchors = "student"
+    teacher, student = tiny_model(tiny_config(teacher_arch, hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    calls = []
+    teacher.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    student_out, losses = distill_losses(distiller, student)
+    ((group,),) = [kwargs["groups"] for kwargs in calls]
+    queries = cfg.model.num_queries
+    assert group.segments == (queries, 5) and not group.content.any()
+    torch.testing.assert_close(group.boxes[:, :queries], student_out.anchors, rtol=0, atol=0)
+    torch.testing.assert_close(student_out.anchors, student_out.encoder.boxes.detach())
+    assert losses["loss_logit_cls"] > 0 and all(torch.isfinite(v) for v in losses.values())
+    (grad,) = torch.autograd.grad(losses["loss_logit_cls"], student_out.stages[-1].logits)
+    assert grad.abs().sum() > 0
