@@ -232,6 +232,11 @@ class TcldConfig:
     # one (DINO's denoising label_enc: then they are denoising queries). Zero was chosen on the tuning
     # split (studies/archive/distill_content/report.md); DAB-DETR and Deformable DETR get zero content either way.
     content: str = choice("zero", "own")
+    # the anchors of the target-aware queries besides the general ones: "gt" = the noisy GT copies above (shipped
+    # CLoCK); "student" = candidate C4 of studies/distill_ab_preregistration.md: no GT copies (repeats / box_noise
+    # unused), the teacher answers the anchors the student's matching queries started from this step (zero
+    # content), compared slot to slot with the student's own matching predictions
+    anchors: str = choice("gt", "student")
 
 
 @dataclass

@@ -162,6 +162,67 @@ def make_class_head_config():
     return _class_head_config
 
 
+# ---------------------------------------------------------------- distillation (teacher / student pairs)
+
+def _distill_config(arch, hidden=32, dec_layers=2, method="none", enc_layers=2):
+    cfg = Config()
+    cfg.data.img_size = [64, 96]
+    m = cfg.model
+    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, hidden, 2, 2 * hidden
+    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = enc_layers, dec_layers, 10, 6
+    m.backbone.depth, m.backbone.width = 18, 8
+    cfg.distill.method = method
+    cfg.distill.logit.random_queries = 5
+    cfg.distill.kd_detr.random_queries = 5
+    return cfg
+
+
+def _distill_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+def _distill_batch():
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 96)
+    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    return images, targets
+
+
+def _distill_losses(distiller, student):
+    images, targets = _distill_batch()
+    torch.manual_seed(3)  # same random queries / denoising noise every call
+    return distiller(student, images, targets)
+
+
+@pytest.fixture(scope="session")
+def make_distill_config():
+    """make_distill_config(arch, hidden=32, dec_layers=2, method="none", enc_layers=2): a tiny model config
+    (64 x 96 inputs, 10 queries, a width-8 ResNet-18) with distill.method and 5 random queries per step."""
+    return _distill_config
+
+
+@pytest.fixture(scope="session")
+def make_distill_model():
+    """make_distill_model(cfg, seed=0): build_model(cfg.model) after torch.manual_seed(seed)."""
+    return _distill_model
+
+
+@pytest.fixture(scope="session")
+def make_distill_batch():
+    """make_distill_batch() -> (images, targets): two 64 x 96 images, the first with two boxes, the second with
+    none. Seeds the global RNG (1) first, so what a test draws next is the same on every call."""
+    return _distill_batch
+
+
+@pytest.fixture(scope="session")
+def distill_losses():
+    """distill_losses(distiller, student) -> (student output, losses) on make_distill_batch()'s batch, the global
+    RNG seeded (3) before the step: the same random queries and denoising noise on every call."""
+    return _distill_losses
+
+
 # ---------------------------------------------------------------- transformers reference models
 
 def _hf_deformable(folder, num_labels, box_refine, two_stage, seed=0):

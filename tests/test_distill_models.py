@@ -21,32 +21,6 @@ ARCHS = ["dab_detr", "deformable_detr", "dino"]
 OTHER_FAMILY = {"dab_detr": "dino", "deformable_detr": "dab_detr", "dino": "deformable_detr"}
 
 
-def tiny_config(arch, hidden=32, dec_layers=2, method="none"):
-    cfg = Config()
-    cfg.data.img_size = [64, 96]
-    m = cfg.model
-    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, hidden, 2, 2 * hidden
-    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 2, dec_layers, 10, 6
-    m.backbone.depth, m.backbone.width = 18, 8
-    cfg.distill.method = method
-    cfg.distill.logit.random_queries = 5
-    cfg.distill.kd_detr.random_queries = 5
-    return cfg
-
-
-def tiny_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg.model)
-
-
-def batch():
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 64, 96)
-    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
-    return images, targets
-
-
 def perturb(model, scale=0.05):
     torch.manual_seed(2)
     with torch.no_grad():
@@ -54,20 +28,15 @@ def perturb(model, scale=0.05):
             p.add_(scale * torch.randn_like(p))
 
 
-def distill_losses(distiller, student):
-    images, targets = batch()
-    torch.manual_seed(3)  # same random queries / denoising noise every call
-    return distiller(student, images, targets)
-
-
 @pytest.mark.parametrize("method,arch", [("clock", "dab_detr"), ("clock", "deformable_detr"), ("clock", "dino"),
                                          ("kd_detr", "dab_detr"), ("fgd", "deformable_detr")])
-def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch):
+def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch, make_distill_config, make_distill_model,
+                                                             distill_losses):
     # KD-DETR supervises every student stage with the teacher's last one, so only a one-layer
     # copy matches it exactly; and only DAB-DETR's matching queries have the zero content the
     # student's copy of the teacher anchors gets
-    cfg = tiny_config(arch, method=method, dec_layers=1 if method == "kd_detr" else 2)
-    teacher = tiny_model(cfg)
+    cfg = make_distill_config(arch, method=method, dec_layers=1 if method == "kd_detr" else 2)
+    teacher = make_distill_model(cfg)
     student = copy.deepcopy(teacher).train()
     distiller = build_distiller(cfg, teacher, student).train()
     _, losses = distill_losses(distiller, student)
@@ -85,16 +54,20 @@ def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch):
         assert value.item() > 1e-4, name
 
 
-def cross_family(student_arch, method):
-    """Student (hidden 32, 2 layers) and a teacher of another family (hidden 48, 3 layers)."""
-    cfg = tiny_config(student_arch, method=method)
-    teacher = tiny_model(tiny_config(OTHER_FAMILY[student_arch], hidden=48, dec_layers=3), seed=5)
-    student = tiny_model(cfg).train()
-    return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+@pytest.fixture(scope="module")
+def cross_family(make_distill_config, make_distill_model):
+    """cross_family(student_arch, method) -> (cfg, teacher, student, distiller): a student (hidden 32, 2 layers)
+    and a teacher of another family (hidden 48, 3 layers)."""
+    def build(student_arch, method):
+        cfg = make_distill_config(student_arch, method=method)
+        teacher = make_distill_model(make_distill_config(OTHER_FAMILY[student_arch], hidden=48, dec_layers=3), seed=5)
+        student = make_distill_model(cfg).train()
+        return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+    return build
 
 
 @pytest.mark.parametrize("method", ["clock", "kd_detr", "fgd"])
-def test_gradients_reach_student_and_adapters_only(method):
+def test_gradients_reach_student_and_adapters_only(method, distill_losses, cross_family):
     cfg, teacher, student, distiller = cross_family("dino", method)
     _, losses = distill_losses(distiller, student)
     sum(losses.values()).backward()
@@ -122,10 +95,11 @@ def group_for(model, spec):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("training", [False, True])
-def test_target_aware_group_does_not_change_normal_predictions(arch, training):
-    cfg = tiny_config(arch)
-    model = tiny_model(cfg).train(training)
-    images, targets = batch()
+def test_target_aware_group_does_not_change_normal_predictions(arch, training, make_distill_config,
+                                                               make_distill_model, make_distill_batch):
+    cfg = make_distill_config(arch)
+    model = make_distill_model(cfg).train(training)
+    images, targets = make_distill_batch()
     torch.manual_seed(4)
     spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
     torch.manual_seed(7)
@@ -148,7 +122,7 @@ def test_target_aware_group_does_not_change_normal_predictions(arch, training):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_family_distills_from_another_family(arch):
+def test_every_family_distills_from_another_family(arch, make_distill_batch, distill_losses, cross_family):
     cfg, teacher, student, distiller = cross_family(arch, "clock")
     step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
     assert not teacher.training and student.training
@@ -156,7 +130,7 @@ def test_every_family_distills_from_another_family(arch):
     student_before = copy.deepcopy(student.state_dict())
     params = [p for p in step.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    images, targets = batch()
+    images, targets = make_distill_batch()
     losses = step(images, targets)
     assert {"loss_mem", "loss_logit_cls", "loss_logit_box"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -173,19 +147,19 @@ def test_every_family_distills_from_another_family(arch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kd_detr_averages_its_l1_and_tcld_sums_it():
+def test_kd_detr_averages_its_l1_and_tcld_sums_it(make_distill_config, make_distill_model):
     for method, mean in [("kd_detr", True), ("clock", False)]:
-        cfg = tiny_config("dab_detr", method=method)
-        distiller = build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+        cfg = make_distill_config("dab_detr", method=method)
+        distiller = build_distiller(cfg, make_distill_model(cfg), make_distill_model(cfg, seed=1))
         assert [term.l1_mean for term in distiller.query_terms.values()] == [mean] * len(distiller.query_terms)
 
 
 @pytest.mark.parametrize("value", ["model", "sine"])
-def test_removed_lcmd_position_option_is_refused(value):
-    cfg = tiny_config("dab_detr", method="clock")
+def test_removed_lcmd_position_option_is_refused(value, make_distill_config, make_distill_model):
+    cfg = make_distill_config("dab_detr", method="clock")
     cfg.distill.mem.pos_embed = value
     with pytest.raises(UserError, match="distill.mem.pos_embed.*removed"):
-        build_distiller(cfg, tiny_model(cfg), tiny_model(cfg, seed=1))
+        build_distiller(cfg, make_distill_model(cfg), make_distill_model(cfg, seed=1))
 
 
 @pytest.mark.parametrize("key,value", [("weighting", "focal"), ("attention_temperature", "0"),
@@ -195,7 +169,7 @@ def test_lcmd_attention_weighting_keys_are_validated(key, value):
         load_config(None, [f"distill.mem.{key}={value}"])
 
 
-def test_lcmd_attention_weighting_builds_for_dino_and_changes_only_the_memory_term():
+def test_lcmd_attention_weighting_builds_for_dino_and_changes_only_the_memory_term(distill_losses, same_family):
     # candidate C3 of studies/distill_ab_preregistration.md, from the config keys a run sets
     overrides = load_config(None, ["distill.mem.weighting=gt_attention", "distill.mem.attention_temperature=0.5"])
     assert Config().distill.mem.weighting == "gt"  # off by default: the shipped CLoCK is unchanged
@@ -217,13 +191,14 @@ def test_lcmd_attention_weighting_builds_for_dino_and_changes_only_the_memory_te
 
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
                                             ("deformable_detr", True), ("dino", False), ("rt_detr", False)])
-def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage):
+def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_stage, make_distill_config,
+                                                                     make_distill_model, make_distill_batch):
     # every family answers its groups alone; the groups are isolated, so the answers are the same
-    cfg = tiny_config(arch, method="clock")
+    cfg = make_distill_config(arch, method="clock")
     cfg.model.two_stage = two_stage
-    teacher, student = tiny_model(cfg), tiny_model(cfg, seed=1)
+    teacher, student = make_distill_model(cfg), make_distill_model(cfg, seed=1)
     distiller = build_distiller(cfg, teacher, student).train()
-    images, targets = batch()
+    images, targets = make_distill_batch()
     spec = distiller.sampler(images, targets)
     with torch.no_grad():
         full = teacher(images, groups=[query_group(teacher, spec, own_content=False)])
@@ -234,26 +209,26 @@ def test_teacher_skips_its_matching_queries_where_no_loss_reads_them(arch, two_s
         torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone.memory[0], full.memory[0])
     # KD-DETR's teacher-anchor term reads the matching predictions: its teacher keeps them
-    kd_cfg = tiny_config(arch, method="kd_detr")
+    kd_cfg = make_distill_config(arch, method="kd_detr")
     kd_cfg.model.two_stage = two_stage
     kd = build_distiller(kd_cfg, teacher, student)
     assert kd.run_teacher(images, kd.sampler(images, targets)).stages[-1].logits.shape[1] == cfg.model.num_queries
 
 
-def test_wrong_trainable_state_is_a_user_error():
+def test_wrong_trainable_state_is_a_user_error(make_distill_config, cross_family):
     cfg, teacher, student, distiller = cross_family("dino", "clock")
-    fgd_cfg = tiny_config("dino", method="fgd")
+    fgd_cfg = make_distill_config("dino", method="fgd")
     other = build_distiller(fgd_cfg, teacher, student)
     with pytest.raises(UserError, match="distill.method"):
         distiller.load_trainable_state(other.trainable_state())
 
 
-def test_batch_without_ground_truth():
-    cfg = tiny_config("deformable_detr", method="clock")
+def test_batch_without_ground_truth(make_distill_config, make_distill_model, make_distill_batch):
+    cfg = make_distill_config("deformable_detr", method="clock")
     cfg.distill.logit.random_queries = 0
-    teacher, student = tiny_model(cfg), tiny_model(cfg, seed=1)
+    teacher, student = make_distill_model(cfg), make_distill_model(cfg, seed=1)
     distiller = build_distiller(cfg, teacher, student).train()
-    images, _ = batch()
+    images, _ = make_distill_batch()
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     out, losses = distiller(student, images, empty)
     assert out.groups == [] and losses["loss_logit_cls"] == 0 and losses["loss_logit_box"] == 0
@@ -283,12 +258,12 @@ def onnx_summary(model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_distilled_student_exports_like_an_undistilled_one(arch):
+def test_distilled_student_exports_like_an_undistilled_one(arch, make_distill_model, make_distill_batch, cross_family):
     cfg, teacher, student, distiller = cross_family(arch, "clock")
-    never_distilled = tiny_model(cfg, seed=9)
+    never_distilled = make_distill_model(cfg, seed=9)
     step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-3)
-    images, targets = batch()
+    images, targets = make_distill_batch()
     sum(step(images, targets).values()).backward()
     optimizer.step()
 
@@ -305,15 +280,15 @@ def test_distilled_student_exports_like_an_undistilled_one(arch):
     assert len(distilled["initializers"]) > 20
 
 
-def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
-    cfg = tiny_config("dab_detr", method="clock")
+def test_distill_needs_a_teacher_with_the_same_classes(tmp_path, make_distill_config):
+    cfg = make_distill_config("dab_detr", method="clock")
     with pytest.raises(UserError, match="distill.teacher"):
         load_teacher(cfg, "cpu")
     cfg.distill.teacher = str(tmp_path / "missing.pt")
     with pytest.raises(UserError, match="not found"):
         load_teacher(cfg, "cpu")
 
-    teacher_cfg = tiny_config("dino", hidden=48)
+    teacher_cfg = make_distill_config("dino", hidden=48)
     teacher_cfg.model.num_classes, teacher_cfg.data.classes = 8, "kitti8"
     from clock_deploy.data.kitti import class_names
     save_checkpoint(tmp_path / "t8.pt", build_model(teacher_cfg.model), teacher_cfg, class_names("kitti8"), 1, 10)
@@ -330,7 +305,7 @@ def test_distill_needs_a_teacher_with_the_same_classes(tmp_path):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert build_distiller(cfg, teacher, build_model(cfg.model)) is not None
 
-    wrong = tiny_config("dab_detr", method="clock")
+    wrong = make_distill_config("dab_detr", method="clock")
     wrong.model.num_classes = 8
     with pytest.raises(UserError, match="classes"):
         build_distiller(wrong, teacher, build_model(wrong.model))
@@ -353,22 +328,26 @@ def test_demo_distill_configs_build(name, method):
 
 # ---------------------------------------------------------------- queries in each model's own language
 
-def same_family(arch, method="clock", **overrides):
-    """Student (hidden 32, 2 layers) and a wider, deeper teacher of the same family (hidden 48, 3 layers)."""
-    cfg = tiny_config(arch, method=method)
-    for key, value in overrides.items():
-        setattr(cfg.model, key, value)
-    teacher_cfg = tiny_config(arch, hidden=48, dec_layers=3)
-    for key, value in overrides.items():
-        setattr(teacher_cfg.model, key, value)
-    teacher, student = tiny_model(teacher_cfg, seed=5), tiny_model(cfg).train()
-    return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+@pytest.fixture(scope="module")
+def same_family(make_distill_config, make_distill_model):
+    """same_family(arch, method="clock", **model_overrides) -> (cfg, teacher, student, distiller): a student
+    (hidden 32, 2 layers) and a wider, deeper teacher of the same family (hidden 48, 3 layers)."""
+    def build(arch, method="clock", **overrides):
+        cfg = make_distill_config(arch, method=method)
+        for key, value in overrides.items():
+            setattr(cfg.model, key, value)
+        teacher_cfg = make_distill_config(arch, hidden=48, dec_layers=3)
+        for key, value in overrides.items():
+            setattr(teacher_cfg.model, key, value)
+        teacher, student = make_distill_model(teacher_cfg, seed=5), make_distill_model(cfg).train()
+        return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+    return build
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_query_content_comes_from_each_models_own_embedding(arch):
+def test_query_content_comes_from_each_models_own_embedding(arch, make_distill_batch, same_family):
     cfg, teacher, student, distiller = same_family(arch)
-    images, targets = batch()
+    images, targets = make_distill_batch()
     torch.manual_seed(4)
     spec = distiller.sampler(images, targets)
     has_class = spec.labels < cfg.model.num_classes
@@ -384,10 +363,12 @@ def test_query_content_comes_from_each_models_own_embedding(arch):
 
 
 @pytest.mark.parametrize("content", ["own", "zero"])
-def test_distill_logit_content_zero_asks_dino_without_its_label_embedding(content):
-    cfg = tiny_config("dino", method="clock")
+def test_distill_logit_content_zero_asks_dino_without_its_label_embedding(content, make_distill_config,
+                                                                          make_distill_model, distill_losses):
+    cfg = make_distill_config("dino", method="clock")
     cfg.distill.logit.content = content
-    teacher, student = tiny_model(tiny_config("dino", hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+    teacher = make_distill_model(make_distill_config("dino", hidden=48, dec_layers=3), seed=5)
+    student = make_distill_model(cfg).train()
     distiller = build_distiller(cfg, teacher, student).train()
     asked, embedded = {}, []
     for name, model in (("teacher", teacher), ("student", student)):
@@ -404,17 +385,17 @@ def test_distill_logit_content_zero_asks_dino_without_its_label_embedding(conten
     assert losses["loss_logit_cls"] > 0
 
 
-def test_target_aware_queries_have_zero_content_by_default():
+def test_target_aware_queries_have_zero_content_by_default(make_distill_config):
     # chosen on the tuning split by the second DINO follow-up (studies/archive/distill_content/report.md)
-    assert tiny_config("dino", method="clock").distill.logit.content == "zero"
+    assert make_distill_config("dino", method="clock").distill.logit.content == "zero"
 
 
-def test_deformable_group_position_carries_box_size():
+def test_deformable_group_position_carries_box_size(make_distill_config, make_distill_model, make_distill_batch):
     from clock_deploy.distill.queries import class_free
-    cfg = tiny_config("deformable_detr")  # one-stage: the reference point is only the centre
-    model = tiny_model(cfg).eval()
+    cfg = make_distill_config("deformable_detr")  # one-stage: the reference point is only the centre
+    model = make_distill_model(cfg).eval()
     perturb(model, 0.2)  # Deformable DETR starts with zero sampling-offset / attention weights
-    images, _ = batch()
+    images, _ = make_distill_batch()
     boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.6, 0.4]]]).expand(2, -1, -1)
     with torch.no_grad():
         out = model(images, groups=[query_group(model, class_free(boxes, 3))])
@@ -439,7 +420,8 @@ def student_groups(model):
 
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
                                             ("deformable_detr", True), ("dino", False)])
-def test_kd_detr_anchors_come_from_the_teacher_queries_and_the_teacher_runs_once(arch, two_stage):
+def test_kd_detr_anchors_come_from_the_teacher_queries_and_the_teacher_runs_once(arch, two_stage, distill_losses,
+                                                                                 same_family):
     cfg, teacher, student, distiller = same_family(arch, "kd_detr", two_stage=two_stage)
     teacher_calls, groups = count_forwards(teacher), student_groups(student)
     _, losses = distill_losses(distiller, student)
@@ -461,7 +443,7 @@ def test_kd_detr_anchors_come_from_the_teacher_queries_and_the_teacher_runs_once
     assert distiller.query_terms["anchors"].tau == 10
 
 
-def test_teacher_runs_under_inference_mode_and_optional_bf16():
+def test_teacher_runs_under_inference_mode_and_optional_bf16(distill_losses, same_family):
     cfg, teacher, student, distiller = same_family("dino")
     calls = []
     teacher.register_forward_hook(lambda m, args, out: calls.append(
@@ -481,11 +463,11 @@ def test_teacher_runs_under_inference_mode_and_optional_bf16():
         build_distiller(cfg, teacher, student)
 
 
-def test_repeats_without_noise_is_a_user_error():
-    cfg = tiny_config("dab_detr", method="clock")
+def test_repeats_without_noise_is_a_user_error(make_distill_config, make_distill_model):
+    cfg = make_distill_config("dab_detr", method="clock")
     cfg.distill.logit.box_noise = 0.0
     with pytest.raises(UserError, match="box_noise"):
-        build_distiller(cfg, tiny_model(cfg), tiny_model(cfg))
+        build_distiller(cfg, make_distill_model(cfg), make_distill_model(cfg))
 
 
 # ---------------------------------------------------------------- gradient shares
@@ -522,10 +504,10 @@ def test_distill_run_logs_gradient_shares(tmp_path, make_synthetic_data, make_tr
 
 
 @pytest.mark.parametrize("method", ["clock", "kd_detr", "fgd"])
-def test_distilling_leaves_the_global_rng_stream_as_plain_training(method):
+def test_distilling_leaves_the_global_rng_stream_as_plain_training(method, make_distill_batch, same_family):
     # paired A/B: a distilled run of a seed must see the same flips and denoising noise as the plain run
     cfg, teacher, student, _ = same_family("dino", method)
-    images, targets = batch()
+    images, targets = make_distill_batch()
     torch.manual_seed(11)
     student(images, targets)
     plain = torch.get_rng_state()
@@ -538,3 +520,131 @@ def test_distilling_leaves_the_global_rng_stream_as_plain_training(method):
         distiller.begin_step(epoch=0, iteration=1)
         distiller(student, images, targets)
         assert not torch.equal(groups[0][-1].boxes, groups[1][-1].boxes)
+
+
+# ---------------------------------------------------------------- C4: the student's matching anchors (logit.anchors)
+
+@pytest.fixture(scope="module")
+def c4_family(same_family):
+    """c4_family(arch, anchors="student", two_stage=False): same_family's pair with distill.logit.anchors set."""
+    def build(arch, anchors="student", two_stage=False):
+        cfg, teacher, student, _ = same_family(arch, two_stage=two_stage)
+        cfg.distill.logit.anchors = anchors
+        return cfg, teacher, student, build_distiller(cfg, teacher, student).train()
+    return build
+
+
+def teacher_calls(model):
+    """(kwargs, output) of every forward of the model."""
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out)), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_c4_teacher_answers_the_students_matching_anchors_of_the_step(arch, two_stage, distill_losses, c4_family):
+    cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
+    perturb(student)  # untrained box heads start at zero: both models would answer the anchors with themselves
+    calls = teacher_calls(teacher)
+    student_out, losses = distill_losses(distiller, student)
+    assert set(losses) == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
+    ((kwargs, teacher_out),) = calls  # one teacher forward, after the student's, without its matching queries
+    (group,) = kwargs["groups"]
+    assert kwargs["matching"] is False and teacher_out.stages[0].logits.shape[1] == 0
+    queries = cfg.model.num_queries
+    assert group.segments == (queries, 5)  # the student's anchors, then the general queries: no GT copies
+    assert not group.content.any() and not group.pad_mask.any()
+    assert student_out.anchors.shape == (2, queries, 4) and not student_out.anchors.requires_grad
+    torch.testing.assert_close(group.boxes[:, :queries], student_out.anchors, rtol=0, atol=0)
+    if arch == "dino" or two_stage:  # the selected encoder proposals its decoder starts from
+        torch.testing.assert_close(student_out.anchors, student_out.encoder.boxes.detach())
+    elif arch == "dab_detr":  # the learned anchors
+        learned = student.refpoint_embed.weight.sigmoid()[None].expand(2, -1, -1)
+        torch.testing.assert_close(student_out.anchors, learned)
+    for value in losses.values():
+        assert torch.isfinite(value) and value > 0
+    # the student's matching predictions take the term's gradient (shipped CLoCK: only its extra group does)
+    matching_logits = student_out.stages[-1].logits
+    (grad,) = torch.autograd.grad(losses["loss_logit_cls"], matching_logits, retain_graph=True)
+    assert grad.abs().sum() > 0
+
+
+def test_c4_compares_slot_to_slot_with_the_students_matching_predictions(make_distill_config, make_distill_model,
+                                                                         distill_losses):
+    # DAB-DETR's matching queries have zero content on their anchors: a copy asked its own anchors with zero
+    # content answers exactly as its matching queries, so the term is 0 only if the slots line up
+    cfg = make_distill_config("dab_detr", method="clock")
+    cfg.distill.logit.anchors = "student"
+    teacher = make_distill_model(cfg)
+    student = copy.deepcopy(teacher).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    _, losses = distill_losses(distiller, student)
+    assert abs(losses["loss_logit_cls"].item()) < 1e-5 and abs(losses["loss_logit_box"].item()) < 1e-5
+    perturb(student)
+    _, losses = distill_losses(distiller, student)
+    assert losses["loss_logit_cls"] > 1e-4 and losses["loss_logit_box"] > 1e-4
+
+
+def test_c4_without_general_queries_distils_the_matching_predictions_alone(distill_losses, same_family):
+    cfg, teacher, student, _ = same_family("dino")
+    cfg.distill.logit.anchors, cfg.distill.logit.random_queries = "student", 0
+    distiller = build_distiller(cfg, teacher, student).train()
+    calls = teacher_calls(teacher)
+    student_out, losses = distill_losses(distiller, student)
+    (group,) = calls[0][0]["groups"]
+    assert student_out.groups == [] and group.boxes.shape[1] == cfg.model.num_queries
+    assert losses["loss_logit_cls"] > 0 and losses["loss_logit_box"] > 0
+
+
+def flat_grad(loss, model):
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def test_c4_changes_the_loss_and_the_direction_of_the_students_gradient(distill_losses, c4_family):
+    values, grads = {}, {}
+    for anchors in ("gt", "student"):
+        cfg, teacher, student, distiller = c4_family("dino", anchors)
+        perturb(student)  # untrained box heads start at zero: the box term would be 0 either way
+        _, losses = distill_losses(distiller, student)
+        values[anchors] = {k: v.item() for k, v in losses.items()}
+        grads[anchors] = flat_grad(losses["loss_logit_cls"] + losses["loss_logit_box"], student)
+    assert values["gt"]["loss_mem"] == pytest.approx(values["student"]["loss_mem"], rel=1e-6)  # LCMD is as it was
+    for key in ("loss_logit_cls", "loss_logit_box"):
+        assert values["gt"][key] != pytest.approx(values["student"][key], rel=1e-3), key
+    cosine = torch.nn.functional.cosine_similarity(grads["gt"], grads["student"], dim=0)
+    assert cosine < 0.999
+
+
+@pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
+                                            ("deformable_detr", True), ("dino", False)])
+def test_c4_student_anchor_segment_is_isolated_from_the_general_queries(arch, two_stage, make_distill_batch, c4_family):
+    from clock_deploy.distill.queries import class_free, concat
+    cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
+    perturb(teacher, 0.2)  # Deformable DETR starts with zero sampling-offset / attention weights
+    images, targets = make_distill_batch()
+    with torch.no_grad():
+        anchors = class_free(student(images, targets).anchors, student.num_classes)
+    general = distiller.sampler(images, targets)
+    both = distiller.run_teacher(images, concat(anchors, general))
+    alone = distiller.run_teacher(images, anchors)
+    queries = cfg.model.num_queries
+    for a, b in zip(alone.groups[0], both.groups[0]):
+        torch.testing.assert_close(b.logits[:, :queries], a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.boxes[:, :queries], a.boxes, rtol=1e-5, atol=1e-5)
+    # and the general queries are seen by nothing else: moving them leaves the anchors' answers alone
+    moved = concat(anchors, class_free(general.boxes.flip(1), student.num_classes))
+    for a, b in zip(alone.groups[0], distiller.run_teacher(images, moved).groups[0]):
+        torch.testing.assert_close(b.logits[:, :queries], a.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_c4_needs_a_teacher(make_distill_config, make_distill_model):
+    cfg = make_distill_config("dino", method="gt_denoise")
+    cfg.distill.logit.anchors = "student"
+    with pytest.raises(UserError, match="distill.logit.anchors"):
+        build_distiller(cfg, None, make_distill_model(cfg))
+
+
+def test_c4_is_off_by_default(make_distill_config):
+    assert make_distill_config("dino", method="clock").distill.logit.anchors == "gt"

@@ -6,49 +6,25 @@ import copy
 import pytest
 import torch
 
-from clock_deploy.config import Config
 from clock_deploy.distill import build_distiller
 from clock_deploy.distill.queries import TargetQuerySampler, query_group
-from clock_deploy.models.build import build_criterion, build_model
+from clock_deploy.models.build import build_criterion
 from clock_deploy.training.trainer import TrainStep
 
 
-def tiny_config(arch="rt_detr", hidden=32, dec_layers=2, method="none"):
-    cfg = Config()
-    cfg.data.img_size = [64, 96]
-    m = cfg.model
-    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, hidden, 2, 2 * hidden
-    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 1, dec_layers, 10, 6
-    m.backbone.depth, m.backbone.width = 18, 8
-    cfg.distill.method = method
-    cfg.distill.logit.random_queries = 5
-    cfg.distill.kd_detr.random_queries = 5
-    return cfg
-
-
-def tiny_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg.model)
-
-
-def batch():
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 64, 96)
-    targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
-    return images, targets
-
-
-def distill_losses(distiller, student):
-    images, targets = batch()
-    torch.manual_seed(3)  # same random queries / denoising noise every call
-    return distiller(student, images, targets)
+@pytest.fixture(scope="module")
+def make_config(make_distill_config):
+    """make_config(arch="rt_detr", hidden=32, dec_layers=2, method="none"): make_distill_config with one encoder
+    layer, students and teachers alike."""
+    def config(arch="rt_detr", **settings):
+        return make_distill_config(arch, enc_layers=1, **settings)
+    return config
 
 
 @pytest.mark.parametrize("method", ["clock", "fgd"])
-def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method):
-    cfg = tiny_config(method=method)
-    teacher = tiny_model(cfg)
+def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, make_config, make_distill_model, distill_losses):
+    cfg = make_config(method=method)
+    teacher = make_distill_model(cfg)
     # eval: RT-DETR's encoder BatchNorms would use batch statistics in training, the teacher running ones
     student = copy.deepcopy(teacher).eval()
     distiller = build_distiller(cfg, teacher, student).train()
@@ -68,10 +44,11 @@ def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_target_aware_group_does_not_change_matching_or_denoising_predictions(training):
-    cfg = tiny_config()
-    model = tiny_model(cfg).train(training)
-    images, targets = batch()
+def test_target_aware_group_does_not_change_matching_or_denoising_predictions(training, make_config,
+                                                                              make_distill_model, make_distill_batch):
+    cfg = make_config()
+    model = make_distill_model(cfg).train(training)
+    images, targets = make_distill_batch()
     torch.manual_seed(4)
     spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
     torch.manual_seed(7)
@@ -100,18 +77,19 @@ def test_target_aware_group_does_not_change_matching_or_denoising_predictions(tr
 @pytest.mark.parametrize("teacher_arch,student_arch,method", [
     ("dino", "rt_detr", "clock"), ("dino", "rt_detr", "kd_detr"), ("dino", "rt_detr", "fgd"),
     ("rt_detr", "deformable_detr", "clock")])
-def test_one_distill_step_across_families(teacher_arch, student_arch, method):
+def test_one_distill_step_across_families(teacher_arch, student_arch, method, make_config, make_distill_model,
+                                          make_distill_batch):
     """A DINO teacher (48 wide, 3 layers) distils an RT-DETR student (32 wide): adapters bridge widths and
     levels; the teacher stays as it was, the student moves, the terms reach the student."""
-    cfg = tiny_config(student_arch, method=method)
-    teacher = tiny_model(tiny_config(teacher_arch, hidden=48, dec_layers=3), seed=5)
-    student = tiny_model(cfg).train()
+    cfg = make_config(student_arch, method=method)
+    teacher = make_distill_model(make_config(teacher_arch, hidden=48, dec_layers=3), seed=5)
+    student = make_distill_model(cfg).train()
     distiller = build_distiller(cfg, teacher, student).train()
     step = TrainStep(student, build_criterion(cfg.loss, cfg.model), distiller).train()
     teacher_before = copy.deepcopy(teacher.state_dict())
     student_before = copy.deepcopy(student.state_dict())
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-3)
-    images, targets = batch()
+    images, targets = make_distill_batch()
     losses = step(images, targets)
     distill_terms = {"clock": {"loss_mem", "loss_logit_cls", "loss_logit_box"},
                      "kd_detr": {"loss_kd_anchor_cls", "loss_kd_random_cls"},
@@ -126,9 +104,9 @@ def test_one_distill_step_across_families(teacher_arch, student_arch, method):
     assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
 
 
-def test_kd_detr_anchors_are_the_rt_detr_teachers_selected_queries():
-    cfg = tiny_config(method="kd_detr")
-    teacher, student = tiny_model(tiny_config(hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+def test_kd_detr_anchors_are_the_rt_detr_teachers_selected_queries(make_config, make_distill_model, distill_losses):
+    cfg = make_config(method="kd_detr")
+    teacher, student = make_distill_model(make_config(hidden=48, dec_layers=3), seed=5), make_distill_model(cfg).train()
     distiller = build_distiller(cfg, teacher, student).train()
     calls, groups = [], []
     teacher.register_forward_hook(lambda m, args, out: calls.append(out))
@@ -140,10 +118,10 @@ def test_kd_detr_anchors_are_the_rt_detr_teachers_selected_queries():
     assert not anchors.content.any()
 
 
-def test_own_content_is_the_rt_detr_denoising_embedding():
-    cfg = tiny_config(method="clock")
-    model = tiny_model(cfg)
-    images, targets = batch()
+def test_own_content_is_the_rt_detr_denoising_embedding(make_config, make_distill_model, make_distill_batch):
+    cfg = make_config(method="clock")
+    model = make_distill_model(cfg)
+    images, targets = make_distill_batch()
     torch.manual_seed(4)
     spec = TargetQuerySampler(model.num_classes, 3, 0.1, 5)(images, targets)
     has_class = spec.labels < model.num_classes
@@ -152,17 +130,41 @@ def test_own_content_is_the_rt_detr_denoising_embedding():
     assert not content[~has_class].any()
 
 
-def test_rt_detr_teacher_runs_in_bf16_autocast():
+def test_rt_detr_teacher_runs_in_bf16_autocast(make_config, make_distill_model, distill_losses):
     """The teacher under bf16 autocast gives the fp32 terms to bf16 precision (untrained box heads start at
     zero, so both models answer the shared anchors with the anchors themselves: box term 0)."""
     values = {}
     for dtype in ("fp32", "bf16"):
-        cfg = tiny_config(method="clock")
+        cfg = make_config(method="clock")
         cfg.distill.teacher_dtype = dtype
-        teacher, student = tiny_model(tiny_config(hidden=48, dec_layers=3), seed=5), tiny_model(cfg).train()
+        teacher = make_distill_model(make_config(hidden=48, dec_layers=3), seed=5)
+        student = make_distill_model(cfg).train()
         distiller = build_distiller(cfg, teacher, student).train()
         values[dtype] = {k: v.item() for k, v in distill_losses(distiller, student)[1].items()}
     assert values["bf16"].keys() == {"loss_mem", "loss_logit_cls", "loss_logit_box"}
     assert values["fp32"]["loss_mem"] > 0 and values["fp32"]["loss_logit_cls"] > 0
     for key, value in values["fp32"].items():
         assert values["bf16"][key] == pytest.approx(value, rel=2e-2, abs=1e-6), key
+
+
+@pytest.mark.parametrize("teacher_arch", ["rt_detr", "dino"])
+def test_c4_teacher_answers_the_rt_detr_students_selected_queries(teacher_arch, make_config, make_distill_model,
+                                                                  distill_losses):
+    """distill.logit.anchors=student (C4): the teacher is asked the anchors of the student's selected queries
+    (zero content), then the general queries, and the term reaches the student's matching predictions."""
+    cfg = make_config(method="clock")
+    cfg.distill.logit.anchors = "student"
+    teacher = make_distill_model(make_config(teacher_arch, hidden=48, dec_layers=3), seed=5)
+    student = make_distill_model(cfg).train()
+    distiller = build_distiller(cfg, teacher, student).train()
+    calls = []
+    teacher.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    student_out, losses = distill_losses(distiller, student)
+    ((group,),) = [kwargs["groups"] for kwargs in calls]
+    queries = cfg.model.num_queries
+    assert group.segments == (queries, 5) and not group.content.any()
+    torch.testing.assert_close(group.boxes[:, :queries], student_out.anchors, rtol=0, atol=0)
+    torch.testing.assert_close(student_out.anchors, student_out.encoder.boxes.detach())
+    assert losses["loss_logit_cls"] > 0 and all(torch.isfinite(v) for v in losses.values())
+    (grad,) = torch.autograd.grad(losses["loss_logit_cls"], student_out.stages[-1].logits)
+    assert grad.abs().sum() > 0

@@ -4,7 +4,7 @@ none     No distiller: `clock-deploy distill` with method none trains the studen
 
 kd_detr  KD-DETR (Wang et al., CVPR 2024) as in the authors' code (Myleswork/KD-DETR); built by
          distiller.build_distiller from the shared pieces, no class of its own:
-         (1) the student answers the teacher's own query anchors (queries.teacher_anchors) with zero
+         (1) the student answers the teacher's own query anchors (DetrOutput.anchors) with zero
              content; the targets are the teacher's matching predictions from its normal forward;
          (2) `kd_detr.random_queries` random anchors drawn every step like a fresh nn.Embedding(n, 4)
              (sigmoid of N(0, 1), the same for every image; queries.embedding_anchors), answered by

@@ -27,7 +27,9 @@ TCLD  per student stage s, paired with a teacher stage t(s), slot i to slot i (n
       last always); "last" pairs every student stage with the teacher's last stage (KD-DETR).
       The student answers its extra query group `student_group`; the teacher its group
       `teacher_group`, or its own matching queries when teacher_group is None (KD-DETR's teacher
-      anchors).
+      anchors). With `student_matching` the student's matching predictions answer the first slots
+      of the teacher's group and its group `student_group` (if any) the rest (C4: the teacher was
+      asked the student's matching anchors, then the general queries).
 """
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from torch import nn
 
 from clock_deploy.distill.attention import attention_maps
 from clock_deploy.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from clock_deploy.models.contract import StageOutput
 
 
 # ---------------------------------------------------------------- GT location weights
@@ -137,21 +140,32 @@ class QueryDistillLoss(nn.Module):
     """Slot-to-slot logit + box distillation over the stages of an extra query group (TCLD, KD-DETR)."""
 
     def __init__(self, tau=10.0, cls_loss="bce", w_cls=1.0, w_l1=5.0, w_giou=2.0, stages="consistent",
-                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0, l1_mean=False):
+                 weight=1.0, prefix="loss_logit", student_group=0, teacher_group=0, l1_mean=False,
+                 student_matching=False):
         super().__init__()
         self.l1_mean = l1_mean  # L1 averaged over the 4 coordinates (KD-DETR's code), else summed (DETR's)
         self.tau, self.cls_loss, self.stages = tau, cls_loss, stages
         self.w_cls, self.w_l1, self.w_giou, self.weight, self.prefix = w_cls, w_l1, w_giou, weight, prefix
         self.student_group, self.teacher_group = student_group, teacher_group
+        self.student_matching = student_matching
+
+    def student_stages(self, student_out):
+        """Per stage, the student's answers to the slots the term compares (module docstring)."""
+        group = student_out.groups[self.student_group] if self.student_group < len(student_out.groups) else []
+        if not self.student_matching:
+            return group
+        if not group:
+            return student_out.stages
+        return [StageOutput(torch.cat([m.logits, g.logits], 1), torch.cat([m.boxes, g.boxes], 1))
+                for m, g in zip(student_out.stages, group)]
 
     def forward(self, student_out, teacher_out, pad_mask=None):
-        """Losses on the student's group `student_group`; zero when it is absent (no GT, no random queries).
-        pad_mask [B, G] marks that group's padding slots."""
+        """Losses on the student's answers (`student_stages`); zero when there are none (no GT, no random
+        queries). pad_mask [B, G] marks the padding slots among them."""
         cls_total = student_out.pred_logits.new_zeros(())
         box_total = cls_total.clone()
-        student_stages, teacher_stages = [], []
-        if self.student_group < len(student_out.groups):
-            student_stages = student_out.groups[self.student_group]
+        student_stages, teacher_stages = self.student_stages(student_out), []
+        if student_stages:
             teacher_stages = (teacher_out.stages if self.teacher_group is None
                               else teacher_out.groups[self.teacher_group])
         for s, t in stage_pairs(len(student_stages), len(teacher_stages), self.stages):

@@ -19,8 +19,7 @@ from clock_deploy.distill.adapters import LevelAdapters, pair_levels
 from clock_deploy.distill.baselines import FgdLoss
 from clock_deploy.distill.clock import LcmdLoss, QueryDistillLoss
 from clock_deploy.distill.controls import GtDenoiser
-from clock_deploy.distill.queries import (RandomAnchorSampler, TargetQuerySampler, class_free, query_group,
-                                          teacher_anchors)
+from clock_deploy.distill.queries import RandomAnchorSampler, TargetQuerySampler, class_free, concat, query_group
 from clock_deploy.distill.sampling import side_rng, side_seed
 from clock_deploy.errors import UserError
 from clock_deploy.models.build import build_criterion
@@ -52,6 +51,10 @@ class Distiller(nn.Module):
     model by `query_group` (`own_content`: from the model's own label embedding, else zero).
     `teacher_anchor_queries`: the student also answers the teacher's own query anchors (KD-DETR),
     placed before the shared group; the teacher's matching queries give the targets.
+    `student_anchor_queries` (C4) is the mirror image: the student runs first, and the teacher answers the
+    anchors the student's matching queries started from (`DetrOutput.anchors`, zero content) followed by
+    the shared group, in one group of two attention segments; the student's answers are its own matching
+    predictions and its shared group (QueryDistillLoss `student_matching`).
     Query terms get the padding mask of the student group they read.
 
     The sampler draws from a side stream seeded by (seed, epoch, iteration, rank), which the trainer
@@ -60,7 +63,7 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher, map_terms=None, query_terms=None, sampler=None, own_content=True,
-                 teacher_anchor_queries=False, teacher_dtype="fp32", seed=0):
+                 teacher_anchor_queries=False, student_anchor_queries=False, teacher_dtype="fp32", seed=0):
         super().__init__()
         self.seed, self.step_key = seed, (0, 0, 0)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -68,6 +71,7 @@ class Distiller(nn.Module):
         self.query_terms = nn.ModuleDict(query_terms or {})
         self.sampler, self.own_content = sampler, own_content
         self.teacher_anchor_queries, self.teacher_dtype = teacher_anchor_queries, teacher_dtype
+        self.student_anchor_queries = student_anchor_queries
 
     def begin_step(self, epoch, iteration, rank=0):
         """Which step the next forward is: the side stream's seed is (seed, epoch, iteration, rank)."""
@@ -93,18 +97,27 @@ class Distiller(nn.Module):
             out = self.teacher(images, groups=groups, matching=False) if skip else self.teacher(images, groups=groups)
         return ordinary_float(out)
 
+    def run_student(self, student, images, targets, specs):
+        groups = [query_group(student, s, self.own_content) for s in specs]
+        return student(images, targets, groups=groups or None)
+
     def forward(self, student, images, targets):
         image_hw = tuple(images.shape[-2:])
         spec = None
         if self.sampler is not None:
             with side_rng(side_seed(self.seed, *self.step_key), images.device):
                 spec = self.sampler(images, targets)
-        teacher_out = self.run_teacher(images, spec)
         specs = [spec] if spec is not None else []
-        if self.teacher_anchor_queries:
-            specs.insert(0, class_free(teacher_anchors(self.teacher, teacher_out).detach(), student.num_classes))
-        groups = [query_group(student, s, self.own_content) for s in specs]
-        student_out = student(images, targets, groups=groups or None)
+        if self.student_anchor_queries:  # the teacher needs no gradient: it can answer after the student
+            student_out = self.run_student(student, images, targets, specs)
+            spec = concat(class_free(student_out.anchors.detach(), student.num_classes), spec)
+            teacher_out = self.run_teacher(images, spec)
+            specs = [spec]  # the slots the term compares: the student's matching queries, then its group
+        else:
+            teacher_out = self.run_teacher(images, spec)
+            if self.teacher_anchor_queries:
+                specs.insert(0, class_free(teacher_out.anchors, student.num_classes))
+            student_out = self.run_student(student, images, targets, specs)
 
         losses = {}
         for term in self.map_terms.values():
@@ -174,6 +187,8 @@ def tcld_sampler(logit_cfg, num_classes):
 def gt_denoiser(cfg, student):
     """distill.method=gt_denoise: TCLD's query group trained on the ground truth, no teacher (controls.py)."""
     lc = cfg.distill.logit
+    if lc.anchors != "gt":
+        raise UserError(f"distill.logit.anchors={lc.anchors} needs a teacher: it is for distill.method=clock")
     if not (lc.repeats or lc.random_queries):
         raise UserError("distill.method=gt_denoise with logit.repeats=0 and logit.random_queries=0 adds no query")
     return GtDenoiser(build_criterion(cfg.loss, cfg.model), tcld_sampler(lc, student.num_classes),
@@ -214,11 +229,14 @@ def _build_distiller(cfg, teacher, student):
         if not dc.use_logit:
             return Distiller(teacher, map_terms, teacher_dtype=dc.teacher_dtype)
         lc = dc.logit
-        sampler = tcld_sampler(lc, num_classes)
+        student_anchors = lc.anchors == "student"  # C4: general queries only from the sampler (no GT copies)
+        sampler = TargetQuerySampler(num_classes, 0, 0.0, lc.random_queries) if student_anchors \
+            else tcld_sampler(lc, num_classes)
         tcld = QueryDistillLoss(tau=lc.tau, cls_loss=lc.cls_loss, w_cls=lc.w_cls, w_l1=lc.w_l1, w_giou=lc.w_giou,
-                                stages="consistent", weight=dc.lambda_logit, prefix="loss_logit")
+                                stages="consistent", weight=dc.lambda_logit, prefix="loss_logit",
+                                student_matching=student_anchors)
         return Distiller(teacher, map_terms, {"tcld": tcld}, sampler, own_content=lc.content == "own",
-                         teacher_dtype=dc.teacher_dtype)
+                         student_anchor_queries=student_anchors, teacher_dtype=dc.teacher_dtype)
 
     if dc.method == "kd_detr":
         kc = dc.kd_detr

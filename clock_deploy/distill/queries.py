@@ -113,23 +113,6 @@ def embedding_anchors(batch, count, num_classes, device):
     return class_free(boxes[None].expand(batch, -1, -1), num_classes)
 
 
-def teacher_anchors(teacher, teacher_out):
-    """The anchors the teacher's matching queries start from, [B, Q, 4] cxcywh.
-
-    Two-stage models (DINO, Deformable two-stage): the selected encoder proposals. DAB-DETR: its
-    learned anchor embedding. One-stage Deformable DETR: its learned reference points (centres)
-    with the size its first decoder layer gives them (the 2-D reference has no size of its own).
-    """
-    batch = teacher_out.stages[0].boxes.shape[0]
-    if teacher_out.encoder is not None:
-        return teacher_out.encoder.boxes
-    if hasattr(teacher, "refpoint_embed"):
-        return teacher.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)
-    query_pos = teacher.query_embed.weight[:, :teacher.hidden_dim]
-    centres = teacher.reference_points(query_pos).sigmoid()[None].expand(batch, -1, -1)
-    return torch.cat([centres, teacher_out.stages[0].boxes[..., 2:]], dim=-1)
-
-
 def concat(*specs):
     """Slots of several specs side by side (same batch)."""
     specs = [s for s in specs if s is not None and s.num_queries > 0]

@@ -50,6 +50,11 @@ class DetrOutput:
     features: list = field(default_factory=list)  # backbone feature maps fed to the encoder (input projections applied)
     encoder: Optional[StageOutput] = None  # two-stage encoder proposals (Deformable two-stage, DINO)
     denoising: Optional[DenoisingOutput] = None
+    # [B, Q, 4] cxcywh, detached: the boxes the matching queries start from (their first decoder layer's
+    # reference): the selected encoder proposals (DINO, two-stage Deformable DETR, RT-DETR), the learned
+    # anchors (DAB-DETR), the learned reference points with the size the first layer gives them (one-stage
+    # Deformable DETR, whose 2-D reference has no size). Q = 0 with matching=False
+    anchors: Optional[Tensor] = None
 
     @property
     def pred_logits(self) -> Tensor:

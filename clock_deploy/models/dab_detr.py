@@ -209,4 +209,5 @@ class DABDETR(nn.Module):
             stages=blocks[0],
             groups=blocks[1:],
             features=[src],
+            anchors=anchors[0].detach().sigmoid(),
         )

@@ -98,6 +98,8 @@ class DeformableDETR(MultiScaleDetrBase):
         logits, boxes = self._decode(torch.cat(contents, 1), torch.cat(positions, 1), torch.cat(references, 1),
                                      memory, spatial_shapes, mask)
         blocks = split_stages(logits, boxes, sizes)
+        # the 2-D reference point has no size: the first layer's is the one it starts from
+        anchors = reference if self.two_stage else torch.cat([reference, blocks[0][0].boxes[..., 2:]], -1)
         return DetrOutput(
             memory=unflatten_levels(memory, spatial_shapes),
             memory_pos=pos_maps,
@@ -105,6 +107,7 @@ class DeformableDETR(MultiScaleDetrBase):
             groups=blocks[1:],
             features=maps,
             encoder=encoder_out,
+            anchors=anchors.detach(),
         )
 
     def _decode(self, tgt, query_pos, reference, memory, spatial_shapes, mask):

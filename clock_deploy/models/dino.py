@@ -130,6 +130,7 @@ class DINO(MultiScaleDetrBase):
             features=maps,
             encoder=encoder_out,
             denoising=denoising,
+            anchors=anchors.sigmoid(),
         )
 
     def _decode(self, tgt, anchors, memory, spatial_shapes, mask):

@@ -157,7 +157,7 @@ class RTDETR(nn.Module):
         blocks = split_stages(logits, boxes, [c.shape[1] for c in contents])
         denoising = DenoisingOutput(stages=blocks.pop(1), meta=meta) if dn is not None else None
         return DetrOutput(memory=maps, memory_pos=self.memory_position(maps), stages=blocks[0], groups=blocks[1:],
-                          features=features, encoder=encoder_out, denoising=denoising)
+                          features=features, encoder=encoder_out, denoising=denoising, anchors=anchors.sigmoid())
 
     def _decode(self, tgt, anchors, memory, spatial_shapes, mask):
         """Decoder with iterative refinement; returns per-layer logits and boxes.
