@@ -33,6 +33,7 @@ FAMILIES = ["dino", "deformable_detr", "dab_detr", "rt_detr"]
 # family -> (teacher config, student config, overrides of both); RT-DETR has demo configs of its own
 FAMILY_CONFIGS = {"rt_detr": ("rt_detr_teacher.yaml", "rt_detr_student.yaml", [])}
 DEFAULT_CONFIGS = ("teacher.yaml", "student.yaml")
+GOAL = 1.15  # CLoCK step / (plain step + teacher forward), issue 42
 # timed distillers: name -> (demo config, overrides)
 STEP_VARIANTS = {"clock": ("distill.yaml", []),
                  "clock_bf16_teacher": ("distill.yaml", ["distill.teacher_dtype=bf16"]),
@@ -123,6 +124,11 @@ def step_costs(args):
                      + " | ".join(f"{m[n] * 1000:.0f}" for n in names)
                      + f" | {m['clock'] / (plain + fp32):.2f} | {m['clock_bf16_teacher'] / (plain + lowms):.2f}"
                      f" | {m['clock'] / plain:.2f} |")
+    ratios = {arch: m["clock"] / (m["plain"] + m["teacher_fp32"]) for arch, m in rows}
+    within = [f"{arch} {r:.2f}" for arch, r in ratios.items() if r <= GOAL]
+    above = [f"{arch} {r:.2f}" for arch, r in ratios.items() if r > GOAL]
+    lines += ["", f"Within the goal (fp32 teacher): {', '.join(within) or 'none'}; "
+              f"above it: {', '.join(above) or 'none'}."]
     lines += ["", "Goal: CLoCK step / (plain step + teacher forward) <= 1.15: the teacher forward is a floor no "
               f"distiller avoids, the rest is CLoCK's own cost. clock_bf16_teacher runs the teacher in {low} "
               f"autocast (distill.teacher_dtype={low}); on a CPU without native bf16 this can be slower than fp32."]
