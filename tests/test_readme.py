@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,12 +37,15 @@ def test_readme_is_a_guide_not_a_notebook():
     assert len(lines) <= 300
 
 
-def test_the_demo_config_gives_the_readme_demo_time():
+@pytest.mark.parametrize("minutes_file,config", [("docs/demo/stage_minutes.json", "configs/demo/pipeline.yaml"),
+                                                 ("docs/demo/rt_detr/stage_minutes.json",
+                                                  "configs/demo/rt_detr_pipeline.yaml")])
+def test_a_demo_config_gives_its_measured_time(minutes_file, config):
     import json
     import re
 
-    with open(os.path.join(ROOT, "docs", "demo", "stage_minutes.json")) as f:
+    with open(os.path.join(ROOT, minutes_file)) as f:
         minutes = round(sum(json.load(f).values()))
-    with open(os.path.join(ROOT, "configs", "demo", "pipeline.yaml")) as f:
+    with open(os.path.join(ROOT, config)) as f:
         said = re.search(r"about (\d+) minutes", f.read())
     assert said and int(said.group(1)) == minutes
