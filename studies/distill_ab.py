@@ -330,7 +330,8 @@ def tuning_lines(candidates):
         overrides = candidate_overrides(candidates, name)
         maps = [runs[s]["metrics"]["tuning"]["mAP"] for s in TUNING_SEEDS if s in runs]
         shares = [runs[s]["class_share"] for s in TUNING_SEEDS if s in runs and runs[s].get("class_share")]
-        rows.append([name, " ".join(overrides) if overrides is not None else "(after C1's seed-100 run)",
+        rows.append([name, (" ".join(overrides) or "(none: the shipped config)") if overrides is not None
+                     else "(after C1's seed-100 run)",
                      ", ".join(f"{m:.4f}" for m in maps) or "-", f"{statistics.mean(maps):.4f}" if maps else "-",
                      f"{statistics.mean(shares):.3f}" if shares else "-"])
     lines += bk.markdown_table(["candidate", "overrides of distill.yaml", "tuning mAP per seed", "mean",
