@@ -11,11 +11,13 @@
     batch 1, runs of all models interleaved, median + p90) and training step time (forward + loss +
     backward + AdamW step on a fixed random batch of train.batch_size, steps interleaved, median).
 (b) Our RT-DETR against transformers' RTDetrV2ForObjectDetection at RT-DETRv2-S (R18vd) size, 80 classes,
-    random weights (every tensor perturbed), imported with `clock-deploy import`'s code and fused for
-    inference as the torch backend runs a checkpoint (models/fuse.py): forward latency (interleaved,
-    median), peak memory of one forward (each in a fresh process: peak RSS growth during the first
-    forward, VmHWM reset through /proc/self/clear_refs; bench_reference.py's method, which loads ours
-    unfused), and the max abs difference of logits and boxes.
+    random weights (every tensor perturbed), imported with `clock-deploy import`'s code and run as the
+    torch backend runs a checkpoint (runtime/backend_torch.py's inference_model: models/fuse.py's folds,
+    then runtime/cpu_layout.py's packed channels_last convs): forward latency (interleaved, median),
+    peak memory of one forward (each in a fresh process: peak RSS growth during the first forward, VmHWM
+    reset through /proc/self/clear_refs; bench_reference.py's method), and the max abs difference of
+    logits and boxes. Two more rows in the same interleaving say where the gain comes from: ours fused
+    only (plain eager convs), and transformers' model with channels_last weights and input.
 
     python benchmarks/bench_realtime.py [--threads 2] [--runs 30] [--steps 8] [--ref-runs 10]
                                         [--ref-sizes 128x416,384x1248]
@@ -25,6 +27,7 @@
 Writes benchmarks/results/realtime.md (+ .json).
 """
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -44,6 +47,7 @@ from clock_deploy.measure.devices import detect  # noqa: E402
 from clock_deploy.measure.latency import summarize  # noqa: E402
 from clock_deploy.models.build import build_model  # noqa: E402
 from clock_deploy.models.fuse import fuse_for_inference  # noqa: E402
+from clock_deploy.runtime.backend_torch import inference_model  # noqa: E402
 
 RT_DETR = ["model.arch=rt_detr", "model.rt_detr.expansion=0.5"]  # R18vd-like: RT-DETR's CCFF width for R18 / R34
 TINY = ["data.img_size=[64,192]", "model.backbone.width=8", "model.hidden_dim=32", "model.ffn_dim=64",
@@ -208,19 +212,27 @@ def outputs_equal(diffs, tolerance=OUTPUT_TOLERANCE):
 
 
 def reference_rows(folder, sizes, runs, threads, small=False, warmup=2, memory=True):
-    """Per input size: output differences, interleaved forward latency (ms) and peak memory (MB) of both; ours
-    fused for inference (as runtime/backend_torch.py runs a checkpoint), its memory measured unfused."""
+    """Per input size: output differences, interleaved forward latency (ms) and peak memory (MB). "project" is
+    ours as the torch backend runs a checkpoint (inference_model), "transformers" theirs as shipped; for
+    attribution, ours fused only ("project fused") and theirs in channels_last ("transformers channels_last")."""
     hf_model, hf_dir, model, ckpt = build_reference_pair(folder, small)
-    model = fuse_for_inference(model)
+    runtime = inference_model(copy.deepcopy(model))
+    fused = fuse_for_inference(model)
+    hf_channels_last = copy.deepcopy(hf_model).to(memory_format=torch.channels_last)
     rows = []
     for height, width in sizes:
         images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))
-        diffs = output_differences(hf_model, model, images)
+        images_channels_last = images.contiguous(memory_format=torch.channels_last)
+        diffs = output_differences(hf_model, runtime, images)
         with torch.inference_mode():
-            times = interleaved({"project": lambda: forward("project", model, images),
-                                 "transformers": lambda: forward("transformers", hf_model, images)}, runs, warmup)
-        peak = ({impl: peak_memory(impl, "rt_detr", path, height, width, threads)
-                 for impl, path in (("project", ckpt), ("transformers", hf_dir))} if memory else None)
+            times = interleaved({
+                "project": lambda: forward("project", runtime, images),
+                "project fused": lambda: forward("project", fused, images),
+                "transformers": lambda: forward("transformers", hf_model, images),
+                "transformers channels_last": lambda: forward("transformers", hf_channels_last, images_channels_last),
+            }, runs, warmup)
+        peak = ({name: peak_memory(impl, "rt_detr", path, height, width, threads) for name, impl, path in
+                 (("project", "project-runtime", ckpt), ("transformers", "transformers", hf_dir))} if memory else None)
         rows.append({"size": (height, width), "diffs": diffs, "latency": {k: summarize(t) for k, t in times.items()},
                      "memory_mb": peak})
         print(f"rt_detr vs transformers {height}x{width}: {rows[-1]['latency']['project'].p50:.1f} / "
@@ -274,12 +286,13 @@ def verdict(ratios, rows):
 
 def reference_table(rows):
     lines = ["| input | max abs diff logits (paired queries) | boxes (paired) | logits (query i vs i) | boxes (i vs i) "
-             "| outputs equal (paired, <= 1e-4) | project ms (median) "
-             "| transformers ms (median) | latency project / transformers (goal <= 0.9x) | project peak MB "
-             "| transformers peak MB | memory project / transformers (goal <= 1.0x) |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| outputs equal (paired, <= 1e-4) | project ms (median) | transformers ms (median) "
+             "| latency project / transformers (goal <= 0.9x) | project fused only ms | transformers channels_last ms "
+             "| project peak MB | transformers peak MB | memory project / transformers (goal <= 1.0x) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        own, ref = row["latency"]["project"].p50, row["latency"]["transformers"].p50
+        latency = {name: summary.p50 for name, summary in row["latency"].items()}
+        own, ref = latency["project"], latency["transformers"]
         memory = row["memory_mb"]
         mem = (f"{memory['project']:.0f} | {memory['transformers']:.0f} | "
                f"{memory['project'] / max(memory['transformers'], 1e-9):.2f}x") if memory else "- | - | -"
@@ -287,7 +300,9 @@ def reference_table(rows):
         lines.append(f"| {row['size'][0]}x{row['size'][1]} | {paired[0]:.1e} | {paired[1]:.1e} | {by_index[0]:.1e} | "
                      f"{by_index[1]:.1e} | "
                      f"{'yes' if outputs_equal(row['diffs']) else 'NO'} | {own:.1f} | {ref:.1f} | {own / ref:.2f}x | "
-                     f"{mem} |")
+                     f"{latency['project fused']:.1f} ({latency['project fused'] / ref:.2f}x) | "
+                     f"{latency['transformers channels_last']:.1f} ({latency['transformers channels_last'] / ref:.2f}x)"
+                     f" | {mem} |")
     return lines
 
 
@@ -319,9 +334,13 @@ def report(run, res):
              f"## Our RT-DETR vs transformers' RTDetrV2ForObjectDetection ({res['ref_params'] / 1e6:.1f} M "
              "parameters)\n",
              f"{reference_size}, random weights (every tensor perturbed), imported with `clock-deploy import`'s code; "
-             "ours fused for inference as the torch backend runs a checkpoint (models/fuse.py: BatchNorm folded into "
-             "convs, RepVGG branches merged; outputs and latency), its peak memory measured unfused; "
-             f"batch 1; latency = median of {run['ref_runs']} interleaved forwards (torch, inference mode); memory = "
+             "ours run as the torch backend runs a checkpoint (runtime/backend_torch.py's inference_model: "
+             "models/fuse.py folds BatchNorm into the convs and merges the RepVGG branches, then "
+             "runtime/cpu_layout.py runs the convs channels_last with weights packed once for oneDNN), for outputs, "
+             "latency and memory; transformers' model as it ships. For attribution, two more rows in the same "
+             "interleaving (their ratio to transformers in brackets): ours fused only (plain eager convs) and "
+             "transformers' model with channels_last weights and input. "
+             f"Batch 1; latency = median of {run['ref_runs']} interleaved forwards (torch, inference mode); memory = "
              "peak RSS growth during the first forward, each in a fresh process (VmHWM reset through "
              "/proc/self/clear_refs; bench_reference.py's method). Outputs are compared with the queries paired by the "
              "memory token each selected (encoder box + score, one to one): random weights give many tokens the same "

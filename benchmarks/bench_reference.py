@@ -120,7 +120,11 @@ def load_for(impl, arch, path):
         import transformers
         return getattr(transformers, HF_CLASSES[arch]).from_pretrained(path).eval()
     from clock_deploy.checkpoint import load_model
-    return load_model(path)[0]
+    model = load_model(path)[0]
+    if impl == "project-runtime":  # as the torch backend runs a checkpoint (fused, packed CPU convs)
+        from clock_deploy.runtime.backend_torch import inference_model
+        return inference_model(model)
+    return model
 
 
 # ---------------------------------------------------------------- measurements

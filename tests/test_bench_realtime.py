@@ -33,6 +33,7 @@ def test_tiny_run_writes_both_tables(tmp_path):
     (ref,) = data["reference"]["rows"]
     assert ref["outputs_equal"] and max(ref["max_abs_diff"]["paired"]) <= 1e-4
     assert all(ref["memory_mb"][impl] > 0 for impl in ("project", "transformers"))
+    assert set(ref["latency_ms"]) == {"project", "project fused", "transformers", "transformers channels_last"}
     (line,) = table_rows(markdown, "64x96 |")
     assert "| yes |" in line
     assert json.loads((tmp_path / "realtime.json").read_text())["matched"] == data["matched"]
@@ -48,7 +49,8 @@ def test_outputs_equal_check_catches_a_difference(tmp_path):
     diffs = bench_realtime.output_differences(hf_model, model, images)
     assert not bench_realtime.outputs_equal(diffs) and abs(diffs["paired"][0] - 1e-3) < 1e-4
     row = {"size": (64, 96), "diffs": diffs, "memory_mb": None,
-           "latency": {impl: bench_realtime.summarize([1.0]) for impl in ("project", "transformers")}}
+           "latency": {impl: bench_realtime.summarize([1.0]) for impl in
+                       ("project", "project fused", "transformers", "transformers channels_last")}}
     assert "| NO |" in bench_realtime.reference_table([row])[-1]
 
 

@@ -2,7 +2,8 @@
 
 The model is wrapped with the same ExportWrapper (detector + PostProcess) that is traced
 to ONNX, and a checkpoint's model is fused for inference as the export fuses it (models/fuse.py),
-so torch and ONNX backends are comparable output for output.
+so torch and ONNX backends are comparable output for output. On a CPU its convolutions then run
+channels_last with weights packed once for oneDNN (cpu_layout.py).
 """
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clock_deploy.models.deform_attn import model_sampling
 from clock_deploy.models.deploy import ExportWrapper
 from clock_deploy.models.fuse import fuse_for_inference
+from clock_deploy.runtime.cpu_layout import prepare_for_cpu
 
 
 class TorchBackend:
@@ -44,10 +46,17 @@ def checkpoint_metadata(cfg, classes, model, source=None):
                           batch=batch_spec(True, 1), source=source, sampling=model_sampling(model))
 
 
+def inference_model(model, device="cpu"):
+    """An eval-mode model loaded only to be run, as this backend runs it: fused, and on a CPU in
+    cpu_layout's packed channels_last convolutions (in place; returns it)."""
+    model = fuse_for_inference(model)
+    return prepare_for_cpu(model) if torch.device(device).type == "cpu" else model
+
+
 def load_checkpoint(path, device="cpu"):
-    """(TorchBackend, metadata) for a training checkpoint, its model fused for inference (models/fuse.py: it is
+    """(TorchBackend, metadata) for a training checkpoint, its model prepared by `inference_model` (it is
     loaded here only to be run)."""
     model, cfg, ckpt = load_model(path)
-    model = fuse_for_inference(model)
+    model = inference_model(model, device)
     backend, _ = model_backend(model, ckpt["classes"], cfg.data.img_size, cfg.export.topk, device)
     return backend, checkpoint_metadata(cfg, ckpt["classes"], model, source={"checkpoint": str(path)})
