@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from clock_deploy.config import Config
 from clock_deploy.distill import build_distiller
 from clock_deploy.distill.controls import GtDenoiser
 from clock_deploy.distill.queries import ground_truth_layout
@@ -14,19 +13,8 @@ from clock_deploy.training.commands import run_training
 from clock_deploy.training.trainer import TrainStep
 
 
-def tiny_config(arch):
-    cfg = Config()
-    cfg.data.img_size = [64, 96]
-    m = cfg.model
-    m.arch, m.hidden_dim, m.nheads, m.ffn_dim = arch, 32, 2, 64
-    m.enc_layers, m.dec_layers, m.num_queries, m.dn.num_queries = 1, 2, 10, 6
-    m.backbone.depth, m.backbone.width = 18, 8
-    cfg.distill.method = "gt_denoise"
-    cfg.distill.logit.random_queries = 5
-    return cfg
-
-
 def batch():
+    """Like conftest's make_distill_batch, but both images have boxes: 3 GT boxes in all (the hand-computed loss)."""
     torch.manual_seed(1)
     images = torch.randn(2, 3, 64, 96)
     targets = [{"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.15, 0.2]]), "labels": torch.tensor([0, 2])},
@@ -35,8 +23,8 @@ def batch():
 
 
 @pytest.mark.parametrize("arch", ["dab_detr", "deformable_detr", "dino"])
-def test_gt_denoise_trains_a_step_of_every_family_without_a_teacher(arch):
-    cfg = tiny_config(arch)
+def test_gt_denoise_trains_a_step_of_every_family_without_a_teacher(arch, make_distill_config):
+    cfg = make_distill_config(arch, method="gt_denoise", enc_layers=1)
     torch.manual_seed(0)
     student = build_model(cfg.model).train()
     denoiser = build_distiller(cfg, None, student)  # no teacher exists: none can be run or read
@@ -57,10 +45,10 @@ def test_gt_denoise_trains_a_step_of_every_family_without_a_teacher(arch):
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
-def test_gt_denoise_loss_by_hand():
+def test_gt_denoise_loss_by_hand(make_distill_config):
     """GT slots are supervised by their own GT box: exact boxes give 0, one coordinate off by 0.1 gives
     w_l1 * 0.1 / (GT count 3 x repeats 2); general slots go through Hungarian matching."""
-    cfg = tiny_config("dino")
+    cfg = make_distill_config("dino", method="gt_denoise", enc_layers=1)
     cfg.distill.logit.repeats, cfg.distill.logit.random_queries = 2, 3
     cfg.loss.aux = False
     denoiser = build_distiller(cfg, None, build_model(cfg.model))
