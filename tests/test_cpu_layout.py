@@ -42,7 +42,7 @@ def test_packed_model_gives_the_fused_models_outputs(arch, make_tiny_student, st
         images = torch.randn(2, 3, height, width, generator=generator)
         assert_close(outputs(packed, images), outputs(fused, images))  # the second size repacks
     first = next(m for m in packed.modules() if type(m) is PackedConv2d)
-    assert first.packed_for == (2, 3, student_io.height + 32, student_io.width - 32)
+    assert first.packed[0] == (2, 3, student_io.height + 32, student_io.width - 32)
 
 
 def test_a_conv_that_needs_gradients_runs_unpacked():
@@ -51,10 +51,10 @@ def test_a_conv_that_needs_gradients_runs_unpacked():
     packed = PackedConv2d(conv)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     packed(x).sum().backward()  # the packed op has no autograd: this would fail if it ran
-    assert packed.packed_for is None and x.grad is not None
+    assert packed.packed[0] is None and x.grad is not None
     with torch.no_grad():
         assert (packed(x) - conv(x)).abs().max().item() <= 1e-5
-    assert packed.packed_for == x.shape
+    assert packed.packed[0] == x.shape
 
 
 def test_without_onednn_only_the_memory_format_changes(monkeypatch, make_tiny_student, student_io):

@@ -25,7 +25,7 @@ class PackedConv2d(nn.Module):
     def __init__(self, conv):
         super().__init__()
         self.conv = conv  # keeps the weights (and the state dict layout) of the conv it replaces
-        self.packed_for, self.packed = None, None
+        self.packed = (None, None)  # (input shape, weight packed for it): one pair, so threads never mix them
 
     def forward(self, x):
         conv = self.conv
@@ -33,10 +33,11 @@ class PackedConv2d(nn.Module):
             return conv(x)  # oneDNN packing is CPU fp32 inference only
         x = x.contiguous(memory_format=torch.channels_last)
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        if self.packed_for != x.shape:  # one packed weight at a time: a fixed-size runtime packs once
-            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.weight.to_mkldnn(), *args, list(x.shape))
-            self.packed_for = x.shape
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, conv.bias, *args, "none", [], "")
+        shape, weight = self.packed
+        if shape != x.shape:  # one packed weight at a time: a fixed-size runtime packs once
+            weight = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.weight.to_mkldnn(), *args, list(x.shape))
+            self.packed = (x.shape, weight)
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
 
 
 def packable(module):
