@@ -345,11 +345,13 @@ def tuning_lines(candidates):
 
 def collect(args, variants=None):
     """{family: {"teacher", "runs": {variant: {seed: record}}, "not_run": {what: why}}} of `variants` (default
-    VARIANTS); with --report-only only reads, else trains what is missing (seed-major, so finished seeds are
-    complete pairs)."""
+    VARIANTS); with --report-only only reads, else trains what is missing: family by family (its teacher, then
+    its students, so a family's run files land before the next teacher trains), seed-major within a family (so
+    finished seeds are complete pairs)."""
     variants = variants or VARIANTS
-    results, todo = {}, []
+    results = {}
     for family in args.families:
+        todo = []
         entry = results[family] = {"teacher": None, "runs": {}, "not_run": {}}
         try:
             teacher = entry["teacher"] = family_teacher(args, family)
@@ -378,9 +380,9 @@ def collect(args, variants=None):
                     entry["runs"].setdefault(variant, {})[seed] = record
                 elif not args.report_only:
                     todo.append((family, variant, seed, teacher))
-    for (family, variant, seed, _), record in zip(todo, in_workers(args.jobs, train_student,
-                                                                    [(args, *call, variants) for call in todo])):
-        results[family]["runs"].setdefault(variant, {})[seed] = record
+        for (_, variant, seed, _), record in zip(todo, in_workers(args.jobs, train_student,
+                                                                   [(args, *call, variants) for call in todo])):
+            entry["runs"].setdefault(variant, {})[seed] = record
     return results
 
 

@@ -150,6 +150,23 @@ def test_a_family_whose_teacher_is_below_its_floor_trains_no_student(tmp_path, m
     assert "| clock |" not in text
 
 
+def test_each_familys_students_train_before_the_next_teacher(tmp_path, monkeypatch):
+    """Family by family: a family's run files land before the next (perhaps long) teacher trains."""
+    calls = []
+    teacher = {"metrics": {"test": {"mAP": 0.5}}, "checkpoint": "t.pt", "key": "k"}
+    monkeypatch.setattr(distill_ab, "family_teacher", lambda args, family: calls.append(("teacher", family)) or teacher)
+    monkeypatch.setattr(distill_ab, "student", lambda args, family, variant, seed, teacher, variants: (
+        f"{family}-{variant}-{seed}", None, {}))
+    monkeypatch.setattr(distill_ab, "code_folders", lambda cfg: ())
+    monkeypatch.setattr(distill_ab.bk.RunRegistry, "find", lambda *a, **k: (None, "not run"))
+    monkeypatch.setattr(distill_ab, "in_workers", lambda jobs, function, argument_lists: [
+        calls.append(("student", arguments[1])) or {} for arguments in argument_lists])
+    args = args_for(tmp_path, "--families", "rt_detr", "deformable_detr", "--seeds", "1", "--variants", "baseline")
+    distill_ab.collect(args, {"baseline": distill_ab.VARIANTS["baseline"]})
+    assert calls == [("teacher", "rt_detr"), ("student", "rt_detr"), ("teacher", "deformable_detr"),
+                     ("student", "deformable_detr")]
+
+
 def test_every_committed_run_file_is_read_by_report_only_on_the_current_code():
     committed = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(distill_ab.RUNS, "*.json")))
     args = distill_ab.parse_args(["--report-only"])
