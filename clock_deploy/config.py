@@ -645,25 +645,17 @@ FAMILY_KEYS = {"model.dn.": ("dino", "rt_detr"), "model.dab.": ("dab_detr",), "m
                "model.sampling": DEFORMABLE_ARCHS, "model.num_feature_levels": DEFORMABLE_ARCHS}
 
 
-def foreign_keys(flat, arch, cfg):
-    """[(key, where, families)] of the keys set in `flat` that model.arch `arch` does not read, leaving out
-    those at their default in `cfg`'s class: a saved config.yaml lists every key, and says nothing by them."""
-    found, defaults = [], type(cfg)()
+def foreign_keys(flat, cfg):
+    """[(key, where, families)] of the keys set in `flat` that cfg.model.arch does not read, leaving out those
+    at their default in `cfg`'s class: a saved config.yaml lists every key, and says nothing by them."""
+    arch, now, defaults = cfg.model.arch, _flatten(to_dict(cfg), ""), _flatten(to_dict(type(cfg)()), "")
+    found = []
     for key, (_, where) in flat.items():
         for prefix, families in FAMILY_KEYS.items():
             if (key.startswith(prefix) if prefix.endswith(".") else key == prefix) and arch not in families \
-                    and _value_at(cfg, key) != _value_at(defaults, key):
+                    and now.get(key) != defaults.get(key):
                 found.append((key, where, families))
     return found
-
-
-def _value_at(cfg, key):
-    """The value of dotted `key` in `cfg` (an entry of a table section: that table)."""
-    for part in key.split("."):
-        if isinstance(cfg, dict):
-            return cfg
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[str] = (), cls: type = Config):
@@ -675,7 +667,7 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
     if isinstance(cfg, Config):
         _cap_workers(cfg.data, flat.get("data.num_workers", (None, "data.num_workers"))[1])
         _check_coarsest_level(cfg, flat.get("data.img_size", (None, "data.img_size"))[1])
-        for key, where, families in foreign_keys(flat, cfg.model.arch, cfg):
+        for key, where, families in foreign_keys(flat, cfg):
             readers = " and ".join(filter(None, [", ".join(families[:-1]), families[-1]]))  # "a, b and c"
             log.warning(f"{where}: {key} is read by {readers} models only; this config's model.arch is "
                         f"{cfg.model.arch}, so it is ignored")
