@@ -6,10 +6,12 @@
   ends elsewhere.
 - Run registry: one json per finished run. A run is keyed on its config minus the keys at their defaults
   (so adding a config key at its default keeps every key), on what else it reads (a teacher), and on the
-  code it depends on. Each record also keeps its whole resolved config, so a changed default is noticed.
+  code it depends on. Each record also keeps its whole resolved config, so a changed default is noticed: a
+  training run trains it again, a report reads it as recorded and names the default it was trained under.
 - Paired statistics: mean, sd, 95% t interval, two-sided paired t-test, Holm's correction.
 - Report rendering: markdown tables and the few number formats the reports share.
 """
+import collections
 import functools
 import glob
 import hashlib
@@ -152,9 +154,10 @@ class RunRegistry:
         write_json(self.path(name), record)
         return record
 
-    def find(self, name, cfg, inputs, folders, older_code=False):
-        """(record, why): the record of `name` if it is a run of `cfg` with `inputs` under the code now, or
-        with older_code also under the code recorded in it (reports read it as recorded); else (None, why)."""
+    def find(self, name, cfg, inputs, folders, as_recorded=False):
+        """(record, why): the record of `name` if it is a run of `cfg` with `inputs` under the code and defaults
+        now; with as_recorded (reports) also one trained under older code or older defaults, read as recorded
+        (`as_recorded_lines` names them); else (None, why)."""
         path = self.path(name)
         if not os.path.isfile(path):
             return None, "not run"
@@ -162,17 +165,20 @@ class RunRegistry:
             record = read_json(path)
             recorded_code = record["code"]["hash"]
             recorded_config = record["config"]
+            recorded_settings = record["settings"]
             key = record["key"]
         except (UserError, KeyError, TypeError) as e:
             return None, f"{path}: not a run record ({e})"
-        changed = changed_defaults(recorded_config, resolved_settings(cfg, self.ignored))
+        now = resolved_settings(cfg, self.ignored)
+        settings = explicit_settings(cfg, self.ignored)
+        changed = changed_defaults(recorded_config, now)
+        if not changed and key == run_key(settings, inputs, code_hash(tuple(folders))):
+            return record, "current"
+        if (as_recorded and key == run_key(recorded_settings, record.get("inputs"), recorded_code)
+                and record.get("inputs") == inputs and same_run_but_defaults(record, now, settings)):
+            return record, "as recorded"
         if changed:
             return None, f"{path}: trained with other values of {', '.join(changed)}"
-        settings = explicit_settings(cfg, self.ignored)
-        if key == run_key(settings, inputs, code_hash(tuple(folders))):
-            return record, "current"
-        if older_code and key == run_key(settings, inputs, recorded_code):
-            return record, "older code"
         return None, f"{path}: config, inputs or code changed since it ran"
 
 
@@ -182,13 +188,37 @@ def changed_defaults(recorded, now):
     return sorted(k for k in recorded.keys() & now.keys() if recorded[k] != now[k])
 
 
-def older_code_line(records, current):
-    """A report's line naming older code that wrote some of the records it reads ([] when none)."""
-    older = sorted({r["code"]["hash"] for r in records} - set(current))
-    if not older:
-        return []
-    return [f"Run files read as recorded, written by older code (code hash {', '.join(older)}; each file names "
-            f"its commit). A training run would train them again.", ""]
+def same_run_but_defaults(record, now, settings):
+    """Whether a record is the run of a config (resolved `now`, explicit `settings`) up to changed defaults:
+    every key either run set away from its default has one value in both, and a key whose value differs was
+    at its default in both (the default moved between them)."""
+    recorded_settings = record["settings"]
+    for k in sorted(record["config"].keys() & now.keys()):
+        if record["config"][k] != now[k] and (k in recorded_settings or k in settings):
+            return False
+    return all(k in now for k in recorded_settings) and all(k in record["config"] for k in settings)
+
+
+def older_defaults(record):
+    """{key: value} of the defaults a record was trained under that have changed since."""
+    defaults = resolved_settings(Config(), ())
+    return {k: v for k, v in record["config"].items()
+            if k not in record["settings"] and k in defaults and defaults[k] != v}
+
+
+def as_recorded_lines(records, current_code):
+    """A report's lines naming the older code and the older defaults some of the records it reads were
+    trained under ([] when none)."""
+    lines = []
+    older = sorted({r["code"]["hash"] for r in records} - set(current_code))
+    if older:
+        lines.append(f"Run files read as recorded, written by older code (code hash {', '.join(older)}; each file "
+                     f"names its commit). A training run would train them again.")
+    moved = collections.Counter(f"{k}={v!r}" for r in records for k, v in older_defaults(r).items())
+    for setting, count in sorted(moved.items()):
+        lines.append(f"{count} of the run files read as recorded were trained when the default was {setting} (it "
+                     f"has changed since; each file holds its whole config). A training run would train them again.")
+    return lines + [""] if lines else []
 
 
 # ---------------------------------------------------------------- paired statistics

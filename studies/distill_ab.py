@@ -173,7 +173,7 @@ def family_teacher(args, family):
     None under --report-only when it has none. Raises ConfigError for a family this code does not know."""
     name = f"{family}-teacher"
     cfg = run_config(args, family, "teacher.yaml", [], 0, name)
-    record, why = registry(args).find(name, cfg, data_inputs(args), code_folders(cfg), older_code=args.report_only)
+    record, why = registry(args).find(name, cfg, data_inputs(args), code_folders(cfg), as_recorded=args.report_only)
     if record is None and args.report_only:
         return None
     if record is None:
@@ -283,7 +283,7 @@ def tune(args, teacher):
                 if cfg is None:
                     continue
                 record, _ = registry(args).find(run, cfg, distilled_inputs(args, teacher), code_folders(cfg),
-                                                older_code=args.report_only)
+                                                as_recorded=args.report_only)
                 if record is not None:
                     candidates["runs"].setdefault(name, {})[seed] = record
                 elif not args.report_only:
@@ -375,7 +375,7 @@ def collect(args, variants=None):
                     continue
                 if inputs is None:
                     continue  # keyed on its teacher, which has no record yet (--report-only)
-                record, _ = registry(args).find(name, cfg, inputs, code_folders(cfg), older_code=args.report_only)
+                record, _ = registry(args).find(name, cfg, inputs, code_folders(cfg), as_recorded=args.report_only)
                 if record is not None:
                     entry["runs"].setdefault(variant, {})[seed] = record
                 elif not args.report_only:
@@ -500,7 +500,7 @@ def report(args, results, candidates):
     lines += tuning_lines(candidates)
     records = [r for e in results.values() for per_seed in e["runs"].values() for r in per_seed.values()]
     records += [e["teacher"] for e in results.values() if e["teacher"]]
-    lines += bk.older_code_line(records, {bk.code_hash(CODE), bk.code_hash(CODE + ("distill",))})
+    lines += bk.as_recorded_lines(records, {bk.code_hash(CODE), bk.code_hash(CODE + ("distill",))})
     paired = {}
     for family, entry in results.items():
         family_text, paired[family] = family_lines(family, entry, args.machine)

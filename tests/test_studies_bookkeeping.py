@@ -32,9 +32,11 @@ def test_a_recorded_run_is_found_under_the_code_now_and_read_as_recorded_after_a
     assert registry.find("run-0", load_config(None, ["train.epochs=4"]), {"teacher": "abc"}, ("models",))[0] is None
     monkeypatch.setattr(bk, "code_hash", lambda folders: "edited")
     assert registry.find("run-0", cfg, {"teacher": "abc"}, ("models",))[0] is None  # a training run trains it again
-    assert registry.find("run-0", cfg, {"teacher": "abc"}, ("models",), older_code=True) == (written, "older code")
-    assert bk.older_code_line([written], {"edited"})[0].startswith(f"Run files read as recorded, written by older "
-                                                                   f"code (code hash {written['code']['hash']}")
+    assert registry.find("run-0", cfg, {"teacher": "abc"}, ("models",), as_recorded=True) == (written, "as recorded")
+    assert registry.find("run-0", cfg, {"teacher": "other"}, ("models",), as_recorded=True)[0] is None
+    assert bk.as_recorded_lines([written], {"edited"})[0].startswith(f"Run files read as recorded, written by older "
+                                                                     f"code (code hash {written['code']['hash']}")
+    assert bk.as_recorded_lines([written], {written["code"]["hash"]}) == []
 
 
 def test_a_changed_default_makes_a_record_stale_but_a_new_or_removed_key_does_not(tmp_path):
@@ -50,6 +52,36 @@ def test_a_changed_default_makes_a_record_stale_but_a_new_or_removed_key_does_no
     record["config"]["train.gone_knob"] = 7            # a key removed since
     write_json(registry.path("run"), record)
     assert registry.find("run", cfg, {}, ("models",))[1] == "current"
+
+
+def test_a_report_reads_a_run_trained_under_an_older_default_and_names_the_default(tmp_path):
+    registry = bk.RunRegistry(str(tmp_path))
+    cfg = load_config(None, ["train.epochs=3"])
+    lr = cfg.train.lr
+    # "plain" left lr at its default when that was 1e-3; "set" chose today's default when it was not one
+    plain = registry.record("plain", cfg, {}, ("models",))
+    plain["config"]["train.lr"] = 1e-3
+    write_json(registry.path("plain"), plain)
+    chose = registry.record("set", cfg, {}, ("models",))
+    chose["settings"]["train.lr"] = lr
+    chose["key"] = bk.run_key(chose["settings"], {}, chose["code"]["hash"])
+    write_json(registry.path("set"), chose)
+    # a training run trains both again: one under another default, the other under other explicit settings
+    assert "train.lr" in registry.find("plain", cfg, {}, ("models",))[1]
+    assert registry.find("set", cfg, {}, ("models",))[0] is None
+    # a report reads both as recorded, and says which default the first was trained under
+    assert registry.find("plain", cfg, {}, ("models",), as_recorded=True) == (plain, "as recorded")
+    assert registry.find("set", cfg, {}, ("models",), as_recorded=True) == (chose, "as recorded")
+    assert bk.older_defaults(plain) == {"train.lr": 1e-3} and bk.older_defaults(chose) == {}
+    assert bk.as_recorded_lines([plain, chose], {plain["code"]["hash"]})[0].startswith(
+        "1 of the run files read as recorded were trained when the default was train.lr=0.001")
+    # asking for the value it ran with by name is the same run; another value of a key set on either side is not
+    same = load_config(None, ["train.epochs=3", "train.lr=1e-3"])
+    assert registry.find("plain", same, {}, ("models",), as_recorded=True) == (plain, "as recorded")
+    for other in (["train.epochs=4"], ["train.epochs=3", "train.lr=5e-4"]):
+        assert registry.find("plain", load_config(None, other), {}, ("models",), as_recorded=True)[0] is None
+    assert registry.find("set", load_config(None, ["train.epochs=3", "train.lr=5e-4"]), {}, ("models",),
+                         as_recorded=True)[0] is None
 
 
 def test_an_unreadable_run_file_is_reported_not_raised(tmp_path):
