@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -66,6 +67,25 @@ def start_part(run_dir, resuming):
     parts.append(machine())
     write_json(path, parts)
     return parts
+
+
+class _EachMessageOnce(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        new = message not in self.seen
+        self.seen.add(message)
+        return new
+
+
+def log_each_message_once(logger_name):
+    """Let the named logger print each distinct message once in this process (a study loads one config per run)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _EachMessageOnce) for f in logger.filters):
+        logger.addFilter(_EachMessageOnce())
 
 
 # ---------------------------------------------------------------- run keys

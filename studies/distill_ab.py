@@ -386,14 +386,18 @@ def collect(args, variants=None):
     return results
 
 
+def start_worker():
+    torch.set_num_threads(1)
+    bk.log_each_message_once("clock_deploy.config")
+
+
 def in_workers(jobs, function, argument_lists):
     """function(*arguments) for each, yielded in order: `jobs` at a time in worker processes on one thread
     each (two runs side by side on 2 cores train 1.17x the iterations of one: results/parallel_runs.md)."""
     if jobs <= 1 or len(argument_lists) <= 1:
         yield from (function(*arguments) for arguments in argument_lists)
         return
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
     try:
         futures = [pool.submit(function, *arguments) for arguments in argument_lists]
         yield from (future.result() for future in futures)
@@ -549,6 +553,7 @@ def dino_candidates(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    bk.log_each_message_once("clock_deploy.config")  # a shared config's warning would repeat for every run
     if not args.report_only:
         ensure_data(args)
     candidates = dino_candidates(args)

@@ -1,4 +1,5 @@
 """studies/bookkeeping.py: run keys that survive schema growth, the machine record, paired statistics."""
+import logging
 import math
 
 import pytest
@@ -134,3 +135,13 @@ def test_report_rendering():
     assert bk.markdown_table(["a", "b"], [[1, "x"]]) == ["| a | b |", "|---|---|", "| 1 | x |"]
     assert bk.mean_sd_text([1.0, 3.0], "{:.1f}") == "2.0 +- 1.4" and bk.mean_sd_text([1.0], "{:.1f}") == "1.0"
     assert [bk.p_text(p) for p in (0.0123, 0.0004, math.nan)] == ["0.012", "< 0.001", "-"]
+
+
+def test_a_study_logs_each_config_warning_once(caplog):
+    logger = logging.getLogger("clock_deploy.config.test_once")
+    bk.log_each_message_once(logger.name)
+    bk.log_each_message_once(logger.name)  # a second call adds no second filter
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for text in ("a", "b", "a", "a"):
+            logger.warning(text)
+    assert [r.getMessage() for r in caplog.records] == ["a", "b"] and len(logger.filters) == 1
