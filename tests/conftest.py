@@ -196,6 +196,20 @@ def _distill_losses(distiller, student):
     return distiller(student, images, targets)
 
 
+def _perturb(model, scale=0.05):
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """perturb(model, scale=0.05): add scale x N(0, 1) noise (global RNG seeded 2) to every parameter, so that a
+    copy of a model differs from it and zero-initialized heads and offsets are not zero."""
+    return _perturb
+
+
 @pytest.fixture(scope="session")
 def make_distill_config():
     """make_distill_config(arch, hidden=32, dec_layers=2, method="none", enc_layers=2): a tiny model config

@@ -21,17 +21,10 @@ ARCHS = ["dab_detr", "deformable_detr", "dino"]
 OTHER_FAMILY = {"dab_detr": "dino", "deformable_detr": "dab_detr", "dino": "deformable_detr"}
 
 
-def perturb(model, scale=0.05):
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-
-
 @pytest.mark.parametrize("method,arch", [("clock", "dab_detr"), ("clock", "deformable_detr"), ("clock", "dino"),
                                          ("kd_detr", "dab_detr"), ("fgd", "deformable_detr")])
 def test_terms_zero_for_an_exact_copy_and_positive_otherwise(method, arch, make_distill_config, make_distill_model,
-                                                             distill_losses):
+                                                             distill_losses, perturb):
     # KD-DETR supervises every student stage with the teacher's last one, so only a one-layer
     # copy matches it exactly; and only DAB-DETR's matching queries have the zero content the
     # student's copy of the teacher anchors gets
@@ -390,7 +383,8 @@ def test_target_aware_queries_have_zero_content_by_default(make_distill_config):
     assert make_distill_config("dino", method="clock").distill.logit.content == "zero"
 
 
-def test_deformable_group_position_carries_box_size(make_distill_config, make_distill_model, make_distill_batch):
+def test_deformable_group_position_carries_box_size(make_distill_config, make_distill_model, make_distill_batch,
+                                                    perturb):
     from clock_deploy.distill.queries import class_free
     cfg = make_distill_config("deformable_detr")  # one-stage: the reference point is only the centre
     model = make_distill_model(cfg).eval()
@@ -543,7 +537,8 @@ def teacher_calls(model):
 
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
                                             ("deformable_detr", True), ("dino", False)])
-def test_c4_teacher_answers_the_students_matching_anchors_of_the_step(arch, two_stage, distill_losses, c4_family):
+def test_c4_teacher_answers_the_students_matching_anchors_of_the_step(arch, two_stage, distill_losses, c4_family,
+                                                                      perturb):
     cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
     perturb(student)  # untrained box heads start at zero: both models would answer the anchors with themselves
     calls = teacher_calls(teacher)
@@ -571,7 +566,7 @@ def test_c4_teacher_answers_the_students_matching_anchors_of_the_step(arch, two_
 
 
 def test_c4_compares_slot_to_slot_with_the_students_matching_predictions(make_distill_config, make_distill_model,
-                                                                         distill_losses):
+                                                                         distill_losses, perturb):
     # DAB-DETR's matching queries have zero content on their anchors: a copy asked its own anchors with zero
     # content answers exactly as its matching queries, so the term is 0 only if the slots line up
     cfg = make_distill_config("dab_detr", method="clock")
@@ -602,7 +597,7 @@ def flat_grad(loss, model):
     return torch.cat([g.flatten() for g in grads if g is not None])
 
 
-def test_c4_changes_the_loss_and_the_direction_of_the_students_gradient(distill_losses, c4_family):
+def test_c4_changes_the_loss_and_the_direction_of_the_students_gradient(distill_losses, c4_family, perturb):
     values, grads = {}, {}
     for anchors in ("gt", "student"):
         cfg, teacher, student, distiller = c4_family("dino", anchors)
@@ -619,7 +614,8 @@ def test_c4_changes_the_loss_and_the_direction_of_the_students_gradient(distill_
 
 @pytest.mark.parametrize("arch,two_stage", [("dab_detr", False), ("deformable_detr", False),
                                             ("deformable_detr", True), ("dino", False)])
-def test_c4_student_anchor_segment_is_isolated_from_the_general_queries(arch, two_stage, make_distill_batch, c4_family):
+def test_c4_student_anchor_segment_is_isolated_from_the_general_queries(arch, two_stage, make_distill_batch, c4_family,
+                                                                        perturb):
     from clock_deploy.distill.queries import class_free, concat
     cfg, teacher, student, distiller = c4_family(arch, two_stage=two_stage)
     perturb(teacher, 0.2)  # Deformable DETR starts with zero sampling-offset / attention weights
