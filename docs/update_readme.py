@@ -5,7 +5,8 @@
 
 The demo table is the Results table of docs/demo/bench.md (the bench report of `clock-deploy pipeline --cfg
 configs/demo/pipeline.yaml`, copied from runs/demo/bench/); the gains table is read from the distillation
-study's report; the export table is clock_deploy/export/formats.py's, which `clock-deploy export` checks.
+A/B's summary (studies/results/distill_ab.json) for the families it has finished, else from the archived study's
+report; the export table is clock_deploy/export/formats.py's, which `clock-deploy export` checks.
 """
 import argparse
 import json
@@ -19,11 +20,13 @@ DEMO_REPORT = "docs/demo/bench.md"
 DEMO_MINUTES = "docs/demo/stage_minutes.json"  # runs/demo/stage_minutes.json of the same run
 DEMO_AVX2 = "docs/demo/avx2/bench.md"  # the same demo rerun with AVX2-only CPU kernels (KERNELS_AVX2)
 KERNELS_AVX2 = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
-GAINS_REPORT = "studies/archive/distill_ab/report.md"
+GAINS_SUMMARY = "studies/results/distill_ab.json"  # the A/B of the current code (studies/distill_ab.py)
+GAINS_REPORT = "studies/results/distill_ab.md"
+ARCHIVED_REPORT = "studies/archive/distill_ab/report.md"  # quoted for a family until the A/B has finished it
 DEMO_GAIN_REPORT = "studies/results/distill_demo.md"  # the demo's distill stage against its baseline, paired seeds
-FAMILY_NAMES = {"dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
-# report row -> distiller shown; FGD ran on DINO only, under the study's second teacher (row suffix -t1)
-DISTILLERS = {"clock": "CLoCK", "kd_detr": "KD-DETR", "fgd-t1": "FGD"}
+FAMILY_NAMES = {"rt_detr": "RT-DETR", "dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
+# the archived report's row of each distiller; FGD ran on DINO only, under its second teacher (row suffix -t1)
+ARCHIVED_ROWS = {"clock": "clock", "kd_detr": "kd_detr", "fgd": "fgd-t1"}
 
 
 def _read(relpath):
@@ -93,25 +96,62 @@ def kernel_spread():
             "Latency columns are this machine's."]
 
 
+def _gain_cell(mean, ci, scale=100.0):
+    """'+4.8 [+2.9, +6.7]' (scaled to points); '-' where nothing was measured."""
+    if mean is None:
+        return "-"
+    return f"{scale * mean:+.1f} [{scale * ci[0]:+.1f}, {scale * ci[1]:+.1f}]"
+
+
+def _current_row(family, entry):
+    """A family's row from the A/B of the current code (its summary json)."""
+    def cell(variant, metric="mAP", key="gain", scale=100.0):
+        stat = entry[key].get(variant, {}) if key == "clock_minus" else entry[key].get(variant, {}).get(metric)
+        return _gain_cell(stat["mean"], stat["ci"], scale) if stat else "-"
+    return [FAMILY_NAMES[family], cell("clock"), cell("clock", "kitti_moderate", scale=1.0),
+            cell("gt_denoise", key="clock_minus"), cell("kd_detr"), cell("fgd"), str(entry["seeds"]),
+            f"[A/B]({GAINS_REPORT})"]
+
+
+def _archived_row(family, report):
+    """A family's row from the archived study (its CLoCK predates the A/B's; no no-teacher control)."""
+    rows = {}
+    for row in _table_rows(_section(report, f"### {family}")):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        rows[cells[0]] = cells
+    def cell(variant, column=4, scale=100.0):
+        cells = rows.get(ARCHIVED_ROWS[variant])
+        if cells is None:
+            return "-"
+        ci = [float(v) for v in cells[column + 1].strip("[]").split(",")]
+        return _gain_cell(float(cells[column].split(" +- ")[0]), ci, scale)
+    return [FAMILY_NAMES[family], cell("clock"), cell("clock", 8, 1.0), "-", cell("kd_detr"), cell("fgd"),
+            rows["clock"][1], f"[archived]({ARCHIVED_REPORT})"]
+
+
 def gains_table():
-    report = _read(GAINS_REPORT)
-    budget = re.search(r"^Synthetic KITTI, (\d+) training images.*?(\d+) epochs per student", report, re.M | re.S)
-    lines = ["| student | distiller | mAP gain (points) | 95% CI | KITTI Mod gain | 95% CI | seeds |",
-             "|---|---|---:|---|---:|---|---:|"]
-    for family, name in FAMILY_NAMES.items():
-        for row in _table_rows(_section(report, f"### {family}")):
-            cells = [c.strip() for c in row.strip("|").split("|")]
-            if cells[0] not in DISTILLERS:
-                continue
-            gain, ci, mod, mod_ci = cells[4].split(" +- ")[0], cells[5], cells[8].split(" +- ")[0], cells[9]
-            lines.append(f"| {name} | {DISTILLERS[cells[0]]} | {100 * float(gain):+.1f} | "
-                         f"{_interval(ci, 100)} | {float(mod):+.1f} | {_interval(mod_ci)} | {cells[1]} |")
-    return lines + ["", f"Budget: {budget.group(1)} synthetic training images x {budget.group(2)} epochs per student "
-                        "(DAB-DETR 4x the epochs), test split of 400 new scenes. Measured with the CLoCK of the "
-                        f"archived study ([{GAINS_REPORT}]({GAINS_REPORT})), before the changes its findings led to; "
-                        "the A/B of the current code, with a denoising-only control and RT-DETR, is "
-                        "[studies/results/distill_ab.md](studies/results/distill_ab.md) "
-                        "(`python -m studies.distill_ab`: hours of CPU, resumable)."]
+    """One row per family: from the A/B of the current code where it has finished the family (every variant at
+    the family's seeds), else from the archived study."""
+    summary = json.loads(_read(GAINS_SUMMARY))
+    archived = _read(ARCHIVED_REPORT)
+    budget = summary["budget"]
+    lines = ["| student | CLoCK, mAP | CLoCK, KITTI Mod | CLoCK minus its no-teacher control, mAP | KD-DETR, mAP | "
+             "FGD, mAP | seeds | study |", "|---|---|---|---|---|---|---:|---|"]
+    for family in FAMILY_NAMES:
+        entry = summary["families"].get(family)
+        if entry and entry["complete"]:
+            lines.append("| " + " | ".join(_current_row(family, entry)) + " |")
+        elif f"### {family}" in archived:
+            lines.append("| " + " | ".join(_archived_row(family, archived)) + " |")
+    slow = ", ".join(f"{FAMILY_NAMES[f]} {n}x" for f, n in budget["schedule"].items())
+    return lines + ["", f"Gain over the baseline student in points, 95% CI in brackets. Budget: "
+                        f"{budget['train_images']} synthetic training images x {budget['epochs']} epochs per student "
+                        f"({slow} the epochs), test split of {budget['test_images']} new scenes. The no-teacher "
+                        "control trains CLoCK's extra query group on the ground truth alone, so CLoCK minus it is "
+                        "what the teacher adds. `A/B`: the current code ([studies/results/distill_ab.md]"
+                        "(studies/results/distill_ab.md): pass rule, every variant; `python -m studies.distill_ab`, "
+                        "hours of CPU, resumable); `archived`: the CLoCK of an earlier study, before the changes "
+                        "its findings led to, quoted until the A/B has finished that family."]
 
 
 def demo_gain():

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from clock_deploy.config import ConfigError, load_config
-from clock_deploy.io import file_sha256
+from clock_deploy.io import file_sha256, write_json
 from studies import bookkeeping as bk
 
 RESULTS = "studies/results/distill_ab.md"
@@ -494,7 +494,42 @@ def pass_rule_lines(paired):
     return lines
 
 
+def gain(reference, variant, metric):
+    """Paired gain of `variant` over `reference` ({seed: record} each) on `metric`: n, mean, 95% CI, p; None
+    below 2 paired seeds."""
+    st = bk.paired_delta(by_seed(reference, metric), by_seed(variant, metric))
+    if st is None or st["n"] < 2:
+        return None
+    return {"n": st["n"], "mean": st["mean"], "ci": list(st["ci"]), "p": st["p"]}
+
+
+def summary_path(args):
+    return os.path.splitext(args.results)[0] + ".json"
+
+
+def summary(args, paired):
+    """What the README quotes, per family: each variant's paired gain over the baseline (test mAP and KITTI
+    Moderate), CLoCK's over each other variant, the machine type paired on, and whether every variant has the
+    family's seeds ("complete")."""
+    families = {}
+    for family, runs in paired.items():
+        seeds = args.seeds or FAMILIES[family]
+        baseline = runs.get("baseline", {})
+        records = [r for per_seed in runs.values() for r in per_seed.values()]
+        families[family] = {
+            "seeds": seeds, "complete": all(len(runs.get(v, {})) >= seeds for v in args.variants),
+            "machine": bk.machine_type(records[0]) if records else None,
+            "gain": {v: {m: gain(baseline, per_seed, m) for m in ("mAP", "kitti_moderate")}
+                     for v, per_seed in runs.items() if v != "baseline"},
+            "clock_minus": {v: gain(per_seed, runs["clock"], "mAP")
+                            for v, per_seed in runs.items() if "clock" in runs and v != "clock"}}
+    return {"budget": {"train_images": args.train_images, "epochs": args.epochs, "test_images": args.test_images,
+                       "schedule": {f: s[0] for f, s in FAMILY_SCHEDULE.items()}},
+            "families": families}
+
+
 def report(args, results, candidates):
+    """The report's lines and the runs each family pairs ({family: {variant: {seed: record}}})."""
     lines = [f"Synthetic KITTI: {args.train_images} training + {args.tuning_images} tuning images (seed 0 scenes), "
              f"test split {args.test_images} images (seed 1). Students {args.configs}/student.yaml and the distill "
              f"configs, {args.epochs} epochs; teachers {args.configs}/teacher.yaml, {args.teacher_epochs} epochs; "
@@ -514,7 +549,7 @@ def report(args, results, candidates):
               "p: two-sided paired t-test; Holm p: Holm's correction over the pass rule's tests. Only runs of one "
               "machine type (CPU model / torch CPU capability, every part of a resumed run) are paired. Run files: "
               f"{args.runs_dir}/<family>-<variant>-<seed>.json."]
-    return lines
+    return lines, paired
 
 
 def parse_args(argv=None):
@@ -558,7 +593,8 @@ def main(argv=None):
         ensure_data(args)
     candidates = dino_candidates(args)
     results = {} if args.tune_only else collect(args, chosen_variants(candidates))
-    lines = report(args, results, candidates)
+    lines, paired = report(args, results, candidates)
+    write_json(summary_path(args), summary(args, paired))
     command = "python -m studies.distill_ab " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                           if a != "--report-only")
     bk.write_report(args.results, "Distillation A/B (written by studies/distill_ab.py)", lines, command.strip())

@@ -90,6 +90,25 @@ def test_the_report_pairs_by_seed_and_reads_the_pass_rule_off_the_runs(monkeypat
     assert text.count("Holm p") == 5  # 4 tests and the legend
 
 
+def test_the_summary_the_readme_quotes_marks_a_family_complete_only_with_every_variant_at_its_seeds(
+        monkeypatch, tmp_path, only_c1):
+    monkeypatch.setitem(distill_ab.VARIANTS, "gt_denoise", STAND_IN)
+    args = args_for(tmp_path, "--families", "dino", "deformable_detr", "--seeds", "3")
+    ab = {family: dict(runs) for family, runs in AB.items()}
+    ab["deformable_detr"]["fgd"] = [0.12, 0.15, 0.13]
+    ab["dino"]["fgd"] = ab["dino"]["fgd"][:2]  # one seed short
+    write_runs(args, ab)
+    distill_ab.main(["--report-only", "--runs-dir", args.runs_dir, "--teachers-dir", args.teachers_dir, "--results",
+                     args.results, "--out", args.out, "--families", "dino", "deformable_detr", "--seeds", "3"])
+    summary = read_json(str(tmp_path / "report.json"))
+    assert [summary["families"][f]["complete"] for f in ("dino", "deformable_detr")] == [False, True]
+    deformable = summary["families"]["deformable_detr"]
+    assert deformable["machine"] == "Intel Xeon / AVX512"
+    assert deformable["gain"]["clock"]["mAP"]["mean"] == pytest.approx(0.0467, abs=1e-4)  # 0.05, 0.04, 0.05
+    assert deformable["clock_minus"]["gt_denoise"]["mean"] == pytest.approx(0.0333, abs=1e-4)  # 0.03, 0.03, 0.04
+    assert summary["families"]["dino"]["gain"]["fgd"]["mAP"]["n"] == 2
+
+
 def test_the_pass_rule_fails_when_clock_gains_less_than_kd_detr(monkeypatch, tmp_path, only_c1):
     monkeypatch.setitem(distill_ab.VARIANTS, "gt_denoise", STAND_IN)
     args = args_for(tmp_path, "--families", "dino", "deformable_detr")
