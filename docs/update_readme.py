@@ -23,7 +23,9 @@ KERNELS_AVX2 = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INST
 GAINS_SUMMARY = "studies/results/distill_ab.json"  # the A/B of the current code (studies/distill_ab.py)
 GAINS_REPORT = "studies/results/distill_ab.md"
 ARCHIVED_REPORT = "studies/archive/distill_ab/report.md"  # quoted for a family until the A/B has finished it
-DEMO_GAIN_REPORT = "studies/results/distill_demo.md"  # the demo's distill stage against its baseline, paired seeds
+# each demo's distill stage against its baseline at the demo's budget, paired seeds (studies/distill_demo.py)
+DEMO_GAIN_REPORTS = {"dino": ("configs/demo/pipeline.yaml", "studies/results/distill_demo.md"),
+                     "rt_detr": ("configs/demo/rt_detr_pipeline.yaml", "studies/results/distill_demo_rt_detr.md")}
 FAMILY_NAMES = {"rt_detr": "RT-DETR", "dino": "DINO", "deformable_detr": "Deformable DETR", "dab_detr": "DAB-DETR"}
 # the archived report's row of each distiller; FGD ran on DINO only, under its second teacher (row suffix -t1)
 ARCHIVED_ROWS = {"clock": "clock", "kd_detr": "kd_detr", "fgd": "fgd-t1"}
@@ -155,25 +157,36 @@ def gains_table():
 
 
 def demo_gain():
-    """What the demo's distill stage gains at the demo's budget, from its paired-seed study."""
-    report = _read(DEMO_GAIN_REPORT)
+    """What each demo's distill stage gains at the demo's budget, from its paired-seed study."""
+    lines = []
+    for family, paths in DEMO_GAIN_REPORTS.items():
+        lines += ([""] if lines else []) + [_demo_gain_line(family, *paths)]
+    return lines
+
+
+def _demo_gain_line(family, pipeline, path):
+    name = FAMILY_NAMES[family]
+    report = _read(path) if os.path.isfile(os.path.join(ROOT, path)) else ""
     verdict = re.search(r"^Verdict on (\d+) paired seeds: .*$", report, re.M)
-    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _table_rows(_section(report, "### dino"))]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _table_rows(_section(report, f"### {family}"))] \
+        if verdict else []
     clock = next((cells for cells in rows if cells[0] == "clock"), None)
-    if verdict is None or clock is None:
-        return ["At the demo's own budget no paired measurement has finished yet: the demo's distilled row is one "
-                f"seed and can land below its baseline ([{DEMO_GAIN_REPORT}]({DEMO_GAIN_REPORT}))."]
+    if clock is None:
+        return (f"At the {name} demo's budget (`{pipeline}`) no paired measurement has finished yet: its distilled "
+                f"row is one seed and can land below its baseline (`python -m studies.distill_demo --family "
+                f"{family}`).")
     gain, mod = float(clock[3].split(" +- ")[0]), float(clock[7].split(" +- ")[0])
     gains = "distillation gains at the demo's budget" in verdict.group(0)
-    losses = [name for name, ci in (("mAP", clock[4]), ("KITTI Moderate AP", clock[8]))
+    losses = [what for what, ci in (("mAP", clock[4]), ("KITTI Moderate AP", clock[8]))
               if float(ci.strip("[]").split(",")[1]) < 0]  # the whole interval below 0
-    return [f"At the demo's own budget (the demo's DINO student and its shipped CLoCK config, {verdict.group(1)} "
-            f"paired seeds, scored on 400 new scenes) CLoCK minus the baseline is {100 * gain:+.1f} mAP points, 95% "
-            f"CI {_interval(clock[4], 100)}, and {mod:+.1f} KITTI Mod points, CI {_interval(clock[8])}: "
+    return (f"At the {name} demo's own budget (`{pipeline}`: its student and shipped CLoCK config, "
+            f"{verdict.group(1)} paired seeds, scored on 400 new scenes) CLoCK minus the baseline is "
+            f"{100 * gain:+.1f} mAP points, 95% CI {_interval(clock[4], 100)}, and {mod:+.1f} KITTI Mod points, CI "
+            f"{_interval(clock[8])}: "
             + ("distillation gains there." if gains else "**distillation is not shown to gain there**"
                + (f" and it costs {' and '.join(losses)}" if losses else "")
-               + "; the distilled row above (one seed) can land below its baseline.")
-            + f" [{DEMO_GAIN_REPORT}]({DEMO_GAIN_REPORT})"]
+               + "; its distilled row (one seed) can land below its baseline.")
+            + f" [{path}]({path})")
 
 
 def export_table():
