@@ -16,6 +16,7 @@ from clock_deploy.config import Config, load_config
 from clock_deploy.data.kitti import class_names
 from clock_deploy.data.synthetic import generate
 from clock_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from clock_deploy.distill.queries import query_group
 from clock_deploy.models.build import build_model
 from clock_deploy.models.deform_attn import set_sampling
 
@@ -208,6 +209,24 @@ def perturb():
     """perturb(model, scale=0.05): add scale x N(0, 1) noise (global RNG seeded 2) to every parameter, so that a
     copy of a model differs from it and zero-initialized heads and offsets are not zero."""
     return _perturb
+
+
+def _assert_group_hides_padding(model, images, targets, spec, with_group):
+    """The query group's padded slots (the GT-less second image's) are hidden from its real slots: moving
+    their boxes changes none of the real slots' logits."""
+    moved_spec = dataclasses.replace(spec, boxes=spec.boxes.masked_fill(spec.pad_mask.unsqueeze(-1), 0.9))
+    torch.manual_seed(7)
+    moved = model(images, targets, groups=[query_group(model, moved_spec)])
+    keep = ~spec.pad_mask
+    torch.testing.assert_close(moved.groups[0][-1].logits[keep], with_group.groups[0][-1].logits[keep],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def assert_group_hides_padding():
+    """assert_group_hides_padding(model, images, targets, spec, with_group): `with_group` is model's output with
+    query_group(model, spec) under torch.manual_seed(7); its padded slots must not reach its real slots."""
+    return _assert_group_hides_padding
 
 
 @pytest.fixture(scope="session")

@@ -82,14 +82,11 @@ def test_gradients_reach_student_and_adapters_only(method, distill_losses, cross
         assert any("class_embed" in n for n in reached)  # query terms reach the heads
 
 
-def group_for(model, spec):
-    return query_group(model, spec)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("training", [False, True])
 def test_target_aware_group_does_not_change_normal_predictions(arch, training, make_distill_config,
-                                                               make_distill_model, make_distill_batch):
+                                                               make_distill_model, make_distill_batch,
+                                                               assert_group_hides_padding):
     cfg = make_distill_config(arch)
     model = make_distill_model(cfg).train(training)
     images, targets = make_distill_batch()
@@ -98,20 +95,12 @@ def test_target_aware_group_does_not_change_normal_predictions(arch, training, m
     torch.manual_seed(7)
     plain = model(images, targets)
     torch.manual_seed(7)  # DINO's denoising queries draw the same noise
-    with_group = model(images, targets, groups=[group_for(model, spec)])
+    with_group = model(images, targets, groups=[query_group(model, spec)])
     assert len(with_group.groups) == 1 and with_group.groups[0][-1].boxes.shape[1] == spec.num_queries
     for a, b in zip(plain.stages, with_group.stages):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-5)
-    # the group itself is isolated from the padded slots of the second (GT-less) image
-    other = spec.boxes.clone()
-    other[spec.pad_mask] = 0.9
-    spec.boxes = other
-    torch.manual_seed(7)
-    moved = model(images, targets, groups=[group_for(model, spec)])
-    keep = ~spec.pad_mask
-    torch.testing.assert_close(moved.groups[0][-1].logits[keep], with_group.groups[0][-1].logits[keep],
-                               rtol=1e-5, atol=1e-5)
+    assert_group_hides_padding(model, images, targets, spec, with_group)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
