@@ -146,6 +146,8 @@ def gains_table():
         elif f"### {family}" in archived:
             lines.append("| " + " | ".join(_archived_row(family, archived)) + " |")
     slow = ", ".join(f"{FAMILY_NAMES[f]} {n}x" for f, n in budget["schedule"].items())
+    clock = summary.get("clock") or {}  # absent in a summary written before the study recorded it
+    unshipped = _unshipped(clock.get("overrides") or [])
     return lines + ["", f"Gain over the baseline student in points, 95% CI in brackets. Budget: "
                         f"{budget['train_images']} synthetic training images x {budget['epochs']} epochs per student "
                         f"({slow} the epochs), test split of {budget['test_images']} new scenes. The no-teacher "
@@ -153,7 +155,20 @@ def gains_table():
                         "what the teacher adds. `A/B`: the current code ([studies/results/distill_ab.md]"
                         "(studies/results/distill_ab.md): pass rule, every variant; `python -m studies.distill_ab`, "
                         "hours of CPU, resumable); `archived`: the CLoCK of an earlier study, before the changes "
-                        "its findings led to, quoted until the A/B has finished that family."]
+                        "its findings led to, quoted until the A/B has finished that family."
+                        + (f" The A/B's CLoCK is candidate {clock['candidate']}, chosen on a tuning split: "
+                           f"{', '.join(f'`{o}`' for o in unshipped)} on top of the shipped distill config, which "
+                           "becomes the default when the A/B is finished; add it to get the measured CLoCK."
+                           if unshipped else "")]
+
+
+def _unshipped(overrides):
+    """The overrides of the A/B's CLoCK that the shipped CLoCK config (configs/demo/distill.yaml) does not hold."""
+    from clock_deploy.config import load_config  # torch-free, but only this table needs the config schema
+
+    shipped = load_config(os.path.join(ROOT, "configs/demo/distill.yaml"))
+    return [o for o in overrides
+            if load_config(os.path.join(ROOT, "configs/demo/distill.yaml"), [o]) != shipped]
 
 
 def demo_gain():

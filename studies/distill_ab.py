@@ -507,10 +507,10 @@ def summary_path(args):
     return os.path.splitext(args.results)[0] + ".json"
 
 
-def summary(args, paired):
-    """What the README quotes, per family: each variant's paired gain over the baseline (test mAP and KITTI
-    Moderate), CLoCK's over each other variant, the machine type paired on, and whether every variant has the
-    family's seeds ("complete")."""
+def summary(args, paired, candidates):
+    """What the README quotes: the CLoCK row's candidate and its overrides of the distill config; per family each
+    variant's paired gain over the baseline (test mAP and KITTI Moderate), CLoCK's over each other variant, the
+    machine type paired on, and whether every variant has the family's seeds ("complete")."""
     families = {}
     for family, runs in paired.items():
         seeds = args.seeds or FAMILIES[family]
@@ -523,8 +523,10 @@ def summary(args, paired):
                      for v, per_seed in runs.items() if v != "baseline"},
             "clock_minus": {v: gain(per_seed, runs["clock"], "mAP")
                             for v, per_seed in runs.items() if "clock" in runs and v != "clock"}}
+    choice = candidates["choice"]
     return {"budget": {"train_images": args.train_images, "epochs": args.epochs, "test_images": args.test_images,
                        "schedule": {f: s[0] for f, s in FAMILY_SCHEDULE.items()}},
+            "clock": {"candidate": choice, "overrides": candidate_overrides(candidates, choice) if choice else None},
             "families": families}
 
 
@@ -594,7 +596,7 @@ def main(argv=None):
     candidates = dino_candidates(args)
     results = {} if args.tune_only else collect(args, chosen_variants(candidates))
     lines, paired = report(args, results, candidates)
-    write_json(summary_path(args), summary(args, paired))
+    write_json(summary_path(args), summary(args, paired, candidates))
     command = "python -m studies.distill_ab " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                           if a != "--report-only")
     bk.write_report(args.results, "Distillation A/B (written by studies/distill_ab.py)", lines, command.strip())

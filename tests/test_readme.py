@@ -40,6 +40,7 @@ def test_the_gains_table_quotes_a_family_from_the_ab_once_every_variant_has_its_
                       "kd_detr": {"mAP": {**stat, "mean": 0.012, "ci": [-0.012, 0.036]}, "kitti_moderate": stat}},
              "clock_minus": {"gt_denoise": {**stat, "mean": 0.075, "ci": [0.047, 0.103]}}}
     summary = {"budget": {"train_images": 800, "epochs": 12, "test_images": 400, "schedule": {"dab_detr": 4}},
+               "clock": {"candidate": "C3", "overrides": ["distill.mem.weighting=gt_attention"]},
                "families": {"rt_detr": entry, "dino": {**entry, "seeds": 8, "complete": False}}}
     read = update._read
     monkeypatch.setattr(update, "_read", lambda path: json.dumps(summary) if path == update.GAINS_SUMMARY
@@ -49,6 +50,10 @@ def test_the_gains_table_quotes_a_family_from_the_ab_once_every_variant_has_its_
                                "+1.2 [-1.2, +3.6] | - | 6 | [A/B](studies/results/distill_ab.md) |")
     assert rows["DINO"].endswith("| 8 | [archived](studies/archive/distill_ab/report.md) |")  # not finished yet
     assert rows["DINO"].startswith("| DINO | +0.8 [-0.6, +2.2] | -1.2 [-3.1, +0.7] | - |")
+    # the measured CLoCK's settings are named while the shipped config lacks them, and not once it holds them
+    assert "`distill.mem.weighting=gt_attention` on top of the shipped distill config" in update.gains_table()[-1]
+    summary["clock"]["overrides"] = ["distill.mem.weighting=gt"]  # the shipped default
+    assert "on top of the shipped distill config" not in update.gains_table()[-1]
 
 
 def test_readme_is_a_guide_not_a_notebook():
