@@ -49,6 +49,11 @@ def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
+def _cells(row):
+    """'| a | b |' -> ['a', 'b']."""
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
 def demo_time():
     """The demo's minutes per stage, from the run whose bench report is docs/demo/bench.md."""
     minutes = json.loads(_read(DEMO_MINUTES))
@@ -76,7 +81,7 @@ def _accuracy_rows(report):
     """{(model, backend): (mAP, KITTI mod)} of a bench report's Results table (model names without details)."""
     rows, model = {}, None
     for line in _table_rows(_section(report, "## Results").split("\n\n###")[0])[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = _cells(line)
         model = cells[0].split(" (")[0] or model
         rows[model, cells[1]] = (float(cells[7]), float(cells[10]))
     return rows
@@ -98,35 +103,31 @@ def kernel_spread():
             "Latency columns are this machine's."]
 
 
-def _gain_cell(mean, ci, scale=100.0):
-    """'+4.8 [+2.9, +6.7]' (scaled to points); '-' where nothing was measured."""
-    if mean is None:
+def _gain_cell(stat, scale=100.0):
+    """'+4.8 [+2.9, +6.7]' of a summary's paired gain (scaled to points); '-' where nothing was measured."""
+    if not stat:
         return "-"
-    return f"{scale * mean:+.1f} [{scale * ci[0]:+.1f}, {scale * ci[1]:+.1f}]"
+    return f"{scale * stat['mean']:+.1f} [{scale * stat['ci'][0]:+.1f}, {scale * stat['ci'][1]:+.1f}]"
 
 
 def _current_row(family, entry):
     """A family's row from the A/B of the current code (its summary json)."""
-    def cell(variant, metric="mAP", key="gain", scale=100.0):
-        stat = entry[key].get(variant, {}) if key == "clock_minus" else entry[key].get(variant, {}).get(metric)
-        return _gain_cell(stat["mean"], stat["ci"], scale) if stat else "-"
-    return [FAMILY_NAMES[family], cell("clock"), cell("clock", "kitti_moderate", scale=1.0),
-            cell("gt_denoise", key="clock_minus"), cell("kd_detr"), cell("fgd"), str(entry["seeds"]),
+    gain = {variant: entry["gain"].get(variant, {}) for variant in ("clock", "kd_detr", "fgd")}
+    return [FAMILY_NAMES[family], _gain_cell(gain["clock"].get("mAP")),
+            _gain_cell(gain["clock"].get("kitti_moderate"), 1.0), _gain_cell(entry["clock_minus"].get("gt_denoise")),
+            _gain_cell(gain["kd_detr"].get("mAP")), _gain_cell(gain["fgd"].get("mAP")), str(entry["seeds"]),
             f"[A/B]({GAINS_REPORT})"]
 
 
 def _archived_row(family, report):
     """A family's row from the archived study (its CLoCK predates the A/B's; no no-teacher control)."""
-    rows = {}
-    for row in _table_rows(_section(report, f"### {family}")):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        rows[cells[0]] = cells
+    rows = {cells[0]: cells for cells in map(_cells, _table_rows(_section(report, f"### {family}")))}
+
     def cell(variant, column=4, scale=100.0):
         cells = rows.get(ARCHIVED_ROWS[variant])
         if cells is None:
             return "-"
-        ci = [float(v) for v in cells[column + 1].strip("[]").split(",")]
-        return _gain_cell(float(cells[column].split(" +- ")[0]), ci, scale)
+        return f"{scale * float(cells[column].split(' +- ')[0]):+.1f} {_interval(cells[column + 1], scale)}"
     return [FAMILY_NAMES[family], cell("clock"), cell("clock", 8, 1.0), "-", cell("kd_detr"), cell("fgd"),
             rows["clock"][1], f"[archived]({ARCHIVED_REPORT})"]
 
@@ -166,9 +167,9 @@ def _unshipped(overrides):
     """The overrides of the A/B's CLoCK that the shipped CLoCK config (configs/demo/distill.yaml) does not hold."""
     from clock_deploy.config import load_config  # torch-free, but only this table needs the config schema
 
-    shipped = load_config(os.path.join(ROOT, "configs/demo/distill.yaml"))
-    return [o for o in overrides
-            if load_config(os.path.join(ROOT, "configs/demo/distill.yaml"), [o]) != shipped]
+    path = os.path.join(ROOT, "configs/demo/distill.yaml")
+    shipped = load_config(path)
+    return [o for o in overrides if load_config(path, [o]) != shipped]
 
 
 def demo_gain():
@@ -183,8 +184,7 @@ def _demo_gain_line(family, pipeline, path):
     name = FAMILY_NAMES[family]
     report = _read(path) if os.path.isfile(os.path.join(ROOT, path)) else ""
     verdict = re.search(r"^Verdict on (\d+) paired seeds: .*$", report, re.M)
-    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _table_rows(_section(report, f"### {family}"))] \
-        if verdict else []
+    rows = [_cells(r) for r in _table_rows(_section(report, f"### {family}"))] if verdict else []
     clock = next((cells for cells in rows if cells[0] == "clock"), None)
     if clock is None:
         return (f"At the {name} demo's budget (`{pipeline}`) no paired measurement has finished yet: its distilled "
