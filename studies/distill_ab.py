@@ -422,6 +422,13 @@ def by_seed(per_seed, metric):
     return {seed: r["metrics"]["test"][metric] for seed, r in per_seed.items()}
 
 
+def gain(reference, variant, metric="mAP"):
+    """bk.paired_stats of `variant` minus `reference` ({seed: record} each) on `metric`; None below 2 paired
+    seeds (no interval)."""
+    st = bk.paired_delta(by_seed(reference, metric), by_seed(variant, metric))
+    return st if st is not None and st["n"] >= 2 else None
+
+
 def family_lines(family, entry, wanted):
     """The family's section: teacher, machine, the table against the baseline and the head-to-head lines.
     Returns (lines, its paired runs {variant: {seed: record}})."""
@@ -457,8 +464,8 @@ def family_lines(family, entry, wanted):
                                 "95% CI", "p"], rows)
     heads = [("clock", other) for other in ("gt_denoise", "kd_detr", "fgd") if "clock" in runs and other in runs]
     for a, b in heads:
-        st = bk.paired_delta(by_seed(runs[b], "mAP"), by_seed(runs[a], "mAP"))
-        if st is not None and st["n"] >= 2:
+        st = gain(runs[b], runs[a])
+        if st is not None:
             lines.append(f"\n{a} minus {b} (test mAP, {st['n']} paired seeds): {st['mean']:+.4f}, 95% CI "
                          f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}], p {bk.p_text(st['p'])}.")
     return lines, runs
@@ -471,8 +478,8 @@ def pass_rule_lines(paired):
     for family, runs in paired.items():
         for reference in ("baseline", "gt_denoise"):
             if "clock" in runs and reference in runs:
-                st = bk.paired_delta(by_seed(runs[reference], "mAP"), by_seed(runs["clock"], "mAP"))
-                if st is not None and st["n"] >= 2:
+                st = gain(runs[reference], runs["clock"])
+                if st is not None:
                     tests.append((family, reference, st))
     adjusted = bk.holm([st["p"] for _, _, st in tests])
     wins = [f for f in paired if sum(1 for fam, _, st in tests if fam == f and st["ci"][0] > 0) == 2]
@@ -494,15 +501,6 @@ def pass_rule_lines(paired):
     return lines
 
 
-def gain(reference, variant, metric):
-    """Paired gain of `variant` over `reference` ({seed: record} each) on `metric`: n, mean, 95% CI, p; None
-    below 2 paired seeds."""
-    st = bk.paired_delta(by_seed(reference, metric), by_seed(variant, metric))
-    if st is None or st["n"] < 2:
-        return None
-    return {"n": st["n"], "mean": st["mean"], "ci": list(st["ci"]), "p": st["p"]}
-
-
 def summary_path(args):
     return os.path.splitext(args.results)[0] + ".json"
 
@@ -521,7 +519,7 @@ def summary(args, paired, candidates):
             "machine": bk.machine_type(records[0]) if records else None,
             "gain": {v: {m: gain(baseline, per_seed, m) for m in ("mAP", "kitti_moderate")}
                      for v, per_seed in runs.items() if v != "baseline"},
-            "clock_minus": {v: gain(per_seed, runs["clock"], "mAP")
+            "clock_minus": {v: gain(per_seed, runs["clock"])
                             for v, per_seed in runs.items() if "clock" in runs and v != "clock"}}
     choice = candidates["choice"]
     return {"budget": {"train_images": args.train_images, "epochs": args.epochs, "test_images": args.test_images,
