@@ -219,9 +219,9 @@ def same_run_but_defaults(record, now, settings):
     return all(k in now for k in recorded_settings) and all(k in record["config"] for k in settings)
 
 
-def older_defaults(record):
-    """{key: value} of the defaults a record was trained under that have changed since."""
-    defaults = resolved_settings(Config(), ())
+def older_defaults(record, defaults):
+    """{key: value} of the defaults a record was trained under that differ from `defaults` (resolved_settings of
+    Config() now)."""
     return {k: v for k, v in record["config"].items()
             if k not in record["settings"] and k in defaults and defaults[k] != v}
 
@@ -234,7 +234,8 @@ def as_recorded_lines(records, current_code):
     if older:
         lines.append(f"Run files read as recorded, written by older code (code hash {', '.join(older)}; each file "
                      f"names its commit). A training run would train them again.")
-    moved = collections.Counter(f"{k}={v!r}" for r in records for k, v in older_defaults(r).items())
+    defaults = resolved_settings(Config(), ())
+    moved = collections.Counter(f"{k}={v!r}" for r in records for k, v in older_defaults(r, defaults).items())
     for setting, count in sorted(moved.items()):
         lines.append(f"{count} of the run files read as recorded were trained when the default was {setting} (it "
                      f"has changed since; each file holds its whole config). A training run would train them again.")

@@ -73,7 +73,8 @@ def test_a_report_reads_a_run_trained_under_an_older_default_and_names_the_defau
     # a report reads both as recorded, and says which default the first was trained under
     assert registry.find("plain", cfg, {}, ("models",), as_recorded=True) == (plain, "as recorded")
     assert registry.find("set", cfg, {}, ("models",), as_recorded=True) == (chose, "as recorded")
-    assert bk.older_defaults(plain) == {"train.lr": 1e-3} and bk.older_defaults(chose) == {}
+    defaults = bk.resolved_settings(config_module.Config(), ())
+    assert bk.older_defaults(plain, defaults) == {"train.lr": 1e-3} and bk.older_defaults(chose, defaults) == {}
     assert bk.as_recorded_lines([plain, chose], {plain["code"]["hash"]})[0].startswith(
         "1 of the run files read as recorded were trained when the default was train.lr=0.001")
     # asking for the value it ran with by name is the same run; another value of a key set on either side is not
